@@ -1,0 +1,6 @@
+//! The detention-centre agency service: serves the refbus gateway and the detention-centre RPCs for the
+//! agencies of its kind in the directory. Configuration: `--help`.
+
+fn main() -> anyhow::Result<()> {
+    refbus_gateway::cli::run(refbus_gateway::AgencyService::DetentionCentre)
+}

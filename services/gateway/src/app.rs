@@ -1,0 +1,263 @@
+//! Building and running agency services: `Shared` connects what a process's
+//! services share (directory, bus); `Application::build` binds a listener
+//! (port 0 in tests; read back the real port); `run` serves until shutdown.
+//! `main`, `refbus up` and the tests all go through here.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use refbus_bus::{Bus, BusConfig, BusError, Topology};
+use refbus_core::{Directory, DirectoryError};
+use refbus_proto::v1::{
+    bar_association_server::BarAssociationServer, case_unit_server::CaseUnitServer,
+    detention_centre_server::DetentionCentreServer, gateway_server::GatewayServer,
+    justice_bureau_server::JusticeBureauServer, legal_aid_server::LegalAidServer,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::agencies::AgencyRpcs;
+use crate::gateway::GatewayService;
+use crate::inbox::Sessions;
+use crate::{AgencyService, BusSettings, GatewayCore};
+
+/// Largest gRPC message accepted: room for a 1 MiB envelope to be refused
+/// with a clear INVALID_ARGUMENT rather than a transport error.
+const MAX_GRPC_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// Why a service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("--agencies: {0}")]
+    Agencies(String),
+}
+
+/// What the agency services of one process share.
+#[derive(Clone)]
+pub struct Shared {
+    pub directory: Arc<Directory>,
+    pub bus: Bus,
+    pub settings: BusSettings,
+    /// Cancelled to shut everything down.
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Loads and validates the directory, connects to the broker and
+    /// declares the topology.
+    ///
+    /// # Errors
+    /// A [`StartError`] naming the file and entry, or the broker URL.
+    pub async fn connect(
+        settings: BusSettings,
+        shutdown: CancellationToken,
+    ) -> Result<Self, StartError> {
+        let directory = Arc::new(Directory::load(&settings.directory)?);
+        let mut topology = Topology::new(
+            settings.namespace.clone(),
+            directory.agencies().iter().map(|a| a.id.clone()).collect(),
+        );
+        topology.queue_expires = settings.queue_expires;
+        let mut config = BusConfig::new(settings.amqp_url.clone(), topology);
+        config.confirm_timeout = settings.confirm_timeout;
+        let bus = Bus::connect(config, shutdown.clone()).await?;
+        Ok(Self {
+            directory,
+            bus,
+            settings,
+            shutdown,
+        })
+    }
+}
+
+/// One agency service, bound and ready to serve.
+pub struct Application {
+    service: AgencyService,
+    listener: TcpListener,
+    core: Arc<GatewayCore>,
+}
+
+impl Application {
+    /// Binds `listen` for `service`, acting for every agency of its kinds in
+    /// the directory, or only for `only` when it is not empty.
+    ///
+    /// # Errors
+    /// [`StartError::Agencies`] when `only` names an agency that is not of
+    /// this service's kinds; [`StartError::Bind`].
+    pub async fn build(
+        service: AgencyService,
+        shared: &Shared,
+        listen: SocketAddr,
+        only: &[String],
+    ) -> Result<Self, StartError> {
+        let mut served: BTreeSet<String> = shared
+            .directory
+            .agencies()
+            .iter()
+            .filter(|a| service.kinds().contains(&a.kind))
+            .map(|a| a.id.clone())
+            .collect();
+        if !only.is_empty() {
+            for id in only {
+                if !served.contains(id) {
+                    return Err(StartError::Agencies(format!(
+                        "`{id}` is not a {} agency in the directory",
+                        service.name()
+                    )));
+                }
+            }
+            served.retain(|id| only.contains(id));
+        }
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let core = Arc::new(GatewayCore {
+            service,
+            directory: shared.directory.clone(),
+            bus: shared.bus.clone(),
+            served,
+            prefetch: shared.settings.prefetch,
+            sessions: Arc::new(Sessions::default()),
+            shutdown: shared.shutdown.clone(),
+        });
+        Ok(Self {
+            service,
+            listener,
+            core,
+        })
+    }
+
+    /// The address actually bound.
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    #[must_use]
+    pub fn service(&self) -> AgencyService {
+        self.service
+    }
+
+    #[must_use]
+    pub fn core(&self) -> &Arc<GatewayCore> {
+        &self.core
+    }
+
+    /// Serves until the shutdown token is cancelled; open `Inbox` streams end
+    /// and their unacknowledged deliveries return to the queue.
+    ///
+    /// # Errors
+    /// A transport error from the gRPC server.
+    pub async fn run(self) -> Result<(), tonic::transport::Error> {
+        let gateway = GatewayServer::new(GatewayService(self.core.clone()))
+            .max_decoding_message_size(MAX_GRPC_MESSAGE);
+        let rpcs = AgencyRpcs(self.core.clone());
+        let router = Server::builder().add_service(gateway);
+        let router = match self.service {
+            AgencyService::DetentionCentre => router.add_service(DetentionCentreServer::new(rpcs)),
+            AgencyService::CaseUnit => router.add_service(CaseUnitServer::new(rpcs)),
+            AgencyService::LegalAid => router.add_service(LegalAidServer::new(rpcs)),
+            AgencyService::JusticeBureau => router.add_service(JusticeBureauServer::new(rpcs)),
+            AgencyService::BarAssociation => router.add_service(BarAssociationServer::new(rpcs)),
+        };
+        let shutdown = self.core.shutdown.clone();
+        router
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.listener),
+                shutdown.cancelled_owned(),
+            )
+            .await
+    }
+}
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM; a second signal exits
+/// the process at once.
+pub async fn shutdown_on_signal(shutdown: CancellationToken) {
+    wait_for_signal().await;
+    tracing::info!("signal received; shutting down (a second signal exits at once)");
+    shutdown.cancel();
+    wait_for_signal().await;
+    tracing::warn!("second signal; exiting now");
+    std::process::exit(130);
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// How long servers get to finish after shutdown before we stop waiting.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs built applications until shutdown, then closes the bus. Returns
+/// the first server error, if any.
+///
+/// # Errors
+/// A transport error from one of the servers.
+pub async fn serve_all(
+    apps: Vec<Application>,
+    shared: &Shared,
+) -> Result<(), tonic::transport::Error> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for app in apps {
+        tasks.spawn(app.run());
+    }
+    let join = async {
+        let mut result = Ok(());
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Err(e)) if result.is_ok() => {
+                    result = Err(e);
+                    shared.shutdown.cancel();
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "an agency service task failed"),
+            }
+        }
+        result
+    };
+    let result = tokio::select! {
+        result = join => result,
+        () = async { shared.shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("services did not stop within {SHUTDOWN_GRACE:?}; closing anyway");
+            Ok(())
+        }
+    };
+    shared.bus.close().await;
+    result
+}

@@ -1,0 +1,59 @@
+//! The `main` of the five agency-service binaries: flags and environment,
+//! telemetry, build, serve until a signal, report how it ended.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{Application, Shared, serve_all, shutdown_on_signal};
+use crate::{AgencyService, BusSettings, telemetry};
+
+/// Flags of an agency-service binary.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "A refbus agency service: the gateway for the agencies of one kind."
+)]
+pub struct ServiceArgs {
+    #[command(flatten)]
+    pub bus: BusSettings,
+    /// Where to serve gRPC (default: 127.0.0.1 and the service's port, 50051-50055).
+    #[arg(long, env = "REFBUS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Act only for these agencies (comma-separated ids); default: every
+    /// agency of the service's kinds in the directory.
+    #[arg(long, env = "REFBUS_AGENCIES", value_delimiter = ',')]
+    pub agencies: Vec<String>,
+}
+
+/// Runs one agency service until SIGINT or SIGTERM.
+///
+/// # Errors
+/// A start-up error naming what is wrong (directory entry, broker URL, port).
+pub fn run(service: AgencyService) -> anyhow::Result<()> {
+    let args = ServiceArgs::parse();
+    telemetry::init("info");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let shared = Shared::connect(args.bus, shutdown.clone()).await?;
+        let listen = args
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.default_port())));
+        let app = Application::build(service, &shared, listen, &args.agencies).await?;
+        let addr = app.local_addr().context("reading the bound address")?;
+        println!(
+            "{} serving {} agencies on http://{addr}",
+            service.name(),
+            app.core().served.len()
+        );
+        tokio::spawn(shutdown_on_signal(shutdown));
+        serve_all(vec![app], &shared).await?;
+        tracing::info!(service = service.name(), "stopped");
+        Ok(())
+    })
+}

@@ -1,0 +1,72 @@
+//! The gateway's errors, mapped to gRPC status codes in one place.
+
+use refbus_bus::BusError;
+use refbus_core::SubmitError;
+use tonic::Status;
+
+/// Everything a gateway call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A delivery token that is not (or no longer) pending on an open stream.
+    #[error("delivery_token: {0}")]
+    DeliveryGone(String),
+    /// A request field that is missing or malformed (outside an envelope).
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl From<GatewayError> for Status {
+    fn from(error: GatewayError) -> Self {
+        let message = error.to_string();
+        match error {
+            GatewayError::Submit(e) => match e {
+                SubmitError::Invalid { .. } | SubmitError::TooLarge { .. } => {
+                    Status::invalid_argument(message)
+                }
+                SubmitError::UnknownAgency { .. } => Status::not_found(message),
+                SubmitError::NotOwnAgency { .. } | SubmitError::Forbidden(_) => {
+                    Status::permission_denied(message)
+                }
+                SubmitError::NoRoute(_) => Status::failed_precondition(message),
+            },
+            GatewayError::Bus(e) => match e {
+                BusError::Unroutable { .. } => Status::internal(message),
+                BusError::Unavailable(_)
+                | BusError::Nacked
+                | BusError::Topology { .. }
+                | BusError::Connect { .. } => Status::unavailable(message),
+            },
+            GatewayError::DeliveryGone(_) => Status::failed_precondition(message),
+            GatewayError::Invalid { .. } => Status::invalid_argument(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn each_error_maps_to_its_code_and_keeps_its_message() {
+        let s = Status::from(GatewayError::Submit(SubmitError::invalid(
+            "envelope.sender",
+            "required",
+        )));
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::InvalidArgument, "envelope.sender: required")
+        );
+        let s = Status::from(GatewayError::Submit(SubmitError::UnknownAgency {
+            field: "envelope.recipient".into(),
+            id: "x".into(),
+        }));
+        assert_eq!(s.code(), Code::NotFound);
+        let s = Status::from(GatewayError::Bus(BusError::Unavailable("down".into())));
+        assert_eq!(s.code(), Code::Unavailable);
+    }
+}

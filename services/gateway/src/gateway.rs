@@ -1,0 +1,308 @@
+//! `Submit`, `Inbox`, `Acknowledge` and `Feedback`: the gateway every agency
+//! service serves.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chrono::Utc;
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use prost::Message;
+use refbus_bus::{Bus, Incoming, Outgoing, Topology};
+use refbus_core::envelope::{self, timestamp};
+use refbus_core::{Directory, KindExt, SubmitError};
+use refbus_proto::v1::envelope::Payload;
+use refbus_proto::v1::gateway_server::Gateway;
+use refbus_proto::v1::{
+    AcknowledgeRequest, AcknowledgeResponse, Delivery, Envelope, FeedbackRequest, InboxRequest,
+    Receipt, SubmitRequest,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::GatewayError;
+use crate::inbox::{Session, Sessions};
+use crate::settings::AgencyService;
+
+/// The AMQP header carrying why a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-refbus-reason";
+/// The AMQP header naming the queue a dead-lettered message came from.
+pub const QUEUE_HEADER: &str = "x-refbus-queue";
+
+/// What one agency service needs to serve its agencies.
+pub struct GatewayCore {
+    pub service: AgencyService,
+    pub directory: Arc<Directory>,
+    pub bus: Bus,
+    /// The agencies this service acts for.
+    pub served: BTreeSet<String>,
+    pub prefetch: u16,
+    pub sessions: Arc<Sessions>,
+    pub shutdown: CancellationToken,
+}
+
+impl GatewayCore {
+    fn served_list(&self) -> String {
+        let list: Vec<_> = self.served.iter().map(String::as_str).collect();
+        format!("{} serves: {}", self.service.name(), list.join(", "))
+    }
+
+    /// Checks that this service acts for `agency`.
+    ///
+    /// # Errors
+    /// `NotOwnAgency` (PERMISSION_DENIED) or `UnknownAgency` (NOT_FOUND).
+    pub fn own_agency(&self, field: &str, agency: &str) -> Result<(), GatewayError> {
+        if agency.is_empty() {
+            return Err(SubmitError::invalid(field, "required").into());
+        }
+        if self.served.contains(agency) {
+            return Ok(());
+        }
+        if self.directory.get(agency).is_none() {
+            return Err(SubmitError::UnknownAgency {
+                field: field.into(),
+                id: agency.into(),
+            }
+            .into());
+        }
+        Err(SubmitError::NotOwnAgency {
+            field: field.into(),
+            agency: agency.into(),
+            served: self.served_list(),
+        }
+        .into())
+    }
+
+    /// Validates an envelope, publishes it and waits for the broker's confirm.
+    ///
+    /// # Errors
+    /// Validation errors (nothing is published) or `Unavailable`.
+    pub async fn submit(&self, envelope: Envelope) -> Result<Receipt, GatewayError> {
+        let accepted = envelope::accept(
+            envelope,
+            &self.directory,
+            |sender| self.served.contains(sender),
+            &self.served_list(),
+            Utc::now(),
+        )?;
+        let envelope = accepted.envelope;
+        let kind = accepted.kind.code();
+        let routing_key = Topology::routing_key(&envelope.recipient, kind);
+        let body = envelope.encode_to_vec();
+        let exchange = self.bus.topology().deliveries_exchange();
+        let mut message = Outgoing::new(&exchange, &routing_key, &body);
+        message.message_id = Some(&envelope.id);
+        message.kind = Some(kind);
+        self.bus.publish(message).await?;
+        tracing::info!(id = %envelope.id, kind, sender = %envelope.sender, recipient = %envelope.recipient, "submitted");
+        Ok(Receipt {
+            id: envelope.id,
+            submitted_at: envelope.submitted_at,
+            recipient: envelope.recipient,
+            routing_key,
+        })
+    }
+
+    /// Answers a referral: a feedback envelope to the referral's sender.
+    ///
+    /// # Errors
+    /// As [`GatewayCore::submit`].
+    pub async fn feedback(&self, request: FeedbackRequest) -> Result<Receipt, GatewayError> {
+        self.own_agency("agency", &request.agency)?;
+        if request.referral_id.trim().is_empty() {
+            return Err(GatewayError::Invalid {
+                field: "referral_id",
+                reason: "required".into(),
+            });
+        }
+        if request.referral_sender.trim().is_empty() {
+            return Err(GatewayError::Invalid {
+                field: "referral_sender",
+                reason: "required: the sender of the referral, as delivered".into(),
+            });
+        }
+        let Some(feedback) = request.feedback else {
+            return Err(GatewayError::Invalid {
+                field: "feedback",
+                reason: "required".into(),
+            });
+        };
+        self.submit(Envelope {
+            sender: request.agency,
+            recipient: request.referral_sender,
+            in_reply_to: request.referral_id,
+            idempotency_key: request.idempotency_key,
+            payload: Some(Payload::Feedback(feedback)),
+            ..Envelope::default()
+        })
+        .await
+    }
+
+    /// Streams `agency`'s inbox until the client goes away or the service
+    /// shuts down; then every unacknowledged delivery returns to the queue.
+    ///
+    /// # Errors
+    /// When `agency` is not one of this service's agencies.
+    pub fn inbox(
+        self: &Arc<Self>,
+        agency: String,
+    ) -> Result<ReceiverStream<Result<Delivery, Status>>, GatewayError> {
+        self.own_agency("agency", &agency)?;
+        let (tx, rx) = mpsc::channel(usize::from(self.prefetch.max(1)));
+        let core = self.clone();
+        tokio::spawn(async move {
+            let guard = core.sessions.open(&agency);
+            let queue = core.bus.topology().inbox_queue(&agency);
+            let mut subscription = core.bus.subscribe(queue.clone(), core.prefetch);
+            tracing::debug!(%agency, session = guard.session.id, "inbox stream opened");
+            loop {
+                let incoming = tokio::select! {
+                    () = core.shutdown.cancelled() => break,
+                    () = tx.closed() => break,
+                    incoming = subscription.next() => match incoming {
+                        Some(incoming) => incoming,
+                        None => break,
+                    },
+                };
+                let Some(delivery) = core.hand_over(&guard.session, &queue, incoming).await else {
+                    continue;
+                };
+                if tx.send(Ok(delivery)).await.is_err() {
+                    break;
+                }
+            }
+            tracing::debug!(%agency, session = guard.session.id, "inbox stream closed");
+            // Dropping the subscription closes its channel: unacknowledged
+            // deliveries return to the queue.
+            drop(subscription);
+            drop(guard);
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// Decodes a delivery for the client, or dead-letters it with the reason.
+    async fn hand_over(
+        &self,
+        session: &Session,
+        queue: &str,
+        incoming: Incoming,
+    ) -> Option<Delivery> {
+        let decoded = Envelope::decode(incoming.data.as_slice())
+            .map_err(|e| format!("not a refbus.v1.Envelope: {e}"))
+            .and_then(|envelope| {
+                if envelope.payload.is_none() {
+                    Err("envelope has no payload".to_owned())
+                } else if envelope.id.is_empty() {
+                    Err("envelope has no id".to_owned())
+                } else {
+                    Ok(envelope)
+                }
+            });
+        match decoded {
+            Ok(envelope) => {
+                let token =
+                    session.register(incoming.generation, incoming.delivery_tag, incoming.acker);
+                Some(Delivery {
+                    delivery_token: token,
+                    envelope: Some(envelope),
+                    redelivered: incoming.redelivered,
+                })
+            }
+            Err(reason) => {
+                self.dead_letter(queue, incoming, reason).await;
+                None
+            }
+        }
+    }
+
+    /// Publishes an undecodable delivery to the dead-letter exchange with the
+    /// reason in a header, then acks it. If that publish fails, rejects it so
+    /// that the broker dead-letters it (at-least-once) instead.
+    async fn dead_letter(&self, queue: &str, incoming: Incoming, reason: String) {
+        let exchange = self.bus.topology().dead_letter();
+        let mut message = Outgoing::new(&exchange, queue, &incoming.data);
+        message.content_type = "application/octet-stream";
+        message.headers = vec![
+            (REASON_HEADER, reason.clone()),
+            (QUEUE_HEADER, queue.to_owned()),
+        ];
+        match self.bus.publish(message).await {
+            Ok(()) => {
+                tracing::warn!(%queue, %reason, bytes = incoming.data.len(), "dead-lettered an undecodable delivery");
+                if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(%queue, error = %e, "ack after dead-lettering failed; the broker will redeliver it");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%queue, error = %e, "cannot dead-letter with a reason; rejecting to the broker's dead-letter exchange");
+                let _ = incoming
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await;
+            }
+        }
+    }
+
+    /// Acknowledges one delivery of an open stream.
+    ///
+    /// # Errors
+    /// `DeliveryGone` when the delivery is not pending on an open stream.
+    pub async fn acknowledge(&self, request: AcknowledgeRequest) -> Result<(), GatewayError> {
+        self.own_agency("agency", &request.agency)?;
+        let acker = self
+            .sessions
+            .take(&request.agency, &request.delivery_token)?;
+        acker.ack(BasicAckOptions::default()).await.map_err(|e| {
+            GatewayError::DeliveryGone(format!(
+                "`{}` could not be acknowledged ({e}); it will be delivered again",
+                request.delivery_token
+            ))
+        })?;
+        Ok(())
+    }
+}
+
+/// The tonic face of [`GatewayCore`].
+#[derive(Clone)]
+pub struct GatewayService(pub Arc<GatewayCore>);
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<Receipt>, Status> {
+        let Some(envelope) = request.into_inner().envelope else {
+            return Err(Status::invalid_argument("envelope: required"));
+        };
+        Ok(Response::new(self.0.submit(envelope).await?))
+    }
+
+    type InboxStream = ReceiverStream<Result<Delivery, Status>>;
+
+    async fn inbox(
+        &self,
+        request: Request<InboxRequest>,
+    ) -> Result<Response<Self::InboxStream>, Status> {
+        Ok(Response::new(self.0.inbox(request.into_inner().agency)?))
+    }
+
+    async fn acknowledge(
+        &self,
+        request: Request<AcknowledgeRequest>,
+    ) -> Result<Response<AcknowledgeResponse>, Status> {
+        self.0.acknowledge(request.into_inner()).await?;
+        Ok(Response::new(AcknowledgeResponse {}))
+    }
+
+    async fn feedback(
+        &self,
+        request: Request<FeedbackRequest>,
+    ) -> Result<Response<Receipt>, Status> {
+        Ok(Response::new(self.0.feedback(request.into_inner()).await?))
+    }
+}
+
+/// Converts the current time for envelopes built by agency-specific RPCs.
+#[must_use]
+pub fn now() -> prost_types::Timestamp {
+    timestamp(Utc::now())
+}

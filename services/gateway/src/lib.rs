@@ -1,0 +1,34 @@
+//! The gateway every refbus agency service serves, the agency-specific
+//! services, and the application that runs them.
+//!
+//! An agency's own systems call its agency service over gRPC: `Submit` to
+//! send, `Inbox` to receive (each delivery acknowledged with `Acknowledge`),
+//! `Feedback` to answer a referral. The service validates at the edge
+//! (refbus-core), publishes with confirms (refbus-bus) and streams the
+//! agency's inbox queue.
+//!
+//! # Layout
+//! - [`settings`]: typed configuration, from flags and environment.
+//! - [`error`]: the gateway's errors and their one mapping to `tonic::Status`.
+//! - [`gateway`]: `Submit`, `Inbox`, `Acknowledge`, `Feedback`.
+//! - [`inbox`]: open `Inbox` streams and their unacknowledged deliveries.
+//! - [`agencies`]: the RPCs specific to each kind of agency.
+//! - [`app`]: build (bind) and run (serve until shutdown) an agency service.
+//! - [`telemetry`]: tracing set-up.
+//! - [`cli`]: the `main` shared by the five agency-service binaries.
+
+#![forbid(unsafe_code)]
+
+pub mod agencies;
+pub mod app;
+pub mod cli;
+pub mod error;
+pub mod gateway;
+pub mod inbox;
+pub mod settings;
+pub mod telemetry;
+
+pub use app::{Application, Shared};
+pub use error::GatewayError;
+pub use gateway::GatewayCore;
+pub use settings::{AgencyService, BusSettings};

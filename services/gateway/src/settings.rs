@@ -1,0 +1,129 @@
+//! Typed configuration: which agency service this is, where the broker and
+//! the directory are. Parsed once at start-up from flags and environment.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use refbus_core::AgencyKind;
+
+/// The five agency services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AgencyService {
+    DetentionCentre,
+    CaseUnit,
+    LegalAid,
+    JusticeBureau,
+    BarAssociation,
+}
+
+impl AgencyService {
+    pub const ALL: [AgencyService; 5] = [
+        AgencyService::DetentionCentre,
+        AgencyService::CaseUnit,
+        AgencyService::LegalAid,
+        AgencyService::JusticeBureau,
+        AgencyService::BarAssociation,
+    ];
+
+    /// The binary and service name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            AgencyService::DetentionCentre => "detention-centre",
+            AgencyService::CaseUnit => "case-unit",
+            AgencyService::LegalAid => "legal-aid",
+            AgencyService::JusticeBureau => "justice-bureau",
+            AgencyService::BarAssociation => "bar-association",
+        }
+    }
+
+    /// The kinds of agency this service serves.
+    #[must_use]
+    pub fn kinds(self) -> &'static [AgencyKind] {
+        match self {
+            AgencyService::DetentionCentre => &[AgencyKind::DetentionCentre],
+            AgencyService::CaseUnit => &[AgencyKind::CaseUnit],
+            AgencyService::LegalAid => &[AgencyKind::LegalAidOffice, AgencyKind::DutyLawyerDesk],
+            AgencyService::JusticeBureau => &[AgencyKind::JusticeBureau],
+            AgencyService::BarAssociation => &[AgencyKind::BarAssociation],
+        }
+    }
+
+    /// The default gRPC port of this service under `refbus up`.
+    #[must_use]
+    pub fn default_port(self) -> u16 {
+        match self {
+            AgencyService::DetentionCentre => 50051,
+            AgencyService::CaseUnit => 50052,
+            AgencyService::LegalAid => 50053,
+            AgencyService::JusticeBureau => 50054,
+            AgencyService::BarAssociation => 50055,
+        }
+    }
+}
+
+/// Where the broker and the directory are; shared by every service of a process.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BusSettings {
+    /// The RabbitMQ to use.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// The agency directory.
+    #[arg(
+        long,
+        env = "REFBUS_DIRECTORY",
+        default_value = "deploy/local/directory.toml"
+    )]
+    pub directory: PathBuf,
+    /// Prefix of every exchange and queue name (one bus per namespace).
+    #[arg(long, env = "REFBUS_NAMESPACE", default_value = "refbus")]
+    pub namespace: String,
+    /// Unacknowledged deliveries per consumer.
+    #[arg(long, env = "REFBUS_PREFETCH", default_value_t = 200)]
+    pub prefetch: u16,
+    /// How long a Submit waits for the broker's confirm before UNAVAILABLE.
+    #[arg(long, env = "REFBUS_CONFIRM_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub confirm_timeout: Duration,
+    /// Delete queues left unused this long (for test and demo namespaces;
+    /// never set in production).
+    #[arg(long, env = "REFBUS_QUEUE_EXPIRES", value_parser = parse_duration)]
+    pub queue_expires: Option<Duration>,
+}
+
+/// Parses `250ms`, `5s`, `2m`.
+///
+/// # Errors
+/// A message saying what form is expected.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |i| text.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: expected a number and a unit, e.g. 500ms, 5s, 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("`{text}`: unit must be ms, s or m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+}

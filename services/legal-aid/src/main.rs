@@ -1,0 +1,6 @@
+//! The legal-aid agency service: serves the refbus gateway and the legal-aid RPCs for the
+//! agencies of its kind in the directory. Configuration: `--help`.
+
+fn main() -> anyhow::Result<()> {
+    refbus_gateway::cli::run(refbus_gateway::AgencyService::LegalAid)
+}

@@ -1,0 +1,160 @@
+//! [`Subscription`]: a consumer on one queue that outlives broker outages.
+//!
+//! A task opens a channel on the live connection, sets the prefetch, and
+//! forwards deliveries. When the connection fails it waits for the next one
+//! and consumes again; the broker redelivers what was unacknowledged. When
+//! the subscription is dropped or the bus shuts down, the channel is closed,
+//! so unacknowledged deliveries return to the queue at once.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Acker, BasicProperties, Channel};
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::Bus;
+use crate::connection::State;
+
+/// One delivery from a subscribed queue. Acknowledge it with `acker` once
+/// it is safely handed on; an acker from an earlier connection fails, and
+/// the broker redelivers that message instead.
+#[derive(Debug)]
+pub struct Incoming {
+    pub data: Vec<u8>,
+    pub properties: BasicProperties,
+    pub redelivered: bool,
+    pub delivery_tag: u64,
+    /// The connection generation the delivery came on.
+    pub generation: u64,
+    pub acker: Acker,
+}
+
+/// A live consumer on one queue; dropping it closes its channel.
+pub struct Subscription {
+    deliveries: mpsc::Receiver<Incoming>,
+    _stop: DropGuard,
+}
+
+impl Subscription {
+    /// The next delivery; `None` once the bus shut down.
+    pub async fn next(&mut self) -> Option<Incoming> {
+        self.deliveries.recv().await
+    }
+}
+
+impl Bus {
+    /// Consumes `queue` with manual acks and at most `prefetch` unacknowledged
+    /// deliveries, resuming after every reconnection.
+    #[must_use]
+    pub fn subscribe(&self, queue: String, prefetch: u16) -> Subscription {
+        let stop = self.shutdown_token().child_token();
+        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+        tokio::spawn(consume(self.clone(), queue, prefetch, tx, stop.clone()));
+        Subscription {
+            deliveries: rx,
+            _stop: stop.drop_guard(),
+        }
+    }
+}
+
+async fn consume(
+    bus: Bus,
+    queue: String,
+    prefetch: u16,
+    tx: mpsc::Sender<Incoming>,
+    stop: CancellationToken,
+) {
+    let mut state = bus.watch_state();
+    let mut retry = Duration::from_millis(100);
+    loop {
+        // Wait for a live connection.
+        let up = tokio::select! {
+            () = stop.cancelled() => return,
+            () = tx.closed() => return,
+            up = state.wait_for(|s| !matches!(s, State::Down { .. })) => up.map(|s| matches!(*s, State::Up(_))),
+        };
+        if !matches!(up, Ok(true)) {
+            return; // closed
+        }
+        match open(&bus, &queue, prefetch).await {
+            Ok((generation, channel, consumer)) => {
+                retry = Duration::from_millis(100);
+                let ended = forward(generation, consumer, &tx, &stop).await;
+                let _ = channel.close(200, "subscription ended".into()).await;
+                if ended {
+                    return;
+                }
+                tracing::debug!(%queue, generation, "consumer interrupted; resuming on the next connection");
+            }
+            Err(e) => {
+                tracing::debug!(%queue, error = %e, "cannot consume yet");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn open(
+    bus: &Bus,
+    queue: &str,
+    prefetch: u16,
+) -> Result<(u64, Channel, lapin::Consumer), String> {
+    let (generation, channel) = bus.channel().await.map_err(|e| e.to_string())?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((generation, channel, consumer))
+}
+
+/// Forwards deliveries until the consumer fails (returns false) or the
+/// subscription ends (returns true).
+async fn forward(
+    generation: u64,
+    mut consumer: lapin::Consumer,
+    tx: &mpsc::Sender<Incoming>,
+    stop: &CancellationToken,
+) -> bool {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return true,
+            () = tx.closed() => return true,
+            next = consumer.next() => match next {
+                Some(Ok(d)) => {
+                    let incoming = Incoming {
+                        data: d.data,
+                        properties: d.properties,
+                        redelivered: d.redelivered,
+                        delivery_tag: d.delivery_tag,
+                        generation,
+                        acker: d.acker,
+                    };
+                    if tx.send(incoming).await.is_err() {
+                        return true;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "consumer error");
+                    return false;
+                }
+                None => return false,
+            }
+        }
+    }
+}

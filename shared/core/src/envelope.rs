@@ -1,0 +1,399 @@
+//! Envelope ids and the validation of a submission: everything the gateway
+//! checks before it publishes, so that bad input is refused with a message
+//! naming the field or the rule, and nothing is published.
+
+use chrono::{DateTime, Duration, Utc};
+use prost::Message;
+use refbus_proto::v1::{Envelope, MessageKind, envelope::Payload, letter::Disposition};
+use uuid::Uuid;
+
+use crate::directory::{Agency, Directory};
+use crate::kind::KindExt;
+use crate::routing::NoRoute;
+use crate::rules::{self, RuleViolation};
+
+/// The largest envelope the bus accepts, encoded.
+pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
+
+/// The longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 200;
+
+/// How far in the future a clock start may lie (clock skew between agencies).
+const CLOCK_SKEW: Duration = Duration::minutes(5);
+
+/// Namespace of envelope ids (UUIDv5 over sender and idempotency key).
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1b_3c2e_9a4d_4e57_b0c1_72f3_a8d6_e915);
+
+/// Why a submission is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// A required field is missing or malformed.
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    /// An agency id names no agency in the directory.
+    #[error("{field}: `{id}` is not in the agency directory")]
+    UnknownAgency { field: String, id: String },
+    /// The caller may not act as this agency.
+    #[error("{field}: `{agency}` is not one of this service's agencies ({served})")]
+    NotOwnAgency {
+        field: String,
+        agency: String,
+        served: String,
+    },
+    /// A rule of DOMAIN.md forbids the message.
+    #[error(transparent)]
+    Forbidden(#[from] RuleViolation),
+    /// The envelope is over [`MAX_ENVELOPE_BYTES`].
+    #[error("envelope: {size} bytes is over the 1 MiB limit")]
+    TooLarge { size: usize },
+    /// The rules give no recipient for this message.
+    #[error(transparent)]
+    NoRoute(#[from] NoRoute),
+}
+
+impl SubmitError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        SubmitError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The id of the message `sender` submits under `idempotency_key`: the same
+/// pair always gives the same id.
+#[must_use]
+pub fn envelope_id(sender: &str, idempotency_key: &str) -> String {
+    let mut name = Vec::with_capacity(sender.len() + idempotency_key.len() + 1);
+    name.extend_from_slice(sender.as_bytes());
+    name.push(0x1f);
+    name.extend_from_slice(idempotency_key.as_bytes());
+    Uuid::new_v5(&ID_NAMESPACE, &name).to_string()
+}
+
+/// Converts a chrono time to a protobuf timestamp.
+#[must_use]
+pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Converts a protobuf timestamp to a chrono time, if it is in range.
+#[must_use]
+pub fn from_timestamp(ts: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)
+}
+
+/// A submission that passed every check, ready to publish.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub envelope: Envelope,
+    pub kind: MessageKind,
+}
+
+/// Validates a submitted envelope against the directory and the rules, and
+/// fills in what the bus owns: id, kind, submission time and (when absent)
+/// the clock start. `sender_is_own` says whether the caller may act as the
+/// sender.
+///
+/// # Errors
+/// [`SubmitError`] naming the first field or rule at fault.
+pub fn accept(
+    mut envelope: Envelope,
+    directory: &Directory,
+    sender_is_own: impl Fn(&str) -> bool,
+    served: &str,
+    now: DateTime<Utc>,
+) -> Result<Accepted, SubmitError> {
+    let Some(payload) = envelope.payload.as_ref() else {
+        return Err(SubmitError::invalid(
+            "envelope.payload",
+            "required: one of the message kinds",
+        ));
+    };
+    let kind = MessageKind::of_payload(payload);
+    if envelope.kind != MessageKind::Unspecified as i32 && envelope.kind != kind as i32 {
+        let given = MessageKind::try_from(envelope.kind).map_or("unknown", KindExt::code);
+        return Err(SubmitError::invalid(
+            "envelope.kind",
+            format!(
+                "`{given}` does not match the payload, which is a {}",
+                kind.code()
+            ),
+        ));
+    }
+    required(&envelope.sender, "envelope.sender")?;
+    if !sender_is_own(&envelope.sender) {
+        return Err(SubmitError::NotOwnAgency {
+            field: "envelope.sender".into(),
+            agency: envelope.sender.clone(),
+            served: served.into(),
+        });
+    }
+    required(&envelope.recipient, "envelope.recipient")?;
+    required(&envelope.idempotency_key, "envelope.idempotency_key")?;
+    if envelope.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(SubmitError::invalid(
+            "envelope.idempotency_key",
+            format!("longer than {MAX_IDEMPOTENCY_KEY} bytes"),
+        ));
+    }
+    if kind.is_reply() {
+        required(&envelope.in_reply_to, "envelope.in_reply_to")?;
+    }
+    if let Some(clock) = &envelope.clock_started_at {
+        let at = from_timestamp(clock)
+            .ok_or_else(|| SubmitError::invalid("envelope.clock_started_at", "out of range"))?;
+        if at > now + CLOCK_SKEW {
+            return Err(SubmitError::invalid(
+                "envelope.clock_started_at",
+                "lies in the future",
+            ));
+        }
+    }
+    validate_payload(payload, &envelope)?;
+
+    let sender = agency(directory, &envelope.sender, "envelope.sender")?;
+    let recipient = agency(directory, &envelope.recipient, "envelope.recipient")?;
+    rules::check(kind, sender, recipient)?;
+
+    envelope.id = envelope_id(&envelope.sender, &envelope.idempotency_key);
+    envelope.kind = kind as i32;
+    envelope.submitted_at = Some(timestamp(now));
+    if envelope.clock_started_at.is_none() {
+        envelope.clock_started_at = envelope.submitted_at;
+    }
+    let size = envelope.encoded_len();
+    if size > MAX_ENVELOPE_BYTES {
+        return Err(SubmitError::TooLarge { size });
+    }
+    Ok(Accepted { envelope, kind })
+}
+
+fn agency<'d>(directory: &'d Directory, id: &str, field: &str) -> Result<&'d Agency, SubmitError> {
+    directory.get(id).ok_or_else(|| SubmitError::UnknownAgency {
+        field: field.into(),
+        id: id.into(),
+    })
+}
+
+fn required(value: &str, field: &str) -> Result<(), SubmitError> {
+    if value.trim().is_empty() {
+        Err(SubmitError::invalid(field, "required"))
+    } else {
+        Ok(())
+    }
+}
+
+fn present<T>(value: Option<&T>, field: &str) -> Result<(), SubmitError> {
+    value
+        .map(|_| ())
+        .ok_or_else(|| SubmitError::invalid(field, "required"))
+}
+
+/// Checks the fields each kind of payload needs.
+fn validate_payload(payload: &Payload, envelope: &Envelope) -> Result<(), SubmitError> {
+    let detainee =
+        |d: Option<&refbus_proto::v1::Detainee>, field: &str| -> Result<(), SubmitError> {
+            let d = d.ok_or_else(|| SubmitError::invalid(field, "required"))?;
+            required(&d.name, &format!("{field}.name"))
+        };
+    let lawyer = |l: Option<&refbus_proto::v1::Lawyer>, field: &str| -> Result<(), SubmitError> {
+        let l = l.ok_or_else(|| SubmitError::invalid(field, "required"))?;
+        required(&l.name, &format!("{field}.name"))
+    };
+    match payload {
+        Payload::LegalHelpRequest(p) => {
+            detainee(p.detainee.as_ref(), "legal_help_request.detainee")?;
+            required(&p.matter, "legal_help_request.matter")?;
+            if envelope.clock_started_at.is_none() {
+                return Err(SubmitError::invalid(
+                    "envelope.clock_started_at",
+                    "CQ-1.1b: required for a legal-help request: the 24 h clock starts when the detainee made the request",
+                ));
+            }
+            if !p.detention_centre.is_empty() && p.detention_centre != envelope.sender {
+                return Err(SubmitError::invalid(
+                    "legal_help_request.detention_centre",
+                    "must be the sending detention centre",
+                ));
+            }
+        }
+        Payload::DefenceCommissionRequest(p) => {
+            detainee(p.detainee.as_ref(), "defence_commission_request.detainee")?;
+        }
+        Payload::LegalAidApplication(p) => {
+            detainee(p.detainee.as_ref(), "legal_aid_application.detainee")?;
+        }
+        Payload::Letter(p) => {
+            detainee(p.detainee.as_ref(), "letter.detainee")?;
+            lawyer(p.addressee.as_ref(), "letter.addressee")?;
+            match p.disposition {
+                None => {
+                    return Err(SubmitError::invalid(
+                        "letter.disposition",
+                        "required: forwarded_content or withheld_on",
+                    ));
+                }
+                Some(Disposition::WithheldOn(ground))
+                    if ground <= 0
+                        || refbus_proto::v1::WithholdingGround::try_from(ground).is_err() =>
+                {
+                    return Err(SubmitError::invalid(
+                        "letter.withheld_on",
+                        "CQ-1.1c: a letter may be withheld only on national security, public safety, serious danger to a person, or collusion/destruction of evidence",
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Payload::LawyerMeetingRequest(p) => {
+            lawyer(p.lawyer.as_ref(), "lawyer_meeting_request.lawyer")?;
+            detainee(p.detainee.as_ref(), "lawyer_meeting_request.detainee")?;
+            if p.role <= 0 {
+                return Err(SubmitError::invalid(
+                    "lawyer_meeting_request.role",
+                    "required (CQ-1.2)",
+                ));
+            }
+        }
+        Payload::VerificationQuery(p) => {
+            detainee(p.detainee.as_ref(), "verification_query.detainee")?;
+            required(&p.question, "verification_query.question")?;
+        }
+        Payload::LawyerViolationNotice(p) => {
+            lawyer(p.lawyer.as_ref(), "lawyer_violation_notice.lawyer")?;
+            required(&p.description, "lawyer_violation_notice.description")?;
+        }
+        Payload::RightsComplaint(p) => {
+            lawyer(p.complainant.as_ref(), "rights_complaint.complainant")?;
+            required(&p.description, "rights_complaint.description")?;
+        }
+        Payload::MisconductLead(p) => {
+            present(p.subject.as_ref(), "misconduct_lead.subject")?;
+            required(&p.description, "misconduct_lead.description")?;
+        }
+        Payload::DetaineeUnavailableNotice(p) => {
+            detainee(p.detainee.as_ref(), "detainee_unavailable_notice.detainee")?;
+            if p.reason <= 0 {
+                return Err(SubmitError::invalid(
+                    "detainee_unavailable_notice.reason",
+                    "required (SH-2.5)",
+                ));
+            }
+        }
+        Payload::BookedSlotNotice(p) => {
+            lawyer(p.lawyer.as_ref(), "booked_slot_notice.lawyer")?;
+            present(p.slot_start.as_ref(), "booked_slot_notice.slot_start")?;
+        }
+        Payload::Acknowledgement(_) => {}
+        Payload::Feedback(p) => {
+            if p.outcome <= 0 {
+                return Err(SubmitError::invalid("feedback.outcome", "required"));
+            }
+        }
+        Payload::OverdueNotice(_) => {}
+        Payload::JointNotice(p) => {
+            required(&p.subject, "joint_notice.subject")?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refbus_proto::v1::{Detainee, LegalHelpRequest};
+
+    fn directory() -> Directory {
+        Directory::load(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/local/directory.toml"
+        ))
+        .unwrap()
+    }
+
+    fn legal_help(key: &str) -> Envelope {
+        Envelope {
+            sender: "dz-detention-centre".into(),
+            recipient: "dz-duty-desk".into(),
+            idempotency_key: key.into(),
+            clock_started_at: Some(timestamp(Utc::now() - Duration::hours(2))),
+            payload: Some(Payload::LegalHelpRequest(LegalHelpRequest {
+                detainee: Some(Detainee {
+                    name: "张三".into(),
+                    ..Default::default()
+                }),
+                detention_centre: "dz-detention-centre".into(),
+                matter: "bail".into(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn accept_it(e: Envelope) -> Result<Accepted, SubmitError> {
+        accept(e, &directory(), |_| true, "all", Utc::now())
+    }
+
+    #[test]
+    fn the_same_sender_and_key_give_the_same_id() {
+        assert_eq!(envelope_id("a", "k"), envelope_id("a", "k"));
+        assert_ne!(envelope_id("a", "k"), envelope_id("b", "k"));
+        assert_ne!(envelope_id("a", "bk"), envelope_id("ab", "k"));
+        let one = accept_it(legal_help("k1")).unwrap();
+        let two = accept_it(legal_help("k1")).unwrap();
+        assert_eq!(one.envelope.id, two.envelope.id);
+        assert_eq!(one.kind, MessageKind::LegalHelpRequest);
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let mut e = legal_help("k");
+        e.idempotency_key.clear();
+        assert_eq!(
+            accept_it(e).unwrap_err().to_string(),
+            "envelope.idempotency_key: required"
+        );
+        let mut e = legal_help("k");
+        e.clock_started_at = None;
+        assert!(accept_it(e).unwrap_err().to_string().contains("CQ-1.1b"));
+        let mut e = legal_help("k");
+        e.payload = None;
+        assert!(
+            accept_it(e)
+                .unwrap_err()
+                .to_string()
+                .starts_with("envelope.payload")
+        );
+    }
+
+    #[test]
+    fn unknown_recipients_and_forbidden_kinds_are_refused() {
+        let mut e = legal_help("k");
+        e.recipient = "nowhere".into();
+        assert!(matches!(
+            accept_it(e).unwrap_err(),
+            SubmitError::UnknownAgency { .. }
+        ));
+        let mut e = legal_help("k");
+        e.recipient = "dz-court".into();
+        assert!(matches!(
+            accept_it(e).unwrap_err(),
+            SubmitError::Forbidden(_)
+        ));
+    }
+
+    #[test]
+    fn over_one_mib_is_refused() {
+        let mut e = legal_help("k");
+        if let Some(Payload::LegalHelpRequest(p)) = &mut e.payload {
+            p.matter = "x".repeat(MAX_ENVELOPE_BYTES);
+        }
+        assert!(matches!(
+            accept_it(e).unwrap_err(),
+            SubmitError::TooLarge { .. }
+        ));
+    }
+}

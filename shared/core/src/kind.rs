@@ -1,0 +1,119 @@
+//! Message kinds: their wire names (routing-key words), whether they create
+//! an obligation (referrals) or only inform (notices), and which payload
+//! carries them.
+
+use refbus_proto::v1::{MessageKind, envelope::Payload};
+
+/// Domain facts about a [`MessageKind`].
+pub trait KindExt: Sized {
+    /// The snake-case name used in routing keys and logs, e.g. `legal_help_request`.
+    fn code(self) -> &'static str;
+    /// The kind with this code name.
+    fn from_code(code: &str) -> Option<Self>;
+    /// The kind a payload carries.
+    fn of_payload(payload: &Payload) -> Self;
+    /// Whether a message of this kind creates an obligation on its recipient.
+    fn is_referral(&self) -> bool;
+    /// Whether this kind answers an earlier message (needs `in_reply_to`).
+    fn is_reply(&self) -> bool;
+}
+
+const KINDS: [(MessageKind, &str); 15] = [
+    (MessageKind::LegalHelpRequest, "legal_help_request"),
+    (
+        MessageKind::DefenceCommissionRequest,
+        "defence_commission_request",
+    ),
+    (MessageKind::LegalAidApplication, "legal_aid_application"),
+    (MessageKind::Letter, "letter"),
+    (MessageKind::LawyerMeetingRequest, "lawyer_meeting_request"),
+    (MessageKind::VerificationQuery, "verification_query"),
+    (
+        MessageKind::LawyerViolationNotice,
+        "lawyer_violation_notice",
+    ),
+    (MessageKind::RightsComplaint, "rights_complaint"),
+    (MessageKind::MisconductLead, "misconduct_lead"),
+    (
+        MessageKind::DetaineeUnavailableNotice,
+        "detainee_unavailable_notice",
+    ),
+    (MessageKind::BookedSlotNotice, "booked_slot_notice"),
+    (MessageKind::Acknowledgement, "acknowledgement"),
+    (MessageKind::Feedback, "feedback"),
+    (MessageKind::OverdueNotice, "overdue_notice"),
+    (MessageKind::JointNotice, "joint_notice"),
+];
+
+impl KindExt for MessageKind {
+    fn code(self) -> &'static str {
+        KINDS
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map_or("unspecified", |(_, c)| c)
+    }
+
+    fn from_code(code: &str) -> Option<Self> {
+        KINDS.iter().find(|(_, c)| *c == code).map(|(k, _)| *k)
+    }
+
+    fn of_payload(payload: &Payload) -> Self {
+        match payload {
+            Payload::LegalHelpRequest(_) => MessageKind::LegalHelpRequest,
+            Payload::DefenceCommissionRequest(_) => MessageKind::DefenceCommissionRequest,
+            Payload::LegalAidApplication(_) => MessageKind::LegalAidApplication,
+            Payload::Letter(_) => MessageKind::Letter,
+            Payload::LawyerMeetingRequest(_) => MessageKind::LawyerMeetingRequest,
+            Payload::VerificationQuery(_) => MessageKind::VerificationQuery,
+            Payload::LawyerViolationNotice(_) => MessageKind::LawyerViolationNotice,
+            Payload::RightsComplaint(_) => MessageKind::RightsComplaint,
+            Payload::MisconductLead(_) => MessageKind::MisconductLead,
+            Payload::DetaineeUnavailableNotice(_) => MessageKind::DetaineeUnavailableNotice,
+            Payload::BookedSlotNotice(_) => MessageKind::BookedSlotNotice,
+            Payload::Acknowledgement(_) => MessageKind::Acknowledgement,
+            Payload::Feedback(_) => MessageKind::Feedback,
+            Payload::OverdueNotice(_) => MessageKind::OverdueNotice,
+            Payload::JointNotice(_) => MessageKind::JointNotice,
+        }
+    }
+
+    fn is_referral(&self) -> bool {
+        matches!(
+            *self,
+            MessageKind::LegalHelpRequest
+                | MessageKind::DefenceCommissionRequest
+                | MessageKind::LegalAidApplication
+                | MessageKind::Letter
+                | MessageKind::LawyerMeetingRequest
+                | MessageKind::VerificationQuery
+                | MessageKind::LawyerViolationNotice
+                | MessageKind::RightsComplaint
+                | MessageKind::MisconductLead
+        )
+    }
+
+    fn is_reply(&self) -> bool {
+        matches!(
+            *self,
+            MessageKind::Acknowledgement | MessageKind::Feedback | MessageKind::OverdueNotice
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_a_unique_code_that_round_trips() {
+        let mut seen = std::collections::HashSet::new();
+        for (kind, code) in KINDS {
+            assert_eq!(kind.code(), code);
+            assert_eq!(MessageKind::from_code(code), Some(kind));
+            assert!(seen.insert(code));
+            assert!(!code.contains('.'), "codes are routing-key words");
+        }
+        assert_eq!(MessageKind::Unspecified.code(), "unspecified");
+        assert_eq!(MessageKind::from_code("unspecified"), None);
+    }
+}

@@ -1,0 +1,8 @@
+//! Acceptance tests, against the real RabbitMQ. One binary for every area,
+//! so the workspace builds and links it once.
+//!
+//! - [`bus`]: issue 2, the bus end to end.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod bus;

@@ -1,0 +1,251 @@
+//! Helpers for the acceptance tests: a whole bus per test (its own namespace
+//! of queues on the real RabbitMQ, its own ports), raw AMQP access to look
+//! at queues, and a TCP proxy that can cut the broker connection.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+pub mod proxy;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use refbus_gateway::app::{Application, Shared, serve_all};
+use refbus_gateway::{AgencyService, BusSettings};
+use refbus_proto::v1::gateway_client::GatewayClient;
+use refbus_proto::v1::{Delivery, InboxRequest};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// The broker the tests use: `AMQP_URL`, or the local default.
+#[must_use]
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The repository root.
+#[must_use]
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A bound on every wait in a test, so that a broken feature fails the test
+/// instead of hanging it. Not a timing assertion.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Awaits `f`, failing the test if it takes longer than [`PATIENCE`].
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, f)
+        .await
+        .unwrap_or_else(|_| panic!("gave up waiting for {what} after {PATIENCE:?}"))
+}
+
+/// Settings for a fresh namespace whose queues expire after the test.
+#[must_use]
+pub fn test_settings(amqp_url: String) -> BusSettings {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let namespace = format!("t{}", &id[id.len() - 12..]);
+    BusSettings {
+        amqp_url,
+        directory: repo_root().join("deploy/local/directory.toml"),
+        namespace,
+        prefetch: 50,
+        confirm_timeout: Duration::from_secs(3),
+        queue_expires: Some(Duration::from_secs(300)),
+    }
+}
+
+/// The five agency services running in this process on free ports, in a
+/// namespace of their own.
+pub struct TestBus {
+    pub shared: Shared,
+    pub addrs: HashMap<&'static str, SocketAddr>,
+    shutdown: CancellationToken,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl TestBus {
+    /// Spawns the bus against the shared RabbitMQ.
+    pub async fn spawn() -> Self {
+        Self::spawn_with(test_settings(amqp_url())).await
+    }
+
+    pub async fn spawn_with(settings: BusSettings) -> Self {
+        let shutdown = CancellationToken::new();
+        let shared = Shared::connect(settings, shutdown.clone())
+            .await
+            .expect("bus connects");
+        let mut apps = Vec::new();
+        let mut addrs = HashMap::new();
+        for service in AgencyService::ALL {
+            let app = Application::build(service, &shared, "127.0.0.1:0".parse().unwrap(), &[])
+                .await
+                .unwrap();
+            addrs.insert(service.name(), app.local_addr().unwrap());
+            apps.push(app);
+        }
+        let for_task = shared.clone();
+        let served = tokio::spawn(async move {
+            serve_all(apps, &for_task).await.expect("services run");
+        });
+        Self {
+            shared,
+            addrs,
+            shutdown,
+            served,
+        }
+    }
+
+    #[must_use]
+    pub fn endpoint(&self, service: &str) -> String {
+        format!("http://{}", self.addrs[service])
+    }
+
+    pub async fn gateway(&self, service: &str) -> GatewayClient<Channel> {
+        GatewayClient::connect(self.endpoint(service))
+            .await
+            .unwrap()
+    }
+
+    pub async fn channel(&self, service: &str) -> Channel {
+        Channel::from_shared(self.endpoint(service))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    #[must_use]
+    pub fn namespace(&self) -> &str {
+        &self.shared.settings.namespace
+    }
+
+    #[must_use]
+    pub fn inbox_queue(&self, agency: &str) -> String {
+        self.shared.bus.topology().inbox_queue(agency)
+    }
+
+    /// Stops the services and waits for them.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = within("the services to stop", self.served).await;
+    }
+}
+
+/// An open `Inbox` stream.
+pub struct Inbox {
+    stream: tonic::Streaming<Delivery>,
+}
+
+impl Inbox {
+    pub async fn open(client: &mut GatewayClient<Channel>, agency: &str) -> Self {
+        let stream = client
+            .inbox(InboxRequest {
+                agency: agency.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        Self { stream }
+    }
+
+    /// The next delivery (bounded by [`PATIENCE`]).
+    pub async fn next(&mut self) -> Delivery {
+        within("an inbox delivery", self.stream.message())
+            .await
+            .expect("inbox stream healthy")
+            .expect("inbox stream open")
+    }
+}
+
+/// Raw AMQP access for looking at queues behind the services' backs.
+pub struct Amqp {
+    pub connection: Connection,
+    pub channel: lapin::Channel,
+}
+
+impl Amqp {
+    pub async fn connect() -> Self {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        Self {
+            connection,
+            channel,
+        }
+    }
+
+    /// (ready messages, consumers) of a queue.
+    pub async fn counts(&self, queue: &str) -> (u32, u32) {
+        let q = self
+            .channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::durable().passive(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (q.message_count(), q.consumer_count())
+    }
+
+    /// Waits until no consumer is left on `queue` (a closed stream's channel
+    /// has closed, so what it held unacknowledged is back in the queue), then
+    /// returns its ready-message count.
+    pub async fn settled_count(&self, queue: &str) -> u32 {
+        within("the consumer to leave the queue", async {
+            loop {
+                let (messages, consumers) = self.counts(queue).await;
+                if consumers == 0 {
+                    return messages;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+    }
+
+    /// Publishes raw bytes straight onto a queue (default exchange).
+    pub async fn publish_raw(&self, queue: &str, bytes: &[u8]) {
+        self.channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                bytes,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Takes one message from a queue, if any (acknowledged at once).
+    pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
+        self.channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+    }
+}
+
+/// The `refbus` binary built beside the test binary (`cargo test` builds
+/// every binary of the workspace into the same target directory).
+#[must_use]
+pub fn refbus_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("REFBUS_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/acceptance-HASH -> target/<profile>/refbus
+    exe.parent()
+        .and_then(std::path::Path::parent)
+        .map(|dir| dir.join(format!("refbus{}", std::env::consts::EXE_SUFFIX)))
+        .expect("target directory")
+}
