@@ -572,8 +572,9 @@ async fn refbus_up_serves_and_exits_0_on_sigint() {
         .arg("up")
         .env("AMQP_URL", &settings.amqp_url)
         .env("REFBUS_NAMESPACE", &settings.namespace)
-        .env("REFBUS_QUEUE_EXPIRES", "300s")
+        .env("REFBUS_QUEUE_EXPIRES", "60s")
         .env("REFBUS_PORT_BASE", "0")
+        .env("RUST_LOG", "warn")
         .current_dir(refbus_tests::repo_root())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -612,4 +613,5 @@ async fn refbus_up_serves_and_exits_0_on_sigint() {
     assert!(status.success());
     let exit = within("refbus up to exit", child.wait()).await.unwrap();
     assert!(exit.success(), "exit status {exit:?}");
+    refbus_tests::delete_namespace(&refbus_tests::topology_of(&settings.namespace)).await;
 }

@@ -55,7 +55,7 @@ pub fn test_settings(amqp_url: String) -> BusSettings {
         namespace,
         prefetch: 50,
         confirm_timeout: Duration::from_secs(3),
-        queue_expires: Some(Duration::from_secs(300)),
+        queue_expires: Some(Duration::from_secs(60)),
     }
 }
 
@@ -129,11 +129,36 @@ impl TestBus {
         self.shared.bus.topology().inbox_queue(agency)
     }
 
-    /// Stops the services and waits for them.
+    /// Stops the services, waits for them, and deletes the namespace's
+    /// queues and exchanges (the broker has a limited number of file
+    /// descriptors, and every quorum queue holds one).
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = within("the services to stop", self.served).await;
+        delete_namespace(self.shared.bus.topology()).await;
     }
+}
+
+/// Deletes a test namespace's queues and exchanges (their `x-expires`
+/// catches what a failed test leaves behind).
+pub async fn delete_namespace(topology: &refbus_bus::Topology) {
+    let amqp = Amqp::connect().await;
+    topology
+        .delete(&amqp.channel)
+        .await
+        .expect("test namespace deleted");
+    amqp.close().await;
+}
+
+/// The topology of a namespace over the shipped directory.
+#[must_use]
+pub fn topology_of(namespace: &str) -> refbus_bus::Topology {
+    let directory =
+        refbus_core::Directory::load(repo_root().join("deploy/local/directory.toml")).unwrap();
+    refbus_bus::Topology::new(
+        namespace,
+        directory.agencies().iter().map(|a| a.id.clone()).collect(),
+    )
 }
 
 /// An open `Inbox` stream.
@@ -178,6 +203,11 @@ impl Amqp {
             connection,
             channel,
         }
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "test done".into()).await;
     }
 
     /// (ready messages, consumers) of a queue.

@@ -230,6 +230,39 @@ impl Topology {
         Ok(())
     }
 
+    /// Deletes every queue and exchange of the topology, with whatever they
+    /// hold. For test and demo namespaces; an operator's tool, never called
+    /// by the services.
+    ///
+    /// # Errors
+    /// [`BusError::Topology`] naming what could not be deleted.
+    pub async fn delete(&self, channel: &Channel) -> Result<(), BusError> {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        for queue in self.queues() {
+            channel
+                .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|source| BusError::Topology {
+                    what: format!("deleting queue `{}`", queue.name),
+                    source,
+                })?;
+        }
+        for exchange in [
+            self.deliveries_exchange(),
+            self.unroutable(),
+            self.dead_letter(),
+        ] {
+            channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+                .map_err(|source| BusError::Topology {
+                    what: format!("deleting exchange `{exchange}`"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// The topology as RabbitMQ definitions (for `rabbitmqctl
     /// import_definitions` or the management plugin's `load_definitions`).
     #[must_use]
