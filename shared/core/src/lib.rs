@@ -12,13 +12,19 @@
 //! - [`rules`]: which agency kind may send which kind of message to whom.
 //! - [`routing`]: statutory recipients (CQ-1.1b, CQ-3.14).
 //! - [`envelope`]: envelope ids and the validation of a submission.
+//! - [`calendar`]: region calendars for deadlines in working time.
+//! - [`policy`]: the policy catalogue (`deploy/policy/*.toml`): obligations, deadlines, who is told when late.
+//! - [`report`]: the compliance report of CQ-3.11, as table, CSV and HTML.
 
 #![forbid(unsafe_code)]
 
 pub mod agency;
+pub mod calendar;
 pub mod directory;
 pub mod envelope;
 pub mod kind;
+pub mod policy;
+pub mod report;
 pub mod routing;
 pub mod rules;
 
