@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "refbus/v1/envelope.proto",
     "refbus/v1/gateway.proto",
     "refbus/v1/agencies.proto",
+    "refbus/v1/tracker.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

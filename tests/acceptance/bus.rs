@@ -3,49 +3,21 @@
 
 use std::time::Duration;
 
-use chrono::{TimeZone, Utc};
+use chrono::Utc;
 use lapin::types::AMQPValue;
 use prost::Message;
 use refbus_core::envelope::timestamp;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{
     AcknowledgeRequest, AssignDutyLawyerRequest, Detainee, Envelope, Feedback, FeedbackRequest,
-    ForwardLegalHelpRequestRequest, Lawyer, LegalHelpRequest, MessageKind, Outcome, SubmitRequest,
+    ForwardLegalHelpRequestRequest, Lawyer, MessageKind, Outcome,
     detention_centre_client::DetentionCentreClient, legal_aid_client::LegalAidClient,
 };
 use refbus_tests::proxy::Proxy;
 use refbus_tests::{Amqp, Inbox, TestBus, test_settings, within};
 use tonic::Code;
 
-const CENTRE: &str = "dz-detention-centre";
-const DESK: &str = "dz-duty-desk";
-
-fn legal_help(key: &str) -> Envelope {
-    Envelope {
-        sender: CENTRE.into(),
-        recipient: DESK.into(),
-        clock_started_at: Some(timestamp(
-            Utc.with_ymd_and_hms(2026, 11, 20, 8, 30, 0).unwrap(),
-        )),
-        idempotency_key: key.into(),
-        payload: Some(Payload::LegalHelpRequest(LegalHelpRequest {
-            detainee: Some(Detainee {
-                name: "李四".into(),
-                id_number: "500225199001011234".into(),
-                custody_number: "DZ-2026-0417".into(),
-            }),
-            detention_centre: CENTRE.into(),
-            matter: "想了解取保候审的条件".into(),
-        })),
-        ..Envelope::default()
-    }
-}
-
-fn submit(envelope: Envelope) -> SubmitRequest {
-    SubmitRequest {
-        envelope: Some(envelope),
-    }
-}
+use refbus_tests::fixtures::{CENTRE, DESK, legal_help, submit};
 
 /// Acceptance 1: a legal-help request (CQ-1.1b) submitted to the Dazu
 /// detention centre's service arrives on the Dazu duty desk's Inbox with

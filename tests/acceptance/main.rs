@@ -2,7 +2,9 @@
 //! so the workspace builds and links it once.
 //!
 //! - [`bus`]: issue 2, the bus end to end.
+//! - [`tracker`]: issue 3, the tracker.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod bus;
+mod tracker;

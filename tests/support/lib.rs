@@ -4,7 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod fixtures;
 pub mod proxy;
+pub mod tracker;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::Utc;
-use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use lapin::options::BasicAckOptions;
 use prost::Message;
 use refbus_bus::{Bus, Incoming, Outgoing, Topology};
 use refbus_core::envelope::{self, timestamp};
@@ -13,8 +13,8 @@ use refbus_core::{Directory, KindExt, SubmitError};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::gateway_server::Gateway;
 use refbus_proto::v1::{
-    AcknowledgeRequest, AcknowledgeResponse, Delivery, Envelope, FeedbackRequest, InboxRequest,
-    Receipt, SubmitRequest,
+    AcknowledgeRequest, AcknowledgeResponse, Delivery, Envelope, FeedbackRequest, Hop, HopReport,
+    InboxRequest, Receipt, SubmitRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,11 +24,6 @@ use tonic::{Request, Response, Status};
 use crate::GatewayError;
 use crate::inbox::{Session, Sessions};
 use crate::settings::AgencyService;
-
-/// The AMQP header carrying why a message was dead-lettered.
-pub const REASON_HEADER: &str = "x-refbus-reason";
-/// The AMQP header naming the queue a dead-lettered message came from.
-pub const QUEUE_HEADER: &str = "x-refbus-queue";
 
 /// What one agency service needs to serve its agencies.
 pub struct GatewayCore {
@@ -168,9 +163,15 @@ impl GatewayCore {
                 let Some(delivery) = core.hand_over(&guard.session, &queue, incoming).await else {
                     continue;
                 };
+                let referral = delivery
+                    .envelope
+                    .as_ref()
+                    .map(|e| e.id.clone())
+                    .unwrap_or_default();
                 if tx.send(Ok(delivery)).await.is_err() {
                     break;
                 }
+                core.report_hop(referral, Hop::Delivered, agency.clone());
             }
             tracing::debug!(%agency, session = guard.session.id, "inbox stream closed");
             // Dropping the subscription closes its channel: unacknowledged
@@ -201,8 +202,12 @@ impl GatewayCore {
             });
         match decoded {
             Ok(envelope) => {
-                let token =
-                    session.register(incoming.generation, incoming.delivery_tag, incoming.acker);
+                let token = session.register(
+                    incoming.generation,
+                    incoming.delivery_tag,
+                    incoming.acker,
+                    envelope.id.clone(),
+                );
                 Some(Delivery {
                     delivery_token: token,
                     envelope: Some(envelope),
@@ -210,36 +215,8 @@ impl GatewayCore {
                 })
             }
             Err(reason) => {
-                self.dead_letter(queue, incoming, reason).await;
+                self.bus.dead_letter(queue, incoming, reason).await;
                 None
-            }
-        }
-    }
-
-    /// Publishes an undecodable delivery to the dead-letter exchange with the
-    /// reason in a header, then acks it. If that publish fails, rejects it so
-    /// that the broker dead-letters it (at-least-once) instead.
-    async fn dead_letter(&self, queue: &str, incoming: Incoming, reason: String) {
-        let exchange = self.bus.topology().dead_letter();
-        let mut message = Outgoing::new(&exchange, queue, &incoming.data);
-        message.content_type = "application/octet-stream";
-        message.headers = vec![
-            (REASON_HEADER, reason.clone()),
-            (QUEUE_HEADER, queue.to_owned()),
-        ];
-        match self.bus.publish(message).await {
-            Ok(()) => {
-                tracing::warn!(%queue, %reason, bytes = incoming.data.len(), "dead-lettered an undecodable delivery");
-                if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(%queue, error = %e, "ack after dead-lettering failed; the broker will redeliver it");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(%queue, error = %e, "cannot dead-letter with a reason; rejecting to the broker's dead-letter exchange");
-                let _ = incoming
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await;
             }
         }
     }
@@ -250,7 +227,7 @@ impl GatewayCore {
     /// `DeliveryGone` when the delivery is not pending on an open stream.
     pub async fn acknowledge(&self, request: AcknowledgeRequest) -> Result<(), GatewayError> {
         self.own_agency("agency", &request.agency)?;
-        let acker = self
+        let (acker, referral) = self
             .sessions
             .take(&request.agency, &request.delivery_token)?;
         acker.ack(BasicAckOptions::default()).await.map_err(|e| {
@@ -259,7 +236,51 @@ impl GatewayCore {
                 request.delivery_token
             ))
         })?;
+        self.report_hop(referral, Hop::Acknowledged, request.agency);
         Ok(())
+    }
+
+    /// Reports a hop to the tracker on the bus, in the background: retried
+    /// with backoff while the broker is away, given up only at shutdown.
+    /// The report's id is derived from (referral, hop, agency), so a retry
+    /// or a redelivery is recorded once.
+    pub fn report_hop(&self, referral_id: String, hop: Hop, agency: String) {
+        let bus = self.bus.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let name = hop_code(hop);
+            let report = HopReport {
+                id: envelope::hop_report_id(&referral_id, name, &agency),
+                referral_id,
+                hop: hop as i32,
+                agency,
+                at: Some(timestamp(Utc::now())),
+            };
+            let body = report.encode_to_vec();
+            let exchange = bus.topology().deliveries_exchange();
+            let routing_key = format!("{}.{name}", refbus_bus::topology::EVENT_PREFIX);
+            let mut backoff = std::time::Duration::from_millis(100);
+            loop {
+                let mut message = Outgoing::new(&exchange, &routing_key, &body);
+                message.message_id = Some(&report.id);
+                message.kind = Some("hop_report");
+                message.content_type = "application/x-protobuf; proto=refbus.v1.HopReport";
+                match bus.publish(message).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, hop = name, "hop report not published yet; retrying")
+                    }
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => {
+                        tracing::warn!(hop = name, referral = %report.referral_id, "shutting down before a hop report was published");
+                        return;
+                    }
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        });
     }
 }
 
@@ -298,6 +319,20 @@ impl Gateway for GatewayService {
         request: Request<FeedbackRequest>,
     ) -> Result<Response<Receipt>, Status> {
         Ok(Response::new(self.0.feedback(request.into_inner()).await?))
+    }
+}
+
+/// The routing-key word of a hop.
+#[must_use]
+pub fn hop_code(hop: Hop) -> &'static str {
+    match hop {
+        Hop::Unspecified => "unspecified",
+        Hop::Submitted => "submitted",
+        Hop::Delivered => "delivered",
+        Hop::Acknowledged => "acknowledged",
+        Hop::Relayed => "relayed",
+        Hop::Answered => "answered",
+        Hop::OverdueNotified => "overdue_notified",
     }
 }
 

@@ -20,11 +20,18 @@ pub struct Sessions {
     open: Mutex<HashMap<u64, Arc<Session>>>,
 }
 
+/// A delivery handed to the client and not yet acknowledged.
+struct Pending {
+    generation: u64,
+    acker: Acker,
+    envelope_id: String,
+}
+
 /// One open `Inbox` stream.
 pub struct Session {
     pub id: u64,
     pub agency: String,
-    pending: Mutex<HashMap<String, (u64, Acker)>>,
+    pending: Mutex<HashMap<String, Pending>>,
 }
 
 impl Sessions {
@@ -66,7 +73,7 @@ impl Sessions {
     /// [`GatewayError::DeliveryGone`] when the token is malformed, names
     /// another agency's stream, a stream that has ended, or a delivery
     /// already acknowledged.
-    pub fn take(&self, agency: &str, token: &str) -> Result<Acker, GatewayError> {
+    pub fn take(&self, agency: &str, token: &str) -> Result<(Acker, String), GatewayError> {
         let session_id: u64 = token
             .split('-')
             .next()
@@ -91,7 +98,7 @@ impl Sessions {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(token)
-            .map(|(_, acker)| acker)
+            .map(|p| (p.acker, p.envelope_id))
             .ok_or_else(|| GatewayError::DeliveryGone(format!("`{token}` is not pending: already acknowledged, or lost with the broker connection (it will be delivered again)")))
     }
 }
@@ -105,11 +112,24 @@ pub struct SessionGuard {
 impl Session {
     /// Records an unacknowledged delivery and returns its token. Deliveries
     /// from an earlier connection are forgotten: the broker redelivers them.
-    pub fn register(&self, generation: u64, delivery_tag: u64, acker: Acker) -> String {
+    pub fn register(
+        &self,
+        generation: u64,
+        delivery_tag: u64,
+        acker: Acker,
+        envelope_id: String,
+    ) -> String {
         let token = format!("{}-{generation}-{delivery_tag}", self.id);
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        pending.retain(|_, (g, _)| *g >= generation);
-        pending.insert(token.clone(), (generation, acker));
+        pending.retain(|_, p| p.generation >= generation);
+        pending.insert(
+            token.clone(),
+            Pending {
+                generation,
+                acker,
+                envelope_id,
+            },
+        );
         token
     }
 }

@@ -15,6 +15,7 @@ use refbus_bus::{BusError, Topology, redact_url};
 use refbus_core::Directory;
 use refbus_gateway::app::{Application, Shared, StartError, serve_all, shutdown_on_signal};
 use refbus_gateway::{AgencyService, BusSettings, telemetry};
+use refbus_tracker::{Clock, Tracker, TrackerSettings};
 use tokio_util::sync::CancellationToken;
 
 /// Command-line interface.
@@ -75,6 +76,8 @@ pub struct UpArgs {
     /// legal-aid, justice-bureau, bar-association); 0 picks free ports.
     #[arg(long, env = "REFBUS_PORT_BASE", default_value_t = 50051)]
     pub port_base: u16,
+    #[command(flatten)]
+    pub tracker: TrackerSettings,
 }
 
 /// What `refbus up` prints when the broker cannot be reached: one line.
@@ -89,7 +92,7 @@ pub fn broker_unreachable(url: &str, reason: &str) -> String {
 ///
 /// # Errors
 /// A one-line start-up error (directory, broker, port).
-pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+pub async fn up(mut args: UpArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let url = redact_url(&args.bus.amqp_url);
     let namespace = args.bus.namespace.clone();
@@ -111,6 +114,19 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             Application::build(service, &shared, SocketAddr::new(args.host, port), &[]).await?,
         );
     }
+    if args.tracker.listen.is_none() {
+        let port = if args.port_base == 0 {
+            0
+        } else {
+            args.port_base + 5
+        };
+        args.tracker.listen = Some(SocketAddr::new(args.host, port));
+    }
+    let ledger = args.tracker.database_url.clone().map_or_else(
+        || format!("SQLite in {}", args.tracker.data_dir.display()),
+        |url| redact_url(&url),
+    );
+    let tracker = Tracker::build(&args.tracker, &shared, Clock::System).await?;
     println!(
         "refbus is up on {url} (namespace `{namespace}`, {} agencies)",
         shared.directory.agencies().len()
@@ -123,9 +139,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             app.core().served.len()
         );
     }
+    println!(
+        "  {:<17} http://{}  (ledger: {ledger})",
+        "tracker",
+        tracker.local_addr()?
+    );
     println!("Ctrl-C stops it; unacknowledged deliveries return to their queues.");
     tokio::spawn(shutdown_on_signal(shutdown));
+    let tracked = tokio::spawn(tracker.run());
     serve_all(apps, &shared).await?;
+    tracked.await??;
     println!("refbus stopped.");
     Ok(())
 }

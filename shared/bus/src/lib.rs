@@ -17,7 +17,7 @@ pub mod subscription;
 pub mod topology;
 
 pub use connection::{Bus, BusConfig, Outgoing};
-pub use subscription::{Incoming, Subscription};
+pub use subscription::{Incoming, QUEUE_HEADER, REASON_HEADER, Subscription};
 pub use topology::Topology;
 
 /// What can go wrong on the bus.

@@ -15,8 +15,13 @@ use lapin::{Acker, BasicProperties, Channel};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::Bus;
 use crate::connection::State;
+use crate::{Bus, Outgoing};
+
+/// The AMQP header carrying why a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-refbus-reason";
+/// The AMQP header naming the queue a dead-lettered message came from.
+pub const QUEUE_HEADER: &str = "x-refbus-queue";
 
 /// One delivery from a subscribed queue. Acknowledge it with `acker` once
 /// it is safely handed on; an acker from an earlier connection fails, and
@@ -24,6 +29,7 @@ use crate::connection::State;
 #[derive(Debug)]
 pub struct Incoming {
     pub data: Vec<u8>,
+    pub routing_key: String,
     pub properties: BasicProperties,
     pub redelivered: bool,
     pub delivery_tag: u64,
@@ -43,6 +49,11 @@ impl Subscription {
     pub async fn next(&mut self) -> Option<Incoming> {
         self.deliveries.recv().await
     }
+
+    /// A delivery already waiting, if any (for batching).
+    pub fn try_next(&mut self) -> Option<Incoming> {
+        self.deliveries.try_recv().ok()
+    }
 }
 
 impl Bus {
@@ -56,6 +67,38 @@ impl Bus {
         Subscription {
             deliveries: rx,
             _stop: stop.drop_guard(),
+        }
+    }
+}
+
+impl Bus {
+    /// Moves a delivery that cannot be handled to the dead-letter exchange
+    /// with the reason in a header, then acks it. If that publish fails, it
+    /// rejects the delivery so that the broker dead-letters it
+    /// (at-least-once) instead: either way nothing is lost and nothing loops.
+    pub async fn dead_letter(&self, queue: &str, incoming: Incoming, reason: String) {
+        use lapin::options::{BasicAckOptions, BasicRejectOptions};
+        let exchange = self.topology().dead_letter();
+        let mut message = Outgoing::new(&exchange, queue, &incoming.data);
+        message.content_type = "application/octet-stream";
+        message.headers = vec![
+            (REASON_HEADER, reason.clone()),
+            (QUEUE_HEADER, queue.to_owned()),
+        ];
+        match self.publish(message).await {
+            Ok(()) => {
+                tracing::warn!(%queue, %reason, bytes = incoming.data.len(), "dead-lettered an undecodable delivery");
+                if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(%queue, error = %e, "ack after dead-lettering failed; the broker will redeliver it");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%queue, error = %e, "cannot dead-letter with a reason; rejecting to the broker's dead-letter exchange");
+                let _ = incoming
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await;
+            }
         }
     }
 }
@@ -139,6 +182,7 @@ async fn forward(
                 Some(Ok(d)) => {
                     let incoming = Incoming {
                         data: d.data,
+                        routing_key: d.routing_key.to_string(),
                         properties: d.properties,
                         redelivered: d.redelivered,
                         delivery_tag: d.delivery_tag,

@@ -122,7 +122,8 @@ impl fmt::Display for Level {
 
 /// Whether `id` is a valid agency id: lowercase ASCII letters, digits and
 /// hyphens, starting with a letter or digit, at most 64 characters. Ids are
-/// AMQP routing-key words, so they may not contain dots.
+/// AMQP routing-key words, so they may not contain dots, and `event` is
+/// taken by the gateways' hop reports.
 #[must_use]
 pub fn is_valid_agency_id(id: &str) -> bool {
     !id.is_empty()
@@ -131,6 +132,7 @@ pub fn is_valid_agency_id(id: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !id.starts_with('-')
+        && id != "event"
 }
 
 #[cfg(test)]

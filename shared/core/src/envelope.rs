@@ -71,6 +71,14 @@ pub fn envelope_id(sender: &str, idempotency_key: &str) -> String {
     Uuid::new_v5(&ID_NAMESPACE, &name).to_string()
 }
 
+/// The id of a hop report: the same referral, hop and agency always give the
+/// same id, so a repeated report (a redelivery) is recognised.
+#[must_use]
+pub fn hop_report_id(referral_id: &str, hop: &str, agency: &str) -> String {
+    let name = format!("hop\u{1f}{referral_id}\u{1f}{hop}\u{1f}{agency}");
+    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes()).to_string()
+}
+
 /// Converts a chrono time to a protobuf timestamp.
 #[must_use]
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {

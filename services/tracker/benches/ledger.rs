@@ -1,0 +1,334 @@
+//! Tracker benchmarks (issue 3), against the local RabbitMQ and PostgreSQL:
+//!
+//! 1. the broker's own rate: persistent messages through a quorum queue,
+//!    confirms pipelined, consumed with manual acks at prefetch 200;
+//! 2. ledger ingest rate, SQLite and PostgreSQL: a backlog on the tap
+//!    recorded by the tracker;
+//! 3. one deadline scan with N open obligations of which 1,000 are due, for
+//!    N = 100,000 and 1,000,000 (SQLite and PostgreSQL);
+//! 4. the process's resident memory with 1,000,000 open obligations.
+//!
+//! `cargo bench -p refbus-tracker --bench ledger` (BENCH_MESSAGES, default
+//! 20000; BENCH_OPEN, default 1000000). Results go to standard output.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{TimeZone, Utc};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use prost::Message;
+use refbus_core::envelope::timestamp;
+use refbus_gateway::{BusSettings, Shared};
+use refbus_proto::v1::envelope::Payload;
+use refbus_proto::v1::{Detainee, Envelope, LegalHelpRequest, MessageKind};
+use refbus_tracker::deadline;
+use refbus_tracker::ledger::Ledger;
+use refbus_tracker::record::Metrics;
+use refbus_tracker::{Clock, Tracker, TrackerSettings};
+use tokio_util::sync::CancellationToken;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn postgres_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn envelope(i: usize) -> Envelope {
+    let at = Utc::now();
+    Envelope {
+        id: format!("00000000-0000-4000-b000-{i:012}"),
+        kind: MessageKind::LegalHelpRequest as i32,
+        sender: "dz-detention-centre".into(),
+        recipient: "dz-duty-desk".into(),
+        clock_started_at: Some(timestamp(at)),
+        submitted_at: Some(timestamp(at)),
+        in_reply_to: String::new(),
+        idempotency_key: format!("bench-{i}"),
+        payload: Some(Payload::LegalHelpRequest(LegalHelpRequest {
+            detainee: Some(Detainee {
+                name: "张三".into(),
+                id_number: "500225199001011234".into(),
+                custody_number: "DZ-1".into(),
+            }),
+            detention_centre: "dz-detention-centre".into(),
+            matter: "x".repeat(200),
+        })),
+    }
+}
+
+/// Publishes `n` bodies to `queue` with confirms pipelined (1,000 in flight).
+async fn publish(channel: &lapin::Channel, queue: &str, bodies: &[Vec<u8>]) {
+    let mut pending = Vec::with_capacity(1000);
+    for body in bodies {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+        pending.push(confirm);
+        if pending.len() == 1000 {
+            for c in pending.drain(..) {
+                c.await.unwrap();
+            }
+        }
+    }
+    for c in pending {
+        c.await.unwrap();
+    }
+}
+
+/// 1. The broker's own rate.
+async fn broker_rate(bodies: &[Vec<u8>]) -> (f64, f64) {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let queue = format!("bench-raw-{}", std::process::id());
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    publish(&channel, &queue, bodies).await;
+    let publish_rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
+    let consumer_channel = conn.create_channel().await.unwrap();
+    consumer_channel
+        .basic_qos(200, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for _ in 0..bodies.len() {
+        let d = consumer.next().await.unwrap().unwrap();
+        d.acker.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let consume_rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    (publish_rate, consume_rate)
+}
+
+fn tracker_settings(
+    database_url: Option<String>,
+    schema: Option<String>,
+    data_dir: std::path::PathBuf,
+) -> TrackerSettings {
+    TrackerSettings {
+        database_url,
+        database_schema: schema,
+        data_dir,
+        policy: concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policy").into(),
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        batch: 256,
+    }
+}
+
+/// 2. Ingest: a backlog of `bodies` on the tap, recorded by the tracker.
+async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
+    let namespace = format!("bench{}{}", name, std::process::id());
+    let shutdown = CancellationToken::new();
+    let settings = BusSettings {
+        amqp_url: amqp_url(),
+        directory: concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/local/directory.toml"
+        )
+        .into(),
+        namespace,
+        prefetch: 300,
+        confirm_timeout: Duration::from_secs(5),
+        queue_expires: Some(Duration::from_secs(60)),
+    };
+    let shared = Shared::connect(settings, shutdown.clone()).await.unwrap();
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    publish(&channel, &shared.bus.topology().tap_queue(), bodies).await;
+    let built = Tracker::build(tracker, &shared, Clock::System)
+        .await
+        .unwrap();
+    let ledger = built.ledger.clone();
+    let metrics = built.metrics.clone();
+    let started = Instant::now();
+    let task = tokio::spawn(built.run());
+    while metrics.recorded.load(std::sync::atomic::Ordering::Relaxed) < bodies.len() as u64 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    let _ = task.await;
+    shared.bus.topology().delete(&channel).await.unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    drop(ledger);
+    rate
+}
+
+/// 3 and 4: `open` obligations pending, 1,000 of them due; one scan.
+async fn scan_cost(ledger: &Ledger, open: usize) -> (Duration, usize) {
+    sqlx::query("DELETE FROM obligations")
+        .execute(&ledger.pool)
+        .await
+        .unwrap();
+    let now = Utc
+        .with_ymd_and_hms(2026, 11, 23, 12, 0, 0)
+        .unwrap()
+        .timestamp_millis();
+    let chunk = 500;
+    let mut i = 0;
+    while i < open {
+        let mut tx = ledger.pool.begin().await.unwrap();
+        let end = (i + 20_000).min(open);
+        while i < end {
+            let n = chunk.min(end - i);
+            let mut sql = String::from(
+                "INSERT INTO obligations (id, referral_id, rule, kind, duty, bearer, meets_agency, met_by, clock_started_at, due_at, met_at, overdue_at, notify) VALUES ",
+            );
+            for k in 0..n {
+                let j = i + k;
+                // The first 1,000 are due an hour ago; the rest over the next weeks.
+                let due = if j < 1000 {
+                    now - 3_600_000
+                } else {
+                    now + 60_000 + (j as i64 % 1_000_000) * 1_000
+                };
+                if k > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&format!("('o{j}','r{j}','CQ-1.1b','legal_help_request','d','dz-detention-centre','dz-duty-desk','delivered',{},{due},NULL,NULL,'dz-detention-centre')", due - 86_400_000));
+            }
+            sqlx::query(&sql).execute(&mut *tx).await.unwrap();
+            i += n;
+        }
+        tx.commit().await.unwrap();
+    }
+    let metrics = Metrics::default();
+    let started = Instant::now();
+    let marked = deadline::scan(
+        ledger,
+        chrono::DateTime::from_timestamp_millis(now).unwrap(),
+        &metrics,
+    )
+    .await
+    .unwrap();
+    (started.elapsed(), marked)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let messages = env_usize("BENCH_MESSAGES", 20_000);
+    let open = env_usize("BENCH_OPEN", 1_000_000);
+    let bodies: Vec<Vec<u8>> = (0..messages).map(|i| envelope(i).encode_to_vec()).collect();
+    println!(
+        "refbus tracker benchmarks: {messages} messages of {} bytes; {open} open obligations",
+        bodies[0].len()
+    );
+
+    let (publish, consume) = broker_rate(&bodies).await;
+    println!(
+        "broker (quorum queue, persistent, confirms, manual ack, prefetch 200): publish {publish:.0} msg/s, deliver+ack {consume:.0} msg/s"
+    );
+
+    let dir = std::env::temp_dir().join(format!("refbus-bench-{}", std::process::id()));
+    let sqlite = tracker_settings(None, None, dir.clone());
+    let rate = ingest_rate("sqlite", &bodies, &sqlite).await;
+    println!(
+        "ingest, SQLite:     {rate:.0} msg/s ({:.2}x the broker's delivery rate)",
+        rate / consume
+    );
+    let schema = format!("bench{}", std::process::id());
+    let pg = tracker_settings(Some(postgres_url()), Some(schema.clone()), dir.clone());
+    let rate = ingest_rate("pg", &bodies, &pg).await;
+    println!(
+        "ingest, PostgreSQL: {rate:.0} msg/s ({:.2}x the broker's delivery rate)",
+        rate / consume
+    );
+
+    for (name, settings) in [("SQLite", &sqlite), ("PostgreSQL", &pg)] {
+        let ledger = Arc::new(
+            Ledger::connect(
+                &settings.database().unwrap(),
+                settings.database_schema.as_deref(),
+            )
+            .await
+            .unwrap(),
+        );
+        let rss_before = rss_mib();
+        for n in [100_000, open] {
+            let (took, marked) = scan_cost(&ledger, n).await;
+            println!(
+                "scan, {name}: {n} open, {marked} due: {:.1} ms",
+                took.as_secs_f64() * 1000.0
+            );
+        }
+        println!(
+            "memory, {name}: resident {:.1} MiB with {open} open obligations (was {rss_before:.1} MiB before loading them)",
+            rss_mib()
+        );
+        if let Some(schema) = &settings.database_schema {
+            sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                .execute(&ledger.pool)
+                .await
+                .unwrap();
+        }
+        ledger.pool.close().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,282 @@
+//! Building and running the tracker: consume the tap, record in batches
+//! (ack only after the batch's transaction committed), run the deadline
+//! engine, serve the queries. `main`, `refbus up` and the tests share it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::BasicAckOptions;
+use refbus_bus::{Bus, Incoming};
+use refbus_core::policy::{PolicyCatalogue, PolicyError};
+use refbus_gateway::Shared;
+use refbus_proto::v1::tracker_server::TrackerServer;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::clock::Clock;
+use crate::deadline;
+use crate::ledger::{Head, Ledger, LedgerError, sqlite_url};
+use crate::query::Queries;
+use crate::record::{Metrics, Observed, Recorder, Tally};
+
+/// The tracker's own settings (the bus's come from [`refbus_gateway::BusSettings`]).
+#[derive(Clone, Debug, clap::Args)]
+pub struct TrackerSettings {
+    /// The ledger database: a `postgres://` URL (several trackers may share
+    /// it), or unset for embedded SQLite under --data-dir.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Put the ledger's tables in this PostgreSQL schema.
+    #[arg(long, env = "REFBUS_DATABASE_SCHEMA")]
+    pub database_schema: Option<String>,
+    /// Where the embedded SQLite ledger lives.
+    #[arg(long, env = "REFBUS_DATA_DIR", default_value = "var")]
+    pub data_dir: PathBuf,
+    /// The policy catalogue directory.
+    #[arg(long, env = "REFBUS_POLICY", default_value = "deploy/policy")]
+    pub policy: PathBuf,
+    /// Where the tracker serves its queries (default 127.0.0.1:50056;
+    /// `refbus up` puts it after the agency services).
+    #[arg(long = "tracker-listen", env = "REFBUS_TRACKER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Messages recorded per transaction, at most.
+    #[arg(long, env = "REFBUS_TRACKER_BATCH", default_value_t = 256)]
+    pub batch: usize,
+}
+
+impl TrackerSettings {
+    /// The database URL to use.
+    ///
+    /// # Errors
+    /// When the data directory cannot be created.
+    pub fn database(&self) -> Result<String, LedgerError> {
+        match &self.database_url {
+            Some(url) if !url.is_empty() => Ok(url.clone()),
+            _ => sqlite_url(&self.data_dir),
+        }
+    }
+}
+
+/// Where the tracker listens unless told otherwise.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50056);
+
+/// Why the tracker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The tracker, built and ready to run.
+pub struct Tracker {
+    listener: TcpListener,
+    pub ledger: Arc<Ledger>,
+    pub metrics: Arc<Metrics>,
+    recorder: Arc<Recorder>,
+    bus: Bus,
+    clock: Clock,
+    prefetch: u16,
+    batch: usize,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    queries: Queries,
+}
+
+impl Tracker {
+    /// Loads the policy catalogue, opens the ledger and binds the listener.
+    ///
+    /// # Errors
+    /// A [`TrackerError`] naming the file and line, the database, or the port.
+    pub async fn build(
+        settings: &TrackerSettings,
+        shared: &Shared,
+        clock: Clock,
+    ) -> Result<Self, TrackerError> {
+        let policy = Arc::new(PolicyCatalogue::load(&settings.policy, &shared.directory)?);
+        let ledger = Arc::new(
+            Ledger::connect(&settings.database()?, settings.database_schema.as_deref()).await?,
+        );
+        let addr = settings.listen.unwrap_or(DEFAULT_LISTEN);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| TrackerError::Bind { addr, source })?;
+        let queries = Queries {
+            ledger: ledger.clone(),
+            directory: shared.directory.clone(),
+            clock: clock.clone(),
+        };
+        Ok(Self {
+            listener,
+            ledger,
+            metrics: Arc::new(Metrics::default()),
+            recorder: Arc::new(Recorder {
+                directory: shared.directory.clone(),
+                policy,
+            }),
+            bus: shared.bus.clone(),
+            clock,
+            prefetch: shared.settings.prefetch,
+            batch: settings.batch.max(1),
+            wake: Arc::new(Notify::new()),
+            shutdown: shared.shutdown.clone(),
+            queries,
+        })
+    }
+
+    /// The address the queries are served on.
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Records, scans and serves until shutdown.
+    ///
+    /// # Errors
+    /// A transport error from the gRPC server.
+    pub async fn run(self) -> Result<(), tonic::transport::Error> {
+        let ingest = tokio::spawn(ingest(
+            self.ledger.clone(),
+            self.recorder.clone(),
+            self.metrics.clone(),
+            self.bus.clone(),
+            self.prefetch,
+            self.batch,
+            self.clock.clone(),
+            self.wake.clone(),
+            self.shutdown.clone(),
+        ));
+        let engine = tokio::spawn(deadline::run(
+            self.ledger.clone(),
+            self.bus.clone(),
+            self.clock.clone(),
+            self.metrics.clone(),
+            self.wake.clone(),
+            self.shutdown.clone(),
+        ));
+        let served = Server::builder()
+            .add_service(TrackerServer::new(self.queries))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.listener),
+                self.shutdown.clone().cancelled_owned(),
+            )
+            .await;
+        let _ = ingest.await;
+        let _ = engine.await;
+        self.ledger.pool.close().await;
+        served
+    }
+}
+
+/// Consumes the tap and records in batches; acks a batch only after its
+/// transaction committed, retrying the same batch while the database is
+/// away (the prefetch bounds what is held meanwhile).
+#[allow(clippy::too_many_arguments)]
+async fn ingest(
+    ledger: Arc<Ledger>,
+    recorder: Arc<Recorder>,
+    metrics: Arc<Metrics>,
+    bus: Bus,
+    prefetch: u16,
+    batch_max: usize,
+    clock: Clock,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let queue = bus.topology().tap_queue();
+    let mut subscription = bus.subscribe(queue.clone(), prefetch);
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return,
+            next = subscription.next() => match next {
+                Some(incoming) => incoming,
+                None => return,
+            },
+        };
+        let mut batch: Vec<(Incoming, Observed)> = Vec::with_capacity(batch_max);
+        let mut pending = Some(first);
+        while let Some(incoming) = pending.take().or_else(|| {
+            (batch.len() < batch_max)
+                .then(|| subscription.try_next())
+                .flatten()
+        }) {
+            match Observed::decode(&incoming.routing_key, &incoming.data) {
+                Ok(observed) => batch.push((incoming, observed)),
+                Err(reason) => {
+                    metrics
+                        .undecodable
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    bus.dead_letter(&queue, incoming, reason).await;
+                }
+            }
+            if batch.len() >= batch_max {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match record_batch(&ledger, &recorder, &batch, &clock).await {
+                Ok(tally) => {
+                    metrics.add(tally);
+                    if tally.obligations > 0 {
+                        wake.notify_one();
+                    }
+                    for (incoming, _) in batch.drain(..) {
+                        if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
+                            // Recorded already: a redelivery is recognised and ignored.
+                            tracing::debug!(error = %e, "ack after recording failed");
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, messages = batch.len(), "cannot record; retrying the batch");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Records a batch in one transaction.
+async fn record_batch(
+    ledger: &Ledger,
+    recorder: &Recorder,
+    batch: &[(Incoming, Observed)],
+    clock: &Clock,
+) -> Result<Tally, LedgerError> {
+    let _turn = ledger.write_turn().await;
+    let mut tx = ledger.pool.begin().await?;
+    let mut head = Head::lock(&mut tx).await?;
+    let mut tally = Tally::default();
+    let now = clock.now();
+    for (_, observed) in batch {
+        recorder
+            .record(&mut tx, &mut head, observed, now, &mut tally)
+            .await?;
+    }
+    head.store(&mut tx).await?;
+    tx.commit().await?;
+    Ok(tally)
+}

@@ -1,0 +1,242 @@
+//! The deadline engine. Timers live in the database: a scan marks every
+//! obligation whose deadline has passed as overdue and queues one overdue
+//! notice per agency the policy names (the `overdue_notices` outbox), in the
+//! same transaction; the publisher then sends each queued notice once and
+//! records that it did, so neither a second scan nor a restart sends it
+//! again. The scan reads the partial index of pending obligations by due
+//! time, so its cost grows with what is due, not with what is open.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use refbus_bus::{Bus, Outgoing, Topology};
+use refbus_core::envelope::timestamp;
+use refbus_core::{KindExt, MessageKind};
+use refbus_proto::v1::envelope::Payload;
+use refbus_proto::v1::{Envelope, OverdueNotice};
+use serde_json::json;
+use sqlx::Row;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::clock::{Clock, from_millis, millis};
+use crate::ledger::{Event, Head, Ledger, LedgerError};
+use crate::record::Metrics;
+
+/// The sender named on overdue notices: the tracker itself, not an agency.
+pub const TRACKER_SENDER: &str = "refbus-tracker";
+
+/// Obligations handled per scan transaction.
+const SCAN_BATCH: i64 = 500;
+
+/// The longest the engine sleeps without looking (another tracker sharing
+/// the database may have added earlier deadlines).
+const MAX_SLEEP: chrono::Duration = chrono::Duration::seconds(30);
+
+/// Marks what is overdue at `now`; returns how many obligations it marked.
+///
+/// # Errors
+/// A database error (nothing of the failed batch is marked).
+pub async fn scan(
+    ledger: &Ledger,
+    now: DateTime<Utc>,
+    metrics: &Metrics,
+) -> Result<usize, LedgerError> {
+    let mut marked = 0;
+    loop {
+        let _turn = ledger.write_turn().await;
+        let mut tx = ledger.pool.begin().await?;
+        let mut head = Head::lock(&mut tx).await?;
+        let due = sqlx::query(
+            "SELECT id, referral_id, rule, notify FROM obligations
+             WHERE met_at IS NULL AND overdue_at IS NULL AND due_at <= $1
+             ORDER BY due_at LIMIT $2",
+        )
+        .bind(millis(now))
+        .bind(SCAN_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        if due.is_empty() {
+            return Ok(marked);
+        }
+        for row in &due {
+            let id: String = row.try_get("id")?;
+            let referral: String = row.try_get("referral_id")?;
+            let rule: String = row.try_get("rule")?;
+            let notify: String = row.try_get("notify")?;
+            sqlx::query("UPDATE obligations SET overdue_at = $1 WHERE id = $2 AND overdue_at IS NULL AND met_at IS NULL")
+                .bind(millis(now))
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            for agency in notify.split(',').filter(|a| !a.is_empty()) {
+                sqlx::query("INSERT INTO overdue_notices (notice_id, obligation_id, agency, published_at) VALUES ($1, $2, $3, NULL) ON CONFLICT (notice_id) DO NOTHING")
+                    .bind(notice_id(&id, agency))
+                    .bind(&id)
+                    .bind(agency)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let message_id = format!("overdue/{id}");
+            let body = json!({"obligation": id, "rule": rule, "overdue_at": millis(now), "notify": notify}).to_string();
+            head.append(
+                &mut tx,
+                &Event {
+                    message_id: &message_id,
+                    event: "overdue",
+                    referral_id: &referral,
+                    recorded_at: millis(now),
+                    body,
+                },
+            )
+            .await?;
+        }
+        head.store(&mut tx).await?;
+        tx.commit().await?;
+        marked += due.len();
+        metrics
+            .overdue
+            .fetch_add(due.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The id of the overdue notice about `obligation` to `agency`: the same
+/// pair always gives the same id, so a notice re-sent after a crash is
+/// recognised by the recipient's deduplication.
+#[must_use]
+pub fn notice_id(obligation: &str, agency: &str) -> String {
+    let ns = Uuid::from_u128(0x2d0e_41a7_63b4_4c1e_9f55_1a0c_7e93_b4d2);
+    Uuid::new_v5(&ns, format!("{obligation}\u{1f}{agency}").as_bytes()).to_string()
+}
+
+/// Publishes every queued overdue notice not yet published; returns how many.
+///
+/// # Errors
+/// A database error; a broker error leaves the notice queued for next time.
+pub async fn publish_notices(
+    ledger: &Ledger,
+    bus: &Bus,
+    now: DateTime<Utc>,
+) -> Result<usize, LedgerError> {
+    let mut published = 0;
+    loop {
+        let rows = sqlx::query(
+            "SELECT n.notice_id, n.agency, o.id, o.referral_id, o.rule, o.duty, o.bearer, o.due_at
+             FROM overdue_notices n JOIN obligations o ON o.id = n.obligation_id
+             WHERE n.published_at IS NULL ORDER BY n.notice_id LIMIT 200",
+        )
+        .fetch_all(&ledger.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(published);
+        }
+        for row in &rows {
+            let notice_id: String = row.try_get("notice_id")?;
+            let agency: String = row.try_get("agency")?;
+            let referral: String = row.try_get("referral_id")?;
+            let due = from_millis(row.try_get("due_at")?);
+            let envelope = Envelope {
+                id: notice_id.clone(),
+                kind: MessageKind::OverdueNotice as i32,
+                sender: TRACKER_SENDER.into(),
+                recipient: agency.clone(),
+                clock_started_at: Some(timestamp(due)),
+                submitted_at: Some(timestamp(now)),
+                in_reply_to: referral.clone(),
+                idempotency_key: notice_id.clone(),
+                payload: Some(Payload::OverdueNotice(OverdueNotice {
+                    referral_id: referral,
+                    rule_id: row.try_get("rule")?,
+                    obligation: row.try_get("duty")?,
+                    obligated_agency: row.try_get("bearer")?,
+                    due_at: Some(timestamp(due)),
+                })),
+            };
+            let body = envelope.encode_to_vec();
+            let exchange = bus.topology().deliveries_exchange();
+            let routing_key = Topology::routing_key(&agency, MessageKind::OverdueNotice.code());
+            let mut message = Outgoing::new(&exchange, &routing_key, &body);
+            message.message_id = Some(&notice_id);
+            message.kind = Some(MessageKind::OverdueNotice.code());
+            if let Err(e) = bus.publish(message).await {
+                tracing::warn!(error = %e, "overdue notice not published yet; will retry");
+                return Ok(published);
+            }
+            sqlx::query("UPDATE overdue_notices SET published_at = $1 WHERE notice_id = $2")
+                .bind(millis(now))
+                .bind(&notice_id)
+                .execute(&ledger.pool)
+                .await?;
+            published += 1;
+            tracing::info!(notice = %notice_id, %agency, "overdue notice sent");
+        }
+    }
+}
+
+/// The earliest deadline still pending, if any.
+///
+/// # Errors
+/// A database error.
+pub async fn next_due(ledger: &Ledger) -> Result<Option<DateTime<Utc>>, LedgerError> {
+    let row = sqlx::query(
+        "SELECT MIN(due_at) AS due FROM obligations WHERE met_at IS NULL AND overdue_at IS NULL",
+    )
+    .fetch_one(&ledger.pool)
+    .await?;
+    let due: Option<i64> = row.try_get("due")?;
+    Ok(due.map(from_millis))
+}
+
+/// Runs the engine until shutdown: scan, publish, sleep until the next
+/// deadline (or until woken by a new obligation, or [`MAX_SLEEP`]).
+pub async fn run(
+    ledger: Arc<Ledger>,
+    bus: Bus,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let now = clock.now();
+        let outcome = async {
+            let marked = scan(&ledger, now, &metrics).await?;
+            let sent = publish_notices(&ledger, &bus, now).await?;
+            if marked + sent > 0 {
+                tracing::info!(marked, sent, "deadline scan");
+            }
+            next_due(&ledger).await
+        }
+        .await;
+        let until = match outcome {
+            Ok(Some(due)) => due.min(now + MAX_SLEEP),
+            Ok(None) => now + MAX_SLEEP,
+            Err(e) => {
+                tracing::warn!(error = %e, "deadline scan failed; retrying");
+                now + chrono::Duration::seconds(1)
+            }
+        };
+        // Notices that could not be published are retried soon.
+        let retry = tokio::time::sleep(Duration::from_secs(1));
+        let pending_notices = has_unpublished(&ledger).await;
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = clock.sleep_until(until) => {}
+            () = wake.notified() => {}
+            () = retry, if pending_notices => {}
+        }
+    }
+}
+
+async fn has_unpublished(ledger: &Ledger) -> bool {
+    sqlx::query("SELECT notice_id FROM overdue_notices WHERE published_at IS NULL LIMIT 1")
+        .fetch_optional(&ledger.pool)
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+}

@@ -1,0 +1,275 @@
+//! Ledger storage: embedded SQLite by default, PostgreSQL when the URL says
+//! so; one schema and one set of migrations (`migrations/`) for both,
+//! through sqlx's `Any` driver.
+//!
+//! Every recorded message appends a row to `ledger_events` whose hash chains
+//! it to the row before; the chain head lives in `ledger_head`, whose single
+//! row every writing transaction updates first (so writers sharing a
+//! PostgreSQL database take turns, and SQLite takes its write lock at once).
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+use tokio::sync::{Mutex, MutexGuard};
+
+/// What can go wrong with the ledger's storage.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger database {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("ledger migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("ledger database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("ledger data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The ledger's database.
+pub struct Ledger {
+    pub pool: AnyPool,
+    /// Serialises this process's writing transactions (SQLite allows one
+    /// writer; a deferred transaction upgrading its lock would fail at once).
+    write: Mutex<()>,
+    pub backend: Backend,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The SQLite URL of the ledger file under a data directory.
+///
+/// # Errors
+/// When the data directory cannot be created.
+pub fn sqlite_url(data_dir: &Path) -> Result<String, LedgerError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| LedgerError::DataDir {
+        path: data_dir.display().to_string(),
+        source,
+    })?;
+    Ok(format!(
+        "sqlite://{}?mode=rwc",
+        data_dir.join("ledger.db").display()
+    ))
+}
+
+impl Ledger {
+    /// Connects and brings the schema up to date. `schema` puts the tables
+    /// in a PostgreSQL schema of that name (created if missing); ignored for
+    /// SQLite.
+    ///
+    /// # Errors
+    /// [`LedgerError`] naming the URL (password hidden) or the migration.
+    pub async fn connect(url: &str, schema: Option<&str>) -> Result<Self, LedgerError> {
+        sqlx::any::install_default_drivers();
+        let shown = refbus_bus::redact_url(url);
+        let connect_err = |source| LedgerError::Connect {
+            url: shown.clone(),
+            source,
+        };
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        let options: AnyConnectOptions = url.parse().map_err(connect_err)?;
+        let schema = schema
+            .filter(|_| backend == Backend::Postgres)
+            .map(str::to_owned);
+        if let Some(schema) = &schema {
+            let mut conn = AnyConnection::connect_with(&options)
+                .await
+                .map_err(connect_err)?;
+            conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+                .await
+                .map_err(connect_err)?;
+            let _ = conn.close().await;
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
+            .after_connect(move |conn, _| {
+                let schema = schema.clone();
+                Box::pin(async move {
+                    match backend {
+                        Backend::Sqlite => {
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            conn.execute("PRAGMA synchronous = FULL").await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        }
+                        Backend::Postgres => {
+                            if let Some(schema) = schema {
+                                conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
+                                    .await?;
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(connect_err)?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self {
+            pool,
+            write: Mutex::new(()),
+            backend,
+        })
+    }
+
+    /// Takes this process's write turn.
+    pub async fn write_turn(&self) -> MutexGuard<'_, ()> {
+        self.write.lock().await
+    }
+}
+
+/// The head of the hash chain, read and advanced inside a transaction.
+#[derive(Clone, Debug)]
+pub struct Head {
+    pub seq: i64,
+    pub hash: String,
+}
+
+impl Head {
+    /// Locks and reads the chain head (first statement of a writing
+    /// transaction).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn lock(conn: &mut AnyConnection) -> Result<Self, sqlx::Error> {
+        conn.execute("UPDATE ledger_head SET seq = seq WHERE id = 1")
+            .await?;
+        let row = sqlx::query("SELECT seq, hash FROM ledger_head WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(Head {
+            seq: row.try_get("seq")?,
+            hash: row.try_get("hash")?,
+        })
+    }
+
+    /// Writes the head back (last statement of a writing transaction).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn store(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1")
+            .bind(self.seq)
+            .bind(&self.hash)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Appends an event; returns false (and changes nothing) when
+    /// `message_id` is already in the ledger.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn append(
+        &mut self,
+        conn: &mut AnyConnection,
+        event: &Event<'_>,
+    ) -> Result<bool, sqlx::Error> {
+        let seq = self.seq + 1;
+        let hash = event.hash(seq, &self.hash);
+        let inserted = sqlx::query(
+            "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(seq)
+        .bind(event.message_id)
+        .bind(event.event)
+        .bind(event.referral_id)
+        .bind(event.recorded_at)
+        .bind(event.body.as_str())
+        .bind(&self.hash)
+        .bind(&hash)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            self.seq = seq;
+            self.hash = hash;
+        }
+        Ok(inserted == 1)
+    }
+}
+
+/// One ledger event before it is chained.
+#[derive(Debug)]
+pub struct Event<'a> {
+    pub message_id: &'a str,
+    pub event: &'a str,
+    pub referral_id: &'a str,
+    pub recorded_at: i64,
+    pub body: String,
+}
+
+impl Event<'_> {
+    /// The hash of this event at `seq` after `prev_hash`.
+    #[must_use]
+    pub fn hash(&self, seq: i64, prev_hash: &str) -> String {
+        chain_hash(
+            seq,
+            self.message_id,
+            self.event,
+            self.referral_id,
+            self.recorded_at,
+            &self.body,
+            prev_hash,
+        )
+    }
+}
+
+/// SHA-256 (hex) over an event's fields and the previous hash.
+#[must_use]
+pub fn chain_hash(
+    seq: i64,
+    message_id: &str,
+    event: &str,
+    referral_id: &str,
+    recorded_at: i64,
+    body: &str,
+    prev_hash: &str,
+) -> String {
+    let mut h = Sha256::new();
+    for part in [
+        prev_hash,
+        &seq.to_string(),
+        message_id,
+        event,
+        referral_id,
+        &recorded_at.to_string(),
+        body,
+    ] {
+        h.update(part.as_bytes());
+        h.update([0x1f]);
+    }
+    hex(&h.finalize())
+}
+
+/// Lowercase hex of bytes.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// SHA-256 (hex) of bytes.
+#[must_use]
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}

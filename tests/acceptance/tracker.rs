@@ -1,0 +1,886 @@
+//! Issue 3: the tracker. Every obligation, its deadline, its feedback, and
+//! who is told when it is late; against the real RabbitMQ, SQLite and
+//! PostgreSQL, with an injected clock (no test sleeps for a deadline).
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use prost::Message;
+use refbus_core::envelope::{from_timestamp, timestamp};
+use refbus_proto::v1::detention_centre_client::DetentionCentreClient;
+use refbus_proto::v1::envelope::Payload;
+use refbus_proto::v1::justice_bureau_client::JusticeBureauClient;
+use refbus_proto::v1::{
+    AcknowledgeRequest, ComplianceReportRequest, Envelope, GetReferralRequest, Hop, HopReport,
+    LawyerViolationNotice, MessageKind, NotifyLawyerViolationRequest, ObligationState, Outcome,
+    ReferralStatus, ReportFormat, ReportHandlingResultRequest,
+};
+use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help_at, submit, violation};
+use refbus_tests::tracker::{Db, TestTracker, drop_ledger, eventually, ledger_settings};
+use refbus_tests::{Amqp, Inbox, TestBus};
+use refbus_tracker::Clock;
+use refbus_tracker::audit::{self, Verdict};
+use tonic::Code;
+
+async fn status(tracker: &TestTracker, asker: &str, id: &str) -> Option<ReferralStatus> {
+    tracker
+        .client()
+        .await
+        .get_referral(GetReferralRequest {
+            agency: asker.into(),
+            referral_id: id.into(),
+        })
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
+}
+
+fn state(s: &ReferralStatus, rule: &str) -> Option<ObligationState> {
+    s.obligations
+        .iter()
+        .find(|o| o.rule == rule)
+        .and_then(|o| ObligationState::try_from(o.state).ok())
+}
+
+/// Acceptance 1 (CQ-1.1b): a legal-help request whose detainee asked 25 h
+/// before it reached the duty desk is met late; one at 23 h is met on time.
+async fn cq_1_1b_met_late_at_25_hours_on_time_at_23(db: Db) {
+    let bus = TestBus::spawn().await;
+    let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
+    let mut centre = bus.gateway("detention-centre").await;
+    let late = centre
+        .submit(submit(legal_help_at(
+            "late",
+            Utc::now() - Duration::hours(25),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let on_time = centre
+        .submit(submit(legal_help_at(
+            "on-time",
+            Utc::now() - Duration::hours(23),
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // The request reaches the desk's system when its Inbox hands it over.
+    let mut desk = bus.gateway("legal-aid").await;
+    let mut inbox = Inbox::open(&mut desk, DESK).await;
+    for _ in 0..2 {
+        let d = inbox.next().await;
+        desk.acknowledge(AcknowledgeRequest {
+            agency: DESK.into(),
+            delivery_token: d.delivery_token,
+        })
+        .await
+        .unwrap();
+    }
+    for (id, expected) in [
+        (&late.id, ObligationState::MetLate),
+        (&on_time.id, ObligationState::MetOnTime),
+    ] {
+        let got = eventually("the CQ-1.1b obligation to be met", || async {
+            let s = status(&tracker, CENTRE, id).await?;
+            state(&s, "CQ-1.1b")
+                .filter(|st| matches!(st, ObligationState::MetLate | ObligationState::MetOnTime))
+        })
+        .await;
+        assert_eq!(got, expected, "referral {id}");
+    }
+    let s = status(&tracker, CENTRE, &late.id).await.unwrap();
+    let o = &s.obligations[0];
+    assert_eq!(o.bearer, CENTRE);
+    let clock = from_timestamp(o.clock_started_at.as_ref().unwrap()).unwrap();
+    let due = from_timestamp(o.due_at.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        due - clock,
+        Duration::hours(24),
+        "CQ-1.1b: 24 h from the detainee's request"
+    );
+    let settings = tracker.stop().await.0;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cq_1_1b_met_late_at_25_hours_on_time_at_23_sqlite() {
+    cq_1_1b_met_late_at_25_hours_on_time_at_23(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cq_1_1b_met_late_at_25_hours_on_time_at_23_postgres() {
+    cq_1_1b_met_late_at_25_hours_on_time_at_23(Db::Postgres).await;
+}
+
+/// The overdue notices in an inbox, acknowledged as read, until one about
+/// `until` (a referral id) arrives; returns the referral ids they were about.
+async fn overdue_notices_until(
+    inbox: &mut Inbox,
+    client: &mut refbus_proto::v1::gateway_client::GatewayClient<tonic::transport::Channel>,
+    agency: &str,
+    until: &str,
+) -> Vec<String> {
+    let mut about = Vec::new();
+    loop {
+        let d = inbox.next().await;
+        client
+            .acknowledge(AcknowledgeRequest {
+                agency: agency.into(),
+                delivery_token: d.delivery_token,
+            })
+            .await
+            .unwrap();
+        let e = d.envelope.unwrap();
+        if let Some(Payload::OverdueNotice(n)) = e.payload {
+            assert_eq!(n.rule_id, "CQ-3.14");
+            about.push(n.referral_id.clone());
+            if n.referral_id == until {
+                return about;
+            }
+        }
+    }
+}
+
+/// Acceptance 2 (CQ-3.14): an unanswered lawyer-violation notice becomes
+/// overdue at its deadline, and exactly one overdue notice reaches each
+/// agency the policy names (the centre that sent it, and the bureau's
+/// supervisor), also across a tracker restart.
+async fn cq_3_14_unanswered_violation_is_overdue_once_per_named_agency(db: Db) {
+    let bus = TestBus::spawn().await;
+    let start = Utc::now();
+    let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::manual(start)).await;
+    let mut dc = DetentionCentreClient::new(bus.channel("detention-centre").await);
+    let notify = |key: &str| NotifyLawyerViolationRequest {
+        detention_centre: CENTRE.into(),
+        notice: Some(LawyerViolationNotice {
+            description: "会见中违规".into(),
+            lawyer: violation(key).payload.and_then(|p| match p {
+                Payload::LawyerViolationNotice(v) => v.lawyer,
+                _ => None,
+            }),
+            ..Default::default()
+        }),
+        idempotency_key: key.into(),
+    };
+    let first = dc
+        .notify_lawyer_violation(notify("v-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        first.recipient, BUREAU,
+        "CQ-3.14: to the justice bureau of the centre's region"
+    );
+    let obligation = eventually("the CQ-3.14 obligation", || async {
+        status(&tracker, CENTRE, &first.id)
+            .await?
+            .obligations
+            .into_iter()
+            .find(|o| o.rule == "CQ-3.14")
+    })
+    .await;
+    assert_eq!(obligation.bearer, BUREAU);
+    assert_eq!(obligation.notify, [CENTRE, "cq-justice-bureau"]);
+    let due = from_timestamp(obligation.due_at.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        ObligationState::try_from(obligation.state).unwrap(),
+        ObligationState::Open
+    );
+
+    // The clock reaches the deadline: the engine wakes and marks it.
+    tracker.clock.set(due - Duration::seconds(1));
+    tracker.clock.set(due);
+    let overdue = eventually("the obligation to be marked overdue", || async {
+        let s = status(&tracker, CENTRE, &first.id).await?;
+        (state(&s, "CQ-3.14") == Some(ObligationState::Overdue)
+            && s.obligations[0].overdue_at.is_some())
+        .then_some(s)
+    })
+    .await;
+    let marked = from_timestamp(overdue.obligations[0].overdue_at.as_ref().unwrap()).unwrap();
+    assert!(marked >= due);
+
+    let mut centre = bus.gateway("detention-centre").await;
+    let mut bureau = bus.gateway("justice-bureau").await;
+    let mut centre_inbox = Inbox::open(&mut centre, CENTRE).await;
+    let mut supervisor_inbox = Inbox::open(&mut bureau, "cq-justice-bureau").await;
+    assert_eq!(
+        overdue_notices_until(&mut centre_inbox, &mut centre, CENTRE, &first.id).await,
+        vec![first.id.clone()]
+    );
+    assert_eq!(
+        overdue_notices_until(
+            &mut supervisor_inbox,
+            &mut bureau,
+            "cq-justice-bureau",
+            &first.id
+        )
+        .await,
+        vec![first.id.clone()]
+    );
+
+    // Restart the tracker on the same ledger; more scans happen. A sentinel
+    // violation made overdue after the restart must be the next notice in
+    // both inboxes: had the first been sent again, it would come before.
+    let (settings, clock) = tracker.stop().await;
+    let tracker = TestTracker::start(&bus, settings, clock).await;
+    tracker.clock.advance(Duration::days(1));
+    let sentinel = dc
+        .notify_lawyer_violation(notify("v-2"))
+        .await
+        .unwrap()
+        .into_inner();
+    let sentinel_due = eventually("the sentinel's obligation", || async {
+        let s = status(&tracker, CENTRE, &sentinel.id).await?;
+        s.obligations
+            .first()
+            .and_then(|o| from_timestamp(o.due_at.as_ref()?))
+    })
+    .await;
+    tracker.clock.set(sentinel_due + Duration::minutes(1));
+    assert_eq!(
+        overdue_notices_until(&mut centre_inbox, &mut centre, CENTRE, &sentinel.id).await,
+        vec![sentinel.id.clone()]
+    );
+    assert_eq!(
+        overdue_notices_until(
+            &mut supervisor_inbox,
+            &mut bureau,
+            "cq-justice-bureau",
+            &sentinel.id
+        )
+        .await,
+        vec![sentinel.id.clone()]
+    );
+    let settings = tracker.stop().await.0;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cq_3_14_unanswered_violation_is_overdue_once_per_named_agency_sqlite() {
+    cq_3_14_unanswered_violation_is_overdue_once_per_named_agency(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cq_3_14_unanswered_violation_is_overdue_once_per_named_agency_postgres() {
+    cq_3_14_unanswered_violation_is_overdue_once_per_named_agency(Db::Postgres).await;
+}
+
+/// Acceptance 3 and 7: feedback closes the obligation and the timeline shows
+/// every hop with its time; an agency that is not a party is refused, and
+/// the supervising justice bureau sees the metadata but not the payload.
+async fn feedback_closes_the_obligation_and_the_timeline_shows_every_hop(db: Db) {
+    let bus = TestBus::spawn().await;
+    let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
+    let mut centre = bus.gateway("detention-centre").await;
+    let referral = centre
+        .submit(submit(violation("fb-1")))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut bureau = bus.gateway("justice-bureau").await;
+    let mut inbox = Inbox::open(&mut bureau, BUREAU).await;
+    let d = inbox.next().await;
+    bureau
+        .acknowledge(AcknowledgeRequest {
+            agency: BUREAU.into(),
+            delivery_token: d.delivery_token,
+        })
+        .await
+        .unwrap();
+    let mut jb = JusticeBureauClient::new(bus.channel("justice-bureau").await);
+    jb.report_handling_result(ReportHandlingResultRequest {
+        justice_bureau: BUREAU.into(),
+        referral_id: referral.id.clone(),
+        referral_sender: CENTRE.into(),
+        outcome: Outcome::Sanctioned as i32,
+        summary: "已立案处理".into(),
+        idempotency_key: "fb-answer".into(),
+    })
+    .await
+    .unwrap();
+
+    let closed = eventually("feedback to close the obligation", || async {
+        let s = status(&tracker, CENTRE, &referral.id).await?;
+        let hops: HashSet<i32> = s.timeline.iter().map(|t| t.hop).collect();
+        let complete = [
+            Hop::Submitted,
+            Hop::Delivered,
+            Hop::Acknowledged,
+            Hop::Answered,
+        ]
+        .iter()
+        .all(|h| hops.contains(&(*h as i32)));
+        (complete && state(&s, "CQ-3.14") == Some(ObligationState::MetOnTime)).then_some(s)
+    })
+    .await;
+    let timeline: Vec<(Hop, String)> = closed
+        .timeline
+        .iter()
+        .map(|t| (Hop::try_from(t.hop).unwrap(), t.agency.clone()))
+        .collect();
+    assert_eq!(
+        timeline,
+        [
+            (Hop::Submitted, CENTRE.into()),
+            (Hop::Delivered, BUREAU.into()),
+            (Hop::Acknowledged, BUREAU.into()),
+            (Hop::Answered, BUREAU.into())
+        ]
+    );
+    let times: Vec<DateTime<Utc>> = closed
+        .timeline
+        .iter()
+        .map(|t| from_timestamp(t.at.as_ref().unwrap()).unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "hops in time order: {times:?}"
+    );
+    let met = from_timestamp(closed.obligations[0].met_at.as_ref().unwrap()).unwrap();
+    assert_eq!(met, times[3], "met when the feedback was submitted");
+    assert!(
+        closed.envelope.is_some() && !closed.payload_withheld,
+        "a party sees the payload"
+    );
+
+    // Acceptance 7: not a party.
+    let err = tracker
+        .client()
+        .await
+        .get_referral(GetReferralRequest {
+            agency: "yb-court".into(),
+            referral_id: referral.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    let err = tracker
+        .client()
+        .await
+        .get_referral(GetReferralRequest {
+            agency: "sh-justice-bureau".into(),
+            referral_id: referral.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "another region's bureau"
+    );
+    // The municipal justice bureau supervises Dazu: metadata, no payload.
+    let supervisor = status(&tracker, "cq-justice-bureau", &referral.id)
+        .await
+        .unwrap();
+    assert!(supervisor.payload_withheld && supervisor.envelope.is_none());
+    assert_eq!(supervisor.timeline.len(), 4);
+    let settings = tracker.stop().await.0;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_closes_the_obligation_and_the_timeline_shows_every_hop_sqlite() {
+    feedback_closes_the_obligation_and_the_timeline_shows_every_hop(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_closes_the_obligation_and_the_timeline_shows_every_hop_postgres() {
+    feedback_closes_the_obligation_and_the_timeline_shows_every_hop(Db::Postgres).await;
+}
+
+/// An envelope as a gateway would publish it, for seeding the tap directly.
+fn seeded(
+    id: &str,
+    kind: MessageKind,
+    sender: &str,
+    recipient: &str,
+    clock: DateTime<Utc>,
+    payload: Payload,
+) -> Envelope {
+    Envelope {
+        id: id.into(),
+        kind: kind as i32,
+        sender: sender.into(),
+        recipient: recipient.into(),
+        clock_started_at: Some(timestamp(clock)),
+        submitted_at: Some(timestamp(clock)),
+        in_reply_to: String::new(),
+        idempotency_key: id.into(),
+        payload: Some(payload),
+    }
+}
+
+fn hop(referral: &str, hop: Hop, agency: &str, at: DateTime<Utc>) -> HopReport {
+    HopReport {
+        id: format!("{referral}/{}", hop as i32),
+        referral_id: referral.into(),
+        hop: hop as i32,
+        agency: agency.into(),
+        at: Some(timestamp(at)),
+    }
+}
+
+/// (count, on time, late, open, overdue, seconds to meet) of one agency.
+type Expected = (u64, u64, u64, u64, u64, Vec<i64>);
+
+/// Acceptance 5: the compliance report for a seeded month equals counts
+/// computed independently here, from the seed and the rules (CQ-1.1b: 24 h
+/// from the request, met on delivery, borne by the centre).
+async fn compliance_report_for_a_seeded_month_matches_independent_counts(db: Db) {
+    let bus = TestBus::spawn().await;
+    let as_of = Utc.with_ymd_and_hms(2026, 11, 3, 12, 0, 0).unwrap();
+    let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::manual(as_of)).await;
+    let amqp = Amqp::connect().await;
+    let tap = bus.shared.bus.topology().tap_queue();
+    let from = Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap();
+    let to = Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap();
+
+    // Seed: 60 legal-help requests from two centres, from 2026-09-30 to
+    // 2026-11-02 (a few outside the month); delivered after 0..47 hours,
+    // or never (every seventh).
+    let centres = [
+        (CENTRE, DESK),
+        ("yb-detention-centre", "yb-legal-aid-centre"),
+    ];
+    let mut expected: BTreeMap<&str, Expected> = BTreeMap::new();
+    let mut ids = Vec::new();
+    for i in 0..60_i64 {
+        let (centre, desk) = centres[(i % 2) as usize];
+        let clock = Utc.with_ymd_and_hms(2026, 9, 30, 6, 0, 0).unwrap() + Duration::hours(i * 13);
+        let id = format!("00000000-0000-4000-8000-{i:012}");
+        let payload = legal_help_at(&id, clock).payload.unwrap();
+        let e = seeded(
+            &id,
+            MessageKind::LegalHelpRequest,
+            centre,
+            desk,
+            clock,
+            payload,
+        );
+        amqp.publish_raw(&tap, &e.encode_to_vec()).await;
+        let delivered = (i % 7 != 0).then(|| clock + Duration::hours((i * 5) % 48));
+        if let Some(at) = delivered {
+            let report = hop(&id, Hop::Delivered, desk, at);
+            publish_hop(&amqp, &bus, &report).await;
+        }
+        ids.push(id);
+        if clock < from || clock >= to {
+            continue;
+        }
+        let due = clock + Duration::hours(24);
+        let row = expected.entry(centre).or_default();
+        row.0 += 1;
+        match delivered.filter(|at| *at <= as_of) {
+            Some(at) if at <= due => {
+                row.1 += 1;
+                row.5.push((at - clock).num_seconds());
+            }
+            Some(at) => {
+                row.2 += 1;
+                row.5.push((at - clock).num_seconds());
+            }
+            None if due > as_of => row.3 += 1,
+            None => row.4 += 1,
+        }
+    }
+    // Everything seeded is recorded (the hop reports of the last requests
+    // are the last messages).
+    let last = ids.last().unwrap().clone();
+    eventually("the seed to be recorded", || async {
+        let s = status(&tracker, "yb-detention-centre", &last).await?;
+        (s.timeline.len() == 2).then_some(())
+    })
+    .await;
+
+    for asker in [CENTRE, "yb-detention-centre"] {
+        let report = tracker
+            .client()
+            .await
+            .compliance_report(ComplianceReportRequest {
+                agency: asker.into(),
+                from: Some(timestamp(from)),
+                to: Some(timestamp(to)),
+                format: ReportFormat::Csv as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(report.rows.len(), 1, "an agency sees its own rows");
+        let row = &report.rows[0];
+        let (count, on_time, late, open, overdue, mut times) = expected[asker].clone();
+        assert_eq!((row.agency.as_str(), row.rule.as_str()), (asker, "CQ-1.1b"));
+        assert_eq!(
+            (
+                row.count,
+                row.met_on_time,
+                row.met_late,
+                row.still_open,
+                row.overdue
+            ),
+            (count, on_time, late, open, overdue),
+            "{asker}"
+        );
+        times.sort_unstable();
+        let rank = |p: f64| times[((p / 100.0 * times.len() as f64).ceil() as usize).max(1) - 1];
+        assert_eq!(row.median_seconds_to_meet, Some(rank(50.0)));
+        assert_eq!(row.p95_seconds_to_meet, Some(rank(95.0)));
+        assert!(
+            report.rendered.lines().any(|l| l.starts_with(&format!(
+                "{asker},CQ-1.1b,{count},{on_time},{late},{open},{overdue},"
+            ))),
+            "{}",
+            report.rendered
+        );
+    }
+    // The supervising municipal bureau sees both districts; HTML renders.
+    let report = tracker
+        .client()
+        .await
+        .compliance_report(ComplianceReportRequest {
+            agency: "cq-justice-bureau".into(),
+            from: Some(timestamp(from)),
+            to: Some(timestamp(to)),
+            format: ReportFormat::Html as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.rows.len(), 2);
+    assert!(report.rendered.contains("<svg") && report.rendered.starts_with("<!doctype html>"));
+    amqp.close().await;
+    let settings = tracker.stop().await.0;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
+async fn publish_hop(amqp: &Amqp, bus: &TestBus, report: &HopReport) {
+    use lapin::options::BasicPublishOptions;
+    amqp.channel
+        .basic_publish(
+            bus.shared
+                .bus
+                .topology()
+                .deliveries_exchange()
+                .as_str()
+                .into(),
+            "event.delivered".into(),
+            BasicPublishOptions::default(),
+            &report.encode_to_vec(),
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compliance_report_for_a_seeded_month_matches_independent_counts_sqlite() {
+    compliance_report_for_a_seeded_month_matches_independent_counts(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compliance_report_for_a_seeded_month_matches_independent_counts_postgres() {
+    compliance_report_for_a_seeded_month_matches_independent_counts(Db::Postgres).await;
+}
+
+/// Acceptance 6: changing one ledger row behind the tracker's back makes
+/// verify name that row. Also: a kind the policy does not know is recorded
+/// and flagged, never dropped; the same message twice changes nothing.
+async fn verify_names_the_changed_row(db: Db) {
+    let bus = TestBus::spawn().await;
+    let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
+    let amqp = Amqp::connect().await;
+    let tap = bus.shared.bus.topology().tap_queue();
+    let mut centre = bus.gateway("detention-centre").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            centre
+                .submit(submit(legal_help_at(&format!("a-{i}"), Utc::now())))
+                .await
+                .unwrap()
+                .into_inner()
+                .id,
+        );
+    }
+    // Unknown kind (a newer sender's), and a duplicate of the first envelope.
+    let mut unknown = seeded(
+        "00000000-0000-4000-9000-000000000001",
+        MessageKind::Unspecified,
+        CENTRE,
+        DESK,
+        Utc::now(),
+        legal_help_at("u", Utc::now()).payload.unwrap(),
+    );
+    unknown.kind = 99;
+    amqp.publish_raw(&tap, &unknown.encode_to_vec()).await;
+    let flagged = eventually("the unknown kind to be recorded", || async {
+        status(&tracker, CENTRE, &unknown.id).await
+    })
+    .await;
+    assert!(!flagged.kind_known);
+    assert!(flagged.obligations.is_empty());
+    assert_eq!(
+        tracker
+            .metrics
+            .unknown_kinds
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    let settings = tracker.stop().await.0;
+    let ledger = TestTracker::ledger(&settings).await;
+    let events = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM ledger_events")
+            .fetch_one(&ledger.pool)
+            .await
+            .unwrap()
+    };
+    let before = events().await;
+    assert_eq!(
+        audit::verify(&ledger).await.unwrap(),
+        Verdict::Intact {
+            events: before,
+            envelopes: 6
+        }
+    );
+
+    // Replaying a recorded message changes nothing.
+    let tracker = TestTracker::start(&bus, settings.clone(), Clock::System).await;
+    let row = sqlx::query_scalar::<_, String>("SELECT envelope FROM referrals WHERE id = $1")
+        .bind(&ids[0])
+        .fetch_one(&ledger.pool)
+        .await
+        .unwrap();
+    use base64::Engine;
+    amqp.publish_raw(
+        &tap,
+        &base64::engine::general_purpose::STANDARD
+            .decode(row)
+            .unwrap(),
+    )
+    .await;
+    eventually("the duplicate to be seen", || async {
+        (tracker
+            .metrics
+            .duplicates
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1)
+            .then_some(())
+    })
+    .await;
+    tracker.stop().await;
+    assert_eq!(
+        events().await,
+        before,
+        "the same message twice changes nothing"
+    );
+
+    // Change one event's body.
+    sqlx::query(
+        "UPDATE ledger_events SET body = REPLACE(body, 'dz-duty-desk', 'yb-court') WHERE seq = 3",
+    )
+    .execute(&ledger.pool)
+    .await
+    .unwrap();
+    let message: String = sqlx::query_scalar("SELECT message_id FROM ledger_events WHERE seq = 3")
+        .fetch_one(&ledger.pool)
+        .await
+        .unwrap();
+    let verdict = audit::verify(&ledger).await.unwrap();
+    assert_eq!(
+        verdict,
+        Verdict::Broken {
+            table: "ledger_events",
+            row: format!("seq 3 (message {message})"),
+            problem: "its contents do not match its hash".into()
+        }
+    );
+    assert!(verdict.to_string().contains("seq 3"));
+    sqlx::query(
+        "UPDATE ledger_events SET body = REPLACE(body, 'yb-court', 'dz-duty-desk') WHERE seq = 3",
+    )
+    .execute(&ledger.pool)
+    .await
+    .unwrap();
+    assert!(matches!(
+        audit::verify(&ledger).await.unwrap(),
+        Verdict::Intact { .. }
+    ));
+
+    // Change one referral's stored envelope.
+    let other = seeded(
+        &ids[1],
+        MessageKind::LegalHelpRequest,
+        CENTRE,
+        "yb-court",
+        Utc::now(),
+        legal_help_at("x", Utc::now()).payload.unwrap(),
+    );
+    sqlx::query("UPDATE referrals SET envelope = $1 WHERE id = $2")
+        .bind(base64::engine::general_purpose::STANDARD.encode(other.encode_to_vec()))
+        .bind(&ids[1])
+        .execute(&ledger.pool)
+        .await
+        .unwrap();
+    let verdict = audit::verify(&ledger).await.unwrap();
+    assert!(
+        matches!(&verdict, Verdict::Broken { table: "referrals", row, .. } if *row == format!("id {}", ids[1])),
+        "{verdict}"
+    );
+    ledger.pool.close().await;
+    amqp.close().await;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_the_changed_row_sqlite() {
+    verify_names_the_changed_row(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_the_changed_row_postgres() {
+    verify_names_the_changed_row(Db::Postgres).await;
+}
+
+/// Runs the `tracker` binary on `bus`'s namespace and `ledger`.
+fn spawn_tracker(bus: &TestBus, ledger: &refbus_tracker::TrackerSettings) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(refbus_tests::tracker::tracker_binary());
+    command
+        .arg("run")
+        .env("AMQP_URL", &bus.shared.settings.amqp_url)
+        .env("REFBUS_NAMESPACE", bus.namespace())
+        .env("REFBUS_QUEUE_EXPIRES", "60s")
+        .env("REFBUS_DIRECTORY", &bus.shared.settings.directory)
+        .env("REFBUS_POLICY", &ledger.policy)
+        .env("REFBUS_DATA_DIR", &ledger.data_dir)
+        .env("REFBUS_TRACKER_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .env_remove("DATABASE_URL")
+        .env_remove("REFBUS_DATABASE_SCHEMA")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(url) = &ledger.database_url {
+        command.env("DATABASE_URL", url);
+    }
+    if let Some(schema) = &ledger.database_schema {
+        command.env("REFBUS_DATABASE_SCHEMA", schema);
+    }
+    command.spawn().expect("tracker binary runs")
+}
+
+/// Acceptance 4: the tracker killed with SIGKILL in the middle of a burst of
+/// 10,000 messages and restarted: the ledger holds each message exactly once.
+async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once(db: Db) {
+    const BURST: i64 = 10_000;
+    let bus = TestBus::spawn().await;
+    let settings = ledger_settings(db);
+    let amqp = Amqp::connect().await;
+    let tap = bus.shared.bus.topology().tap_queue();
+    let clock = Utc::now();
+    for i in 0..BURST {
+        let id = format!("00000000-0000-4000-a000-{i:012}");
+        let e = seeded(
+            &id,
+            MessageKind::LegalHelpRequest,
+            CENTRE,
+            DESK,
+            clock,
+            legal_help_at(&id, clock).payload.unwrap(),
+        );
+        amqp.channel
+            .basic_publish(
+                "".into(),
+                tap.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &e.encode_to_vec(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+    }
+    eventually("the burst to be queued", || async {
+        (amqp.counts(&tap).await.0 as i64 == BURST).then_some(())
+    })
+    .await;
+
+    let mut child = spawn_tracker(&bus, &settings);
+    let ledger = eventually("the ledger to exist", || async {
+        // The child creates the schema; connect once it has migrated.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        Some(TestTracker::ledger(&settings).await)
+    })
+    .await;
+    let count = |sql: &'static str| {
+        let pool = ledger.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0)
+        }
+    };
+    let at_kill = eventually("the tracker to be part-way through the burst", || async {
+        let n = count("SELECT COUNT(*) FROM ledger_events").await;
+        (n >= 500).then_some(n)
+    })
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    assert!(
+        at_kill < BURST,
+        "killed in the middle of the burst ({at_kill} recorded)"
+    );
+
+    let mut child = spawn_tracker(&bus, &settings);
+    eventually("the whole burst to be recorded", || async {
+        (count("SELECT COUNT(*) FROM ledger_events").await == BURST).then_some(())
+    })
+    .await;
+    eventually("the tap to drain", || async {
+        (amqp.counts(&tap).await.0 == 0).then_some(())
+    })
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    assert_eq!(count("SELECT COUNT(*) FROM ledger_events").await, BURST);
+    assert_eq!(
+        count("SELECT COUNT(DISTINCT message_id) FROM ledger_events").await,
+        BURST
+    );
+    assert_eq!(count("SELECT COUNT(*) FROM referrals").await, BURST);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM obligations").await,
+        BURST,
+        "one CQ-1.1b obligation each"
+    );
+    assert_eq!(
+        audit::verify(&ledger).await.unwrap(),
+        Verdict::Intact {
+            events: BURST,
+            envelopes: BURST
+        }
+    );
+    ledger.pool.close().await;
+    amqp.close().await;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once_sqlite() {
+    sigkill_mid_burst_leaves_each_message_recorded_exactly_once(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once_postgres() {
+    sigkill_mid_burst_leaves_each_message_recorded_exactly_once(Db::Postgres).await;
+}
