@@ -563,6 +563,11 @@ async fn refbus_up_serves_and_exits_0_on_sigint() {
         .env("REFBUS_QUEUE_EXPIRES", "60s")
         .env("REFBUS_PORT_BASE", "0")
         .env("RUST_LOG", "warn")
+        .env(
+            "REFBUS_DATA_DIR",
+            std::env::temp_dir().join(format!("refbus-up-{}", settings.namespace)),
+        )
+        .env_remove("DATABASE_URL")
         .current_dir(refbus_tests::repo_root())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -576,7 +581,7 @@ async fn refbus_up_serves_and_exits_0_on_sigint() {
             if words.first() == Some(&"detention-centre") {
                 centre_addr = Some(words[1].to_owned());
             }
-            if words.first() == Some(&"bar-association") {
+            if words.first() == Some(&"tracker") {
                 break;
             }
         }
@@ -602,4 +607,7 @@ async fn refbus_up_serves_and_exits_0_on_sigint() {
     let exit = within("refbus up to exit", child.wait()).await.unwrap();
     assert!(exit.success(), "exit status {exit:?}");
     refbus_tests::delete_namespace(&refbus_tests::topology_of(&settings.namespace)).await;
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("refbus-up-{}", settings.namespace)),
+    );
 }

@@ -9,6 +9,7 @@ use lapin::options::BasicAckOptions;
 use prost::Message;
 use refbus_bus::{Bus, Incoming, Outgoing, Topology};
 use refbus_core::envelope::{self, timestamp};
+use refbus_core::kind::hop_code;
 use refbus_core::{Directory, KindExt, SubmitError};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::gateway_server::Gateway;
@@ -319,20 +320,6 @@ impl Gateway for GatewayService {
         request: Request<FeedbackRequest>,
     ) -> Result<Response<Receipt>, Status> {
         Ok(Response::new(self.0.feedback(request.into_inner()).await?))
-    }
-}
-
-/// The routing-key word of a hop.
-#[must_use]
-pub fn hop_code(hop: Hop) -> &'static str {
-    match hop {
-        Hop::Unspecified => "unspecified",
-        Hop::Submitted => "submitted",
-        Hop::Delivered => "delivered",
-        Hop::Acknowledged => "acknowledged",
-        Hop::Relayed => "relayed",
-        Hop::Answered => "answered",
-        Hop::OverdueNotified => "overdue_notified",
     }
 }
 

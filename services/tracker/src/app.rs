@@ -271,11 +271,10 @@ async fn record_batch(
     let mut head = Head::lock(&mut tx).await?;
     let mut tally = Tally::default();
     let now = clock.now();
-    for (_, observed) in batch {
-        recorder
-            .record(&mut tx, &mut head, observed, now, &mut tally)
-            .await?;
-    }
+    let observed: Vec<&Observed> = batch.iter().map(|(_, o)| o).collect();
+    recorder
+        .record_batch(&mut tx, &mut head, &observed, now, &mut tally)
+        .await?;
     head.store(&mut tx).await?;
     tx.commit().await?;
     Ok(tally)

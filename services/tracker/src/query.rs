@@ -15,8 +15,8 @@ use refbus_core::{AgencyKind, Directory, KindExt, Level, MessageKind};
 use refbus_proto::v1::tracker_server::Tracker;
 use refbus_proto::v1::{
     ComplianceReportRequest, ComplianceReportResponse, ComplianceRow, Envelope, GetReferralRequest,
-    Hop, ListObligationsRequest, ListObligationsResponse, Obligation, ObligationFilter,
-    ObligationState, ReferralStatus, ReportFormat, TimelineEntry,
+    ListObligationsRequest, ListObligationsResponse, Obligation, ObligationFilter, ObligationState,
+    ReferralStatus, ReportFormat, TimelineEntry,
 };
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -37,18 +37,6 @@ fn internal(e: impl Into<LedgerError>) -> Status {
     let e: LedgerError = e.into();
     tracing::error!(error = %e, "ledger query failed");
     Status::unavailable(format!("the ledger is unavailable: {e}"))
-}
-
-fn hop_of(name: &str) -> Hop {
-    match name {
-        "submitted" => Hop::Submitted,
-        "delivered" => Hop::Delivered,
-        "acknowledged" => Hop::Acknowledged,
-        "relayed" => Hop::Relayed,
-        "answered" => Hop::Answered,
-        "overdue_notified" => Hop::OverdueNotified,
-        _ => Hop::Unspecified,
-    }
 }
 
 /// How an asker may see a referral.
@@ -204,7 +192,7 @@ impl Queries {
                 .map(|h| -> Result<TimelineEntry, sqlx::Error> {
                     let hop: String = h.try_get("hop")?;
                     Ok(TimelineEntry {
-                        hop: hop_of(&hop) as i32,
+                        hop: refbus_core::kind::hop_from_code(&hop) as i32,
                         agency: h.try_get("agency")?,
                         at: Some(timestamp(from_millis(h.try_get("at")?))),
                     })

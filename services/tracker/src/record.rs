@@ -1,9 +1,15 @@
 //! Recording what the bus carried: each envelope and hop report becomes a
 //! chained ledger event, a referral row, hops, and the obligations the
 //! policy catalogue says it creates; hops and feedback meet obligations.
-//! Everything for one message happens in the caller's transaction, and a
-//! message already in the ledger changes nothing.
+//!
+//! A batch is recorded in the caller's transaction with a handful of
+//! statements whatever its size (one look-up of what is already recorded,
+//! multi-row inserts, one set-based update of what was met), so the ledger
+//! keeps up with the broker. A message already in the ledger changes
+//! nothing.
 
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -11,6 +17,7 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use prost::Message;
 use refbus_core::envelope::from_timestamp;
+use refbus_core::kind::hop_code;
 use refbus_core::policy::{ClockStart, Party, PolicyCatalogue};
 use refbus_core::{Directory, KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
@@ -18,7 +25,7 @@ use refbus_proto::v1::{Envelope, Hop, HopReport};
 use serde_json::json;
 use sqlx::{AnyConnection, Row};
 
-use crate::clock::{from_millis, millis};
+use crate::clock::millis;
 use crate::ledger::{Event, Head, sha256_hex};
 
 /// Counters the tracker keeps (exported as metrics by the service).
@@ -98,60 +105,268 @@ pub struct Recorder {
     pub policy: Arc<PolicyCatalogue>,
 }
 
-/// The ledger name of a hop.
-#[must_use]
-pub fn hop_name(hop: Hop) -> &'static str {
-    match hop {
-        Hop::Unspecified => "unspecified",
-        Hop::Submitted => "submitted",
-        Hop::Delivered => "delivered",
-        Hop::Acknowledged => "acknowledged",
-        Hop::Relayed => "relayed",
-        Hop::Answered => "answered",
-        Hop::OverdueNotified => "overdue_notified",
-    }
-}
-
 fn ts(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
     t.and_then(from_timestamp)
 }
 
+impl Observed {
+    /// The id that identifies the message in the ledger.
+    #[must_use]
+    pub fn message_id(&self) -> &str {
+        match self {
+            Observed::Envelope(e) => &e.id,
+            Observed::Hop(h) => &h.id,
+        }
+    }
+}
+
+/// The rows one batch adds.
+#[derive(Default)]
+struct Rows {
+    events: Vec<EventRow>,
+    referrals: Vec<[Value; 11]>,
+    hops: Vec<[Value; 5]>,
+    obligations: Vec<[Value; 12]>,
+    /// (referral, met_by, agency) -> earliest time.
+    meets: HashMap<(String, &'static str, String), i64>,
+    /// Referrals given obligations in this batch (earlier hops may meet them).
+    obligated: Vec<String>,
+}
+
+struct EventRow {
+    message_id: String,
+    event: String,
+    referral_id: String,
+    body: String,
+}
+
+/// A bound value of a multi-row statement.
+#[derive(Clone, Debug)]
+enum Value {
+    Text(String),
+    Int(i64),
+    NullInt,
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Text(s.to_owned())
+    }
+}
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::Text(s)
+    }
+}
+impl From<i64> for Value {
+    fn from(i: i64) -> Self {
+        Value::Int(i)
+    }
+}
+
+/// Rows per multi-row statement (keeps well under every driver's limit on
+/// bound parameters).
+const CHUNK: usize = 100;
+
+/// Runs `INSERT INTO table (columns) VALUES (...), (...) suffix` over `rows`.
+async fn insert_rows<const N: usize>(
+    conn: &mut AnyConnection,
+    head: &str,
+    suffix: &str,
+    rows: &[[Value; N]],
+) -> Result<(), sqlx::Error> {
+    for chunk in rows.chunks(CHUNK) {
+        let mut sql = String::with_capacity(head.len() + chunk.len() * N * 5);
+        sql.push_str(head);
+        sql.push_str(" VALUES ");
+        let mut n = 0;
+        for (i, _) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for j in 0..N {
+                n += 1;
+                if j > 0 {
+                    sql.push(',');
+                }
+                let _ = write!(sql, "${n}");
+            }
+            sql.push(')');
+        }
+        sql.push(' ');
+        sql.push_str(suffix);
+        let mut query = sqlx::query(&sql);
+        for row in chunk {
+            for value in row {
+                query = match value {
+                    Value::Text(s) => query.bind(s.as_str()),
+                    Value::Int(i) => query.bind(*i),
+                    Value::NullInt => query.bind(None::<i64>),
+                };
+            }
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 impl Recorder {
-    /// Records one message; returns false when it was already recorded.
+    /// Records a batch; messages already in the ledger (or twice in the
+    /// batch) are counted as duplicates and change nothing.
     ///
     /// # Errors
     /// A database error: the caller rolls back and retries the batch.
-    pub async fn record(
+    pub async fn record_batch(
         &self,
         conn: &mut AnyConnection,
         head: &mut Head,
-        observed: &Observed,
+        batch: &[&Observed],
         now: DateTime<Utc>,
         tally: &mut Tally,
-    ) -> Result<bool, sqlx::Error> {
-        let fresh = match observed {
-            Observed::Envelope(envelope) => {
-                self.record_envelope(conn, head, envelope, now, tally)
-                    .await?
+    ) -> Result<(), sqlx::Error> {
+        let existing = recorded_already(conn, batch).await?;
+        let mut seen = HashSet::new();
+        let mut rows = Rows::default();
+        for observed in batch {
+            let id = observed.message_id();
+            if existing.contains(id) || !seen.insert(id) {
+                tally.duplicates += 1;
+                continue;
             }
-            Observed::Hop(report) => self.record_hop(conn, head, report, now).await?,
-        };
-        if fresh {
             tally.recorded += 1;
-        } else {
-            tally.duplicates += 1;
+            match observed {
+                Observed::Envelope(envelope) => self.envelope_rows(envelope, now, &mut rows, tally),
+                Observed::Hop(report) => Self::hop_rows(report, now, &mut rows),
+            }
         }
-        Ok(fresh)
+        if rows.events.is_empty() {
+            return Ok(());
+        }
+        let recorded_at = millis(now);
+        let mut events = Vec::with_capacity(rows.events.len());
+        for e in &rows.events {
+            let event = Event {
+                message_id: &e.message_id,
+                event: &e.event,
+                referral_id: &e.referral_id,
+                recorded_at,
+                body: e.body.clone(),
+            };
+            let seq = head.seq + 1;
+            let hash = event.hash(seq, &head.hash);
+            events.push([
+                Value::Int(seq),
+                e.message_id.as_str().into(),
+                e.event.as_str().into(),
+                e.referral_id.as_str().into(),
+                Value::Int(recorded_at),
+                e.body.as_str().into(),
+                head.hash.as_str().into(),
+                hash.as_str().into(),
+            ]);
+            head.seq = seq;
+            head.hash = hash;
+        }
+        insert_rows(conn, "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)", "", &events).await?;
+        insert_rows(
+            conn,
+            "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)",
+            "ON CONFLICT (id) DO NOTHING",
+            &rows.referrals,
+        )
+        .await?;
+        insert_rows(
+            conn,
+            "INSERT INTO hops (referral_id, hop, agency, at, message_id)",
+            "ON CONFLICT DO NOTHING",
+            &rows.hops,
+        )
+        .await?;
+        insert_rows(
+            conn,
+            "INSERT INTO obligations (id, referral_id, rule, kind, duty, bearer, meets_agency, met_by, clock_started_at, due_at, met_at, notify)",
+            "ON CONFLICT (id) DO NOTHING",
+            &rows.obligations,
+        )
+        .await?;
+        // Hops recorded before their referral (reports race) meet its new obligations.
+        let mut meets = rows.meets;
+        for chunk in rows.obligated.chunks(CHUNK) {
+            let list = (1..=chunk.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "SELECT referral_id, hop, agency, MIN(at) AS at FROM hops WHERE referral_id IN ({list}) GROUP BY referral_id, hop, agency"
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                let hop: String = row.try_get("hop")?;
+                if let Some(met_by) = met_by_for(&hop) {
+                    let at: i64 = row.try_get("at")?;
+                    let key = (row.try_get("referral_id")?, met_by, row.try_get("agency")?);
+                    meets
+                        .entry(key)
+                        .and_modify(|t| *t = (*t).min(at))
+                        .or_insert(at);
+                }
+            }
+        }
+        let meets: Vec<[Value; 4]> = meets
+            .into_iter()
+            .map(|((referral, met_by, agency), at)| {
+                [
+                    referral.into(),
+                    met_by.into(),
+                    agency.into(),
+                    Value::Int(at),
+                ]
+            })
+            .collect();
+        for chunk in meets.chunks(CHUNK) {
+            let values = (0..chunk.len())
+                .map(|i| {
+                    format!(
+                        "(${}, ${}, ${}, CAST(${} AS BIGINT))",
+                        4 * i + 1,
+                        4 * i + 2,
+                        4 * i + 3,
+                        4 * i + 4
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "UPDATE obligations SET met_at = v.column4 FROM (VALUES {values}) AS v
+                 WHERE obligations.referral_id = v.column1 AND obligations.met_by = v.column2
+                   AND obligations.meets_agency = v.column3 AND obligations.met_at IS NULL"
+            );
+            let mut query = sqlx::query(&sql);
+            for row in chunk {
+                for value in row {
+                    query = match value {
+                        Value::Text(s) => query.bind(s.as_str()),
+                        Value::Int(i) => query.bind(*i),
+                        Value::NullInt => query.bind(None::<i64>),
+                    };
+                }
+            }
+            query.execute(&mut *conn).await?;
+        }
+        Ok(())
     }
 
-    async fn record_envelope(
+    fn envelope_rows(
         &self,
-        conn: &mut AnyConnection,
-        head: &mut Head,
         envelope: &Envelope,
         now: DateTime<Utc>,
+        rows: &mut Rows,
         tally: &mut Tally,
-    ) -> Result<bool, sqlx::Error> {
+    ) {
         let kind = MessageKind::try_from(envelope.kind).unwrap_or(MessageKind::Unspecified);
         let submitted = ts(envelope.submitted_at.as_ref()).unwrap_or(now);
         let clock = ts(envelope.clock_started_at.as_ref()).unwrap_or(submitted);
@@ -167,16 +382,12 @@ impl Recorder {
             "envelope_sha256": sha256_hex(&encoded),
         })
         .to_string();
-        let event = Event {
-            message_id: &envelope.id,
-            event: kind.code(),
-            referral_id: &envelope.id,
-            recorded_at: millis(now),
+        rows.events.push(EventRow {
+            message_id: envelope.id.clone(),
+            event: kind.code().to_owned(),
+            referral_id: envelope.id.clone(),
             body,
-        };
-        if !head.append(conn, &event).await? {
-            return Ok(false);
-        }
+        });
         let known = kind != MessageKind::Unspecified && self.policy.knows(kind);
         if !known {
             tally.unknown_kinds += 1;
@@ -188,108 +399,92 @@ impl Recorder {
                 .map(|a| a.region.clone())
                 .unwrap_or_default()
         };
-        sqlx::query(
-            "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region,
-                                    clock_started_at, submitted_at, kind_known, envelope)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(&envelope.id)
-        .bind(kind.code())
-        .bind(&envelope.sender)
-        .bind(&envelope.recipient)
-        .bind(&envelope.in_reply_to)
-        .bind(region(&envelope.sender))
-        .bind(region(&envelope.recipient))
-        .bind(millis(clock))
-        .bind(millis(submitted))
-        .bind(i32::from(known))
-        .bind(base64::engine::general_purpose::STANDARD.encode(&encoded))
-        .execute(&mut *conn)
-        .await?;
-        insert_hop(
-            conn,
+        rows.referrals.push([
+            envelope.id.as_str().into(),
+            kind.code().into(),
+            envelope.sender.as_str().into(),
+            envelope.recipient.as_str().into(),
+            envelope.in_reply_to.as_str().into(),
+            region(&envelope.sender).into(),
+            region(&envelope.recipient).into(),
+            Value::Int(millis(clock)),
+            Value::Int(millis(submitted)),
+            Value::Int(i64::from(known)),
+            base64::engine::general_purpose::STANDARD
+                .encode(&encoded)
+                .into(),
+        ]);
+        let at = millis(submitted);
+        rows.hops.push(hop_row(
             &envelope.id,
             "submitted",
             &envelope.sender,
-            millis(submitted),
+            at,
             &envelope.id,
-        )
-        .await?;
-
+        ));
         match &envelope.payload {
             Some(Payload::Feedback(_)) if !envelope.in_reply_to.is_empty() => {
-                insert_hop(
-                    conn,
+                rows.hops.push(hop_row(
                     &envelope.in_reply_to,
                     "answered",
                     &envelope.sender,
-                    millis(submitted),
+                    at,
                     &envelope.id,
-                )
-                .await?;
-                meet(
-                    conn,
+                ));
+                add_meet(
+                    rows,
                     &envelope.in_reply_to,
                     "feedback",
                     &envelope.sender,
-                    millis(submitted),
-                )
-                .await?;
+                    at,
+                );
             }
             Some(Payload::Acknowledgement(_)) if !envelope.in_reply_to.is_empty() => {
-                insert_hop(
-                    conn,
+                rows.hops.push(hop_row(
                     &envelope.in_reply_to,
                     "acknowledged",
                     &envelope.sender,
-                    millis(submitted),
+                    at,
                     &envelope.id,
-                )
-                .await?;
-                meet(
-                    conn,
+                ));
+                add_meet(
+                    rows,
                     &envelope.in_reply_to,
                     "acknowledged",
                     &envelope.sender,
-                    millis(submitted),
-                )
-                .await?;
+                    at,
+                );
             }
             Some(Payload::OverdueNotice(notice)) => {
-                insert_hop(
-                    conn,
+                rows.hops.push(hop_row(
                     &notice.referral_id,
                     "overdue_notified",
                     &envelope.recipient,
-                    millis(submitted),
+                    at,
                     &envelope.id,
-                )
-                .await?;
+                ));
             }
             _ if known => {
-                tally.obligations += self
-                    .create_obligations(conn, envelope, kind, clock, submitted)
-                    .await?
+                tally.obligations += self.obligation_rows(envelope, kind, clock, submitted, rows)
             }
             _ => {}
         }
-        Ok(true)
     }
 
-    async fn create_obligations(
+    fn obligation_rows(
         &self,
-        conn: &mut AnyConnection,
         envelope: &Envelope,
         kind: MessageKind,
         clock: DateTime<Utc>,
         submitted: DateTime<Utc>,
-    ) -> Result<u64, sqlx::Error> {
+        rows: &mut Rows,
+    ) -> u64 {
         let (Some(sender), Some(recipient)) = (
             self.directory.get(&envelope.sender),
             self.directory.get(&envelope.recipient),
         ) else {
             tracing::warn!(id = %envelope.id, "referral between agencies not in the directory: no obligations created");
-            return Ok(0);
+            return 0;
         };
         let mut created = 0;
         for rule in self.policy.rules_for(kind) {
@@ -306,88 +501,87 @@ impl Recorder {
                 .policy
                 .notify_agencies(rule, sender, recipient, &self.directory);
             let met_by = rule.met_by.code();
-            let id = format!("{}/{}/{}", envelope.id, rule.rule, met_by);
-            // A hop that arrived before the referral (reports race) meets it at once.
-            let earlier: Option<i64> = sqlx::query("SELECT MIN(at) AS at FROM hops WHERE referral_id = $1 AND hop = $2 AND agency = $3")
-                .bind(&envelope.id)
-                .bind(hop_for(met_by))
-                .bind(&recipient.id)
-                .fetch_one(&mut *conn)
-                .await?
-                .try_get("at")?;
-            sqlx::query(
-                "INSERT INTO obligations (id, referral_id, rule, kind, duty, bearer, meets_agency, met_by,
-                                          clock_started_at, due_at, met_at, overdue_at, notify)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12) ON CONFLICT (id) DO NOTHING",
-            )
-            .bind(&id)
-            .bind(&envelope.id)
-            .bind(&rule.rule)
-            .bind(kind.code())
-            .bind(&rule.duty)
-            .bind(&bearer.id)
-            .bind(&recipient.id)
-            .bind(met_by)
-            .bind(millis(start))
-            .bind(millis(due))
-            .bind(earlier)
-            .bind(notify.join(","))
-            .execute(&mut *conn)
-            .await?;
+            rows.obligations.push([
+                format!("{}/{}/{}", envelope.id, rule.rule, met_by).into(),
+                envelope.id.as_str().into(),
+                rule.rule.as_str().into(),
+                kind.code().into(),
+                rule.duty.as_str().into(),
+                bearer.id.as_str().into(),
+                recipient.id.as_str().into(),
+                met_by.into(),
+                Value::Int(millis(start)),
+                Value::Int(millis(due)),
+                Value::NullInt,
+                notify.join(",").into(),
+            ]);
             created += 1;
         }
-        Ok(created)
+        if created > 0 {
+            rows.obligated.push(envelope.id.clone());
+        }
+        created
     }
 
-    async fn record_hop(
-        &self,
-        conn: &mut AnyConnection,
-        head: &mut Head,
-        report: &HopReport,
-        now: DateTime<Utc>,
-    ) -> Result<bool, sqlx::Error> {
-        let hop = hop_name(Hop::try_from(report.hop).unwrap_or(Hop::Unspecified));
-        let at = ts(report.at.as_ref()).unwrap_or(now);
-        let body = json!({"id": report.id, "referral_id": report.referral_id, "hop": hop, "agency": report.agency, "at": millis(at)}).to_string();
-        let event = Event {
-            message_id: &report.id,
-            event: "hop_report",
-            referral_id: &report.referral_id,
-            recorded_at: millis(now),
+    fn hop_rows(report: &HopReport, now: DateTime<Utc>, rows: &mut Rows) {
+        let hop = hop_code(Hop::try_from(report.hop).unwrap_or(Hop::Unspecified));
+        let at = millis(ts(report.at.as_ref()).unwrap_or(now));
+        let body = json!({"id": report.id, "referral_id": report.referral_id, "hop": hop, "agency": report.agency, "at": at}).to_string();
+        rows.events.push(EventRow {
+            message_id: report.id.clone(),
+            event: "hop_report".into(),
+            referral_id: report.referral_id.clone(),
             body,
-        };
-        if !head.append(conn, &event).await? {
-            return Ok(false);
-        }
-        insert_hop(
-            conn,
+        });
+        rows.hops.push(hop_row(
             &report.referral_id,
             hop,
             &report.agency,
-            millis(at),
+            at,
             &report.id,
-        )
-        .await?;
+        ));
         if let Some(met_by) = met_by_for(hop) {
-            meet(
-                conn,
-                &report.referral_id,
-                met_by,
-                &report.agency,
-                millis(at),
-            )
-            .await?;
+            add_meet(rows, &report.referral_id, met_by, &report.agency, at);
         }
-        Ok(true)
     }
 }
 
-/// The hop that meets an obligation met by `met_by`.
-fn hop_for(met_by: &str) -> &str {
-    match met_by {
-        "feedback" => "answered",
-        other => other,
+fn hop_row(referral: &str, hop: &str, agency: &str, at: i64, message_id: &str) -> [Value; 5] {
+    [
+        referral.into(),
+        hop.into(),
+        agency.into(),
+        Value::Int(at),
+        message_id.into(),
+    ]
+}
+
+fn add_meet(rows: &mut Rows, referral: &str, met_by: &'static str, agency: &str, at: i64) {
+    rows.meets
+        .entry((referral.to_owned(), met_by, agency.to_owned()))
+        .and_modify(|t| *t = (*t).min(at))
+        .or_insert(at);
+}
+
+/// The message ids of `batch` that the ledger already holds.
+async fn recorded_already(
+    conn: &mut AnyConnection,
+    batch: &[&Observed],
+) -> Result<HashSet<String>, sqlx::Error> {
+    let mut found = HashSet::new();
+    for chunk in batch.chunks(CHUNK) {
+        let list = (1..=chunk.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!("SELECT message_id FROM ledger_events WHERE message_id IN ({list})");
+        let mut query = sqlx::query_scalar::<_, String>(&sql);
+        for o in chunk {
+            query = query.bind(o.message_id());
+        }
+        found.extend(query.fetch_all(&mut *conn).await?);
     }
+    Ok(found)
 }
 
 /// What a hop meets.
@@ -398,47 +592,4 @@ fn met_by_for(hop: &str) -> Option<&'static str> {
         "answered" => Some("feedback"),
         _ => None,
     }
-}
-
-async fn insert_hop(
-    conn: &mut AnyConnection,
-    referral: &str,
-    hop: &str,
-    agency: &str,
-    at: i64,
-    message_id: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO hops (referral_id, hop, agency, at, message_id) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
-        .bind(referral)
-        .bind(hop)
-        .bind(agency)
-        .bind(at)
-        .bind(message_id)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// Meets the open obligations of `referral` that `agency`'s `met_by` hop meets.
-async fn meet(
-    conn: &mut AnyConnection,
-    referral: &str,
-    met_by: &str,
-    agency: &str,
-    at: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE obligations SET met_at = $1 WHERE referral_id = $2 AND met_by = $3 AND meets_agency = $4 AND met_at IS NULL")
-        .bind(at)
-        .bind(referral)
-        .bind(met_by)
-        .bind(agency)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// For reading stored times.
-#[must_use]
-pub fn time(ms: i64) -> DateTime<Utc> {
-    from_millis(ms)
 }

@@ -2,7 +2,37 @@
 //! an obligation (referrals) or only inform (notices), and which payload
 //! carries them.
 
-use refbus_proto::v1::{MessageKind, envelope::Payload};
+use refbus_proto::v1::{Hop, MessageKind, envelope::Payload};
+
+/// The name of a hop, in routing keys (`event.<hop>`) and in the ledger.
+#[must_use]
+pub fn hop_code(hop: Hop) -> &'static str {
+    match hop {
+        Hop::Unspecified => "unspecified",
+        Hop::Submitted => "submitted",
+        Hop::Delivered => "delivered",
+        Hop::Acknowledged => "acknowledged",
+        Hop::Relayed => "relayed",
+        Hop::Answered => "answered",
+        Hop::OverdueNotified => "overdue_notified",
+    }
+}
+
+/// The hop with this name.
+#[must_use]
+pub fn hop_from_code(code: &str) -> Hop {
+    [
+        Hop::Submitted,
+        Hop::Delivered,
+        Hop::Acknowledged,
+        Hop::Relayed,
+        Hop::Answered,
+        Hop::OverdueNotified,
+    ]
+    .into_iter()
+    .find(|h| hop_code(*h) == code)
+    .unwrap_or(Hop::Unspecified)
+}
 
 /// Domain facts about a [`MessageKind`].
 pub trait KindExt: Sized {

@@ -748,3 +748,476 @@ fn parse_literal(text: &str) -> Option<Result<Deadline, &'static str>> {
         Ok(deadline)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIRECTORY: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/local/directory.toml"
+    );
+    const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policy");
+
+    fn directory() -> Directory {
+        Directory::load(DIRECTORY).unwrap()
+    }
+
+    fn shipped() -> (PolicyCatalogue, Directory) {
+        let directory = directory();
+        (
+            PolicyCatalogue::load(Path::new(POLICY), &directory).unwrap(),
+            directory,
+        )
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_str(text, "%Y-%m-%d %H:%M %:z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn rule<'c>(catalogue: &'c PolicyCatalogue, id: &str, kind: MessageKind) -> &'c ObligationRule {
+        catalogue.rules_for(kind).find(|r| r.rule == id).unwrap()
+    }
+
+    /// A policy directory under the temp dir, removed on drop.
+    struct TempPolicy(PathBuf);
+
+    impl TempPolicy {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("refbus-policy-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("calendars")).unwrap();
+            Self(dir)
+        }
+
+        fn write(&self, file: &str, text: &str) -> &Self {
+            std::fs::write(self.0.join(file), text).unwrap();
+            self
+        }
+
+        fn error(&self) -> String {
+            PolicyCatalogue::load(&self.0, &directory())
+                .unwrap_err()
+                .to_string()
+        }
+
+        fn path(&self, file: &str) -> String {
+            self.0.join(file).display().to_string()
+        }
+    }
+
+    impl Drop for TempPolicy {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const DEFAULTS: &str = "[durations]\npromptly = \"2 working days\"\n";
+
+    /// CQ-1.1b with one field replaced; the replaced field is on line 5.
+    fn obligation(field: &str, value: &str) -> String {
+        let mut fields = vec![
+            ("kind", "\"legal_help_request\""),
+            ("duty", "\"hand it to a duty lawyer\""),
+            ("bearer", "\"sender\""),
+            ("clock", "\"requested\""),
+            ("deadline", "\"24h\""),
+            ("met_by", "\"delivered\""),
+            ("notify", "[\"sender\", \"supervisor\"]"),
+        ];
+        let i = fields.iter().position(|(f, _)| *f == field).unwrap();
+        let replaced = fields.remove(i);
+        fields.insert(0, (replaced.0, value));
+        let mut text = "# test\n\n[[obligation]]\nrule = \"CQ-1.1b\"\n".to_owned();
+        for (f, v) in fields {
+            text.push_str(&format!("{f} = {v}\n"));
+        }
+        text
+    }
+
+    const CALENDAR: &str = "region = \"310000\"\nname = \"上海市\"\nutc_offset = \"+08:00\"\nworking_days = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]\n";
+
+    #[test]
+    fn the_shipped_policy_loads_against_the_shipped_directory() {
+        let (catalogue, directory) = shipped();
+        // Every referral kind creates an obligation, every other kind is known.
+        for code in [
+            "legal_help_request",
+            "defence_commission_request",
+            "legal_aid_application",
+            "letter",
+            "lawyer_meeting_request",
+            "verification_query",
+            "lawyer_violation_notice",
+            "rights_complaint",
+            "misconduct_lead",
+            "joint_notice",
+        ] {
+            let kind = MessageKind::from_code(code).unwrap();
+            assert!(catalogue.rules_for(kind).count() >= 1, "{code}");
+            assert!(catalogue.knows(kind), "{code}");
+        }
+        for rule in catalogue.rules() {
+            assert!(catalogue.knows(rule.kind));
+        }
+        assert_eq!(catalogue.rules().len(), 10);
+        assert_eq!(
+            catalogue.duration("promptly"),
+            Some(Deadline::WorkingDays(2))
+        );
+        // Dazu has no calendar of its own: Chongqing's applies.
+        assert_eq!(
+            catalogue.calendar_for("500111", &directory).region(),
+            "500000"
+        );
+        assert_eq!(
+            catalogue.calendar_for("310000", &directory).region(),
+            "310000"
+        );
+        assert_eq!(
+            *catalogue.calendar_for("440000", &directory),
+            Calendar::always_open("440000")
+        );
+    }
+
+    #[test]
+    fn knows_notices_and_replies() {
+        let (catalogue, _) = shipped();
+        assert!(catalogue.knows(MessageKind::BookedSlotNotice)); // SH-2.8
+        assert!(catalogue.knows(MessageKind::DetaineeUnavailableNotice)); // SH-2.5
+        assert!(catalogue.knows(MessageKind::Feedback));
+        assert!(catalogue.knows(MessageKind::Acknowledgement));
+        assert!(catalogue.knows(MessageKind::OverdueNotice));
+        assert!(!catalogue.knows(MessageKind::Unspecified));
+        assert_eq!(
+            catalogue.rules_for(MessageKind::BookedSlotNotice).count(),
+            0
+        );
+        assert_eq!(catalogue.notices().len(), 2);
+    }
+
+    #[test]
+    fn cq_1_1b_is_due_exactly_24_hours_after_the_request() {
+        let (catalogue, directory) = shipped();
+        let rule = rule(&catalogue, "CQ-1.1b", MessageKind::LegalHelpRequest);
+        assert_eq!(rule.bearer, Party::Sender);
+        assert_eq!(rule.clock, ClockStart::Requested);
+        assert_eq!(rule.met_by, MetBy::Delivered);
+        assert_eq!(rule.deadline_text, "24h");
+        let centre = directory.get("dz-detention-centre").unwrap();
+        // Saturday night, in a holiday week: calendar time all the same.
+        let start = at("2026-10-03 22:10 +08:00");
+        assert_eq!(
+            catalogue.due_at(rule, start, centre, &directory),
+            start + TimeDelta::hours(24)
+        );
+    }
+
+    #[test]
+    fn cq_3_14_overdue_feedback_is_told_to_the_centre_and_the_municipal_bureau() {
+        let (catalogue, directory) = shipped();
+        let rule = rule(&catalogue, "CQ-3.14", MessageKind::LawyerViolationNotice);
+        assert_eq!(rule.bearer, Party::Recipient);
+        assert_eq!(rule.met_by.code(), "feedback");
+        let centre = directory.get("dz-detention-centre").unwrap();
+        let bureau = directory.get("dz-justice-bureau").unwrap();
+        assert_eq!(
+            catalogue.notify_agencies(rule, centre, bureau, &directory),
+            ["dz-detention-centre", "cq-justice-bureau"]
+        );
+    }
+
+    #[test]
+    fn supervisor_is_the_bearers_justice_bureau_or_its_parent() {
+        let directory = directory();
+        let supervisor =
+            |id: &str| supervisor_of(directory.get(id).unwrap(), &directory).map(|a| a.id.clone());
+        assert_eq!(
+            supervisor("dz-detention-centre").as_deref(),
+            Some("dz-justice-bureau")
+        );
+        assert_eq!(
+            supervisor("dz-justice-bureau").as_deref(),
+            Some("cq-justice-bureau")
+        );
+        assert_eq!(supervisor("cq-justice-bureau"), None);
+        assert_eq!(
+            supervisor("sh-first-detention-centre").as_deref(),
+            Some("sh-justice-bureau")
+        );
+    }
+
+    #[test]
+    fn cq_1_1b_notify_skips_a_missing_supervisor_and_deduplicates() {
+        let (catalogue, directory) = shipped();
+        let rule = ObligationRule {
+            notify: vec![
+                NotifyTarget::Supervisor,
+                NotifyTarget::Bearer,
+                NotifyTarget::Sender,
+                NotifyTarget::Agency("cq-bar-association".into()),
+                NotifyTarget::Recipient,
+            ],
+            bearer: Party::Recipient,
+            ..rule(&catalogue, "CQ-1.1b", MessageKind::LegalHelpRequest).clone()
+        };
+        let centre = directory.get("cq-detention-centre").unwrap();
+        let bureau = directory.get("cq-justice-bureau").unwrap();
+        assert_eq!(
+            catalogue.notify_agencies(&rule, centre, bureau, &directory),
+            [
+                "cq-justice-bureau",
+                "cq-detention-centre",
+                "cq-bar-association"
+            ]
+        );
+    }
+
+    #[test]
+    fn cq_1_1a_promptly_uses_the_bearers_region_calendar() {
+        let (catalogue, directory) = shipped();
+        let rule = rule(&catalogue, "CQ-1.1a", MessageKind::DefenceCommissionRequest);
+        assert_eq!(rule.deadline_text, "promptly");
+        assert_eq!(rule.deadline, Deadline::WorkingDays(2));
+        let start = at("2026-11-20 10:00 +08:00"); // a Friday
+        // Shanghai (SH-3.3): Monday, Tuesday, to the 16:30 close.
+        let shanghai = directory.get("sh-first-detention-centre").unwrap();
+        assert_eq!(
+            catalogue.due_at(rule, start, shanghai, &directory),
+            at("2026-11-24 16:30 +08:00")
+        );
+        // Dazu uses Chongqing's calendar (CQ-2.8): the 17:30 close.
+        let dazu = directory.get("dz-detention-centre").unwrap();
+        assert_eq!(
+            catalogue.due_at(rule, start, dazu, &directory),
+            at("2026-11-24 17:30 +08:00")
+        );
+    }
+
+    #[test]
+    fn cq_1_1b_a_bad_deadline_names_the_file_and_line() {
+        let t = TempPolicy::new("bad-deadline");
+        t.write("defaults.toml", DEFAULTS)
+            .write("cq.toml", &obligation("deadline", "\"24 hours\""));
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:5: obligation CQ-1.1b: deadline \"24 hours\": expected <n>h, <n>m, <n>d, \"<n> working hours\", \"<n> working days\" or a name from [durations]",
+                t.path("cq.toml")
+            )
+        );
+        t.write("cq.toml", &obligation("deadline", "\"soon\""));
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:5: obligation CQ-1.1b: deadline \"soon\" is not a name in [durations] (defined: promptly)",
+                t.path("cq.toml")
+            )
+        );
+        t.write("cq.toml", &obligation("deadline", "\"0 working days\""));
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:5: obligation CQ-1.1b: deadline \"0 working days\": a deadline must be longer than zero",
+                t.path("cq.toml")
+            )
+        );
+        t.write("defaults.toml", "[durations]\npromptly = \"promptly\"\n");
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:2: durations.promptly \"promptly\": expected <n>h, <n>m, <n>d, \"<n> working hours\" or \"<n> working days\"",
+                t.path("defaults.toml")
+            )
+        );
+    }
+
+    #[test]
+    fn cq_1_1b_an_unknown_kind_names_the_file_and_line() {
+        let t = TempPolicy::new("unknown-kind");
+        t.write("cq.toml", &obligation("kind", "\"legal_hlp_request\""));
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:5: obligation CQ-1.1b: kind \"legal_hlp_request\" is not a message kind (e.g. legal_help_request, lawyer_violation_notice)",
+                t.path("cq.toml")
+            )
+        );
+    }
+
+    #[test]
+    fn cq_1_1b_an_unknown_notify_agency_names_the_file_and_line() {
+        let t = TempPolicy::new("unknown-notify");
+        t.write(
+            "cq.toml",
+            &obligation("notify", "[\"sender\", \"xx-bureau\"]"),
+        );
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:5: obligation CQ-1.1b: notify \"xx-bureau\": expected \"sender\", \"recipient\", \"bearer\", \"supervisor\" or an agency id in the directory",
+                t.path("cq.toml")
+            )
+        );
+        // A directory agency is a valid target.
+        t.write("cq.toml", &obligation("notify", "[\"cq-justice-bureau\"]"));
+        let catalogue = PolicyCatalogue::load(&t.0, &directory()).unwrap();
+        assert_eq!(
+            catalogue.rules()[0].notify,
+            [NotifyTarget::Agency("cq-justice-bureau".into())]
+        );
+    }
+
+    #[test]
+    fn cq_1_1b_bad_field_values_and_duplicates_are_rejected() {
+        let t = TempPolicy::new("bad-fields");
+        for (field, value, expected) in [
+            (
+                "bearer",
+                "\"lawyer\"",
+                "bearer \"lawyer\": expected \"sender\" or \"recipient\"",
+            ),
+            (
+                "clock",
+                "\"asked\"",
+                "clock \"asked\": expected \"requested\" or \"submitted\"",
+            ),
+            (
+                "met_by",
+                "\"read\"",
+                "met_by \"read\": expected \"delivered\", \"acknowledged\" or \"feedback\"",
+            ),
+        ] {
+            t.write("cq.toml", &obligation(field, value));
+            assert_eq!(
+                t.error(),
+                format!("{}:5: obligation CQ-1.1b: {expected}", t.path("cq.toml"))
+            );
+        }
+        let once = obligation("deadline", "\"24h\"");
+        t.write("cq.toml", &format!("{once}{once}"));
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:15: obligation CQ-1.1b for legal_help_request is already defined at {}:4",
+                t.path("cq.toml"),
+                t.path("cq.toml")
+            )
+        );
+        t.write("cq.toml", &format!("{once}colour = \"red\"\n"));
+        let e = t.error();
+        assert!(
+            e.starts_with(&format!(
+                "{}: TOML parse error at line 12",
+                t.path("cq.toml")
+            )),
+            "{e}"
+        );
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        t.write(
+            "cq.toml",
+            &format!("{once}\n[[notice]]\nkind = \"legal_help_request\"\nrule = \"SH-2.8\"\n"),
+        );
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:14: notice SH-2.8: legal_help_request creates an obligation at {}:6, so it is not a notice",
+                t.path("cq.toml"),
+                t.path("cq.toml")
+            )
+        );
+    }
+
+    #[test]
+    fn sh_3_3_bad_reception_hours_name_the_calendar_and_line() {
+        let t = TempPolicy::new("bad-hours");
+        t.write("cq.toml", &obligation("deadline", "\"24h\""))
+            .write(
+                "calendars/sh.toml",
+                &format!("{CALENDAR}reception_hours = [\"11:00-08:30\", \"13:30-16:30\"]\n"),
+            );
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:5: reception_hours \"11:00-08:30\": the end is not after the start",
+                t.path("calendars/sh.toml")
+            )
+        );
+        t.write(
+            "calendars/sh.toml",
+            &format!("{CALENDAR}reception_hours = [\"08:30-11:00\", \"10:30-16:30\"]\n"),
+        );
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:5: reception_hours: \"08:30-11:00\" and \"10:30-16:30\" overlap",
+                t.path("calendars/sh.toml")
+            )
+        );
+        t.write(
+            "calendars/sh.toml",
+            &format!(
+                "{}reception_hours = [\"08:30-11:00\"]\n",
+                CALENDAR.replace("310000", "320000")
+            ),
+        );
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:1: region `320000` is not a region in the directory",
+                t.path("calendars/sh.toml")
+            )
+        );
+    }
+
+    #[test]
+    fn sh_3_3_a_bad_holiday_date_names_the_holidays_file_and_line() {
+        let t = TempPolicy::new("bad-holiday");
+        t.write("cq.toml", &obligation("deadline", "\"24h\""))
+            .write(
+                "calendars/sh.toml",
+                &format!(
+                    "{CALENDAR}holidays_file = \"holidays.txt\"\nreception_hours = [\"08:30-11:00\"]\n"
+                ),
+            )
+            .write(
+                "calendars/holidays.txt",
+                "# 2026\n2026-10-01  # National Day\n\n2026-02-30\n",
+            );
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:4: \"2026-02-30\" is not a date (expected YYYY-MM-DD)",
+                t.path("calendars/holidays.txt")
+            )
+        );
+        t.write("calendars/holidays.txt", "2026-10-01 # National Day\n");
+        let catalogue = PolicyCatalogue::load(&t.0, &directory()).unwrap();
+        let sh = catalogue.calendar_for("310000", &directory()).into_owned();
+        assert!(!sh.is_working_day(chrono::NaiveDate::from_ymd_opt(2026, 10, 1).unwrap()));
+        std::fs::remove_file(t.0.join("calendars/holidays.txt")).unwrap();
+        let e = t.error();
+        assert!(
+            e.starts_with(&format!(
+                "{}:5: holidays_file \"holidays.txt\": cannot read",
+                t.path("calendars/sh.toml")
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_empty_policy_directory_is_an_error() {
+        let t = TempPolicy::new("empty");
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}: no policy files (*.toml) in this directory",
+                t.0.display()
+            )
+        );
+    }
+}
