@@ -6,7 +6,9 @@
 //!    recorded by the tracker;
 //! 3. one deadline scan with N open obligations of which 1,000 are due, for
 //!    N = 100,000 and 1,000,000 (SQLite and PostgreSQL);
-//! 4. the process's resident memory with 1,000,000 open obligations.
+//! 4. the resident memory of a `tracker` process (the real binary) that has
+//!    started on a ledger with 1,000,000 open obligations and run its first
+//!    scan, against one on an empty ledger.
 //!
 //! `cargo bench -p refbus-tracker --bench ledger` (BENCH_MESSAGES, default
 //! 20000; BENCH_OPEN, default 1000000). Results go to standard output.
@@ -51,8 +53,8 @@ fn postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -271,6 +273,55 @@ async fn scan_cost(ledger: &Ledger, open: usize) -> (Duration, usize) {
     (started.elapsed(), marked)
 }
 
+/// Starts the `tracker` binary on `settings`'s ledger, waits for its first
+/// scan to mark `due` obligations overdue (and a second for it to settle),
+/// and reads its resident memory.
+async fn tracker_rss(settings: &TrackerSettings, ledger: &Ledger, due: i64) -> f64 {
+    let namespace = format!("benchmem{}", std::process::id());
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tracker"));
+    command
+        .arg("run")
+        .env("AMQP_URL", amqp_url())
+        .env("REFBUS_NAMESPACE", &namespace)
+        .env("REFBUS_QUEUE_EXPIRES", "30s")
+        .env(
+            "REFBUS_DIRECTORY",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../deploy/local/directory.toml"
+            ),
+        )
+        .env("REFBUS_POLICY", &settings.policy)
+        .env("REFBUS_DATA_DIR", &settings.data_dir)
+        .env("REFBUS_TRACKER_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "error")
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(url) = &settings.database_url {
+        command.env("DATABASE_URL", url);
+    }
+    if let Some(schema) = &settings.database_schema {
+        command.env("REFBUS_DATABASE_SCHEMA", schema);
+    }
+    let mut child = command.spawn().unwrap();
+    loop {
+        let marked: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM obligations WHERE overdue_at IS NOT NULL")
+                .fetch_one(&ledger.pool)
+                .await
+                .unwrap();
+        if marked >= due {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = rss_mib(child.id().unwrap());
+    child.kill().await.unwrap();
+    rss
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let messages = env_usize("BENCH_MESSAGES", 20_000);
@@ -310,7 +361,11 @@ async fn main() {
             .await
             .unwrap(),
         );
-        let rss_before = rss_mib();
+        sqlx::query("DELETE FROM obligations")
+            .execute(&ledger.pool)
+            .await
+            .unwrap();
+        let idle = tracker_rss(settings, &ledger, 0).await;
         for n in [100_000, open] {
             let (took, marked) = scan_cost(&ledger, n).await;
             println!(
@@ -318,9 +373,18 @@ async fn main() {
                 took.as_secs_f64() * 1000.0
             );
         }
+        // Due again, for the tracker process's first scan.
+        sqlx::query("UPDATE obligations SET overdue_at = NULL WHERE overdue_at IS NOT NULL")
+            .execute(&ledger.pool)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM overdue_notices")
+            .execute(&ledger.pool)
+            .await
+            .unwrap();
+        let loaded = tracker_rss(settings, &ledger, 1000).await;
         println!(
-            "memory, {name}: resident {:.1} MiB with {open} open obligations (was {rss_before:.1} MiB before loading them)",
-            rss_mib()
+            "memory, {name}: tracker process resident {loaded:.1} MiB with {open} open obligations ({idle:.1} MiB on an empty ledger)"
         );
         if let Some(schema) = &settings.database_schema {
             sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock::{Clock, from_millis, millis};
-use crate::ledger::{Event, Head, Ledger, LedgerError};
+use crate::ledger::{CHUNK, Event, Head, Ledger, LedgerError, Value, bind_rows, insert_rows};
 use crate::record::Metrics;
 
 /// The sender named on overdue notices: the tracker itself, not an agency.
@@ -63,38 +63,66 @@ pub async fn scan(
         if due.is_empty() {
             return Ok(marked);
         }
+        let mut ids = Vec::with_capacity(due.len());
+        let mut notices = Vec::new();
+        let mut events = Vec::with_capacity(due.len());
         for row in &due {
             let id: String = row.try_get("id")?;
             let referral: String = row.try_get("referral_id")?;
             let rule: String = row.try_get("rule")?;
             let notify: String = row.try_get("notify")?;
-            sqlx::query("UPDATE obligations SET overdue_at = $1 WHERE id = $2 AND overdue_at IS NULL AND met_at IS NULL")
-                .bind(millis(now))
-                .bind(&id)
+            for agency in notify.split(',').filter(|a| !a.is_empty()) {
+                notices.push([
+                    Value::Text(notice_id(&id, agency)),
+                    id.as_str().into(),
+                    agency.into(),
+                    Value::NullInt,
+                ]);
+            }
+            let body = json!({"obligation": id, "rule": rule, "overdue_at": millis(now), "notify": notify}).to_string();
+            let event = Event {
+                message_id: &format!("overdue/{id}"),
+                event: "overdue",
+                referral_id: &referral,
+                recorded_at: millis(now),
+                body,
+            };
+            let seq = head.seq + 1;
+            let hash = event.hash(seq, &head.hash);
+            events.push([
+                Value::Int(seq),
+                event.message_id.into(),
+                "overdue".into(),
+                referral.as_str().into(),
+                Value::Int(millis(now)),
+                event.body.as_str().into(),
+                head.hash.as_str().into(),
+                hash.as_str().into(),
+            ]);
+            head.seq = seq;
+            head.hash = hash;
+            ids.push([Value::Text(id)]);
+        }
+        for chunk in ids.chunks(CHUNK) {
+            let list = (2..chunk.len() + 2)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "UPDATE obligations SET overdue_at = $1 WHERE overdue_at IS NULL AND met_at IS NULL AND id IN ({list})"
+            );
+            bind_rows(sqlx::query(&sql).bind(millis(now)), chunk)
                 .execute(&mut *tx)
                 .await?;
-            for agency in notify.split(',').filter(|a| !a.is_empty()) {
-                sqlx::query("INSERT INTO overdue_notices (notice_id, obligation_id, agency, published_at) VALUES ($1, $2, $3, NULL) ON CONFLICT (notice_id) DO NOTHING")
-                    .bind(notice_id(&id, agency))
-                    .bind(&id)
-                    .bind(agency)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let message_id = format!("overdue/{id}");
-            let body = json!({"obligation": id, "rule": rule, "overdue_at": millis(now), "notify": notify}).to_string();
-            head.append(
-                &mut tx,
-                &Event {
-                    message_id: &message_id,
-                    event: "overdue",
-                    referral_id: &referral,
-                    recorded_at: millis(now),
-                    body,
-                },
-            )
-            .await?;
         }
+        insert_rows(
+            &mut tx,
+            "INSERT INTO overdue_notices (notice_id, obligation_id, agency, published_at)",
+            "ON CONFLICT (notice_id) DO NOTHING",
+            &notices,
+        )
+        .await?;
+        insert_rows(&mut tx, "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)", "", &events).await?;
         head.store(&mut tx).await?;
         tx.commit().await?;
         marked += due.len();

@@ -7,6 +7,7 @@
 //! row every writing transaction updates first (so writers sharing a
 //! PostgreSQL database take turns, and SQLite takes its write lock at once).
 
+use std::fmt::Write;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -167,40 +168,6 @@ impl Head {
             .await?;
         Ok(())
     }
-
-    /// Appends an event; returns false (and changes nothing) when
-    /// `message_id` is already in the ledger.
-    ///
-    /// # Errors
-    /// A database error.
-    pub async fn append(
-        &mut self,
-        conn: &mut AnyConnection,
-        event: &Event<'_>,
-    ) -> Result<bool, sqlx::Error> {
-        let seq = self.seq + 1;
-        let hash = event.hash(seq, &self.hash);
-        let inserted = sqlx::query(
-            "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (message_id) DO NOTHING",
-        )
-        .bind(seq)
-        .bind(event.message_id)
-        .bind(event.event)
-        .bind(event.referral_id)
-        .bind(event.recorded_at)
-        .bind(event.body.as_str())
-        .bind(&self.hash)
-        .bind(&hash)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if inserted == 1 {
-            self.seq = seq;
-            self.hash = hash;
-        }
-        Ok(inserted == 1)
-    }
 }
 
 /// One ledger event before it is chained.
@@ -272,4 +239,84 @@ pub fn hex(bytes: &[u8]) -> String {
 #[must_use]
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
+}
+
+/// A bound value of a multi-row statement.
+#[derive(Clone, Debug)]
+pub enum Value {
+    Text(String),
+    Int(i64),
+    NullInt,
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value::Text(s.to_owned())
+    }
+}
+impl From<String> for Value {
+    fn from(s: String) -> Self {
+        Value::Text(s)
+    }
+}
+impl From<i64> for Value {
+    fn from(i: i64) -> Self {
+        Value::Int(i)
+    }
+}
+
+/// Rows per multi-row statement (keeps well under every driver's limit on
+/// bound parameters).
+pub const CHUNK: usize = 100;
+
+/// Binds every value of `rows`, in order.
+pub fn bind_rows<'q, const N: usize>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    rows: &'q [[Value; N]],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for row in rows {
+        for value in row {
+            query = match value {
+                Value::Text(s) => query.bind(s.as_str()),
+                Value::Int(i) => query.bind(*i),
+                Value::NullInt => query.bind(None::<i64>),
+            };
+        }
+    }
+    query
+}
+
+/// Runs `INSERT INTO table (columns) VALUES (...), (...) suffix` over `rows`.
+pub async fn insert_rows<const N: usize>(
+    conn: &mut AnyConnection,
+    head: &str,
+    suffix: &str,
+    rows: &[[Value; N]],
+) -> Result<(), sqlx::Error> {
+    for chunk in rows.chunks(CHUNK) {
+        let mut sql = String::with_capacity(head.len() + chunk.len() * N * 5);
+        sql.push_str(head);
+        sql.push_str(" VALUES ");
+        let mut n = 0;
+        for (i, _) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for j in 0..N {
+                n += 1;
+                if j > 0 {
+                    sql.push(',');
+                }
+                let _ = write!(sql, "${n}");
+            }
+            sql.push(')');
+        }
+        sql.push(' ');
+        sql.push_str(suffix);
+        bind_rows(sqlx::query(&sql), chunk)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }

@@ -9,7 +9,6 @@
 //! nothing.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -26,7 +25,7 @@ use serde_json::json;
 use sqlx::{AnyConnection, Row};
 
 use crate::clock::millis;
-use crate::ledger::{Event, Head, sha256_hex};
+use crate::ledger::{CHUNK, Event, Head, Value, insert_rows, sha256_hex};
 
 /// Counters the tracker keeps (exported as metrics by the service).
 #[derive(Debug, Default)]
@@ -138,77 +137,6 @@ struct EventRow {
     event: String,
     referral_id: String,
     body: String,
-}
-
-/// A bound value of a multi-row statement.
-#[derive(Clone, Debug)]
-enum Value {
-    Text(String),
-    Int(i64),
-    NullInt,
-}
-
-impl From<&str> for Value {
-    fn from(s: &str) -> Self {
-        Value::Text(s.to_owned())
-    }
-}
-impl From<String> for Value {
-    fn from(s: String) -> Self {
-        Value::Text(s)
-    }
-}
-impl From<i64> for Value {
-    fn from(i: i64) -> Self {
-        Value::Int(i)
-    }
-}
-
-/// Rows per multi-row statement (keeps well under every driver's limit on
-/// bound parameters).
-const CHUNK: usize = 100;
-
-/// Runs `INSERT INTO table (columns) VALUES (...), (...) suffix` over `rows`.
-async fn insert_rows<const N: usize>(
-    conn: &mut AnyConnection,
-    head: &str,
-    suffix: &str,
-    rows: &[[Value; N]],
-) -> Result<(), sqlx::Error> {
-    for chunk in rows.chunks(CHUNK) {
-        let mut sql = String::with_capacity(head.len() + chunk.len() * N * 5);
-        sql.push_str(head);
-        sql.push_str(" VALUES ");
-        let mut n = 0;
-        for (i, _) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for j in 0..N {
-                n += 1;
-                if j > 0 {
-                    sql.push(',');
-                }
-                let _ = write!(sql, "${n}");
-            }
-            sql.push(')');
-        }
-        sql.push(' ');
-        sql.push_str(suffix);
-        let mut query = sqlx::query(&sql);
-        for row in chunk {
-            for value in row {
-                query = match value {
-                    Value::Text(s) => query.bind(s.as_str()),
-                    Value::Int(i) => query.bind(*i),
-                    Value::NullInt => query.bind(None::<i64>),
-                };
-            }
-        }
-        query.execute(&mut *conn).await?;
-    }
-    Ok(())
 }
 
 impl Recorder {
@@ -345,17 +273,9 @@ impl Recorder {
                  WHERE obligations.referral_id = v.column1 AND obligations.met_by = v.column2
                    AND obligations.meets_agency = v.column3 AND obligations.met_at IS NULL"
             );
-            let mut query = sqlx::query(&sql);
-            for row in chunk {
-                for value in row {
-                    query = match value {
-                        Value::Text(s) => query.bind(s.as_str()),
-                        Value::Int(i) => query.bind(*i),
-                        Value::NullInt => query.bind(None::<i64>),
-                    };
-                }
-            }
-            query.execute(&mut *conn).await?;
+            crate::ledger::bind_rows(sqlx::query(&sql), chunk)
+                .execute(&mut *conn)
+                .await?;
         }
         Ok(())
     }
