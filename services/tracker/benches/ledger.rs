@@ -11,7 +11,8 @@
 //!    scan, against one on an empty ledger.
 //!
 //! `cargo bench -p refbus-tracker --bench ledger` (BENCH_MESSAGES, default
-//! 20000; BENCH_OPEN, default 1000000). Results go to standard output.
+//! 20000; BENCH_OPEN, default 1000000, 0 skips the scan and memory parts).
+//! Results go to standard output.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
@@ -174,7 +175,7 @@ fn tracker_settings(
         data_dir,
         policy: concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policy").into(),
         listen: Some("127.0.0.1:0".parse().unwrap()),
-        batch: 256,
+        batch: 500,
     }
 }
 
@@ -224,7 +225,7 @@ async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) 
 }
 
 /// 3 and 4: `open` obligations pending, 1,000 of them due; one scan.
-async fn scan_cost(ledger: &Ledger, open: usize) -> (Duration, usize) {
+async fn scan_cost(ledger: &Ledger, open: usize, round: &str, scan: bool) -> (Duration, usize) {
     sqlx::query("DELETE FROM obligations")
         .execute(&ledger.pool)
         .await
@@ -254,12 +255,15 @@ async fn scan_cost(ledger: &Ledger, open: usize) -> (Duration, usize) {
                 if k > 0 {
                     sql.push(',');
                 }
-                sql.push_str(&format!("('o{j}','r{j}','CQ-1.1b','legal_help_request','d','dz-detention-centre','dz-duty-desk','delivered',{},{due},NULL,NULL,'dz-detention-centre')", due - 86_400_000));
+                sql.push_str(&format!("('{round}o{j}','{round}r{j}','CQ-1.1b','legal_help_request','d','dz-detention-centre','dz-duty-desk','delivered',{},{due},NULL,NULL,'dz-detention-centre')", due - 86_400_000));
             }
             sqlx::query(&sql).execute(&mut *tx).await.unwrap();
             i += n;
         }
         tx.commit().await.unwrap();
+    }
+    if !scan {
+        return (Duration::ZERO, 0);
     }
     let metrics = Metrics::default();
     let started = Instant::now();
@@ -366,8 +370,8 @@ async fn main() {
             .await
             .unwrap();
         let idle = tracker_rss(settings, &ledger, 0).await;
-        for n in [100_000, open] {
-            let (took, marked) = scan_cost(&ledger, n).await;
+        for n in [100_000, open].into_iter().filter(|n| *n > 0) {
+            let (took, marked) = scan_cost(&ledger, n, &format!("s{n}-"), true).await;
             println!(
                 "scan, {name}: {n} open, {marked} due: {:.1} ms",
                 took.as_secs_f64() * 1000.0

@@ -45,7 +45,7 @@ pub struct TrackerSettings {
     #[arg(long = "tracker-listen", env = "REFBUS_TRACKER_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Messages recorded per transaction, at most.
-    #[arg(long, env = "REFBUS_TRACKER_BATCH", default_value_t = 256)]
+    #[arg(long, env = "REFBUS_TRACKER_BATCH", default_value_t = 500)]
     pub batch: usize,
 }
 
@@ -128,7 +128,11 @@ impl Tracker {
             }),
             bus: shared.bus.clone(),
             clock,
-            prefetch: shared.settings.prefetch,
+            // Room for a full batch in flight while the last one commits.
+            prefetch: shared
+                .settings
+                .prefetch
+                .max(u16::try_from(settings.batch.saturating_mul(2)).unwrap_or(u16::MAX)),
             batch: settings.batch.max(1),
             wake: Arc::new(Notify::new()),
             shutdown: shared.shutdown.clone(),
@@ -238,12 +242,7 @@ async fn ingest(
                     if tally.obligations > 0 {
                         wake.notify_one();
                     }
-                    for (incoming, _) in batch.drain(..) {
-                        if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
-                            // Recorded already: a redelivery is recognised and ignored.
-                            tracing::debug!(error = %e, "ack after recording failed");
-                        }
-                    }
+                    acknowledge(batch.drain(..).map(|(incoming, _)| incoming).collect()).await;
                     break;
                 }
                 Err(e) => {
@@ -256,6 +255,37 @@ async fn ingest(
                 }
             }
         }
+    }
+}
+
+/// Acknowledges a recorded batch: with one `multiple` ack when it all came
+/// on one connection (deliveries arrive in tag order, so everything
+/// outstanding up to the last tag is in the batch), else one by one.
+async fn acknowledge(batch: Vec<Incoming>) {
+    let same_connection = batch.windows(2).all(|w| w[0].generation == w[1].generation);
+    let result = match batch.last() {
+        Some(last) if same_connection => last
+            .acker
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .map(|_| ()),
+        _ => {
+            let mut result = Ok(());
+            for incoming in &batch {
+                result = result.and(
+                    incoming
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .map(|_| ()),
+                );
+            }
+            result
+        }
+    };
+    if let Err(e) = result {
+        // Recorded already: a redelivery is recognised and ignored.
+        tracing::debug!(error = %e, "ack after recording failed");
     }
 }
 

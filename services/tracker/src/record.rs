@@ -343,37 +343,22 @@ impl Recorder {
             &envelope.id,
         ));
         match &envelope.payload {
-            Some(Payload::Feedback(_)) if !envelope.in_reply_to.is_empty() => {
+            Some(Payload::Feedback(_) | Payload::Acknowledgement(_))
+                if !envelope.in_reply_to.is_empty() =>
+            {
+                let (hop, met_by) = if kind == MessageKind::Feedback {
+                    ("answered", "feedback")
+                } else {
+                    ("acknowledged", "acknowledged")
+                };
                 rows.hops.push(hop_row(
                     &envelope.in_reply_to,
-                    "answered",
+                    hop,
                     &envelope.sender,
                     at,
                     &envelope.id,
                 ));
-                add_meet(
-                    rows,
-                    &envelope.in_reply_to,
-                    "feedback",
-                    &envelope.sender,
-                    at,
-                );
-            }
-            Some(Payload::Acknowledgement(_)) if !envelope.in_reply_to.is_empty() => {
-                rows.hops.push(hop_row(
-                    &envelope.in_reply_to,
-                    "acknowledged",
-                    &envelope.sender,
-                    at,
-                    &envelope.id,
-                ));
-                add_meet(
-                    rows,
-                    &envelope.in_reply_to,
-                    "acknowledged",
-                    &envelope.sender,
-                    at,
-                );
+                add_meet(rows, &envelope.in_reply_to, met_by, &envelope.sender, at);
             }
             Some(Payload::OverdueNotice(notice)) => {
                 rows.hops.push(hop_row(
