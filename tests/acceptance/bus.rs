@@ -290,8 +290,7 @@ async fn feedback_reaches_the_referrals_sender_correlated_to_it() {
     let answer = desk
         .feedback(FeedbackRequest {
             agency: DESK.into(),
-            referral_id: env.id.clone(),
-            referral_sender: env.sender.clone(),
+            referral: Some(env.clone()),
             feedback: Some(Feedback {
                 outcome: Outcome::LawyerAssigned as i32,
                 summary: "值班律师已接待".into(),
@@ -308,8 +307,7 @@ async fn feedback_reaches_the_referrals_sender_correlated_to_it() {
     legal_aid
         .assign_duty_lawyer(AssignDutyLawyerRequest {
             agency: DESK.into(),
-            request_id: env.id.clone(),
-            request_sender: env.sender.clone(),
+            request: Some(env.clone()),
             lawyer: Some(Lawyer {
                 name: "赵律师".into(),
                 licence_number: "15001201910000001".into(),
@@ -337,14 +335,16 @@ async fn feedback_reaches_the_referrals_sender_correlated_to_it() {
     let err = desk
         .feedback(FeedbackRequest {
             agency: DESK.into(),
-            referral_id: String::new(),
             ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(
         (err.code(), err.message()),
-        (Code::InvalidArgument, "referral_id: required")
+        (
+            Code::InvalidArgument,
+            "referral: required: the referral answered, as delivered"
+        )
     );
     bus.stop().await;
 }

@@ -3,8 +3,10 @@
 //!
 //! - [`bus`]: issue 2, the bus end to end.
 //! - [`tracker`]: issue 3, the tracker.
+//! - [`leads`]: issue 4, misconduct leads, notices, complaints and letters.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod bus;
+mod leads;
 mod tracker;

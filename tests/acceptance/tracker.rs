@@ -295,8 +295,7 @@ async fn feedback_closes_the_obligation_and_the_timeline_shows_every_hop(db: Db)
     let mut jb = JusticeBureauClient::new(bus.channel("justice-bureau").await);
     jb.report_handling_result(ReportHandlingResultRequest {
         justice_bureau: BUREAU.into(),
-        referral_id: referral.id.clone(),
-        referral_sender: CENTRE.into(),
+        referral: d.envelope.clone(),
         outcome: Outcome::Sanctioned as i32,
         summary: "已立案处理".into(),
         idempotency_key: "fb-answer".into(),
@@ -413,6 +412,7 @@ fn seeded(
         in_reply_to: String::new(),
         idempotency_key: id.into(),
         payload: Some(payload),
+        ..Envelope::default()
     }
 }
 

@@ -10,9 +10,9 @@ use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{
     AnswerVerificationQueryRequest, AssignDutyLawyerRequest, Envelope, Feedback, FeedbackRequest,
     FileRightsComplaintRequest, ForwardLegalHelpRequestRequest, LegalHelpRequest,
-    NotifyLawyerViolationRequest, Outcome, Receipt, ReportHandlingResultRequest,
-    bar_association_server, case_unit_server, detention_centre_server, justice_bureau_server,
-    legal_aid_server,
+    NotifyJointActionRequest, NotifyLawyerViolationRequest, Outcome, Receipt,
+    ReportHandlingResultRequest, bar_association_server, case_unit_server, detention_centre_server,
+    justice_bureau_server, legal_aid_server,
 };
 use tonic::{Request, Response, Status};
 
@@ -32,16 +32,14 @@ impl AgencyRpcs {
     async fn answer(
         &self,
         agency: String,
-        referral_id: String,
-        referral_sender: String,
+        referral: Option<Envelope>,
         outcome: Outcome,
         summary: String,
         key: String,
     ) -> Reply {
         let feedback = FeedbackRequest {
             agency,
-            referral_id,
-            referral_sender,
+            referral,
             feedback: Some(Feedback {
                 outcome: outcome as i32,
                 summary,
@@ -108,6 +106,26 @@ impl detention_centre_server::DetentionCentre for AgencyRpcs {
         })
         .await
     }
+
+    async fn notify_joint_action(&self, request: Request<NotifyJointActionRequest>) -> Reply {
+        let r = request.into_inner();
+        self.0.own_agency("detention_centre", &r.detention_centre)?;
+        let [police, bureau, bar] =
+            routing::joint_notice_recipients(&self.0.directory, &r.detention_centre)
+                .map_err(|e| Status::from(GatewayError::Submit(SubmitError::NoRoute(e))))?;
+        let Some(notice) = r.notice else {
+            return Err(Status::invalid_argument("notice: required (CQ-3.15)"));
+        };
+        self.send(Envelope {
+            sender: r.detention_centre,
+            recipient: police.id.clone(),
+            also_to: vec![bureau.id.clone(), bar.id.clone()],
+            idempotency_key: r.idempotency_key,
+            payload: Some(Payload::JointNotice(notice)),
+            ..Envelope::default()
+        })
+        .await
+    }
 }
 
 #[tonic::async_trait]
@@ -122,8 +140,7 @@ impl case_unit_server::CaseUnit for AgencyRpcs {
         }
         self.answer(
             r.case_unit,
-            r.query_id,
-            r.query_sender,
+            r.query,
             Outcome::Done,
             r.answer,
             r.idempotency_key,
@@ -145,8 +162,7 @@ impl legal_aid_server::LegalAid for AgencyRpcs {
         );
         self.answer(
             r.agency,
-            r.request_id,
-            r.request_sender,
+            r.request,
             Outcome::LawyerAssigned,
             summary,
             r.idempotency_key,
@@ -169,8 +185,7 @@ impl justice_bureau_server::JusticeBureau for AgencyRpcs {
             })?;
         self.answer(
             r.justice_bureau,
-            r.referral_id,
-            r.referral_sender,
+            r.referral,
             outcome,
             r.summary,
             r.idempotency_key,

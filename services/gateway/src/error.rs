@@ -2,6 +2,8 @@
 
 use refbus_bus::BusError;
 use refbus_core::SubmitError;
+use refbus_core::lead::LeadError;
+use refbus_core::rules::RuleViolation;
 use tonic::Status;
 
 /// Everything a gateway call can fail with.
@@ -19,6 +21,12 @@ pub enum GatewayError {
     Invalid { field: &'static str, reason: String },
 }
 
+impl From<RuleViolation> for GatewayError {
+    fn from(violation: RuleViolation) -> Self {
+        GatewayError::Submit(SubmitError::Forbidden(violation))
+    }
+}
+
 impl From<GatewayError> for Status {
     fn from(error: GatewayError) -> Self {
         let message = error.to_string();
@@ -31,7 +39,10 @@ impl From<GatewayError> for Status {
                 SubmitError::NotOwnAgency { .. } | SubmitError::Forbidden(_) => {
                     Status::permission_denied(message)
                 }
-                SubmitError::NoRoute(_) => Status::failed_precondition(message),
+                SubmitError::NoRoute(_) | SubmitError::Lead(LeadError::NoStatutoryRoute { .. }) => {
+                    Status::failed_precondition(message)
+                }
+                SubmitError::Lead(LeadError::Invalid { .. }) => Status::invalid_argument(message),
             },
             GatewayError::Bus(e) => match e {
                 BusError::Unroutable { .. } => Status::internal(message),

@@ -10,12 +10,13 @@ use prost::Message;
 use refbus_bus::{Bus, Incoming, Outgoing, Topology};
 use refbus_core::envelope::{self, timestamp};
 use refbus_core::kind::hop_code;
-use refbus_core::{Directory, KindExt, SubmitError};
+use refbus_core::rules::{self, RuleViolation};
+use refbus_core::{Directory, KindExt, MessageKind, SubmitError};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::gateway_server::Gateway;
 use refbus_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, Delivery, Envelope, FeedbackRequest, Hop, HopReport,
-    InboxRequest, Receipt, SubmitRequest,
+    InboxRequest, Receipt, RelayRequest, SubmitRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -75,61 +76,199 @@ impl GatewayCore {
     /// # Errors
     /// Validation errors (nothing is published) or `Unavailable`.
     pub async fn submit(&self, envelope: Envelope) -> Result<Receipt, GatewayError> {
-        let accepted = envelope::accept(
+        let accepted = self.accept(envelope)?;
+        self.publish(accepted.envelope, accepted.kind).await
+    }
+
+    fn accept(&self, envelope: Envelope) -> Result<envelope::Accepted, GatewayError> {
+        Ok(envelope::accept(
             envelope,
             &self.directory,
             |sender| self.served.contains(sender),
             &self.served_list(),
             Utc::now(),
-        )?;
-        let envelope = accepted.envelope;
-        let kind = accepted.kind.code();
+        )?)
+    }
+
+    /// Publishes an accepted envelope, once, to its recipient and to every
+    /// agency in `also_to`, and waits for the broker's confirm.
+    async fn publish(
+        &self,
+        envelope: Envelope,
+        kind: MessageKind,
+    ) -> Result<Receipt, GatewayError> {
+        let kind = kind.code();
         let routing_key = Topology::routing_key(&envelope.recipient, kind);
         let body = envelope.encode_to_vec();
         let exchange = self.bus.topology().deliveries_exchange();
         let mut message = Outgoing::new(&exchange, &routing_key, &body);
         message.message_id = Some(&envelope.id);
         message.kind = Some(kind);
+        message.cc = envelope
+            .also_to
+            .iter()
+            .map(|agency| Topology::routing_key(agency, kind))
+            .collect();
         self.bus.publish(message).await?;
-        tracing::info!(id = %envelope.id, kind, sender = %envelope.sender, recipient = %envelope.recipient, "submitted");
+        tracing::info!(id = %envelope.id, kind, sender = %envelope.sender, recipient = %envelope.recipient, also_to = envelope.also_to.len(), "submitted");
         Ok(Receipt {
             id: envelope.id,
             submitted_at: envelope.submitted_at,
             recipient: envelope.recipient,
             routing_key,
+            also_to: envelope.also_to,
         })
     }
 
-    /// Answers a referral: a feedback envelope to the referral's sender.
+    /// Answers a referral: a feedback envelope to the referral's sender; for
+    /// a misconduct lead, to its finder, with a copy to every relay it passed
+    /// (DZ-8). Only an agency the referral was addressed to may answer it.
     ///
     /// # Errors
-    /// As [`GatewayCore::submit`].
+    /// As [`GatewayCore::submit`]; `Forbidden` naming the rule when `agency`
+    /// was not asked.
     pub async fn feedback(&self, request: FeedbackRequest) -> Result<Receipt, GatewayError> {
         self.own_agency("agency", &request.agency)?;
-        if request.referral_id.trim().is_empty() {
+        let Some(referral) = request.referral else {
             return Err(GatewayError::Invalid {
-                field: "referral_id",
-                reason: "required".into(),
+                field: "referral",
+                reason: "required: the referral answered, as delivered".into(),
             });
-        }
-        if request.referral_sender.trim().is_empty() {
-            return Err(GatewayError::Invalid {
-                field: "referral_sender",
-                reason: "required: the sender of the referral, as delivered".into(),
-            });
-        }
+        };
         let Some(feedback) = request.feedback else {
             return Err(GatewayError::Invalid {
                 field: "feedback",
                 reason: "required".into(),
             });
         };
-        self.submit(Envelope {
-            sender: request.agency,
-            recipient: request.referral_sender,
-            in_reply_to: request.referral_id,
+        let Some(payload) = referral.payload.as_ref() else {
+            return Err(GatewayError::Invalid {
+                field: "referral.payload",
+                reason: "required: the referral as delivered".into(),
+            });
+        };
+        if referral.id.trim().is_empty() {
+            return Err(GatewayError::Invalid {
+                field: "referral.id",
+                reason: "required: the referral as delivered".into(),
+            });
+        }
+        let kind = MessageKind::of_payload(payload);
+        if !kind.is_referral() {
+            return Err(GatewayError::Invalid {
+                field: "referral",
+                reason: format!("a {} asks for no answer", kind.code()),
+            });
+        }
+        let agency = request.agency;
+        if referral.recipient != agency && !referral.also_to.contains(&agency) {
+            return Err(RuleViolation {
+                rule: rules::rule_of(kind),
+                reason: format!(
+                    "feedback comes from the agency that was asked: `{agency}` was not asked `{}`",
+                    referral.id
+                ),
+            }
+            .into());
+        }
+        let in_reply_to = envelope::tracking_id(&referral).to_owned();
+        let (recipient, relays) = match payload {
+            Payload::MisconductLead(lead) => {
+                let handler = lead.route.last().map(|hop| hop.agency.as_str());
+                if handler != Some(agency.as_str()) {
+                    return Err(RuleViolation {
+                        rule: "DZ-8",
+                        reason: format!(
+                            "`{agency}` passes this lead on; its handling organ `{}` feeds back",
+                            handler.unwrap_or("(none)")
+                        ),
+                    }
+                    .into());
+                }
+                if lead.found_by.is_empty() {
+                    return Err(GatewayError::Invalid {
+                        field: "referral.misconduct_lead.found_by",
+                        reason: "required: the lead as delivered names its finder (DZ-8)".into(),
+                    });
+                }
+                let relays: Vec<String> = lead.route[..lead.route.len() - 1]
+                    .iter()
+                    .rev()
+                    .map(|hop| hop.agency.clone())
+                    .filter(|relay| *relay != lead.found_by && *relay != agency)
+                    .collect();
+                (lead.found_by.clone(), relays)
+            }
+            _ => (referral.sender.clone(), Vec::new()),
+        };
+        let mut accepted = self.accept(Envelope {
+            sender: agency,
+            recipient,
+            in_reply_to,
             idempotency_key: request.idempotency_key,
             payload: Some(Payload::Feedback(feedback)),
+            ..Envelope::default()
+        })?;
+        for relay in &relays {
+            if self.directory.get(relay).is_none() {
+                return Err(SubmitError::UnknownAgency {
+                    field: "referral.misconduct_lead.route".into(),
+                    id: relay.clone(),
+                }
+                .into());
+            }
+        }
+        accepted.envelope.also_to = relays;
+        self.publish(accepted.envelope, accepted.kind).await
+    }
+
+    /// Passes a misconduct lead on to the next organ of its route (DZ-7).
+    ///
+    /// # Errors
+    /// As [`GatewayCore::submit`]; `Forbidden` naming DZ-7 when `agency` was
+    /// not sent the lead or is not a relay of its route.
+    pub async fn relay(&self, request: RelayRequest) -> Result<Receipt, GatewayError> {
+        self.own_agency("agency", &request.agency)?;
+        let Some(lead) = request.lead else {
+            return Err(GatewayError::Invalid {
+                field: "lead",
+                reason: "required: the lead as delivered".into(),
+            });
+        };
+        let Some(Payload::MisconductLead(payload)) = lead.payload.clone() else {
+            return Err(GatewayError::Invalid {
+                field: "lead.payload",
+                reason: "DZ-7: only a misconduct lead is relayed".into(),
+            });
+        };
+        if lead.id.trim().is_empty() {
+            return Err(GatewayError::Invalid {
+                field: "lead.id",
+                reason: "required: the lead as delivered".into(),
+            });
+        }
+        if lead.recipient != request.agency {
+            return Err(RuleViolation {
+                rule: "DZ-7",
+                reason: format!(
+                    "`{}` was not sent lead `{}`: only the agency it was delivered to passes it on",
+                    request.agency, lead.id
+                ),
+            }
+            .into());
+        }
+        let original = envelope::tracking_id(&lead).to_owned();
+        let idempotency_key = if request.idempotency_key.is_empty() {
+            format!("relay/{original}")
+        } else {
+            request.idempotency_key
+        };
+        self.submit(Envelope {
+            sender: request.agency,
+            relay_of: original,
+            clock_started_at: lead.clock_started_at,
+            idempotency_key,
+            payload: Some(Payload::MisconductLead(payload)),
             ..Envelope::default()
         })
         .await
@@ -167,7 +306,7 @@ impl GatewayCore {
                 let referral = delivery
                     .envelope
                     .as_ref()
-                    .map(|e| e.id.clone())
+                    .map(|e| envelope::tracking_id(e).to_owned())
                     .unwrap_or_default();
                 if tx.send(Ok(delivery)).await.is_err() {
                     break;
@@ -207,7 +346,7 @@ impl GatewayCore {
                     incoming.generation,
                     incoming.delivery_tag,
                     incoming.acker,
-                    envelope.id.clone(),
+                    envelope::tracking_id(&envelope).to_owned(),
                 );
                 Some(Delivery {
                     delivery_token: token,
@@ -320,6 +459,10 @@ impl Gateway for GatewayService {
         request: Request<FeedbackRequest>,
     ) -> Result<Response<Receipt>, Status> {
         Ok(Response::new(self.0.feedback(request.into_inner()).await?))
+    }
+
+    async fn relay(&self, request: Request<RelayRequest>) -> Result<Response<Receipt>, Status> {
+        Ok(Response::new(self.0.relay(request.into_inner()).await?))
     }
 }
 

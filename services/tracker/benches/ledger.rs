@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{TimeZone, Utc};
+use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -84,6 +84,7 @@ fn envelope(i: usize) -> Envelope {
             detention_centre: "dz-detention-centre".into(),
             matter: "x".repeat(200),
         })),
+        ..Envelope::default()
     }
 }
 
@@ -230,10 +231,8 @@ async fn scan_cost(ledger: &Ledger, open: usize, round: &str, scan: bool) -> (Du
         .execute(&ledger.pool)
         .await
         .unwrap();
-    let now = Utc
-        .with_ymd_and_hms(2026, 11, 23, 12, 0, 0)
-        .unwrap()
-        .timestamp_millis();
+    // The wall clock: the tracker process of the memory part scans with it.
+    let now = Utc::now().timestamp_millis();
     let chunk = 500;
     let mut i = 0;
     while i < open {

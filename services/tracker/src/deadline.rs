@@ -183,6 +183,7 @@ pub async fn publish_notices(
                     obligated_agency: row.try_get("bearer")?,
                     due_at: Some(timestamp(due)),
                 })),
+                ..Envelope::default()
             };
             let body = envelope.encode_to_vec();
             let exchange = bus.topology().deliveries_exchange();

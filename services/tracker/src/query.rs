@@ -109,6 +109,25 @@ impl Queries {
         })
     }
 
+    /// Whether a referral is a misconduct lead, or a reply to one.
+    async fn is_lead_traffic(&self, kind: &str, row: &AnyRow) -> Result<bool, Status> {
+        let lead = MessageKind::MisconductLead.code();
+        if kind == lead {
+            return Ok(true);
+        }
+        let in_reply_to: String = row.try_get("in_reply_to").map_err(internal)?;
+        if in_reply_to.is_empty() {
+            return Ok(false);
+        }
+        let answered: Option<String> =
+            sqlx::query_scalar("SELECT kind FROM referrals WHERE id = $1")
+                .bind(&in_reply_to)
+                .fetch_optional(&self.ledger.pool)
+                .await
+                .map_err(internal)?;
+        Ok(answered.as_deref() == Some(lead))
+    }
+
     /// A referral's status for `asker`.
     ///
     /// # Errors
@@ -148,8 +167,16 @@ impl Queries {
                 o.try_get::<String, _>("bearer")
                     .is_ok_and(|a| a == asker.id)
             });
+        let kind: String = row.try_get("kind").map_err(internal)?;
         let sight = if party {
             Sight::Whole
+        } else if self.is_lead_traffic(&kind, &row).await? {
+            // Misconduct leads are visible only to the agencies on their
+            // route (DOMAIN.md, Confidentiality): not even to a supervisor.
+            return Err(Status::permission_denied(format!(
+                "`{}` is not on the route of misconduct lead `{id}` (DZ-6: a lead is seen only by the agencies on its route)",
+                asker.id
+            )));
         } else if asker.kind == AgencyKind::JusticeBureau && {
             let regions = self.supervised_regions(asker);
             let s: String = row.try_get("sender_region").map_err(internal)?;
@@ -165,7 +192,6 @@ impl Queries {
         };
 
         let now = self.clock.now();
-        let kind: String = row.try_get("kind").map_err(internal)?;
         let envelope = if sight == Sight::Whole {
             let encoded: String = row.try_get("envelope").map_err(internal)?;
             base64::engine::general_purpose::STANDARD

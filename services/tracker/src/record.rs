@@ -17,10 +17,12 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use refbus_core::envelope::from_timestamp;
 use refbus_core::kind::hop_code;
-use refbus_core::policy::{ClockStart, Party, PolicyCatalogue};
+use refbus_core::policy::{ClockStart, Condition, MetBy, Party, PolicyCatalogue};
 use refbus_core::{Directory, KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
-use refbus_proto::v1::{Envelope, Hop, HopReport};
+use refbus_proto::v1::letter::Disposition;
+use refbus_proto::v1::route_hop::Duty;
+use refbus_proto::v1::{Envelope, Hop, HopReport, Letter, Outcome, WithholdingGround};
 use serde_json::json;
 use sqlx::{AnyConnection, Row};
 
@@ -290,8 +292,13 @@ impl Recorder {
         let kind = MessageKind::try_from(envelope.kind).unwrap_or(MessageKind::Unspecified);
         let submitted = ts(envelope.submitted_at.as_ref()).unwrap_or(now);
         let clock = ts(envelope.clock_started_at.as_ref()).unwrap_or(submitted);
+        let known = kind != MessageKind::Unspecified && self.policy.knows(kind);
+        if !known {
+            tally.unknown_kinds += 1;
+            tracing::warn!(id = %envelope.id, kind = envelope.kind, sender = %envelope.sender, "recorded a message of a kind the policy catalogue does not know (flagged)");
+        }
         let encoded = envelope.encode_to_vec();
-        let body = json!({
+        let mut body = json!({
             "id": envelope.id,
             "kind": kind.code(),
             "sender": envelope.sender,
@@ -300,18 +307,45 @@ impl Recorder {
             "clock_started_at": millis(clock),
             "submitted_at": millis(submitted),
             "envelope_sha256": sha256_hex(&encoded),
-        })
-        .to_string();
+        });
+        if !envelope.also_to.is_empty() {
+            body["also_to"] = json!(envelope.also_to);
+        }
+        if !envelope.relay_of.is_empty() {
+            body["relay_of"] = json!(envelope.relay_of);
+        }
+        // CQ-1.1c: the ground a letter was withheld on is recorded.
+        if let Some(Payload::Letter(Letter {
+            disposition: Some(Disposition::WithheldOn(ground)),
+            ..
+        })) = &envelope.payload
+        {
+            body["withheld_on"] =
+                json!(WithholdingGround::try_from(*ground).map_or("unknown", |g| g.as_str_name()));
+        }
+        let referral_id = refbus_core::envelope::tracking_id(envelope).to_owned();
         rows.events.push(EventRow {
             message_id: envelope.id.clone(),
             event: kind.code().to_owned(),
-            referral_id: envelope.id.clone(),
-            body,
+            referral_id: referral_id.clone(),
+            body: body.to_string(),
         });
-        let known = kind != MessageKind::Unspecified && self.policy.knows(kind);
-        if !known {
-            tally.unknown_kinds += 1;
-            tracing::warn!(id = %envelope.id, kind = envelope.kind, sender = %envelope.sender, "recorded a message of a kind the policy catalogue does not know (flagged)");
+        if !envelope.relay_of.is_empty() {
+            // DZ-7: a relay passed the lead on. Filed under the lead.
+            let at = millis(submitted);
+            rows.hops.push(hop_row(
+                &referral_id,
+                "relayed",
+                &envelope.sender,
+                at,
+                &envelope.id,
+            ));
+            add_meet(rows, &referral_id, "relayed", &envelope.sender, at);
+            if known {
+                tally.obligations +=
+                    self.obligation_rows(envelope, &referral_id, kind, clock, submitted, rows);
+            }
+            return;
         }
         let region = |id: &str| {
             self.directory
@@ -346,10 +380,13 @@ impl Recorder {
             Some(Payload::Feedback(_) | Payload::Acknowledgement(_))
                 if !envelope.in_reply_to.is_empty() =>
             {
-                let (hop, met_by) = if kind == MessageKind::Feedback {
-                    ("answered", "feedback")
-                } else {
-                    ("acknowledged", "acknowledged")
+                let (hop, met_by) = match &envelope.payload {
+                    // CQ-3.13: hearing the lawyer in person meets an obligation of its own.
+                    Some(Payload::Feedback(f)) if f.outcome == Outcome::Heard as i32 => {
+                        ("answered", "hearing")
+                    }
+                    Some(Payload::Feedback(_)) => ("answered", "feedback"),
+                    _ => ("acknowledged", "acknowledged"),
                 };
                 rows.hops.push(hop_row(
                     &envelope.in_reply_to,
@@ -370,60 +407,107 @@ impl Recorder {
                 ));
             }
             _ if known => {
-                tally.obligations += self.obligation_rows(envelope, kind, clock, submitted, rows)
+                tally.obligations +=
+                    self.obligation_rows(envelope, &envelope.id, kind, clock, submitted, rows);
             }
             _ => {}
         }
     }
 
+    /// The obligations `envelope` creates, filed under `referral_id`: one
+    /// per rule of its kind that applies, and for a rule whose bearer is the
+    /// recipient, one per recipient (a joint notice's `also_to`, CQ-3.15).
+    /// A misconduct lead binds its recipient by the duty of that hop of its
+    /// route: a relay by the rules met by relaying (DZ-7), the handling
+    /// organ by the others (DZ-8); overdue notices go to its finder.
     fn obligation_rows(
         &self,
         envelope: &Envelope,
+        referral_id: &str,
         kind: MessageKind,
         clock: DateTime<Utc>,
         submitted: DateTime<Utc>,
         rows: &mut Rows,
     ) -> u64 {
-        let (Some(sender), Some(recipient)) = (
-            self.directory.get(&envelope.sender),
-            self.directory.get(&envelope.recipient),
-        ) else {
-            tracing::warn!(id = %envelope.id, "referral between agencies not in the directory: no obligations created");
+        let lead = match &envelope.payload {
+            Some(Payload::MisconductLead(lead)) => Some(lead),
+            _ => None,
+        };
+        let sender_id = lead
+            .map(|l| l.found_by.as_str())
+            .filter(|f| !f.is_empty())
+            .unwrap_or(&envelope.sender);
+        let Some(sender) = self.directory.get(sender_id) else {
+            tracing::warn!(id = %envelope.id, "referral from an agency not in the directory: no obligations created");
             return 0;
         };
+        let mut recipients = Vec::with_capacity(1 + envelope.also_to.len());
+        for id in std::iter::once(&envelope.recipient).chain(&envelope.also_to) {
+            match self.directory.get(id) {
+                Some(agency) => recipients.push(agency),
+                None => {
+                    tracing::warn!(id = %envelope.id, "referral to an agency not in the directory: no obligations created for it");
+                }
+            }
+        }
+        let relays = lead.is_some_and(|l| {
+            l.route
+                .iter()
+                .find(|hop| hop.agency == envelope.recipient)
+                .is_some_and(|hop| hop.duty != Duty::Handle as i32)
+        });
+        let hearing =
+            matches!(&envelope.payload, Some(Payload::RightsComplaint(c)) if c.hearing_requested);
         let mut created = 0;
         for rule in self.policy.rules_for(kind) {
-            let bearer = match rule.bearer {
-                Party::Sender => sender,
-                Party::Recipient => recipient,
-            };
-            let start = match rule.clock {
-                ClockStart::Requested => clock,
-                ClockStart::Submitted => submitted,
-            };
-            let due = self.policy.due_at(rule, start, bearer, &self.directory);
-            let notify = self
-                .policy
-                .notify_agencies(rule, sender, recipient, &self.directory);
+            if lead.is_some() && (rule.met_by == MetBy::Relayed) != relays {
+                continue;
+            }
+            if rule.when == Some(Condition::HearingRequested) && !hearing {
+                continue;
+            }
             let met_by = rule.met_by.code();
-            rows.obligations.push([
-                format!("{}/{}/{}", envelope.id, rule.rule, met_by).into(),
-                envelope.id.as_str().into(),
-                rule.rule.as_str().into(),
-                kind.code().into(),
-                rule.duty.as_str().into(),
-                bearer.id.as_str().into(),
-                recipient.id.as_str().into(),
-                met_by.into(),
-                Value::Int(millis(start)),
-                Value::Int(millis(due)),
-                Value::NullInt,
-                notify.join(",").into(),
-            ]);
-            created += 1;
+            for (i, recipient) in recipients.iter().enumerate() {
+                if rule.bearer == Party::Sender && i > 0 {
+                    break;
+                }
+                let bearer = match rule.bearer {
+                    Party::Sender => sender,
+                    Party::Recipient => *recipient,
+                };
+                let start = match rule.clock {
+                    ClockStart::Requested => clock,
+                    ClockStart::Submitted => submitted,
+                };
+                let due = self.policy.due_at(rule, start, bearer, &self.directory);
+                let notify = self
+                    .policy
+                    .notify_agencies(rule, sender, recipient, &self.directory);
+                // Relayed hops and further recipients name their agency.
+                let id = if i == 0 && envelope.relay_of.is_empty() {
+                    format!("{referral_id}/{}/{met_by}", rule.rule)
+                } else {
+                    format!("{referral_id}/{}/{met_by}/{}", rule.rule, recipient.id)
+                };
+                rows.obligations.push([
+                    id.into(),
+                    referral_id.into(),
+                    rule.rule.as_str().into(),
+                    kind.code().into(),
+                    rule.duty.as_str().into(),
+                    bearer.id.as_str().into(),
+                    recipient.id.as_str().into(),
+                    met_by.into(),
+                    Value::Int(millis(start)),
+                    Value::Int(millis(due)),
+                    Value::NullInt,
+                    notify.join(",").into(),
+                ]);
+                created += 1;
+            }
         }
         if created > 0 {
-            rows.obligated.push(envelope.id.clone());
+            rows.obligated.push(referral_id.to_owned());
         }
         created
     }
@@ -495,6 +579,7 @@ fn met_by_for(hop: &str) -> Option<&'static str> {
         "delivered" => Some("delivered"),
         "acknowledged" => Some("acknowledged"),
         "answered" => Some("feedback"),
+        "relayed" => Some("relayed"),
         _ => None,
     }
 }

@@ -84,6 +84,10 @@ pub struct Outgoing<'a> {
     pub kind: Option<&'a str>,
     pub content_type: &'a str,
     pub headers: Vec<(&'a str, String)>,
+    /// Further routing keys for the same message (RabbitMQ's sender-selected
+    /// distribution, the `CC` header): one publish, one confirm, a copy in
+    /// every queue any of the keys reaches.
+    pub cc: Vec<String>,
 }
 
 impl<'a> Outgoing<'a> {
@@ -97,6 +101,7 @@ impl<'a> Outgoing<'a> {
             kind: None,
             content_type: "application/x-protobuf; proto=refbus.v1.Envelope",
             headers: Vec::new(),
+            cc: Vec::new(),
         }
     }
 }
@@ -170,6 +175,14 @@ impl Bus {
                 ShortString::from(*key),
                 AMQPValue::LongString(LongString::from(value.as_str())),
             );
+        }
+        if !message.cc.is_empty() {
+            let keys = message
+                .cc
+                .iter()
+                .map(|key| AMQPValue::LongString(LongString::from(key.as_str())))
+                .collect::<Vec<_>>();
+            headers.insert(ShortString::from("CC"), AMQPValue::FieldArray(keys.into()));
         }
         let mut properties = BasicProperties::default()
             .with_delivery_mode(2)

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::directory::{Agency, Directory};
 use crate::kind::KindExt;
+use crate::lead::{self, LeadError};
 use crate::routing::NoRoute;
 use crate::rules::{self, RuleViolation};
 
@@ -49,6 +50,10 @@ pub enum SubmitError {
     /// The rules give no recipient for this message.
     #[error(transparent)]
     NoRoute(#[from] NoRoute),
+    /// A misconduct lead's route (DZ-7, DZ-8): none in the statute and none
+    /// named, or a named or relayed route that is wrong.
+    #[error(transparent)]
+    Lead(#[from] LeadError),
 }
 
 impl SubmitError {
@@ -140,6 +145,7 @@ pub fn accept(
             served: served.into(),
         });
     }
+    route_lead(&mut envelope, directory)?;
     required(&envelope.recipient, "envelope.recipient")?;
     required(&envelope.idempotency_key, "envelope.idempotency_key")?;
     if envelope.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
@@ -161,11 +167,20 @@ pub fn accept(
             ));
         }
     }
-    validate_payload(payload, &envelope)?;
+    if let Some(payload) = envelope.payload.as_ref() {
+        validate_payload(payload, &envelope)?;
+    }
 
     let sender = agency(directory, &envelope.sender, "envelope.sender")?;
     let recipient = agency(directory, &envelope.recipient, "envelope.recipient")?;
     rules::check(kind, sender, recipient)?;
+    if !envelope.relay_of.is_empty() && kind != MessageKind::MisconductLead {
+        return Err(SubmitError::invalid(
+            "envelope.relay_of",
+            "DZ-7: only a misconduct lead is relayed",
+        ));
+    }
+    check_also_to(&envelope, kind, sender, directory)?;
 
     envelope.id = envelope_id(&envelope.sender, &envelope.idempotency_key);
     envelope.kind = kind as i32;
@@ -178,6 +193,131 @@ pub fn accept(
         return Err(SubmitError::TooLarge { size });
     }
     Ok(Accepted { envelope, kind })
+}
+
+/// The id the tracker files a message under: a relayed lead's original id,
+/// else the message's own.
+#[must_use]
+pub fn tracking_id(envelope: &Envelope) -> &str {
+    if envelope.relay_of.is_empty() {
+        &envelope.id
+    } else {
+        &envelope.relay_of
+    }
+}
+
+/// DZ-7, DZ-8: a new lead gets its route (statutory, or the one a person
+/// named where the statute gives none) and its first hop as recipient; a
+/// relayed lead must come from a relay on its route and go to the next hop.
+fn route_lead(envelope: &mut Envelope, directory: &Directory) -> Result<(), SubmitError> {
+    let sender = envelope.sender.clone();
+    let relayed = !envelope.relay_of.is_empty();
+    let Some(Payload::MisconductLead(lead)) = envelope.payload.as_mut() else {
+        return Ok(());
+    };
+    if relayed {
+        let Some(at) = lead.route.iter().position(|hop| hop.agency == sender) else {
+            return Err(RuleViolation {
+                rule: "DZ-7",
+                reason: format!(
+                    "`{sender}` is not on the lead's route: only the next hop relays it"
+                ),
+            }
+            .into());
+        };
+        let Some(next) = lead.route.get(at + 1) else {
+            return Err(RuleViolation {
+                rule: "DZ-8",
+                reason: format!(
+                    "`{sender}` handles the lead: it feeds the result back to the finder, it does not relay"
+                ),
+            }
+            .into());
+        };
+        if envelope.recipient.is_empty() {
+            envelope.recipient.clone_from(&next.agency);
+        } else if envelope.recipient != next.agency {
+            return Err(RuleViolation {
+                rule: "DZ-7",
+                reason: format!(
+                    "`{sender}` passes the lead to `{}`, the next hop of its route, not to `{}`",
+                    next.agency, envelope.recipient
+                ),
+            }
+            .into());
+        }
+        return Ok(());
+    }
+    if !lead.found_by.is_empty() && lead.found_by != sender {
+        return Err(SubmitError::invalid(
+            "misconduct_lead.found_by",
+            "DZ-8: the finder is the sender of a new lead",
+        ));
+    }
+    let organ;
+    let subject = match &lead.subject {
+        Some(refbus_proto::v1::misconduct_lead::Subject::Officer(officer)) => {
+            required(&officer.organ, "misconduct_lead.officer.organ")?;
+            organ = officer.organ.clone();
+            lead::Subject::Officer { organ: &organ }
+        }
+        Some(refbus_proto::v1::misconduct_lead::Subject::Lawyer(_)) => lead::Subject::Lawyer,
+        None => return Err(SubmitError::invalid("misconduct_lead.subject", "required")),
+    };
+    let (route, chosen) = lead::resolve_route(directory, &sender, &subject, &lead.route)?;
+    let first = route.first().agency.clone();
+    if !envelope.recipient.is_empty() && envelope.recipient != first {
+        return Err(LeadError::Invalid {
+            rule: route.rule,
+            reason: format!(
+                "the lead's route starts at `{first}`, not at `{}`",
+                envelope.recipient
+            ),
+        }
+        .into());
+    }
+    envelope.recipient = first;
+    lead.found_by = sender;
+    lead.route_chosen_by_person = chosen;
+    lead.route_rule = route.rule.to_owned();
+    lead.route = route.hops;
+    Ok(())
+}
+
+/// CQ-3.15: the further recipients of a joint notice, each one the rules
+/// allow, none twice. No other kind is submitted with further recipients.
+fn check_also_to(
+    envelope: &Envelope,
+    kind: MessageKind,
+    sender: &Agency,
+    directory: &Directory,
+) -> Result<(), SubmitError> {
+    if envelope.also_to.is_empty() {
+        return Ok(());
+    }
+    if kind != MessageKind::JointNotice {
+        return Err(SubmitError::invalid(
+            "envelope.also_to",
+            format!(
+                "only a joint notice (CQ-3.15) has further recipients, not a {}",
+                kind.code()
+            ),
+        ));
+    }
+    let mut seen = vec![envelope.recipient.as_str()];
+    for (i, id) in envelope.also_to.iter().enumerate() {
+        let field = format!("envelope.also_to[{i}]");
+        if seen.contains(&id.as_str()) {
+            return Err(SubmitError::invalid(
+                field,
+                format!("`{id}` is named twice"),
+            ));
+        }
+        seen.push(id);
+        let recipient = agency(directory, id, &field)?;
+        rules::check(kind, sender, recipient)?;
+    }
+    Ok(())
 }
 
 fn agency<'d>(directory: &'d Directory, id: &str, field: &str) -> Result<&'d Agency, SubmitError> {

@@ -23,6 +23,7 @@ pub mod calendar;
 pub mod directory;
 pub mod envelope;
 pub mod kind;
+pub mod lead;
 pub mod policy;
 pub mod report;
 pub mod routing;

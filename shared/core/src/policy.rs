@@ -16,7 +16,8 @@
 //! bearer = "sender"           # sender | recipient
 //! clock = "requested"         # requested (the envelope's clock_started_at) | submitted
 //! deadline = "24h"            # <n>h | <n>m | <n>d | "<n> working hours" | "<n> working days" | a [durations] name
-//! met_by = "delivered"        # delivered | acknowledged | feedback
+//! met_by = "delivered"        # delivered | acknowledged | feedback | relayed | hearing
+//! when = "hearing_requested"  # optional: only when the payload asks for it (CQ-3.13)
 //! notify = ["sender", "supervisor"]   # sender | recipient | bearer | supervisor | an agency id
 //!
 //! [[notice]]                  # a kind that is known but creates no obligation
@@ -128,6 +129,20 @@ pub enum MetBy {
     Acknowledged,
     /// The recipient answered (feedback).
     Feedback,
+    /// The recipient passed a misconduct lead on to the next organ of its
+    /// route (DZ-7 relay up or transfer). Misconduct-lead rules met this way
+    /// bind a relay; the others bind the handling organ.
+    Relayed,
+    /// The recipient heard the complainant in person: a feedback whose
+    /// outcome is `OUTCOME_HEARD` (CQ-3.13).
+    Hearing,
+}
+
+/// When a rule applies, beyond its message kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Condition {
+    /// The rights complaint asks for the lawyer to be heard in person (CQ-3.13).
+    HearingRequested,
 }
 
 impl MetBy {
@@ -137,6 +152,8 @@ impl MetBy {
             MetBy::Delivered => "delivered",
             MetBy::Acknowledged => "acknowledged",
             MetBy::Feedback => "feedback",
+            MetBy::Relayed => "relayed",
+            MetBy::Hearing => "hearing",
         }
     }
 }
@@ -170,6 +187,8 @@ pub struct ObligationRule {
     pub deadline_text: String,
     pub met_by: MetBy,
     pub notify: Vec<NotifyTarget>,
+    /// Applies only when this holds of the payload.
+    pub when: Option<Condition>,
 }
 
 /// A kind that is known but creates no obligation.
@@ -211,6 +230,7 @@ struct ObligationEntry {
     deadline: Spanned<String>,
     met_by: Spanned<String>,
     notify: Spanned<Vec<Spanned<String>>>,
+    when: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -288,7 +308,7 @@ impl PolicyCatalogue {
         }
 
         let mut rules: Vec<ObligationRule> = Vec::new();
-        let mut rule_at: HashMap<(String, MessageKind), String> = HashMap::new();
+        let mut rule_at: HashMap<(String, MessageKind, MetBy), String> = HashMap::new();
         let mut notices: Vec<Notice> = Vec::new();
         let mut notice_at: HashMap<MessageKind, String> = HashMap::new();
         let mut obligation_at: HashMap<MessageKind, String> = HashMap::new();
@@ -297,7 +317,8 @@ impl PolicyCatalogue {
             for entry in &file.obligation {
                 let rule = parse_obligation(entry, &durations, directory, &here)?;
                 let at = entry.rule.span().start;
-                let key = (rule.rule.clone(), rule.kind);
+                // One obligation per rule, kind and what meets it (its id in the ledger).
+                let key = (rule.rule.clone(), rule.kind, rule.met_by);
                 if let Some(first) = rule_at.get(&key) {
                     return Err(here.invalid(
                         at,
@@ -617,11 +638,42 @@ fn parse_obligation(
         "delivered" => MetBy::Delivered,
         "acknowledged" => MetBy::Acknowledged,
         "feedback" => MetBy::Feedback,
+        "relayed" if kind == MessageKind::MisconductLead => MetBy::Relayed,
+        "hearing" if kind == MessageKind::RightsComplaint => MetBy::Hearing,
+        "relayed" | "hearing" => {
+            return Err(here.invalid(
+                entry.met_by.span().start,
+                format!(
+                    "{name}: met_by {:?} applies only to a {}",
+                    entry.met_by.get_ref(),
+                    if entry.met_by.get_ref() == "relayed" {
+                        "misconduct_lead (DZ-7)"
+                    } else {
+                        "rights_complaint (CQ-3.13)"
+                    }
+                ),
+            ));
+        }
         _ => {
             return Err(field(
                 &entry.met_by,
                 "met_by",
-                "\"delivered\", \"acknowledged\" or \"feedback\"",
+                "\"delivered\", \"acknowledged\", \"feedback\", \"relayed\" or \"hearing\"",
+            ));
+        }
+    };
+    let when = match entry.when.as_ref() {
+        None => None,
+        Some(w) if w.get_ref() == "hearing_requested" && kind == MessageKind::RightsComplaint => {
+            Some(Condition::HearingRequested)
+        }
+        Some(w) => {
+            return Err(here.invalid(
+                w.span().start,
+                format!(
+                    "{name}: when {:?}: expected \"hearing_requested\", on a rights_complaint (CQ-3.13)",
+                    w.get_ref()
+                ),
             ));
         }
     };
@@ -692,6 +744,7 @@ fn parse_obligation(
         deadline_text,
         met_by,
         notify,
+        when,
     })
 }
 
@@ -863,7 +916,18 @@ mod tests {
         for rule in catalogue.rules() {
             assert!(catalogue.knows(rule.kind));
         }
-        assert_eq!(catalogue.rules().len(), 10);
+        // Ten kinds, plus the DZ-7 relay's and the CQ-3.13 hearing's own.
+        assert_eq!(catalogue.rules().len(), 12);
+        let hearing = catalogue
+            .rules_for(MessageKind::RightsComplaint)
+            .find(|r| r.met_by == MetBy::Hearing)
+            .unwrap();
+        assert_eq!(hearing.when, Some(Condition::HearingRequested));
+        assert!(
+            catalogue
+                .rules_for(MessageKind::MisconductLead)
+                .any(|r| r.rule == "DZ-7" && r.met_by == MetBy::Relayed)
+        );
         assert_eq!(
             catalogue.duration("promptly"),
             Some(Deadline::WorkingDays(2))
@@ -1088,7 +1152,7 @@ mod tests {
             (
                 "met_by",
                 "\"read\"",
-                "met_by \"read\": expected \"delivered\", \"acknowledged\" or \"feedback\"",
+                "met_by \"read\": expected \"delivered\", \"acknowledged\", \"feedback\", \"relayed\" or \"hearing\"",
             ),
         ] {
             t.write("cq.toml", &obligation(field, value));

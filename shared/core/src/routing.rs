@@ -55,6 +55,46 @@ pub fn violation_recipient<'d>(
         })
 }
 
+/// CQ-3.15: a joint notice goes to the police, the justice bureau and the
+/// bar association of the detention centre's region (each, when the region
+/// has none, of its municipality): police organ first, then the bureau, then
+/// the bar association.
+///
+/// # Errors
+/// [`NoRoute`] when `detention_centre` is not a detention centre or one of
+/// the three is missing.
+pub fn joint_notice_recipients<'d>(
+    directory: &'d Directory,
+    detention_centre: &str,
+) -> Result<[&'d Agency; 3], NoRoute> {
+    let centre = detention_centre_in(directory, detention_centre, "CQ-3.15")?;
+    let police_in = |region: &str| {
+        directory.agencies().iter().find(|a| {
+            a.kind == AgencyKind::CaseUnit
+                && a.system == crate::agency::OrganSystem::Police
+                && a.organ
+                && a.region == region
+        })
+    };
+    let police = police_in(&centre.region).or_else(|| {
+        let parent = directory.region(&centre.region)?.parent.as_deref()?;
+        police_in(parent)
+    });
+    let missing = |what: &str| NoRoute {
+        rule: "CQ-3.15",
+        reason: format!("region {} has no {what}", centre.region),
+    };
+    Ok([
+        police.ok_or_else(|| missing("police organ"))?,
+        directory
+            .nearest_of_kind(AgencyKind::JusticeBureau, &centre.region)
+            .ok_or_else(|| missing("justice bureau"))?,
+        directory
+            .nearest_of_kind(AgencyKind::BarAssociation, &centre.region)
+            .ok_or_else(|| missing("bar association"))?,
+    ])
+}
+
 fn detention_centre_in<'d>(
     directory: &'d Directory,
     id: &str,
@@ -116,6 +156,23 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "CQ-1.1b: `dz-court` is a case_unit, not a detention centre"
+        );
+    }
+
+    #[test]
+    fn cq_3_15_joint_notices_go_to_the_regions_police_bureau_and_bar() {
+        let d = directory();
+        let ids = joint_notice_recipients(&d, "dz-detention-centre")
+            .unwrap()
+            .map(|a| a.id.as_str());
+        assert_eq!(ids, ["dz-psb", "dz-justice-bureau", "dz-bar-committee"]);
+        let ids = joint_notice_recipients(&d, "sh-first-detention-centre")
+            .unwrap()
+            .map(|a| a.id.as_str());
+        assert_eq!(ids, ["sh-psb", "sh-justice-bureau", "sh-bar-association"]);
+        assert_eq!(
+            joint_notice_recipients(&d, "dz-psb").unwrap_err().rule,
+            "CQ-3.15"
         );
     }
 

@@ -169,6 +169,16 @@ pub fn check(kind: MessageKind, sender: &Agency, recipient: &Agency) -> Result<(
     }
 }
 
+/// The DOMAIN.md rule a kind of referral or notice comes from ("CQ-3.14"),
+/// for error messages; "tracking" for replies.
+#[must_use]
+pub fn rule_of(kind: MessageKind) -> &'static str {
+    MATRIX
+        .iter()
+        .find(|(k, ..)| *k == kind)
+        .map_or("tracking", |(_, rule, ..)| rule)
+}
+
 /// Whether an agency of `kind` may send messages of `message` at all.
 #[must_use]
 pub fn may_send(kind: AgencyKind, message: MessageKind) -> bool {
