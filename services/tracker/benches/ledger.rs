@@ -355,7 +355,12 @@ async fn main() {
         rate / consume
     );
 
-    for (name, settings) in [("SQLite", &sqlite), ("PostgreSQL", &pg)] {
+    let scans = if open == 0 {
+        Vec::new()
+    } else {
+        vec![("SQLite", &sqlite), ("PostgreSQL", &pg)]
+    };
+    for (name, settings) in scans {
         let ledger = Arc::new(
             Ledger::connect(
                 &settings.database().unwrap(),
@@ -376,8 +381,9 @@ async fn main() {
                 took.as_secs_f64() * 1000.0
             );
         }
-        // Due again, for the tracker process's first scan.
-        sqlx::query("UPDATE obligations SET overdue_at = NULL WHERE overdue_at IS NOT NULL")
+        // Due again, for the tracker process's first scan: under new ids,
+        // since the ledger already holds the overdue events of the old ones.
+        sqlx::query("UPDATE obligations SET id = id || '-again', overdue_at = NULL WHERE overdue_at IS NOT NULL")
             .execute(&ledger.pool)
             .await
             .unwrap();
@@ -396,6 +402,15 @@ async fn main() {
                 .unwrap();
         }
         ledger.pool.close().await;
+    }
+    if open == 0 {
+        let ledger = Ledger::connect(&pg.database().unwrap(), None)
+            .await
+            .unwrap();
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .execute(&ledger.pool)
+            .await
+            .unwrap();
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock::{Clock, from_millis, millis};
-use crate::ledger::{CHUNK, Event, Head, Ledger, LedgerError, Value, bind_rows, insert_rows};
+use crate::ledger::{
+    CHUNK, Event, Head, Ledger, LedgerError, Value, bind_rows, insert_rows, param,
+};
 use crate::record::Metrics;
 
 /// The sender named on overdue notices: the tracker itself, not an agency.
@@ -105,11 +107,12 @@ pub async fn scan(
         }
         for chunk in ids.chunks(CHUNK) {
             let list = (2..chunk.len() + 2)
-                .map(|i| format!("${i}"))
+                .map(|i| param(&tx, i))
                 .collect::<Vec<_>>()
                 .join(",");
             let sql = format!(
-                "UPDATE obligations SET overdue_at = $1 WHERE overdue_at IS NULL AND met_at IS NULL AND id IN ({list})"
+                "UPDATE obligations SET overdue_at = {} WHERE overdue_at IS NULL AND met_at IS NULL AND id IN ({list})",
+                param(&tx, 1)
             );
             bind_rows(sqlx::query(&sql).bind(millis(now)), chunk)
                 .execute(&mut *tx)

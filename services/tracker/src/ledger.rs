@@ -88,9 +88,22 @@ impl Ledger {
             let mut conn = AnyConnection::connect_with(&options)
                 .await
                 .map_err(connect_err)?;
-            conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
-                .await
-                .map_err(connect_err)?;
+            let created = conn
+                .execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+                .await;
+            if let Err(e) = created {
+                // Two trackers starting together race on IF NOT EXISTS;
+                // the loser finds the schema there.
+                let exists = sqlx::query("SELECT 1 FROM pg_namespace WHERE nspname = $1")
+                    .bind(schema.as_str())
+                    .fetch_optional(&mut conn)
+                    .await
+                    .map_err(connect_err)?
+                    .is_some();
+                if !exists {
+                    return Err(connect_err(e));
+                }
+            }
             let _ = conn.close().await;
         }
         let pool = AnyPoolOptions::new()
@@ -117,7 +130,20 @@ impl Ledger {
             .connect_with(options)
             .await
             .map_err(connect_err)?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        // Another tracker migrating the same ledger at the same moment makes
+        // one of the two fail; by the retry the winner has finished.
+        let mut attempt = 0;
+        loop {
+            match sqlx::migrate!("./migrations").run(&pool).await {
+                Ok(()) => break,
+                Err(e) if attempt < 3 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "migrating the ledger failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(250 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(Self {
             pool,
             write: Mutex::new(()),
@@ -286,6 +312,19 @@ pub fn bind_rows<'q, const N: usize>(
     query
 }
 
+/// The `n`th (1-based) bind parameter of a statement that uses each once, in
+/// order: `?` on SQLite, `$n` on PostgreSQL. SQLite looks a numbered
+/// parameter's name up by a linear scan, so a statement with a thousand `$n`
+/// costs a million steps to bind; anonymous `?` are bound by position.
+#[must_use]
+pub fn param(conn: &AnyConnection, n: usize) -> String {
+    if conn.backend_name() == "SQLite" {
+        "?".to_owned()
+    } else {
+        format!("${n}")
+    }
+}
+
 /// Runs `INSERT INTO table (columns) VALUES (...), (...) suffix` over `rows`.
 pub async fn insert_rows<const N: usize>(
     conn: &mut AnyConnection,
@@ -293,6 +332,7 @@ pub async fn insert_rows<const N: usize>(
     suffix: &str,
     rows: &[[Value; N]],
 ) -> Result<(), sqlx::Error> {
+    let sqlite = conn.backend_name() == "SQLite";
     for chunk in rows.chunks(CHUNK) {
         let mut sql = String::with_capacity(head.len() + chunk.len() * N * 5);
         sql.push_str(head);
@@ -308,7 +348,11 @@ pub async fn insert_rows<const N: usize>(
                 if j > 0 {
                     sql.push(',');
                 }
-                let _ = write!(sql, "${n}");
+                if sqlite {
+                    sql.push('?');
+                } else {
+                    let _ = write!(sql, "${n}");
+                }
             }
             sql.push(')');
         }

@@ -27,7 +27,7 @@ use serde_json::json;
 use sqlx::{AnyConnection, Row};
 
 use crate::clock::millis;
-use crate::ledger::{CHUNK, Event, Head, Value, insert_rows, sha256_hex};
+use crate::ledger::{CHUNK, Event, Head, Value, insert_rows, param, sha256_hex};
 
 /// Counters the tracker keeps (exported as metrics by the service).
 #[derive(Debug, Default)]
@@ -224,7 +224,7 @@ impl Recorder {
         let mut meets = rows.meets;
         for chunk in rows.obligated.chunks(CHUNK) {
             let list = (1..=chunk.len())
-                .map(|i| format!("${i}"))
+                .map(|i| param(conn, i))
                 .collect::<Vec<_>>()
                 .join(",");
             let sql = format!(
@@ -261,11 +261,11 @@ impl Recorder {
             let values = (0..chunk.len())
                 .map(|i| {
                     format!(
-                        "(${}, ${}, ${}, CAST(${} AS BIGINT))",
-                        4 * i + 1,
-                        4 * i + 2,
-                        4 * i + 3,
-                        4 * i + 4
+                        "({}, {}, {}, CAST({} AS BIGINT))",
+                        param(conn, 4 * i + 1),
+                        param(conn, 4 * i + 2),
+                        param(conn, 4 * i + 3),
+                        param(conn, 4 * i + 4)
                     )
                 })
                 .collect::<Vec<_>>()

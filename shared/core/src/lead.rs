@@ -184,6 +184,14 @@ fn finder_in<'d>(directory: &'d Directory, finder: &str) -> Result<&'d Agency, L
             ),
         ));
     }
+    if agency.system == OrganSystem::StateSecurity {
+        return Err(invalid(
+            "DZ-6",
+            format!(
+                "finder `{finder}` is a state-security organ; DZ-6 names courts, procuratorates, police, justice bureaus and the bar association"
+            ),
+        ));
+    }
     Ok(agency)
 }
 
@@ -1141,6 +1149,9 @@ mod tests {
     }
 
     fn expected(d: &Directory, finder: &Agency, subject: Option<&Agency>) -> Expect {
+        if finder.system == OrganSystem::StateSecurity {
+            return Expect::Invalid("DZ-6");
+        }
         let Some(a) = subject else {
             if finder.kind == AgencyKind::JusticeBureau {
                 return Expect::Invalid("DZ-8");
