@@ -11,7 +11,8 @@
 //!    scan, against one on an empty ledger.
 //!
 //! `cargo bench -p refbus-tracker --bench ledger` (BENCH_MESSAGES, default
-//! 20000; BENCH_OPEN, default 1000000, 0 skips the scan and memory parts).
+//! 20000; BENCH_OPEN, default 1000000, 0 skips the scan and memory parts;
+//! BENCH_BATCH, the tracker's batch, default 500 as `REFBUS_TRACKER_BATCH`).
 //! Results go to standard output.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
@@ -176,7 +177,7 @@ fn tracker_settings(
         data_dir,
         policy: concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policy").into(),
         listen: Some("127.0.0.1:0".parse().unwrap()),
-        batch: 500,
+        batch: env_usize("BENCH_BATCH", 500),
     }
 }
 

@@ -13,13 +13,13 @@ use refbus_core::policy::{PolicyCatalogue, PolicyError};
 use refbus_gateway::Shared;
 use refbus_proto::v1::tracker_server::TrackerServer;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::clock::Clock;
-use crate::deadline;
+use crate::deadline::{self, Wake};
 use crate::ledger::{Head, Ledger, LedgerError, sqlite_url};
 use crate::query::Queries;
 use crate::record::{Metrics, Observed, Recorder, Tally};
@@ -90,7 +90,7 @@ pub struct Tracker {
     clock: Clock,
     prefetch: u16,
     batch: usize,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     shutdown: CancellationToken,
     queries: Queries,
 }
@@ -134,7 +134,7 @@ impl Tracker {
                 .prefetch
                 .max(u16::try_from(settings.batch.saturating_mul(2)).unwrap_or(u16::MAX)),
             batch: settings.batch.max(1),
-            wake: Arc::new(Notify::new()),
+            wake: Arc::new(Wake::default()),
             shutdown: shared.shutdown.clone(),
             queries,
         })
@@ -198,7 +198,7 @@ async fn ingest(
     prefetch: u16,
     batch_max: usize,
     clock: Clock,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     shutdown: CancellationToken,
 ) {
     let queue = bus.topology().tap_queue();
@@ -239,8 +239,8 @@ async fn ingest(
             match record_batch(&ledger, &recorder, &batch, &clock).await {
                 Ok(tally) => {
                     metrics.add(tally);
-                    if tally.obligations > 0 {
-                        wake.notify_one();
+                    if let Some(due) = tally.earliest_due {
+                        wake.obligation_due(due);
                     }
                     acknowledge(batch.drain(..).map(|(incoming, _)| incoming).collect()).await;
                     break;

@@ -7,7 +7,7 @@
 //! time, so its cost grows with what is due, not with what is open.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -223,6 +223,40 @@ pub async fn next_due(ledger: &Ledger) -> Result<Option<DateTime<Utc>>, LedgerEr
     Ok(due.map(from_millis))
 }
 
+/// How the recorder wakes the engine: only when a new obligation falls due
+/// before the engine's next wake-up, so that a stream of new referrals does
+/// not make it rescan (and take the ledger's write turn) once per batch.
+#[derive(Debug)]
+pub struct Wake {
+    notify: Notify,
+    /// When the engine will next wake (epoch ms); `i64::MAX` while it is
+    /// awake, so that what commits meanwhile wakes it once more.
+    next_ms: AtomicI64,
+}
+
+impl Default for Wake {
+    fn default() -> Self {
+        Self {
+            notify: Notify::new(),
+            next_ms: AtomicI64::new(i64::MAX),
+        }
+    }
+}
+
+impl Wake {
+    /// A committed obligation is due at `due_ms`.
+    pub fn obligation_due(&self, due_ms: i64) {
+        if due_ms < self.next_ms.load(Ordering::Acquire) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Wakes the engine now.
+    pub fn now(&self) {
+        self.notify.notify_one();
+    }
+}
+
 /// Runs the engine until shutdown: scan, publish, sleep until the next
 /// deadline (or until woken by a new obligation, or [`MAX_SLEEP`]).
 pub async fn run(
@@ -230,10 +264,11 @@ pub async fn run(
     bus: Bus,
     clock: Clock,
     metrics: Arc<Metrics>,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     shutdown: CancellationToken,
 ) {
     loop {
+        wake.next_ms.store(i64::MAX, Ordering::Release);
         let now = clock.now();
         let outcome = async {
             let marked = scan(&ledger, now, &metrics).await?;
@@ -255,10 +290,11 @@ pub async fn run(
         // Notices that could not be published are retried soon.
         let retry = tokio::time::sleep(Duration::from_secs(1));
         let pending_notices = has_unpublished(&ledger).await;
+        wake.next_ms.store(millis(until), Ordering::Release);
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = clock.sleep_until(until) => {}
-            () = wake.notified() => {}
+            () = wake.notify.notified() => {}
             () = retry, if pending_notices => {}
         }
     }

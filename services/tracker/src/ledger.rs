@@ -293,7 +293,7 @@ impl From<i64> for Value {
 
 /// Rows per multi-row statement (keeps well under every driver's limit on
 /// bound parameters).
-pub const CHUNK: usize = 100;
+pub const CHUNK: usize = 500;
 
 /// Binds every value of `rows`, in order.
 pub fn bind_rows<'q, const N: usize>(

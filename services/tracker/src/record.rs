@@ -53,6 +53,8 @@ pub struct Tally {
     pub duplicates: u64,
     pub unknown_kinds: u64,
     pub obligations: u64,
+    /// The earliest deadline among the obligations created (epoch ms).
+    pub earliest_due: Option<i64>,
 }
 
 impl Metrics {
@@ -132,6 +134,8 @@ struct Rows {
     meets: HashMap<(String, &'static str, String), i64>,
     /// Referrals given obligations in this batch (earlier hops may meet them).
     obligated: Vec<String>,
+    /// The earliest deadline of the obligations created (epoch ms).
+    earliest_due: Option<i64>,
 }
 
 struct EventRow {
@@ -173,6 +177,7 @@ impl Recorder {
         if rows.events.is_empty() {
             return Ok(());
         }
+        tally.earliest_due = rows.earliest_due;
         let recorded_at = millis(now);
         let mut events = Vec::with_capacity(rows.events.len());
         for e in &rows.events {
@@ -503,6 +508,10 @@ impl Recorder {
                     Value::NullInt,
                     notify.join(",").into(),
                 ]);
+                rows.earliest_due = Some(
+                    rows.earliest_due
+                        .map_or(millis(due), |t| t.min(millis(due))),
+                );
                 created += 1;
             }
         }
