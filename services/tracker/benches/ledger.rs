@@ -34,7 +34,7 @@ use refbus_gateway::{BusSettings, Shared};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{Detainee, Envelope, LegalHelpRequest, MessageKind};
 use refbus_tracker::deadline;
-use refbus_tracker::ledger::Ledger;
+use refbus_tracker::ledger::{Backend, Ledger};
 use refbus_tracker::record::Metrics;
 use refbus_tracker::{Clock, Tracker, TrackerSettings};
 use tokio_util::sync::CancellationToken;
@@ -261,6 +261,14 @@ async fn scan_cost(ledger: &Ledger, open: usize, round: &str, scan: bool) -> (Du
             i += n;
         }
         tx.commit().await.unwrap();
+    }
+    // A million rows loaded in seconds: refresh the planner's statistics,
+    // as autovacuum does on a ledger that grew to this size over time.
+    if ledger.backend == Backend::Postgres {
+        sqlx::query("ANALYZE obligations")
+            .execute(&ledger.pool)
+            .await
+            .unwrap();
     }
     if !scan {
         return (Duration::ZERO, 0);
