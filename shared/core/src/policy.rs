@@ -1154,6 +1154,16 @@ mod tests {
                 "\"read\"",
                 "met_by \"read\": expected \"delivered\", \"acknowledged\", \"feedback\", \"relayed\" or \"hearing\"",
             ),
+            (
+                "met_by",
+                "\"relayed\"",
+                "met_by \"relayed\" applies only to a misconduct_lead (DZ-7)",
+            ),
+            (
+                "met_by",
+                "\"hearing\"",
+                "met_by \"hearing\" applies only to a rights_complaint (CQ-3.13)",
+            ),
         ] {
             t.write("cq.toml", &obligation(field, value));
             assert_eq!(
@@ -1162,6 +1172,14 @@ mod tests {
             );
         }
         let once = obligation("deadline", "\"24h\"");
+        t.write("cq.toml", &format!("{once}when = \"hearing_requested\"\n"));
+        assert_eq!(
+            t.error(),
+            format!(
+                "{}:12: obligation CQ-1.1b: when \"hearing_requested\": expected \"hearing_requested\", on a rights_complaint (CQ-3.13)",
+                t.path("cq.toml")
+            )
+        );
         t.write("cq.toml", &format!("{once}{once}"));
         assert_eq!(
             t.error(),
