@@ -337,6 +337,17 @@ impl Directory {
     }
 }
 
+/// The shipped directory, `deploy/local/directory.toml`, for unit tests.
+#[cfg(test)]
+pub(crate) fn shipped() -> Directory {
+    #[allow(clippy::unwrap_used)]
+    Directory::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/local/directory.toml"
+    ))
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

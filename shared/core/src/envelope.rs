@@ -456,11 +456,7 @@ mod tests {
     use refbus_proto::v1::{Detainee, LegalHelpRequest};
 
     fn directory() -> Directory {
-        Directory::load(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../deploy/local/directory.toml"
-        ))
-        .unwrap()
+        crate::directory::shipped()
     }
 
     fn legal_help(key: &str) -> Envelope {

@@ -574,11 +574,7 @@ mod tests {
     use super::*;
 
     fn directory() -> Directory {
-        Directory::load(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../deploy/local/directory.toml"
-        ))
-        .unwrap()
+        crate::directory::shipped()
     }
 
     /// A small directory: Chongqing with district 500111 and 500112, and

@@ -118,11 +118,7 @@ mod tests {
     use super::*;
 
     fn directory() -> Directory {
-        Directory::load(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../deploy/local/directory.toml"
-        ))
-        .unwrap()
+        crate::directory::shipped()
     }
 
     #[test]
