@@ -14,10 +14,10 @@ use refbus_proto::v1::misconduct_lead::Subject;
 use refbus_proto::v1::route_hop::Duty;
 use refbus_proto::v1::{
     AcknowledgeRequest, AnswerVerificationQueryRequest, Delivery, Detainee, Envelope, Feedback,
-    FeedbackRequest, GetReferralRequest, Hop, JointNotice, JudicialOfficer, Lawyer, Letter,
-    MessageKind, MisconductLead, NotifyJointActionRequest, NotifyLawyerViolationRequest,
-    ObligationState, Outcome, ReferralStatus, RelayRequest, ReportHandlingResultRequest,
-    RightsComplaint, RouteHop, VerificationQuery, WithholdingGround,
+    FeedbackRequest, Hop, JointNotice, JudicialOfficer, Lawyer, Letter, MessageKind,
+    MisconductLead, NotifyJointActionRequest, NotifyLawyerViolationRequest, ObligationState,
+    Outcome, ReferralStatus, RelayRequest, ReportHandlingResultRequest, RightsComplaint, RouteHop,
+    VerificationQuery, WithholdingGround,
 };
 use refbus_tests::fixtures::{BUREAU, CENTRE, submit};
 use refbus_tests::tracker::{Db, TestTracker, eventually, ledger_settings};
@@ -78,15 +78,7 @@ impl World {
     }
 
     async fn status(&self, asker: &str, id: &str) -> Result<ReferralStatus, tonic::Status> {
-        self.tracker
-            .client()
-            .await
-            .get_referral(GetReferralRequest {
-                agency: asker.into(),
-                referral_id: id.into(),
-            })
-            .await
-            .map(tonic::Response::into_inner)
+        self.tracker.status(asker, id).await
     }
 
     /// Waits until the tracker shows `id` to `asker` with `check` true.

@@ -23,16 +23,7 @@ use refbus_tracker::audit::{self, Verdict};
 use tonic::Code;
 
 async fn status(tracker: &TestTracker, asker: &str, id: &str) -> Option<ReferralStatus> {
-    tracker
-        .client()
-        .await
-        .get_referral(GetReferralRequest {
-            agency: asker.into(),
-            referral_id: id.into(),
-        })
-        .await
-        .ok()
-        .map(tonic::Response::into_inner)
+    tracker.status(asker, id).await.ok()
 }
 
 fn state(s: &ReferralStatus, rule: &str) -> Option<ObligationState> {

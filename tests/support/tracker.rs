@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use refbus_gateway::Shared;
 use refbus_proto::v1::tracker_client::TrackerClient;
+use refbus_proto::v1::{GetReferralRequest, ReferralStatus};
 use refbus_tracker::ledger::Ledger;
 use refbus_tracker::{Clock, Tracker, TrackerSettings};
 use tokio_util::sync::CancellationToken;
@@ -85,6 +86,18 @@ impl TestTracker {
         TrackerClient::connect(format!("http://{}", self.addr))
             .await
             .unwrap()
+    }
+
+    /// `GetReferral` as `asker` would call it.
+    pub async fn status(&self, asker: &str, id: &str) -> Result<ReferralStatus, tonic::Status> {
+        self.client()
+            .await
+            .get_referral(GetReferralRequest {
+                agency: asker.into(),
+                referral_id: id.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     /// Stops it (unacknowledged tap deliveries return to the queue).

@@ -115,8 +115,8 @@ async fn publish(channel: &lapin::Channel, queue: &str, bodies: &[Vec<u8>]) {
     }
 }
 
-/// 1. The broker's own rate.
-async fn broker_rate(bodies: &[Vec<u8>]) -> (f64, f64) {
+/// A connection of the benchmark's own and a channel on it in confirm mode.
+async fn confirming_channel() -> (Connection, lapin::Channel) {
     let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .unwrap();
@@ -125,6 +125,12 @@ async fn broker_rate(bodies: &[Vec<u8>]) -> (f64, f64) {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
+    (conn, channel)
+}
+
+/// 1. The broker's own rate.
+async fn broker_rate(bodies: &[Vec<u8>]) -> (f64, f64) {
+    let (conn, channel) = confirming_channel().await;
     let queue = format!("bench-raw-{}", std::process::id());
     let mut args = FieldTable::default();
     args.insert(
@@ -198,14 +204,7 @@ async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) 
         queue_expires: Some(Duration::from_secs(60)),
     };
     let shared = Shared::connect(settings, shutdown.clone()).await.unwrap();
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (conn, channel) = confirming_channel().await;
     publish(&channel, &shared.bus.topology().tap_queue(), bodies).await;
     let built = Tracker::build(tracker, &shared, Clock::System)
         .await

@@ -7,7 +7,7 @@
 //! row every writing transaction updates first (so writers sharing a
 //! PostgreSQL database take turns, and SQLite takes its write lock at once).
 
-use std::fmt::Write;
+use std::borrow::Cow;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -317,11 +317,11 @@ pub fn bind_rows<'q, const N: usize>(
 /// parameter's name up by a linear scan, so a statement with a thousand `$n`
 /// costs a million steps to bind; anonymous `?` are bound by position.
 #[must_use]
-pub fn param(conn: &AnyConnection, n: usize) -> String {
+pub fn param(conn: &AnyConnection, n: usize) -> Cow<'static, str> {
     if conn.backend_name() == "SQLite" {
-        "?".to_owned()
+        Cow::Borrowed("?")
     } else {
-        format!("${n}")
+        Cow::Owned(format!("${n}"))
     }
 }
 
@@ -332,7 +332,6 @@ pub async fn insert_rows<const N: usize>(
     suffix: &str,
     rows: &[[Value; N]],
 ) -> Result<(), sqlx::Error> {
-    let sqlite = conn.backend_name() == "SQLite";
     for chunk in rows.chunks(CHUNK) {
         let mut sql = String::with_capacity(head.len() + chunk.len() * N * 5);
         sql.push_str(head);
@@ -348,11 +347,7 @@ pub async fn insert_rows<const N: usize>(
                 if j > 0 {
                     sql.push(',');
                 }
-                if sqlite {
-                    sql.push('?');
-                } else {
-                    let _ = write!(sql, "${n}");
-                }
+                sql.push_str(&param(conn, n));
             }
             sql.push(')');
         }
