@@ -875,3 +875,92 @@ async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once_sqlite() {
 async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once_postgres() {
     sigkill_mid_burst_leaves_each_message_recorded_exactly_once(Db::Postgres).await;
 }
+
+/// The ledger's row encodings (PostgreSQL: array literals expanded by
+/// `unnest`; SQLite: `VALUES` of `?`) give back exactly what went in, for
+/// text that array literals and JSON treat specially.
+async fn ledger_rows_round_trip_awkward_text(db: Db) {
+    use refbus_tracker::ledger::{RowSet, Value, insert_rows};
+    use sqlx::{Acquire, Row};
+    let settings = ledger_settings(db);
+    let ledger = TestTracker::ledger(&settings).await;
+    let awkward = [
+        "",
+        "NULL",
+        "null",
+        "a,b",
+        "{x}",
+        "\"quoted\"",
+        "back\\slash",
+        "trailing\\",
+        " spaced ",
+        "张三 500225199001011234",
+        "line\nbreak\ttab",
+        "'single'",
+    ];
+    let rows: Vec<[Value; 5]> = awkward
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            [
+                format!("awkward-{i}").into(),
+                (*text).into(),
+                "dz-duty-desk".into(),
+                Value::Int(i64::MAX - i as i64),
+                format!("m{i}").into(),
+            ]
+        })
+        .collect();
+    let mut pooled = ledger.pool.acquire().await.unwrap();
+    let conn = pooled.acquire().await.unwrap();
+    insert_rows(
+        conn,
+        "INSERT INTO hops (referral_id, hop, agency, at, message_id)",
+        "ON CONFLICT DO NOTHING",
+        &rows,
+    )
+    .await
+    .unwrap();
+    // Again: the conflict clause makes the second insert a no-op.
+    insert_rows(
+        conn,
+        "INSERT INTO hops (referral_id, hop, agency, at, message_id)",
+        "ON CONFLICT DO NOTHING",
+        &rows,
+    )
+    .await
+    .unwrap();
+    let wanted: Vec<[Value; 1]> = (0..awkward.len())
+        .map(|i| [format!("awkward-{i}").into()])
+        .collect();
+    let set = RowSet::new(conn, &wanted);
+    let sql = format!(
+        "SELECT referral_id, hop, at FROM hops WHERE referral_id IN (SELECT column1 FROM {} AS v) ORDER BY at DESC",
+        set.table(conn, 1)
+    );
+    let got = set
+        .bind(sqlx::query(&sql))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), awkward.len(), "each row once");
+    for (i, row) in got.iter().enumerate() {
+        assert_eq!(row.get::<String, _>("referral_id"), format!("awkward-{i}"));
+        assert_eq!(row.get::<String, _>("hop"), awkward[i]);
+        assert_eq!(row.get::<i64, _>("at"), i64::MAX - i as i64);
+    }
+    drop(set);
+    drop(pooled);
+    ledger.pool.close().await;
+    drop_ledger(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_rows_round_trip_awkward_text_sqlite() {
+    ledger_rows_round_trip_awkward_text(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_rows_round_trip_awkward_text_postgres() {
+    ledger_rows_round_trip_awkward_text(Db::Postgres).await;
+}

@@ -1,9 +1,12 @@
 //! Tracker benchmarks (issue 3), against the local RabbitMQ and PostgreSQL:
 //!
 //! 1. the broker's own rate: persistent messages through a quorum queue,
-//!    confirms pipelined, consumed with manual acks at prefetch 200;
-//! 2. ledger ingest rate, SQLite and PostgreSQL: a backlog on the tap
-//!    recorded by the tracker;
+//!    confirms pipelined, consumed with manual acks at the tracker's
+//!    prefetch (two batches);
+//! 2. ledger ingest rate, SQLite and PostgreSQL: the ledger's own write
+//!    rate (the tracker's batches prepared and written one after the other,
+//!    no broker in the way), and a backlog on the tap recorded by a running
+//!    tracker (which cannot go faster than the broker delivers);
 //! 3. one deadline scan with N open obligations of which 1,000 are due, for
 //!    N = 100,000 and 1,000,000 (SQLite and PostgreSQL);
 //! 4. the resident memory of a `tracker` process (the real binary) that has
@@ -29,13 +32,15 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use prost::Message;
+use refbus_core::Directory;
 use refbus_core::envelope::timestamp;
+use refbus_core::policy::PolicyCatalogue;
 use refbus_gateway::{BusSettings, Shared};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{Detainee, Envelope, LegalHelpRequest, MessageKind};
 use refbus_tracker::deadline;
-use refbus_tracker::ledger::{Backend, Ledger};
-use refbus_tracker::record::Metrics;
+use refbus_tracker::ledger::{Backend, Head, Ledger};
+use refbus_tracker::record::{Metrics, Observed, Recorder, Tally};
 use refbus_tracker::{Clock, Tracker, TrackerSettings};
 use tokio_util::sync::CancellationToken;
 
@@ -129,7 +134,7 @@ async fn confirming_channel() -> (Connection, lapin::Channel) {
 }
 
 /// 1. The broker's own rate.
-async fn broker_rate(bodies: &[Vec<u8>]) -> (f64, f64) {
+async fn broker_rate(bodies: &[Vec<u8>], prefetch: u16) -> (f64, f64) {
     let (conn, channel) = confirming_channel().await;
     let queue = format!("bench-raw-{}", std::process::id());
     let mut args = FieldTable::default();
@@ -146,7 +151,7 @@ async fn broker_rate(bodies: &[Vec<u8>]) -> (f64, f64) {
     let publish_rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
     let consumer_channel = conn.create_channel().await.unwrap();
     consumer_channel
-        .basic_qos(200, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await
         .unwrap();
     let mut consumer = consumer_channel
@@ -222,6 +227,50 @@ async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) 
     shared.bus.topology().delete(&channel).await.unwrap();
     let _ = conn.close(200, "done".into()).await;
     drop(ledger);
+    rate
+}
+
+/// 2a. The ledger's own write rate: the messages decoded, then recorded in
+/// the tracker's batches, each prepared and written in its own transaction
+/// (what the tracker does, without the overlap of preparing the next batch
+/// while writing this one).
+async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
+    let directory = Arc::new(
+        Directory::load(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/local/directory.toml"
+        ))
+        .unwrap(),
+    );
+    let policy = Arc::new(PolicyCatalogue::load(&tracker.policy, &directory).unwrap());
+    let recorder = Recorder { directory, policy };
+    let ledger = Ledger::connect(
+        &tracker.database().unwrap(),
+        tracker.database_schema.as_deref(),
+    )
+    .await
+    .unwrap();
+    let observed: Vec<Observed> = bodies
+        .iter()
+        .map(|b| Observed::decode("legal_help_request", b).unwrap())
+        .collect();
+    let started = Instant::now();
+    for batch in observed.chunks(tracker.batch) {
+        let refs: Vec<&Observed> = batch.iter().collect();
+        let prepared = recorder.prepare(&refs, Utc::now());
+        let mut tx = ledger.pool.begin().await.unwrap();
+        let mut head = Head::lock(&mut tx).await.unwrap();
+        let mut tally = Tally::default();
+        recorder
+            .write(&mut tx, &mut head, &prepared, Utc::now(), &mut tally)
+            .await
+            .unwrap();
+        head.store(&mut tx).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(tally.recorded as usize, batch.len());
+    }
+    let rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
+    ledger.pool.close().await;
     rate
 }
 
@@ -333,6 +382,16 @@ async fn tracker_rss(settings: &TrackerSettings, ledger: &Ledger, due: i64) -> f
     rss
 }
 
+/// Drops a PostgreSQL schema the benchmark made.
+async fn drop_schema(url: &str, schema: &str) {
+    let ledger = Ledger::connect(url, None).await.unwrap();
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(&ledger.pool)
+        .await
+        .unwrap();
+    ledger.pool.close().await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let messages = env_usize("BENCH_MESSAGES", 20_000);
@@ -343,23 +402,48 @@ async fn main() {
         bodies[0].len()
     );
 
-    let (publish, consume) = broker_rate(&bodies).await;
+    // The tracker's prefetch: two batches (at least the bus's 300).
+    let prefetch = u16::try_from((2 * env_usize("BENCH_BATCH", 500)).max(300)).unwrap_or(u16::MAX);
+    let (publish, consume) = broker_rate(&bodies, prefetch).await;
     println!(
-        "broker (quorum queue, persistent, confirms, manual ack, prefetch 200): publish {publish:.0} msg/s, deliver+ack {consume:.0} msg/s"
+        "broker (quorum queue, persistent, confirms, manual ack, prefetch {prefetch}): publish {publish:.0} msg/s, deliver+ack {consume:.0} msg/s"
     );
 
     let dir = std::env::temp_dir().join(format!("refbus-bench-{}", std::process::id()));
+    let schema = format!("bench{}", std::process::id());
+    for (name, settings) in [
+        (
+            "SQLite:    ",
+            tracker_settings(None, None, dir.join("ledger-only")),
+        ),
+        (
+            "PostgreSQL:",
+            tracker_settings(
+                Some(postgres_url()),
+                Some(format!("{schema}l")),
+                dir.clone(),
+            ),
+        ),
+    ] {
+        let rate = ledger_rate(&bodies, &settings).await;
+        println!(
+            "ledger writes, {name} {rate:.0} msg/s ({:.2}x the broker's delivery rate)",
+            rate / consume
+        );
+        if let Some(schema) = &settings.database_schema {
+            drop_schema(&settings.database().unwrap(), schema).await;
+        }
+    }
     let sqlite = tracker_settings(None, None, dir.clone());
     let rate = ingest_rate("sqlite", &bodies, &sqlite).await;
     println!(
-        "ingest, SQLite:     {rate:.0} msg/s ({:.2}x the broker's delivery rate)",
+        "tracker ingest from the tap, SQLite:     {rate:.0} msg/s ({:.2}x the broker's delivery rate)",
         rate / consume
     );
-    let schema = format!("bench{}", std::process::id());
     let pg = tracker_settings(Some(postgres_url()), Some(schema.clone()), dir.clone());
     let rate = ingest_rate("pg", &bodies, &pg).await;
     println!(
-        "ingest, PostgreSQL: {rate:.0} msg/s ({:.2}x the broker's delivery rate)",
+        "tracker ingest from the tap, PostgreSQL: {rate:.0} msg/s ({:.2}x the broker's delivery rate)",
         rate / consume
     );
 
@@ -412,13 +496,7 @@ async fn main() {
         ledger.pool.close().await;
     }
     if open == 0 {
-        let ledger = Ledger::connect(&pg.database().unwrap(), None)
-            .await
-            .unwrap();
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-            .execute(&ledger.pool)
-            .await
-            .unwrap();
+        drop_schema(&pg.database().unwrap(), &schema).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::deadline::{self, Wake};
 use crate::ledger::{Head, Ledger, LedgerError, sqlite_url};
 use crate::query::Queries;
-use crate::record::{Metrics, Observed, Recorder, Tally};
+use crate::record::{Metrics, Observed, Prepared, Recorder, Tally};
 
 /// The tracker's own settings (the bus's come from [`refbus_gateway::BusSettings`]).
 #[derive(Clone, Debug, clap::Args)]
@@ -153,17 +153,20 @@ impl Tracker {
     /// # Errors
     /// A transport error from the gRPC server.
     pub async fn run(self) -> Result<(), tonic::transport::Error> {
-        let ingest = tokio::spawn(ingest(
-            self.ledger.clone(),
-            self.recorder.clone(),
-            self.metrics.clone(),
-            self.bus.clone(),
-            self.prefetch,
-            self.batch,
-            self.clock.clone(),
-            self.wake.clone(),
-            self.shutdown.clone(),
-        ));
+        let ingest = tokio::spawn(
+            Ingest {
+                ledger: self.ledger.clone(),
+                recorder: self.recorder.clone(),
+                metrics: self.metrics.clone(),
+                bus: self.bus.clone(),
+                prefetch: self.prefetch,
+                batch_max: self.batch,
+                clock: self.clock.clone(),
+                wake: self.wake.clone(),
+                shutdown: self.shutdown.clone(),
+            }
+            .run(),
+        );
         let engine = tokio::spawn(deadline::run(
             self.ledger.clone(),
             self.bus.clone(),
@@ -188,9 +191,11 @@ impl Tracker {
 
 /// Consumes the tap and records in batches; acks a batch only after its
 /// transaction committed, retrying the same batch while the database is
-/// away (the prefetch bounds what is held meanwhile).
-#[allow(clippy::too_many_arguments)]
-async fn ingest(
+/// away (the prefetch bounds what is held meanwhile). Gathering, decoding
+/// and preparing the next batch's rows runs in a task of its own, while
+/// this one writes.
+#[derive(Clone)]
+struct Ingest {
     ledger: Arc<Ledger>,
     recorder: Arc<Recorder>,
     metrics: Arc<Metrics>,
@@ -200,59 +205,110 @@ async fn ingest(
     clock: Clock,
     wake: Arc<Wake>,
     shutdown: CancellationToken,
-) {
-    let queue = bus.topology().tap_queue();
-    let mut subscription = bus.subscribe(queue.clone(), prefetch);
-    loop {
-        let first = tokio::select! {
-            () = shutdown.cancelled() => return,
-            next = subscription.next() => match next {
-                Some(incoming) => incoming,
-                None => return,
-            },
-        };
-        let mut batch: Vec<(Incoming, Observed)> = Vec::with_capacity(batch_max);
-        let mut pending = Some(first);
-        while let Some(incoming) = pending.take().or_else(|| {
-            (batch.len() < batch_max)
-                .then(|| subscription.try_next())
-                .flatten()
-        }) {
-            match Observed::decode(&incoming.routing_key, &incoming.data) {
-                Ok(observed) => batch.push((incoming, observed)),
-                Err(reason) => {
-                    metrics
-                        .undecodable
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    bus.dead_letter(&queue, incoming, reason).await;
+}
+
+impl Ingest {
+    async fn run(self) {
+        // One batch prepared while one is written.
+        let (prepared_tx, mut prepared_rx) = tokio::sync::mpsc::channel(1);
+        let gatherer = tokio::spawn(self.clone().gather(prepared_tx));
+        let Ingest {
+            ledger,
+            recorder,
+            metrics,
+            clock,
+            wake,
+            shutdown,
+            ..
+        } = self;
+        loop {
+            let (incomings, prepared): (Vec<Incoming>, Prepared) = tokio::select! {
+                () = shutdown.cancelled() => break,
+                next = prepared_rx.recv() => match next {
+                    Some(next) => next,
+                    None => break,
+                },
+            };
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match record_batch(&ledger, &recorder, &prepared, &clock).await {
+                    Ok(tally) => {
+                        metrics.add(tally);
+                        if let Some(due) = tally.earliest_due {
+                            wake.obligation_due(due);
+                        }
+                        acknowledge(incomings).await;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, messages = prepared.len(), "cannot record; retrying the batch");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
                 }
             }
-            if batch.len() >= batch_max {
-                break;
-            }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        let mut backoff = Duration::from_millis(100);
+        let _ = gatherer.await;
+    }
+
+    /// Gathers up to `batch_max` deliveries from the tap (as many as are
+    /// already there, at least one), dead-letters what does not decode, and
+    /// hands the batch on with its rows prepared.
+    async fn gather(self, prepared: tokio::sync::mpsc::Sender<(Vec<Incoming>, Prepared)>) {
+        let Ingest {
+            recorder,
+            metrics,
+            bus,
+            prefetch,
+            batch_max,
+            clock,
+            shutdown,
+            ..
+        } = self;
+        let queue = bus.topology().tap_queue();
+        let mut subscription = bus.subscribe(queue.clone(), prefetch);
         loop {
-            match record_batch(&ledger, &recorder, &batch, &clock).await {
-                Ok(tally) => {
-                    metrics.add(tally);
-                    if let Some(due) = tally.earliest_due {
-                        wake.obligation_due(due);
+            let first = tokio::select! {
+                () = shutdown.cancelled() => return,
+                next = subscription.next() => match next {
+                    Some(incoming) => incoming,
+                    None => return,
+                },
+            };
+            let mut incomings = Vec::with_capacity(batch_max);
+            let mut observed = Vec::with_capacity(batch_max);
+            let mut pending = Some(first);
+            while let Some(incoming) = pending.take().or_else(|| {
+                (incomings.len() < batch_max)
+                    .then(|| subscription.try_next())
+                    .flatten()
+            }) {
+                match Observed::decode(&incoming.routing_key, &incoming.data) {
+                    Ok(o) => {
+                        incomings.push(incoming);
+                        observed.push(o);
                     }
-                    acknowledge(batch.drain(..).map(|(incoming, _)| incoming).collect()).await;
+                    Err(reason) => {
+                        metrics
+                            .undecodable
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        bus.dead_letter(&queue, incoming, reason).await;
+                    }
+                }
+                if incomings.len() >= batch_max {
                     break;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, messages = batch.len(), "cannot record; retrying the batch");
-                    tokio::select! {
-                        () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
+            }
+            if incomings.is_empty() {
+                continue;
+            }
+            let refs: Vec<&Observed> = observed.iter().collect();
+            let rows = recorder.prepare(&refs, clock.now());
+            if prepared.send((incomings, rows)).await.is_err() {
+                return;
             }
         }
     }
@@ -289,21 +345,19 @@ async fn acknowledge(batch: Vec<Incoming>) {
     }
 }
 
-/// Records a batch in one transaction.
+/// Records a prepared batch in one transaction.
 async fn record_batch(
     ledger: &Ledger,
     recorder: &Recorder,
-    batch: &[(Incoming, Observed)],
+    prepared: &Prepared,
     clock: &Clock,
 ) -> Result<Tally, LedgerError> {
     let _turn = ledger.write_turn().await;
     let mut tx = ledger.pool.begin().await?;
     let mut head = Head::lock(&mut tx).await?;
     let mut tally = Tally::default();
-    let now = clock.now();
-    let observed: Vec<&Observed> = batch.iter().map(|(_, o)| o).collect();
     recorder
-        .record_batch(&mut tx, &mut head, &observed, now, &mut tally)
+        .write(&mut tx, &mut head, prepared, clock.now(), &mut tally)
         .await?;
     head.store(&mut tx).await?;
     tx.commit().await?;

@@ -291,9 +291,183 @@ impl From<i64> for Value {
     }
 }
 
-/// Rows per multi-row statement (keeps well under every driver's limit on
-/// bound parameters).
+/// Rows per multi-row statement on SQLite (keeps well under its limit on
+/// bound parameters). PostgreSQL takes any number of rows in one parameter.
 pub const CHUNK: usize = 500;
+
+fn is_sqlite(conn: &AnyConnection) -> bool {
+    conn.backend_name() == "SQLite"
+}
+
+/// The `n`th (1-based) bind parameter of a statement that uses each once, in
+/// order: `?` on SQLite, `$n` on PostgreSQL. SQLite looks a numbered
+/// parameter's name up by a linear scan, so a statement with a thousand `$n`
+/// costs a million steps to bind; anonymous `?` are bound by position.
+#[must_use]
+pub fn param(conn: &AnyConnection, n: usize) -> Cow<'static, str> {
+    if is_sqlite(conn) {
+        Cow::Borrowed("?")
+    } else {
+        Cow::Owned(format!("${n}"))
+    }
+}
+
+/// The rows of one statement, as the backend binds them best.
+///
+/// On PostgreSQL each column travels as one array parameter that the server
+/// expands with `unnest`: N binds and one plan however many rows, where a
+/// `VALUES` list of thousands of parameters cost more to bind and plan than
+/// the rows cost to insert. (sqlx's `Any` driver binds no arrays, so each
+/// goes as the text of an array literal, cast on the server.) On SQLite,
+/// which binds positional parameters cheaply, the rows are a `VALUES` list
+/// of `?`.
+pub struct RowSet<'r, const N: usize> {
+    rows: &'r [[Value; N]],
+    /// PostgreSQL: per column, the array literal and its element type.
+    arrays: Option<Vec<(String, &'static str)>>,
+}
+
+impl<'r, const N: usize> RowSet<'r, N> {
+    /// Prepares `rows` for `conn`'s backend.
+    #[must_use]
+    pub fn new(conn: &AnyConnection, rows: &'r [[Value; N]]) -> Self {
+        let arrays = (!is_sqlite(conn)).then(|| column_arrays(rows));
+        Self { rows, arrays }
+    }
+
+    /// A table expression with columns `column1` .. `columnN`, whose
+    /// parameters start at `$first`.
+    #[must_use]
+    pub fn table(&self, conn: &AnyConnection, first: usize) -> String {
+        match &self.arrays {
+            Some(arrays) => {
+                let names = (1..=N)
+                    .map(|j| format!("column{j}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!("(SELECT * FROM {} AS u({names}))", unnest(arrays, first))
+            }
+            None => {
+                let mut sql = String::with_capacity(8 + self.rows.len() * (N * 2 + 3));
+                sql.push_str("(VALUES ");
+                push_values(&mut sql, conn, self.rows, first);
+                sql.push(')');
+                sql
+            }
+        }
+    }
+
+    /// Binds the rows (after any parameters bound before them).
+    pub fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        match &self.arrays {
+            Some(arrays) => arrays
+                .iter()
+                .fold(query, |query, (array, _)| query.bind(array.as_str())),
+            None => bind_rows(query, self.rows),
+        }
+    }
+
+    /// Runs `head SELECT * FROM unnest(...) suffix` (PostgreSQL) or
+    /// `head VALUES ... suffix` (SQLite, in chunks of [`CHUNK`] rows).
+    async fn insert(
+        &self,
+        conn: &mut AnyConnection,
+        head: &str,
+        suffix: &str,
+    ) -> Result<(), sqlx::Error> {
+        if let Some(arrays) = &self.arrays {
+            let sql = format!("{head} SELECT * FROM {} {suffix}", unnest(arrays, 1));
+            self.bind(sqlx::query(&sql)).execute(&mut *conn).await?;
+            return Ok(());
+        }
+        for chunk in self.rows.chunks(CHUNK) {
+            let mut sql = String::with_capacity(head.len() + chunk.len() * (N * 2 + 3));
+            sql.push_str(head);
+            sql.push_str(" VALUES ");
+            push_values(&mut sql, conn, chunk, 1);
+            sql.push(' ');
+            sql.push_str(suffix);
+            bind_rows(sqlx::query(&sql), chunk)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// `unnest(CAST($first AS text[]), CAST($first+1 AS bigint[]), ...)`.
+fn unnest(arrays: &[(String, &'static str)], first: usize) -> String {
+    let args = arrays
+        .iter()
+        .enumerate()
+        .map(|(j, (_, ty))| format!("CAST(${} AS {ty}[])", first + j))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("unnest({args})")
+}
+
+/// `(p, p), (p, p)` for `rows`, parameters numbered from `first`.
+fn push_values<const N: usize>(
+    sql: &mut String,
+    conn: &AnyConnection,
+    rows: &[[Value; N]],
+    first: usize,
+) {
+    let mut n = first;
+    for (i, _) in rows.iter().enumerate() {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for j in 0..N {
+            if j > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&param(conn, n));
+            n += 1;
+        }
+        sql.push(')');
+    }
+}
+
+/// Each column of `rows` as a PostgreSQL array literal (`{"a","b"}`,
+/// `{1,NULL}`) with its element type, taken from the first row.
+fn column_arrays<const N: usize>(rows: &[[Value; N]]) -> Vec<(String, &'static str)> {
+    (0..N)
+        .map(|j| {
+            let ty = match rows.first().map(|r| &r[j]) {
+                Some(Value::Int(_) | Value::NullInt) => "bigint",
+                _ => "text",
+            };
+            let mut array = String::with_capacity(2 + rows.len() * 16);
+            array.push('{');
+            for (i, row) in rows.iter().enumerate() {
+                if i > 0 {
+                    array.push(',');
+                }
+                match &row[j] {
+                    Value::Text(s) => {
+                        array.push('"');
+                        for c in s.chars() {
+                            if c == '"' || c == '\\' {
+                                array.push('\\');
+                            }
+                            array.push(c);
+                        }
+                        array.push('"');
+                    }
+                    Value::Int(n) => array.push_str(&n.to_string()),
+                    Value::NullInt => array.push_str("NULL"),
+                }
+            }
+            array.push('}');
+            (array, ty)
+        })
+        .collect()
+}
 
 /// Binds every value of `rows`, in order.
 pub fn bind_rows<'q, const N: usize>(
@@ -312,50 +486,18 @@ pub fn bind_rows<'q, const N: usize>(
     query
 }
 
-/// The `n`th (1-based) bind parameter of a statement that uses each once, in
-/// order: `?` on SQLite, `$n` on PostgreSQL. SQLite looks a numbered
-/// parameter's name up by a linear scan, so a statement with a thousand `$n`
-/// costs a million steps to bind; anonymous `?` are bound by position.
-#[must_use]
-pub fn param(conn: &AnyConnection, n: usize) -> Cow<'static, str> {
-    if conn.backend_name() == "SQLite" {
-        Cow::Borrowed("?")
-    } else {
-        Cow::Owned(format!("${n}"))
-    }
-}
-
-/// Runs `INSERT INTO table (columns) VALUES (...), (...) suffix` over `rows`.
+/// Runs `INSERT INTO table (columns) ... suffix` over `rows`.
+///
+/// # Errors
+/// A database error.
 pub async fn insert_rows<const N: usize>(
     conn: &mut AnyConnection,
     head: &str,
     suffix: &str,
     rows: &[[Value; N]],
 ) -> Result<(), sqlx::Error> {
-    for chunk in rows.chunks(CHUNK) {
-        let mut sql = String::with_capacity(head.len() + chunk.len() * N * 5);
-        sql.push_str(head);
-        sql.push_str(" VALUES ");
-        let mut n = 0;
-        for (i, _) in chunk.iter().enumerate() {
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for j in 0..N {
-                n += 1;
-                if j > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&param(conn, n));
-            }
-            sql.push(')');
-        }
-        sql.push(' ');
-        sql.push_str(suffix);
-        bind_rows(sqlx::query(&sql), chunk)
-            .execute(&mut *conn)
-            .await?;
+    if rows.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    RowSet::new(conn, rows).insert(conn, head, suffix).await
 }

@@ -8,6 +8,7 @@
 //! keeps up with the broker. A message already in the ledger changes
 //! nothing.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +28,7 @@ use serde_json::json;
 use sqlx::{AnyConnection, Row};
 
 use crate::clock::millis;
-use crate::ledger::{CHUNK, Event, Head, Value, insert_rows, param, sha256_hex};
+use crate::ledger::{CHUNK, Event, Head, RowSet, Value, insert_rows, sha256_hex};
 
 /// Counters the tracker keeps (exported as metrics by the service).
 #[derive(Debug, Default)]
@@ -123,21 +124,111 @@ impl Observed {
     }
 }
 
-/// The rows one batch adds.
+/// A batch's rows, built before its transaction begins, so that building
+/// the next batch overlaps writing this one. Each row names the message it
+/// came from; [`Recorder::write`] drops the rows of messages the ledger
+/// already holds.
 #[derive(Default)]
-struct Rows {
-    events: Vec<EventRow>,
-    referrals: Vec<[Value; 11]>,
-    hops: Vec<[Value; 5]>,
-    obligations: Vec<[Value; 12]>,
-    /// (referral, met_by, agency) -> earliest time.
-    meets: HashMap<(String, &'static str, String), i64>,
-    /// Referrals given obligations in this batch (earlier hops may meet them).
-    obligated: Vec<String>,
-    /// The earliest deadline of the obligations created (epoch ms).
-    earliest_due: Option<i64>,
+pub struct Prepared {
+    /// The messages, first occurrences only (a second is a duplicate).
+    messages: Vec<PreparedMessage>,
+    /// Occurrences of an id already earlier in the batch.
+    repeated: u64,
+    /// The message the rows being pushed come from.
+    owner: usize,
+    events: Tagged<EventRow>,
+    referrals: Tagged<[Value; 11]>,
+    hops: Tagged<[Value; 5]>,
+    obligations: Tagged<[Value; 12]>,
+    /// The deadline of each obligation (epoch ms).
+    dues: Vec<i64>,
+    /// (referral, met_by, agency) and when.
+    meets: Tagged<((String, &'static str, String), i64)>,
+    /// Referrals given obligations (earlier hops may meet them).
+    obligated: Tagged<String>,
 }
 
+/// Rows, each with the index of the message it came from.
+struct Tagged<T> {
+    rows: Vec<T>,
+    owners: Vec<usize>,
+}
+
+impl<T> Default for Tagged<T> {
+    fn default() -> Self {
+        Self {
+            rows: Vec::new(),
+            owners: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone> Tagged<T> {
+    fn push(&mut self, owner: usize, row: T) {
+        self.rows.push(row);
+        self.owners.push(owner);
+    }
+
+    /// The rows of the messages marked `new`, copied only when some are not.
+    fn kept(&self, new: &[bool]) -> Cow<'_, [T]> {
+        if self.owners.iter().all(|o| new[*o]) {
+            Cow::Borrowed(&self.rows)
+        } else {
+            Cow::Owned(self.iter_kept(new).cloned().collect())
+        }
+    }
+
+    fn iter_kept<'a>(&'a self, new: &'a [bool]) -> impl Iterator<Item = &'a T> + 'a {
+        self.rows
+            .iter()
+            .zip(&self.owners)
+            .filter(|(_, o)| new[**o])
+            .map(|(row, _)| row)
+    }
+}
+
+struct PreparedMessage {
+    id: String,
+    /// The kind's number, when the policy catalogue does not know it.
+    unknown_kind: Option<i32>,
+    obligations: u64,
+}
+
+impl Prepared {
+    /// How many messages (duplicates within the batch included).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.messages.len() + usize::try_from(self.repeated).unwrap_or(usize::MAX)
+    }
+
+    /// Whether the batch is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn hop(&mut self, referral: &str, hop: &str, agency: &str, at: i64, message_id: &str) {
+        self.hops.push(
+            self.owner,
+            [
+                referral.into(),
+                hop.into(),
+                agency.into(),
+                Value::Int(at),
+                message_id.into(),
+            ],
+        );
+    }
+
+    fn meet(&mut self, referral: &str, met_by: &'static str, agency: &str, at: i64) {
+        self.meets.push(
+            self.owner,
+            ((referral.to_owned(), met_by, agency.to_owned()), at),
+        );
+    }
+}
+
+#[derive(Clone)]
 struct EventRow {
     message_id: String,
     event: String,
@@ -146,41 +237,70 @@ struct EventRow {
 }
 
 impl Recorder {
-    /// Records a batch; messages already in the ledger (or twice in the
-    /// batch) are counted as duplicates and change nothing.
+    /// Builds the rows of a batch (no database work).
+    #[must_use]
+    pub fn prepare(&self, batch: &[&Observed], now: DateTime<Utc>) -> Prepared {
+        let mut prepared = Prepared::default();
+        let mut seen = HashSet::with_capacity(batch.len());
+        for observed in batch {
+            let id = observed.message_id();
+            if !seen.insert(id) {
+                prepared.repeated += 1;
+                continue;
+            }
+            prepared.owner = prepared.messages.len();
+            prepared.messages.push(PreparedMessage {
+                id: id.to_owned(),
+                unknown_kind: None,
+                obligations: 0,
+            });
+            match observed {
+                Observed::Envelope(envelope) => self.envelope_rows(envelope, now, &mut prepared),
+                Observed::Hop(report) => Self::hop_rows(report, now, &mut prepared),
+            }
+        }
+        prepared
+    }
+
+    /// Writes a prepared batch in the caller's transaction; messages already
+    /// in the ledger (or twice in the batch) are counted as duplicates and
+    /// change nothing.
     ///
     /// # Errors
     /// A database error: the caller rolls back and retries the batch.
-    pub async fn record_batch(
+    pub async fn write(
         &self,
         conn: &mut AnyConnection,
         head: &mut Head,
-        batch: &[&Observed],
+        prepared: &Prepared,
         now: DateTime<Utc>,
         tally: &mut Tally,
     ) -> Result<(), sqlx::Error> {
-        let existing = recorded_already(conn, batch).await?;
-        let mut seen = HashSet::new();
-        let mut rows = Rows::default();
-        for observed in batch {
-            let id = observed.message_id();
-            if existing.contains(id) || !seen.insert(id) {
+        let existing = recorded_already(conn, &prepared.messages).await?;
+        let new: Vec<bool> = prepared
+            .messages
+            .iter()
+            .map(|m| !existing.contains(&m.id))
+            .collect();
+        tally.duplicates += prepared.repeated;
+        for (message, new) in prepared.messages.iter().zip(&new) {
+            if !new {
                 tally.duplicates += 1;
                 continue;
             }
             tally.recorded += 1;
-            match observed {
-                Observed::Envelope(envelope) => self.envelope_rows(envelope, now, &mut rows, tally),
-                Observed::Hop(report) => Self::hop_rows(report, now, &mut rows),
+            tally.obligations += message.obligations;
+            if let Some(kind) = message.unknown_kind {
+                tally.unknown_kinds += 1;
+                tracing::warn!(id = %message.id, kind, "recorded a message of a kind the policy catalogue does not know (flagged)");
             }
         }
-        if rows.events.is_empty() {
+        if tally.recorded == 0 {
             return Ok(());
         }
-        tally.earliest_due = rows.earliest_due;
         let recorded_at = millis(now);
-        let mut events = Vec::with_capacity(rows.events.len());
-        for e in &rows.events {
+        let mut events = Vec::with_capacity(prepared.events.rows.len());
+        for e in prepared.events.iter_kept(&new) {
             let event = Event {
                 message_id: &e.message_id,
                 event: &e.event,
@@ -203,43 +323,64 @@ impl Recorder {
             head.seq = seq;
             head.hash = hash;
         }
+        let referrals = prepared.referrals.kept(&new);
+        let hops = prepared.hops.kept(&new);
+        let obligations = prepared.obligations.kept(&new);
+        for (due, _) in prepared
+            .dues
+            .iter()
+            .zip(&prepared.obligations.owners)
+            .filter(|(_, o)| new[**o])
+        {
+            tally.earliest_due = Some(tally.earliest_due.map_or(*due, |t| t.min(*due)));
+        }
         insert_rows(conn, "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)", "", &events).await?;
         insert_rows(
             conn,
             "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)",
             "ON CONFLICT (id) DO NOTHING",
-            &rows.referrals,
+            &referrals,
         )
         .await?;
         insert_rows(
             conn,
             "INSERT INTO hops (referral_id, hop, agency, at, message_id)",
             "ON CONFLICT DO NOTHING",
-            &rows.hops,
+            &hops,
         )
         .await?;
         insert_rows(
             conn,
             "INSERT INTO obligations (id, referral_id, rule, kind, duty, bearer, meets_agency, met_by, clock_started_at, due_at, met_at, notify)",
             "ON CONFLICT (id) DO NOTHING",
-            &rows.obligations,
+            &obligations,
         )
         .await?;
+        // (referral, met_by, agency) -> earliest time.
+        let mut meets: HashMap<(String, &'static str, String), i64> = HashMap::new();
+        for (key, at) in prepared.meets.iter_kept(&new) {
+            meets
+                .entry(key.clone())
+                .and_modify(|t| *t = (*t).min(*at))
+                .or_insert(*at);
+        }
         // Hops recorded before their referral (reports race) meet its new obligations.
-        let mut meets = rows.meets;
-        for chunk in rows.obligated.chunks(CHUNK) {
-            let list = (1..=chunk.len())
-                .map(|i| param(conn, i))
-                .collect::<Vec<_>>()
-                .join(",");
+        let obligated: Vec<[Value; 1]> = prepared
+            .obligated
+            .iter_kept(&new)
+            .map(|id| [id.as_str().into()])
+            .collect();
+        for chunk in obligated.chunks(CHUNK) {
+            let referrals = RowSet::new(conn, chunk);
             let sql = format!(
-                "SELECT referral_id, hop, agency, MIN(at) AS at FROM hops WHERE referral_id IN ({list}) GROUP BY referral_id, hop, agency"
+                "SELECT referral_id, hop, agency, MIN(at) AS at FROM hops WHERE referral_id IN (SELECT column1 FROM {} AS v) GROUP BY referral_id, hop, agency",
+                referrals.table(conn, 1)
             );
-            let mut query = sqlx::query(&sql);
-            for id in chunk {
-                query = query.bind(id.as_str());
-            }
-            for row in query.fetch_all(&mut *conn).await? {
+            for row in referrals
+                .bind(sqlx::query(&sql))
+                .fetch_all(&mut *conn)
+                .await?
+            {
                 let hop: String = row.try_get("hop")?;
                 if let Some(met_by) = met_by_for(&hop) {
                     let at: i64 = row.try_get("at")?;
@@ -263,44 +404,25 @@ impl Recorder {
             })
             .collect();
         for chunk in meets.chunks(CHUNK) {
-            let values = (0..chunk.len())
-                .map(|i| {
-                    format!(
-                        "({}, {}, {}, CAST({} AS BIGINT))",
-                        param(conn, 4 * i + 1),
-                        param(conn, 4 * i + 2),
-                        param(conn, 4 * i + 3),
-                        param(conn, 4 * i + 4)
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(",");
+            let met = RowSet::new(conn, chunk);
             let sql = format!(
-                "UPDATE obligations SET met_at = v.column4 FROM (VALUES {values}) AS v
+                "UPDATE obligations SET met_at = CAST(v.column4 AS BIGINT) FROM {} AS v
                  WHERE obligations.referral_id = v.column1 AND obligations.met_by = v.column2
-                   AND obligations.meets_agency = v.column3 AND obligations.met_at IS NULL"
+                   AND obligations.meets_agency = v.column3 AND obligations.met_at IS NULL",
+                met.table(conn, 1)
             );
-            crate::ledger::bind_rows(sqlx::query(&sql), chunk)
-                .execute(&mut *conn)
-                .await?;
+            met.bind(sqlx::query(&sql)).execute(&mut *conn).await?;
         }
         Ok(())
     }
 
-    fn envelope_rows(
-        &self,
-        envelope: &Envelope,
-        now: DateTime<Utc>,
-        rows: &mut Rows,
-        tally: &mut Tally,
-    ) {
+    fn envelope_rows(&self, envelope: &Envelope, now: DateTime<Utc>, rows: &mut Prepared) {
         let kind = MessageKind::try_from(envelope.kind).unwrap_or(MessageKind::Unspecified);
         let submitted = ts(envelope.submitted_at.as_ref()).unwrap_or(now);
         let clock = ts(envelope.clock_started_at.as_ref()).unwrap_or(submitted);
         let known = kind != MessageKind::Unspecified && self.policy.knows(kind);
         if !known {
-            tally.unknown_kinds += 1;
-            tracing::warn!(id = %envelope.id, kind = envelope.kind, sender = %envelope.sender, "recorded a message of a kind the policy catalogue does not know (flagged)");
+            rows.messages[rows.owner].unknown_kind = Some(envelope.kind);
         }
         let encoded = envelope.encode_to_vec();
         let mut body = json!({
@@ -329,26 +451,22 @@ impl Recorder {
                 json!(WithholdingGround::try_from(*ground).map_or("unknown", |g| g.as_str_name()));
         }
         let referral_id = refbus_core::envelope::tracking_id(envelope).to_owned();
-        rows.events.push(EventRow {
-            message_id: envelope.id.clone(),
-            event: kind.code().to_owned(),
-            referral_id: referral_id.clone(),
-            body: body.to_string(),
-        });
+        rows.events.push(
+            rows.owner,
+            EventRow {
+                message_id: envelope.id.clone(),
+                event: kind.code().to_owned(),
+                referral_id: referral_id.clone(),
+                body: body.to_string(),
+            },
+        );
         if !envelope.relay_of.is_empty() {
             // DZ-7: a relay passed the lead on. Filed under the lead.
             let at = millis(submitted);
-            rows.hops.push(hop_row(
-                &referral_id,
-                "relayed",
-                &envelope.sender,
-                at,
-                &envelope.id,
-            ));
-            add_meet(rows, &referral_id, "relayed", &envelope.sender, at);
+            rows.hop(&referral_id, "relayed", &envelope.sender, at, &envelope.id);
+            rows.meet(&referral_id, "relayed", &envelope.sender, at);
             if known {
-                tally.obligations +=
-                    self.obligation_rows(envelope, &referral_id, kind, clock, submitted, rows);
+                self.obligation_rows(envelope, &referral_id, kind, clock, submitted, rows);
             }
             return;
         }
@@ -358,29 +476,32 @@ impl Recorder {
                 .map(|a| a.region.clone())
                 .unwrap_or_default()
         };
-        rows.referrals.push([
-            envelope.id.as_str().into(),
-            kind.code().into(),
-            envelope.sender.as_str().into(),
-            envelope.recipient.as_str().into(),
-            envelope.in_reply_to.as_str().into(),
-            region(&envelope.sender).into(),
-            region(&envelope.recipient).into(),
-            Value::Int(millis(clock)),
-            Value::Int(millis(submitted)),
-            Value::Int(i64::from(known)),
-            base64::engine::general_purpose::STANDARD
-                .encode(&encoded)
-                .into(),
-        ]);
+        rows.referrals.push(
+            rows.owner,
+            [
+                envelope.id.as_str().into(),
+                kind.code().into(),
+                envelope.sender.as_str().into(),
+                envelope.recipient.as_str().into(),
+                envelope.in_reply_to.as_str().into(),
+                region(&envelope.sender).into(),
+                region(&envelope.recipient).into(),
+                Value::Int(millis(clock)),
+                Value::Int(millis(submitted)),
+                Value::Int(i64::from(known)),
+                base64::engine::general_purpose::STANDARD
+                    .encode(&encoded)
+                    .into(),
+            ],
+        );
         let at = millis(submitted);
-        rows.hops.push(hop_row(
+        rows.hop(
             &envelope.id,
             "submitted",
             &envelope.sender,
             at,
             &envelope.id,
-        ));
+        );
         match &envelope.payload {
             Some(Payload::Feedback(_) | Payload::Acknowledgement(_))
                 if !envelope.in_reply_to.is_empty() =>
@@ -393,27 +514,26 @@ impl Recorder {
                     Some(Payload::Feedback(_)) => ("answered", "feedback"),
                     _ => ("acknowledged", "acknowledged"),
                 };
-                rows.hops.push(hop_row(
+                rows.hop(
                     &envelope.in_reply_to,
                     hop,
                     &envelope.sender,
                     at,
                     &envelope.id,
-                ));
-                add_meet(rows, &envelope.in_reply_to, met_by, &envelope.sender, at);
+                );
+                rows.meet(&envelope.in_reply_to, met_by, &envelope.sender, at);
             }
             Some(Payload::OverdueNotice(notice)) => {
-                rows.hops.push(hop_row(
+                rows.hop(
                     &notice.referral_id,
                     "overdue_notified",
                     &envelope.recipient,
                     at,
                     &envelope.id,
-                ));
+                );
             }
             _ if known => {
-                tally.obligations +=
-                    self.obligation_rows(envelope, &envelope.id, kind, clock, submitted, rows);
+                self.obligation_rows(envelope, &envelope.id, kind, clock, submitted, rows);
             }
             _ => {}
         }
@@ -432,8 +552,8 @@ impl Recorder {
         kind: MessageKind,
         clock: DateTime<Utc>,
         submitted: DateTime<Utc>,
-        rows: &mut Rows,
-    ) -> u64 {
+        rows: &mut Prepared,
+    ) {
         let lead = match &envelope.payload {
             Some(Payload::MisconductLead(lead)) => Some(lead),
             _ => None,
@@ -444,7 +564,7 @@ impl Recorder {
             .unwrap_or(&envelope.sender);
         let Some(sender) = self.directory.get(sender_id) else {
             tracing::warn!(id = %envelope.id, "referral from an agency not in the directory: no obligations created");
-            return 0;
+            return;
         };
         let mut recipients = Vec::with_capacity(1 + envelope.also_to.len());
         for id in std::iter::once(&envelope.recipient).chain(&envelope.also_to) {
@@ -494,90 +614,69 @@ impl Recorder {
                 } else {
                     format!("{referral_id}/{}/{met_by}/{}", rule.rule, recipient.id)
                 };
-                rows.obligations.push([
-                    id.into(),
-                    referral_id.into(),
-                    rule.rule.as_str().into(),
-                    kind.code().into(),
-                    rule.duty.as_str().into(),
-                    bearer.id.as_str().into(),
-                    recipient.id.as_str().into(),
-                    met_by.into(),
-                    Value::Int(millis(start)),
-                    Value::Int(millis(due)),
-                    Value::NullInt,
-                    notify.join(",").into(),
-                ]);
-                rows.earliest_due = Some(
-                    rows.earliest_due
-                        .map_or(millis(due), |t| t.min(millis(due))),
+                rows.obligations.push(
+                    rows.owner,
+                    [
+                        id.into(),
+                        referral_id.into(),
+                        rule.rule.as_str().into(),
+                        kind.code().into(),
+                        rule.duty.as_str().into(),
+                        bearer.id.as_str().into(),
+                        recipient.id.as_str().into(),
+                        met_by.into(),
+                        Value::Int(millis(start)),
+                        Value::Int(millis(due)),
+                        Value::NullInt,
+                        notify.join(",").into(),
+                    ],
                 );
+                rows.dues.push(millis(due));
                 created += 1;
             }
         }
         if created > 0 {
-            rows.obligated.push(referral_id.to_owned());
+            rows.obligated.push(rows.owner, referral_id.to_owned());
         }
-        created
+        rows.messages[rows.owner].obligations = created;
     }
 
-    fn hop_rows(report: &HopReport, now: DateTime<Utc>, rows: &mut Rows) {
+    fn hop_rows(report: &HopReport, now: DateTime<Utc>, rows: &mut Prepared) {
         let hop = hop_code(Hop::try_from(report.hop).unwrap_or(Hop::Unspecified));
         let at = millis(ts(report.at.as_ref()).unwrap_or(now));
         let body = json!({"id": report.id, "referral_id": report.referral_id, "hop": hop, "agency": report.agency, "at": at}).to_string();
-        rows.events.push(EventRow {
-            message_id: report.id.clone(),
-            event: "hop_report".into(),
-            referral_id: report.referral_id.clone(),
-            body,
-        });
-        rows.hops.push(hop_row(
-            &report.referral_id,
-            hop,
-            &report.agency,
-            at,
-            &report.id,
-        ));
+        rows.events.push(
+            rows.owner,
+            EventRow {
+                message_id: report.id.clone(),
+                event: "hop_report".into(),
+                referral_id: report.referral_id.clone(),
+                body,
+            },
+        );
+        rows.hop(&report.referral_id, hop, &report.agency, at, &report.id);
         if let Some(met_by) = met_by_for(hop) {
-            add_meet(rows, &report.referral_id, met_by, &report.agency, at);
+            rows.meet(&report.referral_id, met_by, &report.agency, at);
         }
     }
 }
 
-fn hop_row(referral: &str, hop: &str, agency: &str, at: i64, message_id: &str) -> [Value; 5] {
-    [
-        referral.into(),
-        hop.into(),
-        agency.into(),
-        Value::Int(at),
-        message_id.into(),
-    ]
-}
-
-fn add_meet(rows: &mut Rows, referral: &str, met_by: &'static str, agency: &str, at: i64) {
-    rows.meets
-        .entry((referral.to_owned(), met_by, agency.to_owned()))
-        .and_modify(|t| *t = (*t).min(at))
-        .or_insert(at);
-}
-
-/// The message ids of `batch` that the ledger already holds.
+/// The ids of `messages` that the ledger already holds.
 async fn recorded_already(
     conn: &mut AnyConnection,
-    batch: &[&Observed],
+    messages: &[PreparedMessage],
 ) -> Result<HashSet<String>, sqlx::Error> {
+    let ids: Vec<[Value; 1]> = messages.iter().map(|m| [m.id.as_str().into()]).collect();
     let mut found = HashSet::new();
-    for chunk in batch.chunks(CHUNK) {
-        let list = (1..=chunk.len())
-            .map(|i| format!("${i}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let sql = format!("SELECT message_id FROM ledger_events WHERE message_id IN ({list})");
-        let mut query = sqlx::query_scalar::<_, String>(&sql);
-        for o in chunk {
-            query = query.bind(o.message_id());
+    for chunk in ids.chunks(CHUNK) {
+        let ids = RowSet::new(conn, chunk);
+        let sql = format!(
+            "SELECT message_id FROM ledger_events WHERE message_id IN (SELECT column1 FROM {} AS v)",
+            ids.table(conn, 1)
+        );
+        for row in ids.bind(sqlx::query(&sql)).fetch_all(&mut *conn).await? {
+            found.insert(row.try_get(0)?);
         }
-        found.extend(query.fetch_all(&mut *conn).await?);
     }
     Ok(found)
 }
