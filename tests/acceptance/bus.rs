@@ -26,8 +26,8 @@ use refbus_tests::fixtures::{CENTRE, DESK, legal_help, submit};
 async fn cq_1_1b_legal_help_request_reaches_the_duty_desk_intact_and_acknowledge_removes_it() {
     let bus = TestBus::spawn().await;
     let amqp = Amqp::connect().await;
-    let mut centre = bus.gateway("detention-centre").await;
-    let mut desk = bus.gateway("legal-aid").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
 
     let sent = legal_help("req-1");
     let receipt = centre
@@ -80,8 +80,7 @@ async fn cq_1_1b_legal_help_request_reaches_the_duty_desk_intact_and_acknowledge
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cq_1_1b_forwarding_routes_to_the_desk_or_else_the_regions_legal_aid_office() {
     let bus = TestBus::spawn().await;
-    let mut centre = DetentionCentreClient::new(bus.channel("detention-centre").await);
-    let mut legal_aid = bus.gateway("legal-aid").await;
+    let mut centre = DetentionCentreClient::new(bus.channel_as("detention-centre", CENTRE).await);
     let request = |centre_id: &str, key: &str| ForwardLegalHelpRequestRequest {
         detention_centre: centre_id.into(),
         detainee: Some(Detainee {
@@ -98,24 +97,37 @@ async fn cq_1_1b_forwarding_routes_to_the_desk_or_else_the_regions_legal_aid_off
         .unwrap()
         .into_inner();
     assert_eq!(to_desk.recipient, DESK);
-    let to_office = centre
+    let mut yb_centre = DetentionCentreClient::new(
+        bus.channel_as("detention-centre", "yb-detention-centre")
+            .await,
+    );
+    let to_office = yb_centre
         .forward_legal_help_request(request("yb-detention-centre", "b"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(to_office.recipient, "yb-legal-aid-centre");
 
+    let mut legal_aid = bus.gateway_as("legal-aid", "yb-legal-aid-centre").await;
     let mut inbox = Inbox::open(&mut legal_aid, "yb-legal-aid-centre").await;
     let got = inbox.next().await.envelope.unwrap();
     assert_eq!(got.id, to_office.id);
     assert_eq!(got.sender, "yb-detention-centre");
 
-    // A centre this service does not serve is refused.
-    let err = centre
+    // An agency this service does not serve is refused, even when it is
+    // the caller.
+    let mut court =
+        DetentionCentreClient::new(bus.channel_as("detention-centre", "dz-court").await);
+    let err = court
         .forward_legal_help_request(request("dz-court", "c"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(
+        err.message().contains("detention-centre serves"),
+        "{}",
+        err.message()
+    );
     bus.stop().await;
 }
 
@@ -125,8 +137,8 @@ async fn cq_1_1b_forwarding_routes_to_the_desk_or_else_the_regions_legal_aid_off
 async fn unacknowledged_delivery_is_delivered_again_on_the_next_stream() {
     let bus = TestBus::spawn().await;
     let amqp = Amqp::connect().await;
-    let mut centre = bus.gateway("detention-centre").await;
-    let mut desk = bus.gateway("legal-aid").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
     let receipt = centre
         .submit(submit(legal_help("req-2")))
         .await
@@ -191,7 +203,7 @@ async fn messages_anywhere(bus: &TestBus, amqp: &Amqp) -> u32 {
 async fn bad_submissions_are_refused_with_the_field_or_rule_and_nothing_is_published() {
     let bus = TestBus::spawn().await;
     let amqp = Amqp::connect().await;
-    let mut centre = bus.gateway("detention-centre").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
 
     // Acceptance 3: unknown recipient.
     let mut e = legal_help("bad-1");
@@ -217,10 +229,25 @@ async fn bad_submissions_are_refused_with_the_field_or_rule_and_nothing_is_publi
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("CQ-1.1b"), "{}", err.message());
 
-    // A sender that is not one of the service's own agencies.
+    // A sender other than the caller (issue 5: a caller acts only as its
+    // own agency).
     let mut e = legal_help("bad-4");
+    e.sender = "yb-detention-centre".into();
+    let err = centre.submit(submit(e.clone())).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().starts_with(
+            "envelope.sender: the caller is authenticated as `dz-detention-centre` and may act only as that agency"
+        ),
+        "{}",
+        err.message()
+    );
+
+    // A sender that is not one of the service's own agencies, even when it
+    // is the caller.
     e.sender = "yb-court".into();
-    let err = centre.submit(submit(e)).await.unwrap_err();
+    let mut court = bus.gateway_as("detention-centre", "yb-court").await;
+    let err = court.submit(submit(e)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(
         err.message()
@@ -269,8 +296,8 @@ async fn bad_submissions_are_refused_with_the_field_or_rule_and_nothing_is_publi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_reaches_the_referrals_sender_correlated_to_it() {
     let bus = TestBus::spawn().await;
-    let mut centre = bus.gateway("detention-centre").await;
-    let mut desk = bus.gateway("legal-aid").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
     let referral = centre
         .submit(submit(legal_help("req-4")))
         .await
@@ -303,7 +330,7 @@ async fn feedback_reaches_the_referrals_sender_correlated_to_it() {
     assert_eq!(answer.recipient, CENTRE);
 
     // The legal-aid service's own RPC does the same.
-    let mut legal_aid = LegalAidClient::new(bus.channel("legal-aid").await);
+    let mut legal_aid = LegalAidClient::new(bus.channel_as("legal-aid", DESK).await);
     legal_aid
         .assign_duty_lawyer(AssignDutyLawyerRequest {
             agency: DESK.into(),
@@ -354,7 +381,7 @@ async fn feedback_reaches_the_referrals_sender_correlated_to_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_idempotency_key_gives_the_same_id() {
     let bus = TestBus::spawn().await;
-    let mut centre = bus.gateway("detention-centre").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
     let one = centre
         .submit(submit(legal_help("same")))
         .await
@@ -373,7 +400,7 @@ async fn the_same_idempotency_key_gives_the_same_id() {
     assert_eq!(one.id, two.id);
     assert_ne!(one.id, other.id);
 
-    let mut desk = bus.gateway("legal-aid").await;
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
     let mut inbox = Inbox::open(&mut desk, DESK).await;
     let ids: Vec<String> = [inbox.next().await, inbox.next().await, inbox.next().await]
         .into_iter()
@@ -394,8 +421,8 @@ async fn the_same_idempotency_key_gives_the_same_id() {
 async fn garbage_on_an_inbox_is_dead_lettered_with_a_reason_and_the_consumer_keeps_running() {
     let bus = TestBus::spawn().await;
     let amqp = Amqp::connect().await;
-    let mut centre = bus.gateway("detention-centre").await;
-    let mut desk = bus.gateway("legal-aid").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
     let mut inbox = Inbox::open(&mut desk, DESK).await;
 
     let garbage = b"\xff\xfe not protobuf \x00\x01".to_vec();
@@ -462,8 +489,8 @@ async fn broker_outage_gives_unavailable_then_recovers_without_losing_confirmed_
     let broker: std::net::SocketAddr = "127.0.0.1:5672".parse().unwrap();
     let proxy = Proxy::start(broker).await;
     let bus = TestBus::spawn_with(test_settings(proxy.amqp_url())).await;
-    let mut centre = bus.gateway("detention-centre").await;
-    let mut desk = bus.gateway("legal-aid").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
     let mut inbox = Inbox::open(&mut desk, DESK).await;
     let mut confirmed = Vec::new();
     for i in 0..20 {
@@ -591,11 +618,19 @@ async fn refbus_up_serves_and_exits_0_on_sigint() {
     let mut centre = refbus_proto::v1::gateway_client::GatewayClient::connect(addr)
         .await
         .unwrap();
-    let receipt = centre
+    // `refbus up` authenticates with the development bearer tokens
+    // (deploy/local/tokens.toml): none is UNAUTHENTICATED.
+    let err = centre
         .submit(submit(legal_help("via-up")))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
+    let mut request = tonic::Request::new(submit(legal_help("via-up")));
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer dev-dz-detention-centre".parse().unwrap(),
+    );
+    let receipt = centre.submit(request).await.unwrap().into_inner();
     assert_eq!(receipt.recipient, DESK);
 
     let pid = child.id().unwrap().to_string();

@@ -55,7 +55,7 @@ impl World {
     }
 
     async fn gateway(&self, agency: &str) -> GatewayClient<Channel> {
-        self.bus.gateway(service_of(agency)).await
+        self.bus.gateway_as(service_of(agency), agency).await
     }
 
     /// Opens `agency`'s inbox and takes the next delivery, acknowledged.
@@ -261,7 +261,9 @@ async fn dz_7_2_a_municipal_officer_is_relayed_up_and_feedback_returns_through_t
 
     // Nobody but the next hop may pass it on, and the relay may not answer.
     let mut case_units = world.gateway(DZ_COURT).await;
-    let err = case_units
+    let err = world
+        .gateway("yb-court")
+        .await
         .relay(RelayRequest {
             agency: "yb-court".into(),
             lead: Some(at_relay.clone()),
@@ -301,7 +303,9 @@ async fn dz_7_2_a_municipal_officer_is_relayed_up_and_feedback_returns_through_t
     assert_eq!(at_handler.sender, DZ_COURT);
     assert_eq!(lead_of(&at_handler).found_by, BUREAU);
 
-    case_units
+    world
+        .gateway("cq-high-court")
+        .await
         .feedback(FeedbackRequest {
             agency: "cq-high-court".into(),
             referral: Some(at_handler),
@@ -601,7 +605,7 @@ async fn cq_1_1c_a_letter_withheld_without_a_valid_ground_is_rejected() {
 async fn cq_3_14_and_cq_3_13_a_violation_notice_and_a_complaint_are_answered_and_closed() {
     let world = World::start().await;
     // CQ-3.14
-    let notice = DetentionCentreClient::new(world.bus.channel("detention-centre").await)
+    let notice = DetentionCentreClient::new(world.bus.channel_as("detention-centre", CENTRE).await)
         .notify_lawyer_violation(NotifyLawyerViolationRequest {
             detention_centre: CENTRE.into(),
             notice: Some(refbus_proto::v1::LawyerViolationNotice {
@@ -616,19 +620,24 @@ async fn cq_3_14_and_cq_3_13_a_violation_notice_and_a_complaint_are_answered_and
         .unwrap()
         .into_inner();
     let delivered = world.receive(BUREAU).await;
-    let err = JusticeBureauClient::new(world.bus.channel("justice-bureau").await)
-        .report_handling_result(ReportHandlingResultRequest {
-            justice_bureau: "yb-justice-bureau".into(),
-            referral: Some(delivered.clone()),
-            outcome: Outcome::Sanctioned as i32,
-            summary: "x".into(),
-            idempotency_key: "cq314-wrong".into(),
-        })
-        .await
-        .unwrap_err();
+    let err = JusticeBureauClient::new(
+        world
+            .bus
+            .channel_as("justice-bureau", "yb-justice-bureau")
+            .await,
+    )
+    .report_handling_result(ReportHandlingResultRequest {
+        justice_bureau: "yb-justice-bureau".into(),
+        referral: Some(delivered.clone()),
+        outcome: Outcome::Sanctioned as i32,
+        summary: "x".into(),
+        idempotency_key: "cq314-wrong".into(),
+    })
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().starts_with("CQ-3.14: "), "{}", err.message());
-    JusticeBureauClient::new(world.bus.channel("justice-bureau").await)
+    JusticeBureauClient::new(world.bus.channel_as("justice-bureau", BUREAU).await)
         .report_handling_result(ReportHandlingResultRequest {
             justice_bureau: BUREAU.into(),
             referral: Some(delivered),
@@ -722,18 +731,19 @@ async fn cq_3_14_and_cq_3_13_a_violation_notice_and_a_complaint_are_answered_and
 #[tokio::test]
 async fn cq_3_15_a_joint_notice_is_acknowledged_by_each_recipient_on_its_own() {
     let world = World::start().await;
-    let receipt = DetentionCentreClient::new(world.bus.channel("detention-centre").await)
-        .notify_joint_action(NotifyJointActionRequest {
-            detention_centre: CENTRE.into(),
-            notice: Some(JointNotice {
-                subject: "看守所周边非法揽业".into(),
-                description: "门口有人冒充律师揽业".into(),
-            }),
-            idempotency_key: "cq315".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let receipt =
+        DetentionCentreClient::new(world.bus.channel_as("detention-centre", CENTRE).await)
+            .notify_joint_action(NotifyJointActionRequest {
+                detention_centre: CENTRE.into(),
+                notice: Some(JointNotice {
+                    subject: "看守所周边非法揽业".into(),
+                    description: "门口有人冒充律师揽业".into(),
+                }),
+                idempotency_key: "cq315".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
     assert_eq!(receipt.recipient, DZ_PSB);
     assert_eq!(receipt.also_to, [BUREAU, DZ_BAR]);
     for agency in [DZ_PSB, BUREAU] {
@@ -783,15 +793,20 @@ async fn cq_1_3d_a_verification_query_is_answered_and_closed() {
         .unwrap()
         .into_inner();
     let delivered = world.receive("dz-psb-investigation").await;
-    CaseUnitClient::new(world.bus.channel("case-unit").await)
-        .answer_verification_query(AnswerVerificationQueryRequest {
-            case_unit: "dz-psb-investigation".into(),
-            query: Some(delivered),
-            answer: "涉嫌盗窃罪".into(),
-            idempotency_key: "cq13d-answer".into(),
-        })
-        .await
-        .unwrap();
+    CaseUnitClient::new(
+        world
+            .bus
+            .channel_as("case-unit", "dz-psb-investigation")
+            .await,
+    )
+    .answer_verification_query(AnswerVerificationQueryRequest {
+        case_unit: "dz-psb-investigation".into(),
+        query: Some(delivered),
+        answer: "涉嫌盗窃罪".into(),
+        idempotency_key: "cq13d-answer".into(),
+    })
+    .await
+    .unwrap();
     assert_eq!(world.receive(CENTRE).await.in_reply_to, query.id);
     world
         .status_when("CQ-1.3d closed", CENTRE, &query.id, |s| {

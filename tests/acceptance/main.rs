@@ -4,9 +4,11 @@
 //! - [`bus`]: issue 2, the bus end to end.
 //! - [`tracker`]: issue 3, the tracker.
 //! - [`leads`]: issue 4, misconduct leads, notices, complaints and letters.
+//! - [`auth`]: issue 5, authenticated callers acting only as themselves.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod auth;
 mod bus;
 mod leads;
 mod tracker;

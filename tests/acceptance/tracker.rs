@@ -38,7 +38,7 @@ fn state(s: &ReferralStatus, rule: &str) -> Option<ObligationState> {
 async fn cq_1_1b_met_late_at_25_hours_on_time_at_23(db: Db) {
     let bus = TestBus::spawn().await;
     let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
-    let mut centre = bus.gateway("detention-centre").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
     let late = centre
         .submit(submit(legal_help_at(
             "late",
@@ -57,7 +57,7 @@ async fn cq_1_1b_met_late_at_25_hours_on_time_at_23(db: Db) {
         .into_inner();
 
     // The request reaches the desk's system when its Inbox hands it over.
-    let mut desk = bus.gateway("legal-aid").await;
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
     let mut inbox = Inbox::open(&mut desk, DESK).await;
     for _ in 0..2 {
         let d = inbox.next().await;
@@ -142,7 +142,7 @@ async fn cq_3_14_unanswered_violation_is_overdue_once_per_named_agency(db: Db) {
     let bus = TestBus::spawn().await;
     let start = Utc::now();
     let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::manual(start)).await;
-    let mut dc = DetentionCentreClient::new(bus.channel("detention-centre").await);
+    let mut dc = DetentionCentreClient::new(bus.channel_as("detention-centre", CENTRE).await);
     let notify = |key: &str| NotifyLawyerViolationRequest {
         detention_centre: CENTRE.into(),
         notice: Some(LawyerViolationNotice {
@@ -193,8 +193,8 @@ async fn cq_3_14_unanswered_violation_is_overdue_once_per_named_agency(db: Db) {
     let marked = from_timestamp(overdue.obligations[0].overdue_at.as_ref().unwrap()).unwrap();
     assert!(marked >= due);
 
-    let mut centre = bus.gateway("detention-centre").await;
-    let mut bureau = bus.gateway("justice-bureau").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
+    let mut bureau = bus.gateway_as("justice-bureau", "cq-justice-bureau").await;
     let mut centre_inbox = Inbox::open(&mut centre, CENTRE).await;
     let mut supervisor_inbox = Inbox::open(&mut bureau, "cq-justice-bureau").await;
     assert_eq!(
@@ -266,14 +266,14 @@ async fn cq_3_14_unanswered_violation_is_overdue_once_per_named_agency_postgres(
 async fn feedback_closes_the_obligation_and_the_timeline_shows_every_hop(db: Db) {
     let bus = TestBus::spawn().await;
     let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
-    let mut centre = bus.gateway("detention-centre").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
     let referral = centre
         .submit(submit(violation("fb-1")))
         .await
         .unwrap()
         .into_inner();
 
-    let mut bureau = bus.gateway("justice-bureau").await;
+    let mut bureau = bus.gateway_as("justice-bureau", BUREAU).await;
     let mut inbox = Inbox::open(&mut bureau, BUREAU).await;
     let d = inbox.next().await;
     bureau
@@ -283,7 +283,7 @@ async fn feedback_closes_the_obligation_and_the_timeline_shows_every_hop(db: Db)
         })
         .await
         .unwrap();
-    let mut jb = JusticeBureauClient::new(bus.channel("justice-bureau").await);
+    let mut jb = JusticeBureauClient::new(bus.channel_as("justice-bureau", BUREAU).await);
     jb.report_handling_result(ReportHandlingResultRequest {
         justice_bureau: BUREAU.into(),
         referral: d.envelope.clone(),
@@ -340,7 +340,7 @@ async fn feedback_closes_the_obligation_and_the_timeline_shows_every_hop(db: Db)
 
     // Acceptance 7: not a party.
     let err = tracker
-        .client()
+        .client_as("yb-court")
         .await
         .get_referral(GetReferralRequest {
             agency: "yb-court".into(),
@@ -350,7 +350,7 @@ async fn feedback_closes_the_obligation_and_the_timeline_shows_every_hop(db: Db)
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
     let err = tracker
-        .client()
+        .client_as("sh-justice-bureau")
         .await
         .get_referral(GetReferralRequest {
             agency: "sh-justice-bureau".into(),
@@ -491,7 +491,7 @@ async fn compliance_report_for_a_seeded_month_matches_independent_counts(db: Db)
 
     for asker in [CENTRE, "yb-detention-centre"] {
         let report = tracker
-            .client()
+            .client_as(asker)
             .await
             .compliance_report(ComplianceReportRequest {
                 agency: asker.into(),
@@ -531,7 +531,7 @@ async fn compliance_report_for_a_seeded_month_matches_independent_counts(db: Db)
     }
     // The supervising municipal bureau sees both districts; HTML renders.
     let report = tracker
-        .client()
+        .client_as("cq-justice-bureau")
         .await
         .compliance_report(ComplianceReportRequest {
             agency: "cq-justice-bureau".into(),
@@ -589,7 +589,7 @@ async fn verify_names_the_changed_row(db: Db) {
     let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
     let amqp = Amqp::connect().await;
     let tap = bus.shared.bus.topology().tap_queue();
-    let mut centre = bus.gateway("detention-centre").await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(
@@ -755,6 +755,7 @@ fn spawn_tracker(bus: &TestBus, ledger: &refbus_tracker::TrackerSettings) -> tok
         .env("REFBUS_DATA_DIR", &ledger.data_dir)
         .env("REFBUS_TRACKER_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
+        .envs(refbus_tests::mtls_env())
         .env_remove("DATABASE_URL")
         .env_remove("REFBUS_DATABASE_SCHEMA")
         .stdout(std::process::Stdio::null())

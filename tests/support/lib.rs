@@ -17,11 +17,12 @@ use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use refbus_gateway::app::{Application, Shared, serve_all};
+use refbus_gateway::auth::AuthSettings;
 use refbus_gateway::{AgencyService, BusSettings};
 use refbus_proto::v1::gateway_client::GatewayClient;
 use refbus_proto::v1::{Delivery, InboxRequest};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// The broker the tests use: `AMQP_URL`, or the local default.
 #[must_use]
@@ -46,6 +47,75 @@ pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T
         .unwrap_or_else(|_| panic!("gave up waiting for {what} after {PATIENCE:?}"))
 }
 
+/// The development CA and certificates (`deploy/dev-certs.sh`), made once
+/// under `target/test-tls` and reused while complete.
+#[must_use]
+pub fn tls_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = repo_root().join("target/test-tls");
+        let directory = repo_root().join("deploy/local/directory.toml");
+        let complete = ["ca.pem", "server.pem", "server.key"]
+            .iter()
+            .all(|f| dir.join(f).exists())
+            && refbus_core::Directory::load(&directory)
+                .unwrap()
+                .agencies()
+                .iter()
+                .all(|a| dir.join(format!("agencies/{}.key", a.id)).exists());
+        if !complete {
+            let status = std::process::Command::new(repo_root().join("deploy/dev-certs.sh"))
+                .arg(&directory)
+                .arg(&dir)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .expect("deploy/dev-certs.sh runs (needs openssl)");
+            assert!(status.success(), "deploy/dev-certs.sh failed");
+        }
+        dir
+    })
+    .clone()
+}
+
+/// The environment that makes a service binary authenticate callers by
+/// mutual TLS with the development certificates, as [`TestBus`] does.
+#[must_use]
+pub fn mtls_env() -> Vec<(&'static str, PathBuf)> {
+    let dir = tls_dir();
+    vec![
+        ("REFBUS_AUTH", PathBuf::from("mtls")),
+        ("REFBUS_TLS_CERT", dir.join("server.pem")),
+        ("REFBUS_TLS_KEY", dir.join("server.key")),
+        ("REFBUS_TLS_CLIENT_CA", dir.join("ca.pem")),
+    ]
+}
+
+/// A TLS client configuration that trusts the development CA and presents
+/// `agency`'s certificate.
+#[must_use]
+pub fn client_tls(agency: &str) -> ClientTlsConfig {
+    let dir = tls_dir();
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(
+            read(&format!("agencies/{agency}.pem")),
+            read(&format!("agencies/{agency}.key")),
+        ))
+        .domain_name("localhost")
+}
+
+/// A channel to `addr` authenticated as `agency` (mutual TLS).
+pub async fn channel_to(addr: SocketAddr, agency: &str) -> Channel {
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(client_tls(agency))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// Settings for a fresh namespace whose queues expire after the test.
 #[must_use]
 pub fn test_settings(amqp_url: String) -> BusSettings {
@@ -55,6 +125,7 @@ pub fn test_settings(amqp_url: String) -> BusSettings {
         amqp_url,
         directory: repo_root().join("deploy/local/directory.toml"),
         namespace,
+        auth: AuthSettings::mtls_in(&tls_dir()),
         prefetch: 50,
         confirm_timeout: Duration::from_secs(3),
         queue_expires: Some(Duration::from_secs(60)),
@@ -103,22 +174,18 @@ impl TestBus {
     }
 
     #[must_use]
-    pub fn endpoint(&self, service: &str) -> String {
-        format!("http://{}", self.addrs[service])
+    pub fn addr(&self, service: &str) -> SocketAddr {
+        self.addrs[service]
     }
 
-    pub async fn gateway(&self, service: &str) -> GatewayClient<Channel> {
-        GatewayClient::connect(self.endpoint(service))
-            .await
-            .unwrap()
+    /// A `Gateway` client of `service`, authenticated as `agency`.
+    pub async fn gateway_as(&self, service: &str, agency: &str) -> GatewayClient<Channel> {
+        GatewayClient::new(self.channel_as(service, agency).await)
     }
 
-    pub async fn channel(&self, service: &str) -> Channel {
-        Channel::from_shared(self.endpoint(service))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+    /// A channel to `service`, authenticated as `agency`.
+    pub async fn channel_as(&self, service: &str, agency: &str) -> Channel {
+        channel_to(self.addrs[service], agency).await
     }
 
     #[must_use]

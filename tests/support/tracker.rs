@@ -82,15 +82,14 @@ impl TestTracker {
         }
     }
 
-    pub async fn client(&self) -> TrackerClient<Channel> {
-        TrackerClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    /// A client authenticated as `agency`.
+    pub async fn client_as(&self, agency: &str) -> TrackerClient<Channel> {
+        TrackerClient::new(crate::channel_to(self.addr, agency).await)
     }
 
     /// `GetReferral` as `asker` would call it.
     pub async fn status(&self, asker: &str, id: &str) -> Result<ReferralStatus, tonic::Status> {
-        self.client()
+        self.client_as(asker)
             .await
             .get_referral(GetReferralRequest {
                 agency: asker.into(),

@@ -16,6 +16,7 @@ use refbus_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::{GatewayCore, GatewayError};
 
 /// The agency-specific service of one agency service.
@@ -62,7 +63,9 @@ impl detention_centre_server::DetentionCentre for AgencyRpcs {
         &self,
         request: Request<ForwardLegalHelpRequestRequest>,
     ) -> Reply {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.acts_as("detention_centre", &r.detention_centre)?;
         self.0.own_agency("detention_centre", &r.detention_centre)?;
         let recipient = Self::routed(routing::legal_help_recipient(
             &self.0.directory,
@@ -87,7 +90,9 @@ impl detention_centre_server::DetentionCentre for AgencyRpcs {
         &self,
         request: Request<NotifyLawyerViolationRequest>,
     ) -> Reply {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.acts_as("detention_centre", &r.detention_centre)?;
         self.0.own_agency("detention_centre", &r.detention_centre)?;
         let recipient = Self::routed(routing::violation_recipient(
             &self.0.directory,
@@ -108,7 +113,9 @@ impl detention_centre_server::DetentionCentre for AgencyRpcs {
     }
 
     async fn notify_joint_action(&self, request: Request<NotifyJointActionRequest>) -> Reply {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.acts_as("detention_centre", &r.detention_centre)?;
         self.0.own_agency("detention_centre", &r.detention_centre)?;
         let [police, bureau, bar] =
             routing::joint_notice_recipients(&self.0.directory, &r.detention_centre)
@@ -134,7 +141,9 @@ impl case_unit_server::CaseUnit for AgencyRpcs {
         &self,
         request: Request<AnswerVerificationQueryRequest>,
     ) -> Reply {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.acts_as("case_unit", &r.case_unit)?;
         if r.answer.trim().is_empty() {
             return Err(Status::invalid_argument("answer: required (CQ-1.3d)"));
         }
@@ -152,7 +161,9 @@ impl case_unit_server::CaseUnit for AgencyRpcs {
 #[tonic::async_trait]
 impl legal_aid_server::LegalAid for AgencyRpcs {
     async fn assign_duty_lawyer(&self, request: Request<AssignDutyLawyerRequest>) -> Reply {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.acts_as("agency", &r.agency)?;
         let Some(lawyer) = r.lawyer.filter(|l| !l.name.trim().is_empty()) else {
             return Err(Status::invalid_argument("lawyer.name: required (CQ-1.1b)"));
         };
@@ -174,7 +185,9 @@ impl legal_aid_server::LegalAid for AgencyRpcs {
 #[tonic::async_trait]
 impl justice_bureau_server::JusticeBureau for AgencyRpcs {
     async fn report_handling_result(&self, request: Request<ReportHandlingResultRequest>) -> Reply {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.acts_as("justice_bureau", &r.justice_bureau)?;
         let outcome = Outcome::try_from(r.outcome)
             .ok()
             .filter(|o| *o != Outcome::Unspecified)
@@ -197,7 +210,9 @@ impl justice_bureau_server::JusticeBureau for AgencyRpcs {
 #[tonic::async_trait]
 impl bar_association_server::BarAssociation for AgencyRpcs {
     async fn file_rights_complaint(&self, request: Request<FileRightsComplaintRequest>) -> Reply {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.acts_as("bar_association", &r.bar_association)?;
         let Some(complaint) = r.complaint else {
             return Err(Status::invalid_argument("complaint: required"));
         };

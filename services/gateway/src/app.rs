@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::agencies::AgencyRpcs;
+use crate::auth::{AuthError, Authenticator};
 use crate::gateway::GatewayService;
 use crate::inbox::Sessions;
 use crate::{AgencyService, BusSettings, GatewayCore};
@@ -43,6 +44,8 @@ pub enum StartError {
     },
     #[error("--agencies: {0}")]
     Agencies(String),
+    #[error("authentication: {0}")]
+    Auth(#[from] AuthError),
 }
 
 /// What the agency services of one process share.
@@ -51,6 +54,8 @@ pub struct Shared {
     pub directory: Arc<Directory>,
     pub bus: Bus,
     pub settings: BusSettings,
+    /// Authenticates every call to the services of this process.
+    pub auth: Arc<Authenticator>,
     /// Cancelled to shut everything down.
     pub shutdown: CancellationToken,
 }
@@ -66,6 +71,7 @@ impl Shared {
         shutdown: CancellationToken,
     ) -> Result<Self, StartError> {
         let directory = Arc::new(Directory::load(&settings.directory)?);
+        let auth = Arc::new(Authenticator::load(&settings.auth, directory.clone())?);
         let mut topology = Topology::new(
             settings.namespace.clone(),
             directory.agencies().iter().map(|a| a.id.clone()).collect(),
@@ -78,6 +84,7 @@ impl Shared {
             directory,
             bus,
             settings,
+            auth,
             shutdown,
         })
     }
@@ -88,6 +95,7 @@ pub struct Application {
     service: AgencyService,
     listener: TcpListener,
     core: Arc<GatewayCore>,
+    auth: Arc<Authenticator>,
 }
 
 impl Application {
@@ -140,6 +148,7 @@ impl Application {
             service,
             listener,
             core,
+            auth: shared.auth.clone(),
         })
     }
 
@@ -170,7 +179,11 @@ impl Application {
         let gateway = GatewayServer::new(GatewayService(self.core.clone()))
             .max_decoding_message_size(MAX_GRPC_MESSAGE);
         let rpcs = AgencyRpcs(self.core.clone());
-        let router = Server::builder().add_service(gateway);
+        let mut server = Server::builder();
+        if let Some(tls) = self.auth.server_tls() {
+            server = server.tls_config(tls)?;
+        }
+        let router = server.layer(self.auth.layer()).add_service(gateway);
         let router = match self.service {
             AgencyService::DetentionCentre => router.add_service(DetentionCentreServer::new(rpcs)),
             AgencyService::CaseUnit => router.add_service(CaseUnitServer::new(rpcs)),

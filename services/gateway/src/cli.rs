@@ -47,9 +47,10 @@ pub fn run(service: AgencyService) -> anyhow::Result<()> {
         let app = Application::build(service, &shared, listen, &args.agencies).await?;
         let addr = app.local_addr().context("reading the bound address")?;
         println!(
-            "{} serving {} agencies on http://{addr}",
+            "{} serving {} agencies on {}://{addr}",
             service.name(),
-            app.core().served.len()
+            app.core().served.len(),
+            shared.auth.scheme()
         );
         tokio::spawn(shutdown_on_signal(shutdown));
         serve_all(vec![app], &shared).await?;

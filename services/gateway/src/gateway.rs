@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::GatewayError;
+use crate::auth::Caller;
 use crate::inbox::{Session, Sessions};
 use crate::settings::AgencyService;
 
@@ -431,9 +432,11 @@ pub struct GatewayService(pub Arc<GatewayCore>);
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<Receipt>, Status> {
+        let caller = Caller::of(&request)?;
         let Some(envelope) = request.into_inner().envelope else {
             return Err(Status::invalid_argument("envelope: required"));
         };
+        caller.acts_as("envelope.sender", &envelope.sender)?;
         Ok(Response::new(self.0.submit(envelope).await?))
     }
 
@@ -443,14 +446,20 @@ impl Gateway for GatewayService {
         &self,
         request: Request<InboxRequest>,
     ) -> Result<Response<Self::InboxStream>, Status> {
-        Ok(Response::new(self.0.inbox(request.into_inner().agency)?))
+        let caller = Caller::of(&request)?;
+        let agency = request.into_inner().agency;
+        caller.acts_as("agency", &agency)?;
+        Ok(Response::new(self.0.inbox(agency)?))
     }
 
     async fn acknowledge(
         &self,
         request: Request<AcknowledgeRequest>,
     ) -> Result<Response<AcknowledgeResponse>, Status> {
-        self.0.acknowledge(request.into_inner()).await?;
+        let caller = Caller::of(&request)?;
+        let request = request.into_inner();
+        caller.acts_as("agency", &request.agency)?;
+        self.0.acknowledge(request).await?;
         Ok(Response::new(AcknowledgeResponse {}))
     }
 
@@ -458,11 +467,17 @@ impl Gateway for GatewayService {
         &self,
         request: Request<FeedbackRequest>,
     ) -> Result<Response<Receipt>, Status> {
-        Ok(Response::new(self.0.feedback(request.into_inner()).await?))
+        let caller = Caller::of(&request)?;
+        let request = request.into_inner();
+        caller.acts_as("agency", &request.agency)?;
+        Ok(Response::new(self.0.feedback(request).await?))
     }
 
     async fn relay(&self, request: Request<RelayRequest>) -> Result<Response<Receipt>, Status> {
-        Ok(Response::new(self.0.relay(request.into_inner()).await?))
+        let caller = Caller::of(&request)?;
+        let request = request.into_inner();
+        caller.acts_as("agency", &request.agency)?;
+        Ok(Response::new(self.0.relay(request).await?))
     }
 }
 

@@ -9,6 +9,8 @@
 //!
 //! # Layout
 //! - [`settings`]: typed configuration, from flags and environment.
+//! - [`auth`]: who is calling (mutual TLS or bearer tokens), and acting
+//!   only as one's own agency.
 //! - [`error`]: the gateway's errors and their one mapping to `tonic::Status`.
 //! - [`gateway`]: `Submit`, `Inbox`, `Acknowledge`, `Feedback`.
 //! - [`inbox`]: open `Inbox` streams and their unacknowledged deliveries.
@@ -21,6 +23,7 @@
 
 pub mod agencies;
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod error;
 pub mod gateway;

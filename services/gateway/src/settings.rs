@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use refbus_core::AgencyKind;
 
+use crate::auth::AuthSettings;
+
 /// The five agency services.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AgencyService {
@@ -92,6 +94,9 @@ pub struct BusSettings {
     /// never set in production).
     #[arg(long, env = "REFBUS_QUEUE_EXPIRES", value_parser = parse_duration)]
     pub queue_expires: Option<Duration>,
+    /// How callers authenticate.
+    #[command(flatten)]
+    pub auth: AuthSettings,
 }
 
 /// Parses `250ms`, `5s`, `2m`.

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use refbus_bus::{BusError, Topology, redact_url};
 use refbus_core::Directory;
 use refbus_gateway::app::{Application, Shared, StartError, serve_all, shutdown_on_signal};
+use refbus_gateway::auth::AuthMode;
 use refbus_gateway::{AgencyService, BusSettings, telemetry};
 use refbus_tracker::{Clock, Tracker, TrackerSettings};
 use tokio_util::sync::CancellationToken;
@@ -35,7 +36,7 @@ pub enum Command {
     /// Run every agency service in this process (single-machine deployment).
     ///
     /// Example: AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f refbus up
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Print the bus topology as RabbitMQ definitions JSON.
     Topology {
         #[arg(
@@ -92,10 +93,11 @@ pub fn broker_unreachable(url: &str, reason: &str) -> String {
 ///
 /// # Errors
 /// A one-line start-up error (directory, broker, port).
-pub async fn up(mut args: UpArgs) -> anyhow::Result<()> {
+pub async fn up(mut args: Box<UpArgs>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let url = redact_url(&args.bus.amqp_url);
     let namespace = args.bus.namespace.clone();
+    let auth = args.bus.auth.clone();
     let shared = match Shared::connect(args.bus, shutdown.clone()).await {
         Ok(shared) => shared,
         Err(StartError::Bus(BusError::Connect { url, reason })) => {
@@ -127,23 +129,33 @@ pub async fn up(mut args: UpArgs) -> anyhow::Result<()> {
         |url| redact_url(&url),
     );
     let tracker = Tracker::build(&args.tracker, &shared, Clock::System).await?;
+    let scheme = shared.auth.scheme();
     println!(
         "refbus is up on {url} (namespace `{namespace}`, {} agencies)",
         shared.directory.agencies().len()
     );
     for app in &apps {
         println!(
-            "  {:<17} http://{}  ({} agencies)",
+            "  {:<17} {scheme}://{}  ({} agencies)",
             app.service().name(),
             app.local_addr()?,
             app.core().served.len()
         );
     }
     println!(
-        "  {:<17} http://{}  (ledger: {ledger})",
+        "  {:<17} {scheme}://{}  (ledger: {ledger})",
         "tracker",
         tracker.local_addr()?
     );
+    match auth.mode {
+        AuthMode::Bearer => println!(
+            "Callers authenticate with a bearer token from {} (development: `authorization: Bearer dev-<agency id>`).",
+            auth.tokens.display()
+        ),
+        AuthMode::Mtls => println!(
+            "Callers authenticate with a client certificate naming their agency (mutual TLS)."
+        ),
+    }
     println!("Ctrl-C stops it; unacknowledged deliveries return to their queues.");
     tokio::spawn(shutdown_on_signal(shutdown));
     let tracked = tokio::spawn(tracker.run());

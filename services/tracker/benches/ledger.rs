@@ -35,6 +35,7 @@ use prost::Message;
 use refbus_core::Directory;
 use refbus_core::envelope::timestamp;
 use refbus_core::policy::PolicyCatalogue;
+use refbus_gateway::auth::AuthSettings;
 use refbus_gateway::{BusSettings, Shared};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{Detainee, Envelope, LegalHelpRequest, MessageKind};
@@ -207,6 +208,10 @@ async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) 
         prefetch: 300,
         confirm_timeout: Duration::from_secs(5),
         queue_expires: Some(Duration::from_secs(60)),
+        auth: AuthSettings::bearer(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/local/tokens.toml"
+        )),
     };
     let shared = Shared::connect(settings, shutdown.clone()).await.unwrap();
     let (conn, channel) = confirming_channel().await;
@@ -355,6 +360,13 @@ async fn tracker_rss(settings: &TrackerSettings, ledger: &Ledger, due: i64) -> f
         .env("REFBUS_DATA_DIR", &settings.data_dir)
         .env("REFBUS_TRACKER_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "error")
+        .env(
+            "REFBUS_TOKENS",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../deploy/local/tokens.toml"
+            ),
+        )
         .env_remove("DATABASE_URL")
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true);

@@ -11,6 +11,7 @@ use lapin::options::BasicAckOptions;
 use refbus_bus::{Bus, Incoming};
 use refbus_core::policy::{PolicyCatalogue, PolicyError};
 use refbus_gateway::Shared;
+use refbus_gateway::auth::Authenticator;
 use refbus_proto::v1::tracker_server::TrackerServer;
 use tokio::net::TcpListener;
 
@@ -93,6 +94,7 @@ pub struct Tracker {
     wake: Arc<Wake>,
     shutdown: CancellationToken,
     queries: Queries,
+    auth: Arc<Authenticator>,
 }
 
 impl Tracker {
@@ -137,6 +139,7 @@ impl Tracker {
             wake: Arc::new(Wake::default()),
             shutdown: shared.shutdown.clone(),
             queries,
+            auth: shared.auth.clone(),
         })
     }
 
@@ -153,6 +156,10 @@ impl Tracker {
     /// # Errors
     /// A transport error from the gRPC server.
     pub async fn run(self) -> Result<(), tonic::transport::Error> {
+        let mut server = Server::builder();
+        if let Some(tls) = self.auth.server_tls() {
+            server = server.tls_config(tls)?;
+        }
         let ingest = tokio::spawn(
             Ingest {
                 ledger: self.ledger.clone(),
@@ -175,7 +182,8 @@ impl Tracker {
             self.wake.clone(),
             self.shutdown.clone(),
         ));
-        let served = Server::builder()
+        let served = server
+            .layer(self.auth.layer())
             .add_service(TrackerServer::new(self.queries))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.listener),

@@ -18,6 +18,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start-up: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Consume the bus's tap, keep the ledger, run the deadline engine, serve queries.
     Run {
@@ -48,7 +50,11 @@ fn main() -> anyhow::Result<()> {
                 let shutdown = CancellationToken::new();
                 let shared = Shared::connect(bus, shutdown.clone()).await?;
                 let built = Tracker::build(&tracker, &shared, Clock::System).await?;
-                println!("tracker serving on http://{}", built.local_addr()?);
+                println!(
+                    "tracker serving on {}://{}",
+                    shared.auth.scheme(),
+                    built.local_addr()?
+                );
                 tokio::spawn(shutdown_on_signal(shutdown));
                 built.run().await?;
                 shared.bus.close().await;

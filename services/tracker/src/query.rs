@@ -3,6 +3,7 @@
 //! (CQ-3.11). An agency reads only referrals it is a party to; a justice
 //! bureau reads the metadata, never the payload, of its region's referrals.
 
+use refbus_gateway::auth::Caller;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -413,7 +414,9 @@ impl Tracker for Queries {
         &self,
         request: Request<GetReferralRequest>,
     ) -> Result<Response<ReferralStatus>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        caller.acts_as("agency", &r.agency)?;
         Ok(Response::new(
             self.referral(&r.agency, &r.referral_id).await?,
         ))
@@ -423,13 +426,19 @@ impl Tracker for Queries {
         &self,
         request: Request<ListObligationsRequest>,
     ) -> Result<Response<ListObligationsResponse>, Status> {
-        Ok(Response::new(self.obligations(request.into_inner()).await?))
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        caller.acts_as("agency", &r.agency)?;
+        Ok(Response::new(self.obligations(r).await?))
     }
 
     async fn compliance_report(
         &self,
         request: Request<ComplianceReportRequest>,
     ) -> Result<Response<ComplianceReportResponse>, Status> {
-        Ok(Response::new(self.report(request.into_inner()).await?))
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        caller.acts_as("agency", &r.agency)?;
+        Ok(Response::new(self.report(r).await?))
     }
 }
