@@ -5,10 +5,12 @@
 //! - [`tracker`]: issue 3, the tracker.
 //! - [`leads`]: issue 4, misconduct leads, notices, complaints and letters.
 //! - [`auth`]: issue 5, authenticated callers acting only as themselves.
+//! - [`broker`]: issue 5, a broker user per agency service, least privilege.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod auth;
+mod broker;
 mod bus;
 mod leads;
 mod tracker;

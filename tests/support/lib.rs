@@ -129,6 +129,7 @@ pub fn test_settings(amqp_url: String) -> BusSettings {
         prefetch: 50,
         confirm_timeout: Duration::from_secs(3),
         queue_expires: Some(Duration::from_secs(60)),
+        declare_topology: true,
     }
 }
 

@@ -79,6 +79,7 @@ impl Shared {
         topology.queue_expires = settings.queue_expires;
         let mut config = BusConfig::new(settings.amqp_url.clone(), topology);
         config.confirm_timeout = settings.confirm_timeout;
+        config.declare_topology = settings.declare_topology;
         let bus = Bus::connect(config, shutdown.clone()).await?;
         Ok(Self {
             directory,

@@ -94,6 +94,10 @@ pub struct BusSettings {
     /// never set in production).
     #[arg(long, env = "REFBUS_QUEUE_EXPIRES", value_parser = parse_duration)]
     pub queue_expires: Option<Duration>,
+    /// Declare the bus topology at start-up (false for a broker user that
+    /// may not configure: the operator imports deploy/rabbitmq/definitions.json).
+    #[arg(long, env = "REFBUS_DECLARE_TOPOLOGY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub declare_topology: bool,
     /// How callers authenticate.
     #[command(flatten)]
     pub auth: AuthSettings,

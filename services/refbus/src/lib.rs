@@ -38,23 +38,35 @@ pub enum Command {
     /// Example: AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f refbus up
     Up(Box<UpArgs>),
     /// Print the bus topology as RabbitMQ definitions JSON.
-    Topology {
-        #[arg(
-            long,
-            env = "REFBUS_DIRECTORY",
-            default_value = "deploy/local/directory.toml"
-        )]
-        directory: std::path::PathBuf,
-        #[arg(long, env = "REFBUS_NAMESPACE", default_value = "refbus")]
-        namespace: String,
-        #[arg(long, default_value = "/")]
-        vhost: String,
-    },
+    Topology(BusNames),
+    /// Print a script that creates the RabbitMQ user of each agency service
+    /// and of the tracker, with least privilege (issue 5): each reads only
+    /// its own agencies' inboxes, writes only to the bus's exchanges,
+    /// configures nothing. Passwords come from REFBUS_BROKER_PASSWORD_<USER>
+    /// (e.g. REFBUS_BROKER_PASSWORD_LEGAL_AID), else are generated and printed.
+    ///
+    /// Example: refbus broker-users > deploy/rabbitmq/users.sh
+    BrokerUsers(BusNames),
     /// Validate an agency directory and list its agencies.
     Directory {
         #[command(subcommand)]
         action: DirectoryAction,
     },
+}
+
+/// Which bus: its directory, namespace and virtual host.
+#[derive(Debug, clap::Args)]
+pub struct BusNames {
+    #[arg(
+        long,
+        env = "REFBUS_DIRECTORY",
+        default_value = "deploy/local/directory.toml"
+    )]
+    pub directory: std::path::PathBuf,
+    #[arg(long, env = "REFBUS_NAMESPACE", default_value = "refbus")]
+    pub namespace: String,
+    #[arg(long, default_value = "/")]
+    pub vhost: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +177,80 @@ pub async fn up(mut args: Box<UpArgs>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The broker user of each agency service and of the tracker, with its
+/// permissions, for `namespace`: (user, password variable suffix, permissions).
+#[must_use]
+pub fn broker_users(
+    directory: &Directory,
+    namespace: &str,
+) -> Vec<(String, String, refbus_bus::topology::BrokerPermissions)> {
+    let topology = Topology::new(
+        namespace,
+        directory.agencies().iter().map(|a| a.id.clone()).collect(),
+    );
+    let mut users = Vec::new();
+    for service in AgencyService::ALL {
+        let agencies: Vec<&str> = directory
+            .agencies()
+            .iter()
+            .filter(|a| service.kinds().contains(&a.kind))
+            .map(|a| a.id.as_str())
+            .collect();
+        users.push((
+            format!("{namespace}-{}", service.name()),
+            service.name().to_uppercase().replace('-', "_"),
+            topology.service_permissions(&agencies),
+        ));
+    }
+    users.push((
+        format!("{namespace}-tracker"),
+        "TRACKER".into(),
+        topology.tracker_permissions(),
+    ));
+    users
+}
+
+/// A bash script of `rabbitmqctl` commands that creates [`broker_users`].
+#[must_use]
+pub fn broker_users_script(directory: &Directory, namespace: &str, vhost: &str) -> String {
+    let exchange = Topology::new(namespace, Vec::new()).deliveries_exchange();
+    let mut script = format!(
+        r#"#!/usr/bin/env bash
+# The RabbitMQ users of the refbus services, namespace `{namespace}`, vhost `{vhost}`
+# (made by `refbus broker-users`; issue 5). Least privilege: a service reads
+# only its own agencies' inbox queues, writes only to {namespace}.deliveries
+# and {namespace}.dead-letter, with routing keys that name an agency of the
+# directory or a hop report, and configures nothing: import the topology
+# first (deploy/rabbitmq/definitions.json, `refbus topology`) and run the
+# services with REFBUS_DECLARE_TOPOLOGY=false.
+#
+# Passwords: REFBUS_BROKER_PASSWORD_<USER> (e.g. REFBUS_BROKER_PASSWORD_LEGAL_AID),
+# else generated and printed as `user password`.
+set -euo pipefail
+vhost='{vhost}'
+exchange='{exchange}'
+# user NAME PASSWORD-VARIABLE CONFIGURE WRITE READ TOPIC-WRITE
+user() {{
+  local name=$1 var=REFBUS_BROKER_PASSWORD_$2 password
+  password=${{!var:-}}
+  [ -n "$password" ] || password=$(openssl rand -hex 16)
+  rabbitmqctl -q add_user "$name" "$password" >/dev/null 2>&1     || rabbitmqctl -q change_password "$name" "$password" >/dev/null
+  rabbitmqctl -q set_permissions -p "$vhost" "$name" "$3" "$4" "$5" >/dev/null
+  rabbitmqctl -q set_topic_permissions -p "$vhost" "$name" "$exchange" "$6" '^$' >/dev/null
+  [ -n "${{!var:-}}" ] || echo "$name $password"
+}}
+"#
+    );
+    for (user, variable, p) in broker_users(directory, namespace) {
+        script.push_str(&format!(
+            "user '{user}' {variable} '{}' '{}' '{}' '{}'
+",
+            p.configure, p.write, p.read, p.topic_write
+        ));
+    }
+    script
+}
+
 /// Runs the parsed command.
 ///
 /// # Errors
@@ -178,11 +264,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(up(args))
         }
-        Command::Topology {
+        Command::Topology(BusNames {
             directory,
             namespace,
             vhost,
-        } => {
+        }) => {
             let directory = Directory::load(directory)?;
             let topology = Topology::new(
                 namespace,
@@ -192,6 +278,15 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 serde_json::to_string_pretty(&topology.definitions(&vhost))?
             );
+            Ok(())
+        }
+        Command::BrokerUsers(BusNames {
+            directory,
+            namespace,
+            vhost,
+        }) => {
+            let directory = Directory::load(directory)?;
+            print!("{}", broker_users_script(&directory, &namespace, &vhost));
             Ok(())
         }
         Command::Directory {

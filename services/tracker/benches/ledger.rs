@@ -208,6 +208,7 @@ async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) 
         prefetch: 300,
         confirm_timeout: Duration::from_secs(5),
         queue_expires: Some(Duration::from_secs(60)),
+        declare_topology: true,
         auth: AuthSettings::bearer(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../deploy/local/tokens.toml"

@@ -34,6 +34,9 @@ pub struct BusConfig {
     pub max_backoff: Duration,
     /// Shown in the broker's connection list.
     pub connection_name: String,
+    /// Declare the topology on every (re)connection; when false, only check
+    /// that the exchanges exist (a broker user with no configure permission).
+    pub declare_topology: bool,
 }
 
 impl BusConfig {
@@ -46,6 +49,7 @@ impl BusConfig {
             confirm_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(5),
             connection_name: "refbus".into(),
+            declare_topology: true,
         }
     }
 }
@@ -306,7 +310,11 @@ async fn connect_link(config: &BusConfig, generation: u64) -> Result<Link, BusEr
                 url: url.clone(),
                 reason: e.to_string(),
             })?;
-        config.topology.declare(&channel).await?;
+        if config.declare_topology {
+            config.topology.declare(&channel).await?;
+        } else {
+            config.topology.verify(&channel).await?;
+        }
         let _ = channel.close(200, "topology declared".into()).await;
         confirm_channel(&connection, config).await
     };

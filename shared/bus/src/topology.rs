@@ -44,6 +44,35 @@ impl QueueSpec {
     }
 }
 
+/// What one broker user may do, as RabbitMQ's regular expressions over
+/// resource names (`rabbitmqctl set_permissions`) and, on the deliveries
+/// exchange, over routing keys (`set_topic_permissions`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerPermissions {
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+    pub topic_write: String,
+}
+
+/// `(a|b|c)` of the escaped names.
+fn alternatives(names: impl Iterator<Item = String>) -> String {
+    let names: Vec<String> = names.map(|n| regex_escape(&n)).collect();
+    format!("({})", names.join("|"))
+}
+
+/// Escapes what a regular expression would read as an operator.
+fn regex_escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if !(c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Names and arguments of everything the bus declares.
 #[derive(Clone, Debug)]
 pub struct Topology {
@@ -228,6 +257,82 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    /// Checks, without declaring, that the exchanges a service publishes to
+    /// exist: for a service whose broker user may not configure anything
+    /// (the operator declared the topology from [`Topology::definitions`]).
+    /// Passive declarations need no permission.
+    ///
+    /// # Errors
+    /// [`BusError::Topology`] naming the missing exchange.
+    pub async fn verify(&self, channel: &Channel) -> Result<(), BusError> {
+        for name in [self.deliveries_exchange(), self.dead_letter()] {
+            channel
+                .exchange_declare(
+                    name.as_str().into(),
+                    ExchangeKind::Topic,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|source| BusError::Topology {
+                    what: format!(
+                        "exchange `{name}` (not declared: this service's broker user may not; the operator imports the topology)"
+                    ),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The broker permissions of an agency service acting for `agencies`:
+    /// nothing to configure (the operator declares the topology), write to
+    /// the exchanges it publishes to (deliveries, dead-letter), read only
+    /// those agencies' inbox queues; on the deliveries exchange, routing
+    /// keys that name an agency of the directory or a hop report.
+    #[must_use]
+    pub fn service_permissions(&self, agencies: &[&str]) -> BrokerPermissions {
+        BrokerPermissions {
+            configure: "^$".into(),
+            write: self.exchanges_written(),
+            read: format!(
+                "^{}$",
+                alternatives(agencies.iter().map(|a| self.inbox_queue(a)))
+            ),
+            topic_write: self.routing_keys(),
+        }
+    }
+
+    /// The broker permissions of the tracker: read the tap, write overdue
+    /// notices and dead letters.
+    #[must_use]
+    pub fn tracker_permissions(&self) -> BrokerPermissions {
+        BrokerPermissions {
+            configure: "^$".into(),
+            write: self.exchanges_written(),
+            read: format!("^{}$", regex_escape(&self.tap_queue())),
+            topic_write: self.routing_keys(),
+        }
+    }
+
+    fn exchanges_written(&self) -> String {
+        format!(
+            "^{}$",
+            alternatives([self.deliveries_exchange(), self.dead_letter()].into_iter())
+        )
+    }
+
+    fn routing_keys(&self) -> String {
+        format!(
+            "^{}\\.",
+            alternatives(
+                std::iter::once(EVENT_PREFIX.to_owned()).chain(self.agencies.iter().cloned())
+            )
+        )
     }
 
     /// Deletes every queue and exchange of the topology, with whatever they
