@@ -6,6 +6,7 @@
 //! - [`leads`]: issue 4, misconduct leads, notices, complaints and letters.
 //! - [`auth`]: issue 5, authenticated callers acting only as themselves.
 //! - [`broker`]: issue 5, a broker user per agency service, least privilege.
+//! - [`privacy`]: issue 5, no personal data in logs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -13,4 +14,5 @@ mod auth;
 mod broker;
 mod bus;
 mod leads;
+mod privacy;
 mod tracker;

@@ -1,0 +1,277 @@
+//! Issue 5: no personal data in logs. `refbus up` (every agency service and
+//! the tracker, the real binary) runs a full scenario with seeded detainee
+//! names, ID numbers, letter text and lawyer details at `debug` level; its
+//! whole output is then scanned for them.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+
+use chrono::Utc;
+use refbus_core::envelope::timestamp;
+use refbus_proto::v1::envelope::Payload;
+use refbus_proto::v1::gateway_client::GatewayClient;
+use refbus_proto::v1::letter::Disposition;
+use refbus_proto::v1::tracker_client::TrackerClient;
+use refbus_proto::v1::{
+    AcknowledgeRequest, Detainee, Envelope, Feedback, FeedbackRequest, GetReferralRequest,
+    InboxRequest, Lawyer, LegalHelpRequest, Letter, Outcome,
+};
+use refbus_tests::fixtures::{CENTRE, DESK, submit};
+use refbus_tests::{Amqp, refbus_binary, repo_root, test_settings, within};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::transport::Channel;
+
+/// What must never reach a log line.
+const SEEDED: [&str; 7] = [
+    "隐私甲乙丙",
+    "110101199001019999",
+    "PIIMATTER-ask-for-bail",
+    "PIILETTER-dear-counsel",
+    "PIILAWYER-钱丁戊",
+    "15001201899990001",
+    "PIISUMMARY-assigned",
+];
+
+fn detainee() -> Detainee {
+    Detainee {
+        name: SEEDED[0].into(),
+        id_number: SEEDED[1].into(),
+        custody_number: "DZ-PII-1".into(),
+    }
+}
+
+fn lawyer() -> Lawyer {
+    Lawyer {
+        name: SEEDED[4].into(),
+        licence_number: SEEDED[5].into(),
+        law_firm: "某律师事务所".into(),
+    }
+}
+
+/// A request carrying `agency`'s development bearer token.
+fn as_agency<T>(agency: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer dev-{agency}").parse().unwrap(),
+    );
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_personal_data_reaches_the_logs() {
+    let settings = test_settings(refbus_tests::amqp_url());
+    let data_dir = std::env::temp_dir().join(format!("refbus-pii-{}", settings.namespace));
+    let log_path = data_dir.with_extension("log");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = tokio::process::Command::new(refbus_binary())
+        .arg("up")
+        .env("AMQP_URL", &settings.amqp_url)
+        .env("REFBUS_NAMESPACE", &settings.namespace)
+        .env("REFBUS_QUEUE_EXPIRES", "60s")
+        .env("REFBUS_PORT_BASE", "0")
+        .env("REFBUS_DATA_DIR", &data_dir)
+        .env("RUST_LOG", "debug")
+        .env_remove("DATABASE_URL")
+        .env_remove("REFBUS_AUTH")
+        .current_dir(repo_root())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = Vec::new();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addrs = HashMap::new();
+    within("refbus up to print its addresses", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            stdout.push(line.clone());
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.len() >= 2 && words[1].starts_with("http://") {
+                addrs.insert(words[0].to_owned(), words[1].to_owned());
+            }
+            if words.first() == Some(&"tracker") {
+                break;
+            }
+        }
+    })
+    .await;
+    let channel = |service: &str| {
+        Channel::from_shared(addrs[service].clone())
+            .unwrap()
+            .connect_lazy()
+    };
+    let mut centre = GatewayClient::new(channel("detention-centre"));
+    let mut desk = GatewayClient::new(channel("legal-aid"));
+
+    // A legal-help request and a letter, both with the detainee's data.
+    let request = Envelope {
+        sender: CENTRE.into(),
+        recipient: DESK.into(),
+        clock_started_at: Some(timestamp(Utc::now())),
+        idempotency_key: "pii-1".into(),
+        payload: Some(Payload::LegalHelpRequest(LegalHelpRequest {
+            detainee: Some(detainee()),
+            detention_centre: CENTRE.into(),
+            matter: SEEDED[2].into(),
+        })),
+        ..Envelope::default()
+    };
+    let letter = Envelope {
+        sender: CENTRE.into(),
+        recipient: DESK.into(),
+        idempotency_key: "pii-2".into(),
+        payload: Some(Payload::Letter(Letter {
+            detainee: Some(detainee()),
+            addressee: Some(lawyer()),
+            disposition: Some(Disposition::ForwardedContent(SEEDED[3].as_bytes().to_vec())),
+        })),
+        ..Envelope::default()
+    };
+    let mut sent = Vec::new();
+    for envelope in [request.clone(), letter] {
+        sent.push(
+            centre
+                .submit(as_agency(CENTRE, submit(envelope)))
+                .await
+                .unwrap()
+                .into_inner()
+                .id,
+        );
+    }
+    // Refused submissions with the same data: the errors go to the caller.
+    let mut bad = request.clone();
+    bad.recipient = "dz-court".into();
+    bad.idempotency_key = "pii-3".into();
+    assert!(
+        centre
+            .submit(as_agency(CENTRE, submit(bad.clone())))
+            .await
+            .is_err()
+    );
+    assert!(
+        centre.submit(as_agency(DESK, submit(bad))).await.is_err(),
+        "acting as another agency"
+    );
+    // Bytes that are not an envelope, carrying a name, on the desk's inbox.
+    let amqp = Amqp::connect().await;
+    let inbox_queue = format!("{}.inbox.{DESK}", settings.namespace);
+    amqp.publish_raw(
+        &inbox_queue,
+        format!("{} {}", SEEDED[0], SEEDED[1]).as_bytes(),
+    )
+    .await;
+
+    // The desk receives both, acknowledges them, and answers the request.
+    let mut stream = desk
+        .inbox(as_agency(
+            DESK,
+            InboxRequest {
+                agency: DESK.into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = Vec::new();
+    while received.len() < 2 {
+        let delivery = within("a delivery", stream.message())
+            .await
+            .unwrap()
+            .unwrap();
+        desk.acknowledge(as_agency(
+            DESK,
+            AcknowledgeRequest {
+                agency: DESK.into(),
+                delivery_token: delivery.delivery_token,
+            },
+        ))
+        .await
+        .unwrap();
+        received.push(delivery.envelope.unwrap());
+    }
+    let referral = received.into_iter().find(|e| e.id == sent[0]).unwrap();
+    desk.feedback(as_agency(
+        DESK,
+        FeedbackRequest {
+            agency: DESK.into(),
+            referral: Some(referral),
+            feedback: Some(Feedback {
+                outcome: Outcome::LawyerAssigned as i32,
+                summary: format!("{} {}", SEEDED[6], SEEDED[4]),
+            }),
+            idempotency_key: "pii-fb".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    // The tracker has recorded the request and its feedback.
+    let mut tracker = TrackerClient::new(channel("tracker"));
+    within("the tracker to record the feedback", async {
+        loop {
+            let status = tracker
+                .get_referral(as_agency(
+                    CENTRE,
+                    GetReferralRequest {
+                        agency: CENTRE.into(),
+                        referral_id: sent[0].clone(),
+                    },
+                ))
+                .await;
+            if let Ok(status) = status
+                && status
+                    .into_inner()
+                    .timeline
+                    .iter()
+                    .any(|t| t.hop == refbus_proto::v1::Hop::Answered as i32)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    drop(stream);
+
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        stdout.push(line);
+    }
+    assert!(
+        within("refbus up to exit", child.wait())
+            .await
+            .unwrap()
+            .success()
+    );
+    let logs = format!(
+        "{}\n{}",
+        stdout.join("\n"),
+        std::fs::read_to_string(&log_path).unwrap()
+    );
+
+    // The scan sees the scenario: its ids are logged ...
+    for id in &sent {
+        assert!(logs.contains(id.as_str()), "the log mentions referral {id}");
+    }
+    assert!(
+        logs.contains("dead-lettered"),
+        "the garbage was dead-lettered"
+    );
+    // ... and none of the personal data.
+    for seeded in SEEDED {
+        let line = logs.lines().find(|l| l.contains(seeded));
+        assert!(
+            line.is_none(),
+            "personal data `{seeded}` in a log line: {line:?}"
+        );
+    }
+    amqp.close().await;
+    refbus_tests::delete_namespace(&refbus_tests::topology_of(&settings.namespace)).await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let _ = std::fs::remove_file(&log_path);
+}
