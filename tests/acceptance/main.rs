@@ -7,12 +7,14 @@
 //! - [`auth`]: issue 5, authenticated callers acting only as themselves.
 //! - [`broker`]: issue 5, a broker user per agency service, least privilege.
 //! - [`privacy`]: issue 5, no personal data in logs.
+//! - [`exactly_once`]: issue 5, an acknowledged id is never handed over again.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod auth;
 mod broker;
 mod bus;
+mod exactly_once;
 mod leads;
 mod privacy;
 mod tracker;

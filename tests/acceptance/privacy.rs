@@ -71,6 +71,7 @@ async fn no_personal_data_reaches_the_logs() {
         .env("REFBUS_NAMESPACE", &settings.namespace)
         .env("REFBUS_QUEUE_EXPIRES", "60s")
         .env("REFBUS_PORT_BASE", "0")
+        .env("REFBUS_INBOX_DB", &settings.inbox_db)
         .env("REFBUS_DATA_DIR", &data_dir)
         .env("RUST_LOG", "debug")
         .env_remove("DATABASE_URL")
@@ -274,4 +275,5 @@ async fn no_personal_data_reaches_the_logs() {
     refbus_tests::delete_namespace(&refbus_tests::topology_of(&settings.namespace)).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     let _ = std::fs::remove_file(&log_path);
+    refbus_tests::remove_inbox_db(&settings);
 }

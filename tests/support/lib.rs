@@ -121,6 +121,7 @@ pub async fn channel_to(addr: SocketAddr, agency: &str) -> Channel {
 pub fn test_settings(amqp_url: String) -> BusSettings {
     let id = uuid::Uuid::now_v7().simple().to_string();
     let namespace = format!("t{}", &id[id.len() - 12..]);
+    let inbox_db = std::env::temp_dir().join(format!("refbus-inbox-{namespace}.db"));
     BusSettings {
         amqp_url,
         directory: repo_root().join("deploy/local/directory.toml"),
@@ -130,6 +131,7 @@ pub fn test_settings(amqp_url: String) -> BusSettings {
         confirm_timeout: Duration::from_secs(3),
         queue_expires: Some(Duration::from_secs(60)),
         declare_topology: true,
+        inbox_db,
     }
 }
 
@@ -206,6 +208,15 @@ impl TestBus {
         self.shutdown.cancel();
         let _ = within("the services to stop", self.served).await;
         delete_namespace(self.shared.bus.topology()).await;
+        remove_inbox_db(&self.shared.settings);
+    }
+}
+
+/// Removes a test's inbox state (the SQLite file and its journal).
+pub fn remove_inbox_db(settings: &BusSettings) {
+    let db = settings.inbox_db.display().to_string();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{db}{suffix}"));
     }
 }
 

@@ -20,6 +20,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
+use crate::acknowledged::{Acknowledged, AcknowledgedError};
 use crate::agencies::AgencyRpcs;
 use crate::auth::{AuthError, Authenticator};
 use crate::gateway::GatewayService;
@@ -46,6 +47,8 @@ pub enum StartError {
     Agencies(String),
     #[error("authentication: {0}")]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Acknowledged(#[from] AcknowledgedError),
 }
 
 /// What the agency services of one process share.
@@ -56,6 +59,9 @@ pub struct Shared {
     pub settings: BusSettings,
     /// Authenticates every call to the services of this process.
     pub auth: Arc<Authenticator>,
+    /// What each agency's system acknowledged: opened by the first agency
+    /// service built (the tracker, sharing this, never opens it).
+    pub acknowledged: Arc<tokio::sync::OnceCell<Arc<Acknowledged>>>,
     /// Cancelled to shut everything down.
     pub shutdown: CancellationToken,
 }
@@ -72,6 +78,7 @@ impl Shared {
     ) -> Result<Self, StartError> {
         let directory = Arc::new(Directory::load(&settings.directory)?);
         let auth = Arc::new(Authenticator::load(&settings.auth, directory.clone())?);
+        let acknowledged = Arc::new(tokio::sync::OnceCell::new());
         let mut topology = Topology::new(
             settings.namespace.clone(),
             directory.agencies().iter().map(|a| a.id.clone()).collect(),
@@ -86,6 +93,7 @@ impl Shared {
             bus,
             settings,
             auth,
+            acknowledged,
             shutdown,
         })
     }
@@ -143,6 +151,15 @@ impl Application {
             served,
             prefetch: shared.settings.prefetch,
             sessions: Arc::new(Sessions::default()),
+            acknowledged: shared
+                .acknowledged
+                .get_or_try_init(|| async {
+                    Acknowledged::open(&shared.settings.inbox_db)
+                        .await
+                        .map(Arc::new)
+                })
+                .await?
+                .clone(),
             shutdown: shared.shutdown.clone(),
         });
         Ok(Self {
@@ -273,5 +290,8 @@ pub async fn serve_all(
         }
     };
     shared.bus.close().await;
+    if let Some(acknowledged) = shared.acknowledged.get() {
+        acknowledged.close().await;
+    }
     result
 }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::GatewayError;
+use crate::acknowledged::Acknowledged;
 use crate::auth::Caller;
 use crate::inbox::{Session, Sessions};
 use crate::settings::AgencyService;
@@ -37,6 +38,8 @@ pub struct GatewayCore {
     pub served: BTreeSet<String>,
     pub prefetch: u16,
     pub sessions: Arc<Sessions>,
+    /// What each agency's system acknowledged: never handed over again.
+    pub acknowledged: Arc<Acknowledged>,
     pub shutdown: CancellationToken,
 }
 
@@ -301,7 +304,10 @@ impl GatewayCore {
                         None => break,
                     },
                 };
-                let Some(delivery) = core.hand_over(&guard.session, &queue, incoming).await else {
+                let Some(delivery) = core
+                    .hand_over(&guard.session, &agency, &queue, incoming)
+                    .await
+                else {
                     continue;
                 };
                 let referral = delivery
@@ -323,10 +329,16 @@ impl GatewayCore {
         Ok(ReceiverStream::new(rx))
     }
 
-    /// Decodes a delivery for the client, or dead-letters it with the reason.
+    /// Decodes a delivery for the client, or dead-letters it with the
+    /// reason. A copy of a message the agency already acknowledged (a
+    /// second publish of a retried submission, a redelivery whose broker ack
+    /// was lost), or that is handed over and pending on an open stream, is
+    /// acked to the broker and not handed over: the pending one stays
+    /// unacknowledged on the broker until the agency acknowledges it.
     async fn hand_over(
         &self,
         session: &Session,
+        agency: &str,
         queue: &str,
         incoming: Incoming,
     ) -> Option<Delivery> {
@@ -343,10 +355,33 @@ impl GatewayCore {
             });
         match decoded {
             Ok(envelope) => {
+                let seen = if self
+                    .sessions
+                    .is_pending(agency, &envelope.id, incoming.generation)
+                {
+                    Ok(true)
+                } else {
+                    self.acknowledged.contains(agency, &envelope.id).await
+                };
+                match seen {
+                    Ok(true) => {
+                        tracing::debug!(%agency, id = %envelope.id, "already acknowledged or pending; not handed over again");
+                        if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
+                            tracing::debug!(error = %e, "ack of a duplicate failed; it comes again and is dropped again");
+                        }
+                        return None;
+                    }
+                    Ok(false) => {}
+                    // Unsure: hand it over (at least once) rather than lose it.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the acknowledged ids; handing the delivery over")
+                    }
+                }
                 let token = session.register(
                     incoming.generation,
                     incoming.delivery_tag,
                     incoming.acker,
+                    envelope.id.clone(),
                     envelope::tracking_id(&envelope).to_owned(),
                 );
                 Some(Delivery {
@@ -368,16 +403,25 @@ impl GatewayCore {
     /// `DeliveryGone` when the delivery is not pending on an open stream.
     pub async fn acknowledge(&self, request: AcknowledgeRequest) -> Result<(), GatewayError> {
         self.own_agency("agency", &request.agency)?;
-        let (acker, referral) = self
+        let taken = self
             .sessions
             .take(&request.agency, &request.delivery_token)?;
-        acker.ack(BasicAckOptions::default()).await.map_err(|e| {
-            GatewayError::DeliveryGone(format!(
-                "`{}` could not be acknowledged ({e}); it will be delivered again",
-                request.delivery_token
-            ))
-        })?;
-        self.report_hop(referral, Hop::Acknowledged, request.agency);
+        // Remembered first: once the system has acknowledged an id, no later
+        // delivery of it is handed over, whatever happens to the broker ack.
+        self.acknowledged
+            .record(&request.agency, &taken.message_id)
+            .await
+            .map_err(|e| {
+                GatewayError::Bus(refbus_bus::BusError::Unavailable(format!(
+                    "cannot record the acknowledgement ({e}); `{}` will be delivered again",
+                    request.delivery_token
+                )))
+            })?;
+        if let Err(e) = taken.acker.ack(BasicAckOptions::default()).await {
+            // Recorded: the broker's redelivery is recognised and dropped.
+            tracing::debug!(error = %e, "broker ack failed after the acknowledgement was recorded");
+        }
+        self.report_hop(taken.referral, Hop::Acknowledged, request.agency);
         Ok(())
     }
 

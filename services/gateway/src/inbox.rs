@@ -24,7 +24,17 @@ pub struct Sessions {
 struct Pending {
     generation: u64,
     acker: Acker,
-    envelope_id: String,
+    message_id: String,
+    referral: String,
+}
+
+/// A pending delivery, taken to be acknowledged.
+pub struct Taken {
+    pub acker: Acker,
+    /// The envelope's id.
+    pub message_id: String,
+    /// The referral its hops are filed under.
+    pub referral: String,
 }
 
 /// One open `Inbox` stream.
@@ -67,13 +77,36 @@ impl Sessions {
         self.len() == 0
     }
 
+    /// Whether a delivery of `message_id` on the connection `generation` is
+    /// pending (handed over, not yet acknowledged) on an open stream of
+    /// `agency`. A pending delivery of an earlier connection does not count:
+    /// it can no longer be acknowledged, and the broker delivers it again.
+    #[must_use]
+    pub fn is_pending(&self, agency: &str, message_id: &str, generation: u64) -> bool {
+        let sessions: Vec<Arc<Session>> = self
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|s| s.agency == agency)
+            .cloned()
+            .collect();
+        sessions.iter().any(|s| {
+            s.pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .any(|p| p.message_id == message_id && p.generation >= generation)
+        })
+    }
+
     /// Takes the acker of a pending delivery of `agency`.
     ///
     /// # Errors
     /// [`GatewayError::DeliveryGone`] when the token is malformed, names
     /// another agency's stream, a stream that has ended, or a delivery
     /// already acknowledged.
-    pub fn take(&self, agency: &str, token: &str) -> Result<(Acker, String), GatewayError> {
+    pub fn take(&self, agency: &str, token: &str) -> Result<Taken, GatewayError> {
         let session_id: u64 = token
             .split('-')
             .next()
@@ -98,7 +131,11 @@ impl Sessions {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(token)
-            .map(|p| (p.acker, p.envelope_id))
+            .map(|p| Taken {
+                acker: p.acker,
+                message_id: p.message_id,
+                referral: p.referral,
+            })
             .ok_or_else(|| GatewayError::DeliveryGone(format!("`{token}` is not pending: already acknowledged, or lost with the broker connection (it will be delivered again)")))
     }
 }
@@ -117,7 +154,8 @@ impl Session {
         generation: u64,
         delivery_tag: u64,
         acker: Acker,
-        envelope_id: String,
+        message_id: String,
+        referral: String,
     ) -> String {
         let token = format!("{}-{generation}-{delivery_tag}", self.id);
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -127,7 +165,8 @@ impl Session {
             Pending {
                 generation,
                 acker,
-                envelope_id,
+                message_id,
+                referral,
             },
         );
         token

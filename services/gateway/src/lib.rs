@@ -14,6 +14,8 @@
 //! - [`error`]: the gateway's errors and their one mapping to `tonic::Status`.
 //! - [`gateway`]: `Submit`, `Inbox`, `Acknowledge`, `Feedback`.
 //! - [`inbox`]: open `Inbox` streams and their unacknowledged deliveries.
+//! - [`acknowledged`]: the ids each agency's system acknowledged (on disk),
+//!   so that an `Inbox` never hands one over twice.
 //! - [`agencies`]: the RPCs specific to each kind of agency.
 //! - [`app`]: build (bind) and run (serve until shutdown) an agency service.
 //! - [`telemetry`]: tracing set-up.
@@ -21,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acknowledged;
 pub mod agencies;
 pub mod app;
 pub mod auth;

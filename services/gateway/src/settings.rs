@@ -98,6 +98,10 @@ pub struct BusSettings {
     /// may not configure: the operator imports deploy/rabbitmq/definitions.json).
     #[arg(long, env = "REFBUS_DECLARE_TOPOLOGY", default_value_t = true, action = clap::ArgAction::Set)]
     pub declare_topology: bool,
+    /// Where the agency services remember what each agency acknowledged
+    /// (SQLite), so that an Inbox never hands the same message over twice.
+    #[arg(long, env = "REFBUS_INBOX_DB", default_value = "var/inbox.db")]
+    pub inbox_db: PathBuf,
     /// How callers authenticate.
     #[command(flatten)]
     pub auth: AuthSettings,

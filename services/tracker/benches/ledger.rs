@@ -209,6 +209,8 @@ async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) 
         confirm_timeout: Duration::from_secs(5),
         queue_expires: Some(Duration::from_secs(60)),
         declare_topology: true,
+        inbox_db: std::env::temp_dir()
+            .join(format!("refbus-bench-inbox-{}.db", std::process::id())),
         auth: AuthSettings::bearer(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../deploy/local/tokens.toml"
