@@ -8,6 +8,7 @@
 //! - [`broker`]: issue 5, a broker user per agency service, least privilege.
 //! - [`privacy`]: issue 5, no personal data in logs.
 //! - [`exactly_once`]: issue 5, an acknowledged id is never handed over again.
+//! - [`faults`]: issue 5, faults under load: nothing confirmed lost.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -15,6 +16,7 @@ mod auth;
 mod broker;
 mod bus;
 mod exactly_once;
+mod faults;
 mod leads;
 mod privacy;
 mod tracker;

@@ -33,7 +33,15 @@ pub struct ServiceArgs {
 /// # Errors
 /// A start-up error naming what is wrong (directory entry, broker URL, port).
 pub fn run(service: AgencyService) -> anyhow::Result<()> {
-    let args = ServiceArgs::parse();
+    serve(service, ServiceArgs::parse())
+}
+
+/// Runs one agency service with parsed `args` until SIGINT or SIGTERM (the
+/// agency-service binaries, and `refbus serve`).
+///
+/// # Errors
+/// As [`run`].
+pub fn serve(service: AgencyService, args: ServiceArgs) -> anyhow::Result<()> {
     telemetry::init("info");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -37,6 +37,16 @@ pub enum Command {
     ///
     /// Example: AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f refbus up
     Up(Box<UpArgs>),
+    /// Run one agency service (as its own binary would).
+    ///
+    /// Example: refbus serve legal-aid --listen 127.0.0.1:50053
+    Serve {
+        /// Which agency service.
+        #[arg(value_enum)]
+        service: AgencyService,
+        #[command(flatten)]
+        args: Box<refbus_gateway::cli::ServiceArgs>,
+    },
     /// Print the bus topology as RabbitMQ definitions JSON.
     Topology(BusNames),
     /// Print a script that creates the RabbitMQ user of each agency service
@@ -264,6 +274,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(up(args))
         }
+        Command::Serve { service, args } => refbus_gateway::cli::serve(service, *args),
         Command::Topology(BusNames {
             directory,
             namespace,
