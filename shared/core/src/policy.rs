@@ -250,22 +250,41 @@ impl PolicyCatalogue {
     /// # Errors
     /// [`PolicyError`] naming the file, the line and what is wrong.
     pub fn load(dir: &Path, directory: &Directory) -> Result<Self, PolicyError> {
-        let mut files = Vec::new();
+        let mut texts = Vec::new();
         for path in toml_files(dir, "the policy directory")? {
             let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::Read {
                 path: path.clone(),
                 what: "the policy file",
                 source,
             })?;
-            let file: PolicyFile =
-                toml::from_str(&text).map_err(|e| PolicyError::parse(&path, &e))?;
-            files.push((path, text, file));
+            texts.push((path, text));
         }
-        if files.is_empty() {
+        if texts.is_empty() {
             return Err(PolicyError::Unusable {
                 path: dir.to_path_buf(),
                 problem: "no policy files (*.toml) in this directory".into(),
             });
+        }
+        let mut catalogue = Self::parse(texts, directory)?;
+        catalogue.calendars = load_calendars(dir, directory)?;
+        Ok(catalogue)
+    }
+
+    /// Validates policy files given as (path, text), without calendars; the
+    /// paths only name the files in errors. What [`PolicyCatalogue::load`]
+    /// does once it has read them (and what the fuzz target drives).
+    ///
+    /// # Errors
+    /// [`PolicyError`] naming the file, the line and what is wrong.
+    pub fn parse(
+        texts: Vec<(PathBuf, String)>,
+        directory: &Directory,
+    ) -> Result<Self, PolicyError> {
+        let mut files = Vec::new();
+        for (path, text) in texts {
+            let file: PolicyFile =
+                toml::from_str(&text).map_err(|e| PolicyError::parse(&path, &e))?;
+            files.push((path, text, file));
         }
 
         // Named durations first, so that any file may use a name from any other.
@@ -381,32 +400,11 @@ impl PolicyCatalogue {
             }
         }
 
-        let mut calendars: BTreeMap<String, Calendar> = BTreeMap::new();
-        let mut calendar_at: HashMap<String, PathBuf> = HashMap::new();
-        let calendar_dir = dir.join("calendars");
-        if calendar_dir.is_dir() {
-            for path in toml_files(&calendar_dir, "the calendar directory")? {
-                let calendar = Calendar::load(&path, directory)?;
-                if let Some(first) = calendar_at.get(calendar.region()) {
-                    return Err(PolicyError::Unusable {
-                        path,
-                        problem: format!(
-                            "region `{}` already has a calendar in {}",
-                            calendar.region(),
-                            first.display()
-                        ),
-                    });
-                }
-                calendar_at.insert(calendar.region().to_owned(), path);
-                calendars.insert(calendar.region().to_owned(), calendar);
-            }
-        }
-
         Ok(Self {
             rules,
             notices,
             durations,
-            calendars,
+            calendars: BTreeMap::new(),
         })
     }
 
@@ -550,6 +548,35 @@ impl Here<'_> {
 }
 
 /// The `*.toml` files directly in `dir`, sorted by name.
+/// The region calendars in `dir/calendars/*.toml`, one per region.
+fn load_calendars(
+    dir: &Path,
+    directory: &Directory,
+) -> Result<BTreeMap<String, Calendar>, PolicyError> {
+    let mut calendars: BTreeMap<String, Calendar> = BTreeMap::new();
+    let mut calendar_at: HashMap<String, PathBuf> = HashMap::new();
+    let calendar_dir = dir.join("calendars");
+    if calendar_dir.is_dir() {
+        for path in toml_files(&calendar_dir, "the calendar directory")? {
+            let calendar = Calendar::load(&path, directory)?;
+            if let Some(first) = calendar_at.get(calendar.region()) {
+                return Err(PolicyError::Unusable {
+                    path,
+                    problem: format!(
+                        "region `{}` already has a calendar in {}",
+                        calendar.region(),
+                        first.display()
+                    ),
+                });
+            }
+            calendar_at.insert(calendar.region().to_owned(), path);
+            calendars.insert(calendar.region().to_owned(), calendar);
+        }
+    }
+
+    Ok(calendars)
+}
+
 fn toml_files(dir: &Path, what: &'static str) -> Result<Vec<PathBuf>, PolicyError> {
     let read_error = |source| PolicyError::Read {
         path: dir.to_path_buf(),

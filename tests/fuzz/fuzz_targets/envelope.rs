@@ -1,0 +1,36 @@
+//! Envelope decoding and validation: any bytes off the bus decode or fail
+//! cleanly, and whatever decodes is accepted or refused with an error by
+//! the same validation `Submit` runs, never a panic.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+use refbus_core::Directory;
+use refbus_proto::v1::Envelope;
+
+fn directory() -> &'static Directory {
+    static DIRECTORY: OnceLock<Directory> = OnceLock::new();
+    DIRECTORY.get_or_init(|| {
+        Directory::load(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/local/directory.toml"
+        ))
+        .expect("the shipped directory loads")
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(envelope) = Envelope::decode(data) {
+        let sender = envelope.sender.clone();
+        let _ = refbus_core::envelope::tracking_id(&envelope);
+        let _ = refbus_core::envelope::accept(
+            envelope,
+            directory(),
+            |id| id == sender,
+            "fuzz",
+            chrono::Utc::now(),
+        );
+    }
+});
