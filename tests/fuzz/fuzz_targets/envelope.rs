@@ -3,23 +3,9 @@
 //! the same validation `Submit` runs, never a panic.
 #![no_main]
 
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use refbus_core::Directory;
 use refbus_proto::v1::Envelope;
-
-fn directory() -> &'static Directory {
-    static DIRECTORY: OnceLock<Directory> = OnceLock::new();
-    DIRECTORY.get_or_init(|| {
-        Directory::load(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../deploy/local/directory.toml"
-        ))
-        .expect("the shipped directory loads")
-    })
-}
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(envelope) = Envelope::decode(data) {
@@ -27,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = refbus_core::envelope::tracking_id(&envelope);
         let _ = refbus_core::envelope::accept(
             envelope,
-            directory(),
+            refbus_fuzz::shipped_directory(),
             |id| id == sender,
             "fuzz",
             chrono::Utc::now(),
