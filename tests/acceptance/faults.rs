@@ -15,7 +15,7 @@ use refbus_proto::v1::gateway_client::GatewayClient;
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help_at, submit};
 use refbus_tests::proxy::Proxy;
 use refbus_tests::tracker::{TestTracker, drop_ledger, eventually, postgres_url};
-use refbus_tests::{Inbox, TestBus, mtls_env, refbus_binary, within};
+use refbus_tests::{Inbox, TestBus, free_port, mtls_env, refbus_binary, within};
 use refbus_tracker::Clock;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
@@ -60,15 +60,6 @@ async fn steady_load(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     load
-}
-
-/// A free local port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts `refbus serve detention-centre` on `bus`'s namespace at `port`
@@ -138,14 +129,23 @@ async fn drain(
 /// sentinel submitted after the load, has come; then reports.
 async fn delivered_once(bus: &TestBus, load: &Load, fault: &str) {
     let key = format!("{fault}-sentinel");
-    let sentinel = bus
-        .gateway_as("detention-centre", CENTRE)
-        .await
-        .submit(submit(legal_help_at(&key, chrono::Utc::now())))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
+    // The bus may still be reconnecting: retried under the same key.
+    let sentinel = within("the sentinel to be confirmed", async {
+        loop {
+            match centre
+                .submit(submit(legal_help_at(&key, chrono::Utc::now())))
+                .await
+            {
+                Ok(receipt) => return receipt.into_inner().id,
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(status) => panic!("sentinel refused: {status:?}"),
+            }
+        }
+    })
+    .await;
     let mut desk = bus.gateway_as("legal-aid", DESK).await;
     let mut handed = drain(&mut desk, &load.confirmed, &sentinel).await;
     handed.retain(|id| *id != sentinel);
@@ -297,4 +297,27 @@ async fn broker_connections_cut_by_a_proxy_for_5_s() {
 
     delivered_once(&bus, &load, "broker connections cut 5 s").await;
     bus.stop().await;
+}
+
+/// The broker itself (a node of the test's own) stopped cleanly under load
+/// and started again on its data: submissions fail with UNAVAILABLE while
+/// it is down, and every confirmed one reaches the recipient once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_stopped_and_started() {
+    let node = refbus_tests::broker::BrokerNode::start().await;
+    let bus = TestBus::spawn_with(refbus_tests::test_settings(node.amqp_url())).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let centre = bus.gateway_as("detention-centre", CENTRE).await;
+    let load = tokio::spawn(steady_load(centre, "restart", stop.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    node.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    node.resume().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    let load = within("the load to stop", load).await.unwrap();
+    assert!(load.failed() > 0, "the stop was felt: {load:?}");
+    delivered_once(&bus, &load, "broker stopped and started").await;
+    bus.stop().await;
+    node.stop().await;
 }

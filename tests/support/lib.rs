@@ -1,9 +1,11 @@
 //! Helpers for the acceptance tests: a whole bus per test (its own namespace
 //! of queues on the real RabbitMQ, its own ports), raw AMQP access to look
-//! at queues, and a TCP proxy that can cut the broker connection.
+//! at queues, a TCP proxy that can cut the broker connection, and a broker
+//! node of a test's own that it may stop and start.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod broker;
 pub mod fixtures;
 pub mod proxy;
 pub mod tracker;
@@ -28,6 +30,16 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 #[must_use]
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A free local port.
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The repository root.
