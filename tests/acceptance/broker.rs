@@ -8,11 +8,11 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use refbus_gateway::app::{Application, Shared, serve_all};
 use refbus_gateway::{AgencyService, BusSettings};
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help_at, submit};
-use refbus_tests::{Inbox, TestBus, amqp_url, channel_to, refbus_binary, repo_root};
-use tokio_util::sync::CancellationToken;
+use refbus_tests::{
+    Inbox, ServiceInstance, TestBus, amqp_url, channel_to, refbus_binary, repo_root,
+};
 
 /// `amqp_url()` with another user.
 fn url_as(user: &str, password: &str) -> String {
@@ -161,23 +161,13 @@ async fn an_agency_services_broker_user_reads_only_its_own_inboxes() {
 
     // The legal-aid service itself runs under its user, without declaring:
     // a request submitted on the bus reaches the desk through it.
-    let shutdown = CancellationToken::new();
     let settings = BusSettings {
         amqp_url: legal_aid_url,
         declare_topology: false,
         ..bus.shared.settings.clone()
     };
-    let shared = Shared::connect(settings, shutdown.clone()).await.unwrap();
-    let app = Application::build(
-        AgencyService::LegalAid,
-        &shared,
-        "127.0.0.1:0".parse().unwrap(),
-        &[],
-    )
-    .await
-    .unwrap();
-    let addr = app.local_addr().unwrap();
-    let served = tokio::spawn(async move { serve_all(vec![app], &shared).await });
+    let legal_aid = ServiceInstance::start(settings, AgencyService::LegalAid).await;
+    let addr = legal_aid.addr;
     let receipt = bus
         .gateway_as("detention-centre", CENTRE)
         .await
@@ -197,8 +187,7 @@ async fn an_agency_services_broker_user_reads_only_its_own_inboxes() {
     .await
     .unwrap();
     drop(inbox);
-    shutdown.cancel();
-    let _ = served.await;
+    legal_aid.stop().await;
     delete_users(&users);
     bus.stop().await;
 }

@@ -585,22 +585,9 @@ async fn refbus_up_serves_and_exits_0_on_sigint() {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let binary = refbus_tests::refbus_binary();
     let settings = test_settings(refbus_tests::amqp_url());
-    let mut child = tokio::process::Command::new(&binary)
-        .arg("up")
-        .env("AMQP_URL", &settings.amqp_url)
-        .env("REFBUS_NAMESPACE", &settings.namespace)
-        .env("REFBUS_QUEUE_EXPIRES", "60s")
-        .env("REFBUS_PORT_BASE", "0")
-        .env("REFBUS_INBOX_DB", &settings.inbox_db)
-        .env("RUST_LOG", "warn")
-        .env(
-            "REFBUS_DATA_DIR",
-            std::env::temp_dir().join(format!("refbus-up-{}", settings.namespace)),
-        )
-        .env_remove("DATABASE_URL")
-        .current_dir(refbus_tests::repo_root())
+    let data_dir = std::env::temp_dir().join(format!("refbus-up-{}", settings.namespace));
+    let mut child = refbus_tests::refbus_up(&settings, &data_dir, "warn")
         .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -645,8 +632,6 @@ async fn refbus_up_serves_and_exits_0_on_sigint() {
     let exit = within("refbus up to exit", child.wait()).await.unwrap();
     assert!(exit.success(), "exit status {exit:?}");
     refbus_tests::delete_namespace(&refbus_tests::topology_of(&settings.namespace)).await;
-    let _ = std::fs::remove_dir_all(
-        std::env::temp_dir().join(format!("refbus-up-{}", settings.namespace)),
-    );
+    let _ = std::fs::remove_dir_all(&data_dir);
     refbus_tests::remove_inbox_db(&settings);
 }

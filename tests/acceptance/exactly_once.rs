@@ -5,12 +5,10 @@
 
 use prost::Message;
 use refbus_gateway::AgencyService;
-use refbus_gateway::app::{Application, Shared, serve_all};
 use refbus_proto::v1::AcknowledgeRequest;
 use refbus_proto::v1::gateway_client::GatewayClient;
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help_at, submit};
-use refbus_tests::{Amqp, Inbox, TestBus, channel_to};
-use tokio_util::sync::CancellationToken;
+use refbus_tests::{Amqp, Inbox, ServiceInstance, TestBus, channel_to};
 
 async fn ack(desk: &mut GatewayClient<tonic::transport::Channel>, token: String) {
     desk.acknowledge(AcknowledgeRequest {
@@ -67,20 +65,9 @@ async fn an_acknowledged_id_is_never_handed_over_again() {
     // another instance of the legal-aid service sharing the inbox state:
     // still not handed over.
     amqp.publish_raw(&queue, &envelope.encode_to_vec()).await;
-    let shutdown = CancellationToken::new();
-    let shared = Shared::connect(bus.shared.settings.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    let app = Application::build(
-        AgencyService::LegalAid,
-        &shared,
-        "127.0.0.1:0".parse().unwrap(),
-        &[],
-    )
-    .await
-    .unwrap();
-    let addr = app.local_addr().unwrap();
-    let served = tokio::spawn(async move { serve_all(vec![app], &shared).await });
+    let legal_aid =
+        ServiceInstance::start(bus.shared.settings.clone(), AgencyService::LegalAid).await;
+    let addr = legal_aid.addr;
     let last = centre
         .submit(submit(legal_help_at("dup-3", now)))
         .await
@@ -97,8 +84,7 @@ async fn an_acknowledged_id_is_never_handed_over_again() {
     ack(&mut other, next.delivery_token).await;
     drop(inbox);
     assert_eq!(amqp.settled_count(&queue).await, 0, "nothing left behind");
-    shutdown.cancel();
-    let _ = served.await;
+    legal_aid.stop().await;
     amqp.close().await;
     bus.stop().await;
 }

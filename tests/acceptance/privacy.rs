@@ -17,7 +17,7 @@ use refbus_proto::v1::{
     InboxRequest, Lawyer, LegalHelpRequest, Letter, Outcome,
 };
 use refbus_tests::fixtures::{CENTRE, DESK, submit};
-use refbus_tests::{Amqp, refbus_binary, repo_root, test_settings, within};
+use refbus_tests::{Amqp, test_settings, within};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
 
@@ -65,21 +65,9 @@ async fn no_personal_data_reaches_the_logs() {
     let log_path = data_dir.with_extension("log");
     std::fs::create_dir_all(&data_dir).unwrap();
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = tokio::process::Command::new(refbus_binary())
-        .arg("up")
-        .env("AMQP_URL", &settings.amqp_url)
-        .env("REFBUS_NAMESPACE", &settings.namespace)
-        .env("REFBUS_QUEUE_EXPIRES", "60s")
-        .env("REFBUS_PORT_BASE", "0")
-        .env("REFBUS_INBOX_DB", &settings.inbox_db)
-        .env("REFBUS_DATA_DIR", &data_dir)
-        .env("RUST_LOG", "debug")
-        .env_remove("DATABASE_URL")
-        .env_remove("REFBUS_AUTH")
-        .current_dir(repo_root())
+    let mut child = refbus_tests::refbus_up(&settings, &data_dir, "debug")
         .stdout(Stdio::piped())
         .stderr(log)
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut stdout = Vec::new();

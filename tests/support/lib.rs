@@ -224,6 +224,65 @@ impl TestBus {
     }
 }
 
+/// One agency service of its own, in this process, on `settings` (for
+/// example another broker user, or a second instance sharing a bus).
+pub struct ServiceInstance {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl ServiceInstance {
+    pub async fn start(settings: BusSettings, service: AgencyService) -> Self {
+        let shutdown = CancellationToken::new();
+        let shared = Shared::connect(settings, shutdown.clone()).await.unwrap();
+        let app = Application::build(service, &shared, "127.0.0.1:0".parse().unwrap(), &[])
+            .await
+            .unwrap();
+        let addr = app.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            serve_all(vec![app], &shared).await.expect("service runs");
+        });
+        Self {
+            addr,
+            shutdown,
+            served,
+        }
+    }
+
+    /// Stops it and waits.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = within("the service to stop", self.served).await;
+    }
+}
+
+/// `refbus up` as a child process on `settings`' broker and namespace, with
+/// its ledger under `data_dir`, its default (bearer) authentication, and
+/// free ports; the caller adds output handling and spawns it.
+#[must_use]
+pub fn refbus_up(
+    settings: &BusSettings,
+    data_dir: &std::path::Path,
+    rust_log: &str,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(refbus_binary());
+    command
+        .arg("up")
+        .env("AMQP_URL", &settings.amqp_url)
+        .env("REFBUS_NAMESPACE", &settings.namespace)
+        .env("REFBUS_QUEUE_EXPIRES", "60s")
+        .env("REFBUS_PORT_BASE", "0")
+        .env("REFBUS_INBOX_DB", &settings.inbox_db)
+        .env("REFBUS_DATA_DIR", data_dir)
+        .env("RUST_LOG", rust_log)
+        .env_remove("DATABASE_URL")
+        .env_remove("REFBUS_AUTH")
+        .current_dir(repo_root())
+        .kill_on_drop(true);
+    command
+}
+
 /// Removes a test's inbox state (the SQLite file and its journal).
 pub fn remove_inbox_db(settings: &BusSettings) {
     let db = settings.inbox_db.display().to_string();
