@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use lapin::types::AMQPValue;
 use prost::Message;
 use refbus_core::envelope::timestamp;
 use refbus_proto::v1::envelope::Payload;
@@ -451,18 +450,11 @@ async fn garbage_on_an_inbox_is_dead_lettered_with_a_reason_and_the_consumer_kee
         while reasons.len() < 2 {
             match amqp.get(&dead_letter).await {
                 Some(message) => {
-                    let headers = message
-                        .delivery
-                        .properties
-                        .headers()
-                        .clone()
-                        .unwrap_or_default();
-                    let reason = match headers.inner().get("x-refbus-reason") {
-                        Some(AMQPValue::LongString(s)) => {
-                            String::from_utf8_lossy(s.as_bytes()).into_owned()
-                        }
-                        other => panic!("no reason header: {other:?}"),
-                    };
+                    let reason = refbus_bus::subscription::header_text(
+                        &message.delivery.properties,
+                        "x-refbus-reason",
+                    )
+                    .expect("a reason header");
                     if reasons.is_empty() {
                         assert_eq!(message.delivery.data, garbage);
                     }

@@ -3,7 +3,6 @@
 //! when a retried `Submit` published it twice, not when the same message
 //! comes again later, not through another instance of the service.
 
-use prost::Message;
 use refbus_gateway::AgencyService;
 use refbus_proto::v1::AcknowledgeRequest;
 use refbus_proto::v1::gateway_client::GatewayClient;
@@ -64,7 +63,7 @@ async fn an_acknowledged_id_is_never_handed_over_again() {
     // Later, the same message once more (a late redelivery), read through
     // another instance of the legal-aid service sharing the inbox state:
     // still not handed over.
-    amqp.publish_raw(&queue, &envelope.encode_to_vec()).await;
+    amqp.publish_envelope(&queue, &envelope).await;
     let legal_aid =
         ServiceInstance::start(bus.shared.settings.clone(), AgencyService::LegalAid).await;
     let addr = legal_aid.addr;

@@ -8,15 +8,19 @@
 //! - [`broker`]: issue 5, a broker user per agency service, least privilege.
 //! - [`privacy`]: issue 5, no personal data in logs.
 //! - [`exactly_once`]: issue 5, an acknowledged id is never handed over again.
+//! - [`bad_input`]: issue 5, 10,000 random byte strings, all dead-lettered.
+//! - [`signatures`]: issue 5, forged, altered and unsigned messages refused.
 //! - [`faults`]: issue 5, faults under load: nothing confirmed lost.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod auth;
+mod bad_input;
 mod broker;
 mod bus;
 mod exactly_once;
 mod faults;
 mod leads;
 mod privacy;
+mod signatures;
 mod tracker;

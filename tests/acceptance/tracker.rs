@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use prost::Message;
 use refbus_core::envelope::{from_timestamp, timestamp};
+use refbus_core::signing::Signed;
 use refbus_proto::v1::detention_centre_client::DetentionCentreClient;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::justice_bureau_client::JusticeBureauClient;
@@ -16,6 +17,7 @@ use refbus_proto::v1::{
     ReferralStatus, ReportFormat, ReportHandlingResultRequest,
 };
 use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help_at, submit, violation};
+use refbus_tests::signed_properties;
 use refbus_tests::tracker::{Db, TestTracker, drop_ledger, eventually, ledger_settings};
 use refbus_tests::{Amqp, Inbox, TestBus};
 use refbus_tracker::Clock;
@@ -454,7 +456,7 @@ async fn compliance_report_for_a_seeded_month_matches_independent_counts(db: Db)
             clock,
             payload,
         );
-        amqp.publish_raw(&tap, &e.encode_to_vec()).await;
+        amqp.publish_envelope(&tap, &e).await;
         let delivered = (i % 7 != 0).then(|| clock + Duration::hours((i * 5) % 48));
         if let Some(at) = delivered {
             let report = hop(&id, Hop::Delivered, desk, at);
@@ -563,7 +565,7 @@ async fn publish_hop(amqp: &Amqp, bus: &TestBus, report: &HopReport) {
             "event.delivered".into(),
             BasicPublishOptions::default(),
             &report.encode_to_vec(),
-            lapin::BasicProperties::default().with_delivery_mode(2),
+            signed_properties(&report.agency, Signed::HopReport, &report.encode_to_vec()),
         )
         .await
         .unwrap()
@@ -611,7 +613,7 @@ async fn verify_names_the_changed_row(db: Db) {
         legal_help_at("u", Utc::now()).payload.unwrap(),
     );
     unknown.kind = 99;
-    amqp.publish_raw(&tap, &unknown.encode_to_vec()).await;
+    amqp.publish_envelope(&tap, &unknown).await;
     let flagged = eventually("the unknown kind to be recorded", || async {
         status(&tracker, CENTRE, &unknown.id).await
     })
@@ -651,8 +653,10 @@ async fn verify_names_the_changed_row(db: Db) {
         .await
         .unwrap();
     use base64::Engine;
-    amqp.publish_raw(
+    amqp.publish_signed(
         &tap,
+        CENTRE,
+        Signed::Envelope,
         &base64::engine::general_purpose::STANDARD
             .decode(row)
             .unwrap(),
@@ -794,7 +798,7 @@ async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once(db: Db) {
                 tap.as_str().into(),
                 lapin::options::BasicPublishOptions::default(),
                 &e.encode_to_vec(),
-                lapin::BasicProperties::default().with_delivery_mode(2),
+                signed_properties(&e.sender, Signed::Envelope, &e.encode_to_vec()),
             )
             .await
             .unwrap();

@@ -18,6 +18,7 @@ use std::time::Duration;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use refbus_core::signing::Signed;
 use refbus_gateway::app::{Application, Shared, serve_all};
 use refbus_gateway::auth::AuthSettings;
 use refbus_gateway::{AgencyService, BusSettings};
@@ -144,6 +145,7 @@ pub fn test_settings(amqp_url: String) -> BusSettings {
         queue_expires: Some(Duration::from_secs(60)),
         declare_topology: true,
         inbox_db,
+        signing_keys: "development".into(),
     }
 }
 
@@ -392,20 +394,48 @@ impl Amqp {
         .await
     }
 
-    /// Publishes raw bytes straight onto a queue (default exchange).
+    /// Publishes raw bytes straight onto a queue (default exchange), unsigned.
     pub async fn publish_raw(&self, queue: &str, bytes: &[u8]) {
+        self.publish_with(
+            queue,
+            bytes,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await;
+    }
+
+    async fn publish_with(&self, queue: &str, bytes: &[u8], properties: BasicProperties) {
         self.channel
             .basic_publish(
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
                 bytes,
-                BasicProperties::default().with_delivery_mode(2),
+                properties,
             )
             .await
             .unwrap()
             .await
             .unwrap();
+    }
+
+    /// Publishes bytes onto a queue (default exchange), signed by `signer`
+    /// with its development key, as an agency service would sign them.
+    pub async fn publish_signed(&self, queue: &str, signer: &str, what: Signed, bytes: &[u8]) {
+        self.publish_with(queue, bytes, signed_properties(signer, what, bytes))
+            .await;
+    }
+
+    /// Publishes an envelope onto a queue, signed by its sender.
+    pub async fn publish_envelope(&self, queue: &str, envelope: &refbus_proto::v1::Envelope) {
+        use prost::Message;
+        self.publish_signed(
+            queue,
+            &envelope.sender,
+            Signed::Envelope,
+            &envelope.encode_to_vec(),
+        )
+        .await;
     }
 
     /// Takes one message from a queue, if any (acknowledged at once).
@@ -415,6 +445,21 @@ impl Amqp {
             .await
             .unwrap()
     }
+}
+
+/// Persistent-message properties carrying `signer`'s development-key
+/// signature of `bytes` (refbus_core::signing).
+#[must_use]
+pub fn signed_properties(signer: &str, what: Signed, bytes: &[u8]) -> BasicProperties {
+    let signature = refbus_core::signing::development_signature(signer, what, bytes);
+    let mut headers = FieldTable::default();
+    headers.insert(
+        refbus_core::signing::SIGNATURE_HEADER.into(),
+        lapin::types::AMQPValue::LongString(signature.as_str().into()),
+    );
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers)
 }
 
 /// The `refbus` binary built beside the test binary (`cargo test` builds

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use refbus_bus::{Bus, BusConfig, BusError, Topology};
+use refbus_core::signing::{KeyError, SigningKeys};
 use refbus_core::{Directory, DirectoryError};
 use refbus_proto::v1::{
     bar_association_server::BarAssociationServer, case_unit_server::CaseUnitServer,
@@ -49,6 +50,8 @@ pub enum StartError {
     Auth(#[from] AuthError),
     #[error(transparent)]
     Acknowledged(#[from] AcknowledgedError),
+    #[error("REFBUS_SIGNING_KEYS: {0}")]
+    Signing(#[from] KeyError),
 }
 
 /// What the agency services of one process share.
@@ -59,6 +62,8 @@ pub struct Shared {
     pub settings: BusSettings,
     /// Authenticates every call to the services of this process.
     pub auth: Arc<Authenticator>,
+    /// What this process signs with.
+    pub signing: Arc<SigningKeys>,
     /// What each agency's system acknowledged: opened by the first agency
     /// service built (the tracker, sharing this, never opens it).
     pub acknowledged: Arc<tokio::sync::OnceCell<Arc<Acknowledged>>>,
@@ -78,6 +83,7 @@ impl Shared {
     ) -> Result<Self, StartError> {
         let directory = Arc::new(Directory::load(&settings.directory)?);
         let auth = Arc::new(Authenticator::load(&settings.auth, directory.clone())?);
+        let signing = Arc::new(SigningKeys::load(&settings.signing_keys, &directory)?);
         let acknowledged = Arc::new(tokio::sync::OnceCell::new());
         let mut topology = Topology::new(
             settings.namespace.clone(),
@@ -93,6 +99,7 @@ impl Shared {
             bus,
             settings,
             auth,
+            signing,
             acknowledged,
             shutdown,
         })
@@ -138,6 +145,9 @@ impl Application {
             }
             served.retain(|id| only.contains(id));
         }
+        for agency in &served {
+            shared.signing.require(agency, &shared.directory)?;
+        }
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -149,6 +159,7 @@ impl Application {
             directory: shared.directory.clone(),
             bus: shared.bus.clone(),
             served,
+            signing: shared.signing.clone(),
             prefetch: shared.settings.prefetch,
             sessions: Arc::new(Sessions::default()),
             acknowledged: shared

@@ -19,6 +19,9 @@ pub enum GatewayError {
     /// A request field that is missing or malformed (outside an envelope).
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// This service holds no signing key for the agency (ruled out at start-up).
+    #[error(transparent)]
+    Signing(#[from] refbus_core::signing::KeyError),
 }
 
 impl From<RuleViolation> for GatewayError {
@@ -53,6 +56,7 @@ impl From<GatewayError> for Status {
             },
             GatewayError::DeliveryGone(_) => Status::failed_precondition(message),
             GatewayError::Invalid { .. } => Status::invalid_argument(message),
+            GatewayError::Signing(_) => Status::internal(message),
         }
     }
 }

@@ -11,6 +11,7 @@ use refbus_bus::{Bus, Incoming, Outgoing, Topology};
 use refbus_core::envelope::{self, timestamp};
 use refbus_core::kind::hop_code;
 use refbus_core::rules::{self, RuleViolation};
+use refbus_core::signing::{self, SIGNATURE_HEADER, Signed, SigningKeys};
 use refbus_core::{Directory, KindExt, MessageKind, SubmitError};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::gateway_server::Gateway;
@@ -26,6 +27,7 @@ use tonic::{Request, Response, Status};
 use crate::GatewayError;
 use crate::acknowledged::Acknowledged;
 use crate::auth::Caller;
+use crate::forgery::{self, Refusal};
 use crate::inbox::{Session, Sessions};
 use crate::settings::AgencyService;
 
@@ -36,6 +38,8 @@ pub struct GatewayCore {
     pub bus: Bus,
     /// The agencies this service acts for.
     pub served: BTreeSet<String>,
+    /// Their signing keys: everything published is signed by its sender.
+    pub signing: Arc<SigningKeys>,
     pub prefetch: u16,
     pub sessions: Arc<Sessions>,
     /// What each agency's system acknowledged: never handed over again.
@@ -104,10 +108,14 @@ impl GatewayCore {
         let kind = kind.code();
         let routing_key = Topology::routing_key(&envelope.recipient, kind);
         let body = envelope.encode_to_vec();
+        let signature = self
+            .signing
+            .sign(&envelope.sender, Signed::Envelope, &body)?;
         let exchange = self.bus.topology().deliveries_exchange();
         let mut message = Outgoing::new(&exchange, &routing_key, &body);
         message.message_id = Some(&envelope.id);
         message.kind = Some(kind);
+        message.headers = vec![(SIGNATURE_HEADER, signature)];
         message.cc = envelope
             .also_to
             .iter()
@@ -355,6 +363,19 @@ impl GatewayCore {
             });
         match decoded {
             Ok(envelope) => {
+                if let Err(reason) = self.believe(agency, &envelope, &incoming) {
+                    let refusal = Refusal {
+                        queue: queue.to_owned(),
+                        detected_by: agency.to_owned(),
+                        addressed_to: agency.to_owned(),
+                        claimed_id: envelope.id,
+                        claimed_sender: envelope.sender,
+                        reason,
+                    };
+                    forgery::refuse(&self.bus, &self.signing, &self.directory, incoming, refusal)
+                        .await;
+                    return None;
+                }
                 let seen = if self
                     .sessions
                     .is_pending(agency, &envelope.id, incoming.generation)
@@ -397,6 +418,35 @@ impl GatewayCore {
         }
     }
 
+    /// Whether a decoded delivery can be believed: signed by its sender
+    /// with the key the directory publishes, over the exact bytes received,
+    /// and addressed to the agency whose inbox it reached.
+    ///
+    /// # Errors
+    /// The reason it is refused.
+    fn believe(
+        &self,
+        agency: &str,
+        envelope: &Envelope,
+        incoming: &Incoming,
+    ) -> Result<(), String> {
+        signing::verify(
+            &self.directory,
+            &envelope.sender,
+            Signed::Envelope,
+            &incoming.data,
+            incoming.header(SIGNATURE_HEADER).as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        if envelope.recipient != agency && !envelope.also_to.iter().any(|a| a == agency) {
+            return Err(format!(
+                "misaddressed: the envelope is addressed to `{}`, not to `{agency}`, whose inbox it reached",
+                envelope.recipient
+            ));
+        }
+        Ok(())
+    }
+
     /// Acknowledges one delivery of an open stream.
     ///
     /// # Errors
@@ -432,6 +482,7 @@ impl GatewayCore {
     pub fn report_hop(&self, referral_id: String, hop: Hop, agency: String) {
         let bus = self.bus.clone();
         let shutdown = self.shutdown.clone();
+        let signing = self.signing.clone();
         tokio::spawn(async move {
             let name = hop_code(hop);
             let report = HopReport {
@@ -442,6 +493,13 @@ impl GatewayCore {
                 at: Some(timestamp(Utc::now())),
             };
             let body = report.encode_to_vec();
+            let signature = match signing.sign(&report.agency, Signed::HopReport, &body) {
+                Ok(signature) => signature,
+                Err(e) => {
+                    tracing::error!(error = %e, hop = name, "hop report not signed; not published");
+                    return;
+                }
+            };
             let exchange = bus.topology().deliveries_exchange();
             let routing_key = format!("{}.{name}", refbus_bus::topology::EVENT_PREFIX);
             let mut backoff = std::time::Duration::from_millis(100);
@@ -450,6 +508,7 @@ impl GatewayCore {
                 message.message_id = Some(&report.id);
                 message.kind = Some("hop_report");
                 message.content_type = "application/x-protobuf; proto=refbus.v1.HopReport";
+                message.headers = vec![(SIGNATURE_HEADER, signature.clone())];
                 match bus.publish(message).await {
                     Ok(()) => return,
                     Err(e) => {

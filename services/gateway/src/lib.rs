@@ -16,6 +16,9 @@
 //! - [`inbox`]: open `Inbox` streams and their unacknowledged deliveries.
 //! - [`acknowledged`]: the ids each agency's system acknowledged (on disk),
 //!   so that an `Inbox` never hands one over twice.
+//! - [`forgery`]: refusing a delivery that is unsigned, forged, altered or
+//!   misaddressed: an alert to the supervising justice bureau, then the
+//!   dead-letter queue.
 //! - [`agencies`]: the RPCs specific to each kind of agency.
 //! - [`app`]: build (bind) and run (serve until shutdown) an agency service.
 //! - [`telemetry`]: tracing set-up.
@@ -29,6 +32,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod error;
+pub mod forgery;
 pub mod gateway;
 pub mod inbox;
 pub mod settings;

@@ -102,6 +102,11 @@ pub struct BusSettings {
     /// (SQLite), so that an Inbox never hands the same message over twice.
     #[arg(long, env = "REFBUS_INBOX_DB", default_value = "var/inbox.db")]
     pub inbox_db: PathBuf,
+    /// The Ed25519 keys this process signs with: `development` (derived
+    /// from the ids, public: for `refbus up` and tests), or a directory of
+    /// `<agency-id>.key` files made by `refbus keys generate`.
+    #[arg(long, env = "REFBUS_SIGNING_KEYS", default_value = "development")]
+    pub signing_keys: PathBuf,
     /// How callers authenticate.
     #[command(flatten)]
     pub auth: AuthSettings,

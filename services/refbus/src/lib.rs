@@ -5,6 +5,7 @@
 //! - `refbus topology` prints the bus topology as RabbitMQ definitions
 //!   (the source of `deploy/rabbitmq/definitions.json`).
 //! - `refbus directory check` validates an agency directory.
+//! - `refbus keys generate` makes the Ed25519 signing keys of a deployment.
 
 #![forbid(unsafe_code)]
 
@@ -61,6 +62,45 @@ pub enum Command {
     Directory {
         #[command(subcommand)]
         action: DirectoryAction,
+    },
+    /// Signing keys (Ed25519) of the agencies and the tracker.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Make a new random key for every agency of the directory and for the
+    /// tracker, one `<signer>.key` file each (mode 0600, never overwritten),
+    /// and print the `public_key` line to put in each directory entry.
+    /// Services then run with REFBUS_SIGNING_KEYS=<out>.
+    ///
+    /// Example: refbus keys generate --out /etc/refbus/keys
+    Generate {
+        /// Where the key files go.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Only these signers (agency ids, or refbus-tracker).
+        signers: Vec<String>,
+        #[arg(
+            long,
+            env = "REFBUS_DIRECTORY",
+            default_value = "deploy/local/directory.toml"
+        )]
+        directory: std::path::PathBuf,
+    },
+    /// Print the public keys of the development keys (derived from the ids,
+    /// hence public: for `refbus up` and tests only), as the shipped
+    /// directory lists them.
+    Development {
+        #[arg(
+            long,
+            env = "REFBUS_DIRECTORY",
+            default_value = "deploy/local/directory.toml"
+        )]
+        directory: std::path::PathBuf,
     },
 }
 
@@ -300,6 +340,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", broker_users_script(&directory, &namespace, &vhost));
             Ok(())
         }
+        Command::Keys { action } => keys(action),
         Command::Directory {
             action: DirectoryAction::Check { path },
         } => {
@@ -312,4 +353,46 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn keys(action: KeysAction) -> anyhow::Result<()> {
+    use refbus_core::signing::{self, TRACKER_ID};
+    let (directory, signers, out) = match &action {
+        KeysAction::Generate {
+            out,
+            signers,
+            directory,
+        } => (directory, signers.clone(), Some(out)),
+        KeysAction::Development { directory } => (directory, Vec::new(), None),
+    };
+    let directory = Directory::load(directory)?;
+    let signers = if signers.is_empty() {
+        directory
+            .agencies()
+            .iter()
+            .map(|a| a.id.clone())
+            .chain([TRACKER_ID.to_owned()])
+            .collect()
+    } else {
+        for signer in &signers {
+            if signer != TRACKER_ID && directory.get(signer).is_none() {
+                anyhow::bail!("`{signer}` is not an agency in the directory, nor {TRACKER_ID}");
+            }
+        }
+        signers
+    };
+    let public = match out {
+        Some(out) => signing::generate(out, &signers)?,
+        None => signers
+            .iter()
+            .map(|s| {
+                let key = signing::development_key(s).verifying_key();
+                (s.clone(), signing::public_key_text(&key))
+            })
+            .collect(),
+    };
+    for (signer, key) in public {
+        println!("{signer}\tpublic_key = \"{key}\"");
+    }
+    Ok(())
 }

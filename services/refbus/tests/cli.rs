@@ -81,3 +81,61 @@ fn up_says_in_one_line_when_the_broker_cannot_be_reached() {
     );
     assert!(err.contains("rabbitmq-server -detached"), "{err}");
 }
+
+#[test]
+fn keys_generate_makes_private_files_and_prints_the_directory_lines() {
+    let out_dir = std::env::temp_dir().join(format!("refbus-keys-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = refbus(&["keys", "generate", "--out", out_dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    // 29 agencies and the tracker, each with a private file of its own.
+    assert_eq!(printed.lines().count(), 30, "{printed}");
+    assert!(printed.contains("refbus-tracker\tpublic_key = \""));
+    let file = out_dir.join("dz-duty-desk.key");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "readable by its owner only");
+    }
+    // Never overwritten.
+    let again = refbus(&["keys", "generate", "--out", out_dir.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refbus-keys-cli"));
+
+    // The shipped directory publishes the development keys, not these: a
+    // service given them refuses to start, naming the agency and the file,
+    // before it touches the broker.
+    let serve = Command::new(env!("CARGO_BIN_EXE_refbus"))
+        .args(["serve", "legal-aid", "--listen", "127.0.0.1:0"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .env("REFBUS_SIGNING_KEYS", &out_dir)
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&out_dir).unwrap();
+    assert_eq!(serve.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&serve.stderr);
+    assert!(err.contains("REFBUS_SIGNING_KEYS"), "{err}");
+    assert!(err.contains(".key) does not match its public_key"), "{err}");
+}
+
+#[test]
+fn the_shipped_directory_lists_the_development_public_keys() {
+    let out = refbus(&["keys", "development"]);
+    assert!(out.status.success());
+    let directory = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/local/directory.toml"
+    ))
+    .unwrap();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let (_, key_line) = line.split_once('\t').unwrap();
+        assert!(directory.contains(key_line), "{line}");
+    }
+}

@@ -35,6 +35,7 @@ use prost::Message;
 use refbus_core::Directory;
 use refbus_core::envelope::timestamp;
 use refbus_core::policy::PolicyCatalogue;
+use refbus_core::signing::{SIGNATURE_HEADER, Signed, development_signature};
 use refbus_gateway::auth::AuthSettings;
 use refbus_gateway::{BusSettings, Shared};
 use refbus_proto::v1::envelope::Payload;
@@ -95,17 +96,26 @@ fn envelope(i: usize) -> Envelope {
     }
 }
 
-/// Publishes `n` bodies to `queue` with confirms pipelined (1,000 in flight).
+/// Publishes `n` bodies to `queue` with confirms pipelined (1,000 in
+/// flight), each signed by the detention centre as its service would sign it.
 async fn publish(channel: &lapin::Channel, queue: &str, bodies: &[Vec<u8>]) {
     let mut pending = Vec::with_capacity(1000);
     for body in bodies {
+        let signature = development_signature("dz-detention-centre", Signed::Envelope, body);
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert(
+            SIGNATURE_HEADER.into(),
+            lapin::types::AMQPValue::LongString(signature.as_str().into()),
+        );
         let confirm = channel
             .basic_publish(
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
                 body,
-                BasicProperties::default().with_delivery_mode(2),
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
             )
             .await
             .unwrap();
@@ -211,6 +221,7 @@ async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) 
         declare_topology: true,
         inbox_db: std::env::temp_dir()
             .join(format!("refbus-bench-inbox-{}.db", std::process::id())),
+        signing_keys: "development".into(),
         auth: AuthSettings::bearer(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../../deploy/local/tokens.toml"

@@ -10,8 +10,10 @@ use std::time::Duration;
 use lapin::options::BasicAckOptions;
 use refbus_bus::{Bus, Incoming};
 use refbus_core::policy::{PolicyCatalogue, PolicyError};
+use refbus_core::signing::{KeyError, SIGNATURE_HEADER, SigningKeys, TRACKER_ID};
 use refbus_gateway::Shared;
 use refbus_gateway::auth::Authenticator;
+use refbus_gateway::forgery::{Refusal, refuse};
 use refbus_proto::v1::tracker_server::TrackerServer;
 use tokio::net::TcpListener;
 
@@ -79,6 +81,8 @@ pub enum TrackerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("REFBUS_SIGNING_KEYS: {0}")]
+    Signing(#[from] KeyError),
 }
 
 /// The tracker, built and ready to run.
@@ -95,6 +99,7 @@ pub struct Tracker {
     shutdown: CancellationToken,
     queries: Queries,
     auth: Arc<Authenticator>,
+    signing: Arc<SigningKeys>,
 }
 
 impl Tracker {
@@ -107,6 +112,7 @@ impl Tracker {
         shared: &Shared,
         clock: Clock,
     ) -> Result<Self, TrackerError> {
+        shared.signing.require(TRACKER_ID, &shared.directory)?;
         let policy = Arc::new(PolicyCatalogue::load(&settings.policy, &shared.directory)?);
         let ledger = Arc::new(
             Ledger::connect(&settings.database()?, settings.database_schema.as_deref()).await?,
@@ -140,6 +146,7 @@ impl Tracker {
             shutdown: shared.shutdown.clone(),
             queries,
             auth: shared.auth.clone(),
+            signing: shared.signing.clone(),
         })
     }
 
@@ -168,6 +175,7 @@ impl Tracker {
                 bus: self.bus.clone(),
                 prefetch: self.prefetch,
                 batch_max: self.batch,
+                signing: self.signing.clone(),
                 clock: self.clock.clone(),
                 wake: self.wake.clone(),
                 shutdown: self.shutdown.clone(),
@@ -177,6 +185,7 @@ impl Tracker {
         let engine = tokio::spawn(deadline::run(
             self.ledger.clone(),
             self.bus.clone(),
+            self.signing.clone(),
             self.clock.clone(),
             self.metrics.clone(),
             self.wake.clone(),
@@ -208,6 +217,7 @@ struct Ingest {
     recorder: Arc<Recorder>,
     metrics: Arc<Metrics>,
     bus: Bus,
+    signing: Arc<SigningKeys>,
     prefetch: u16,
     batch_max: usize,
     clock: Clock,
@@ -270,6 +280,7 @@ impl Ingest {
             recorder,
             metrics,
             bus,
+            signing,
             prefetch,
             batch_max,
             clock,
@@ -296,8 +307,28 @@ impl Ingest {
             }) {
                 match Observed::decode(&incoming.routing_key, &incoming.data) {
                     Ok(o) => {
-                        incomings.push(incoming);
-                        observed.push(o);
+                        let signature = incoming.header(SIGNATURE_HEADER);
+                        match o.verify(&recorder.directory, &incoming.data, signature.as_deref()) {
+                            Ok(()) => {
+                                incomings.push(incoming);
+                                observed.push(o);
+                            }
+                            Err(reason) => {
+                                metrics
+                                    .refused
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let refusal = Refusal {
+                                    queue: queue.clone(),
+                                    detected_by: TRACKER_ID.to_owned(),
+                                    addressed_to: o.addressed_to(&incoming.routing_key).to_owned(),
+                                    claimed_id: o.message_id().to_owned(),
+                                    claimed_sender: o.claimed_sender().to_owned(),
+                                    reason: reason.to_string(),
+                                };
+                                refuse(&bus, &signing, &recorder.directory, incoming, refusal)
+                                    .await;
+                            }
+                        }
                     }
                     Err(reason) => {
                         metrics

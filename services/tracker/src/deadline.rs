@@ -11,10 +11,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use prost::Message;
-use refbus_bus::{Bus, Outgoing, Topology};
+use refbus_bus::Bus;
+use refbus_core::MessageKind;
 use refbus_core::envelope::timestamp;
-use refbus_core::{KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{Envelope, OverdueNotice};
 use serde_json::json;
@@ -23,6 +22,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use refbus_core::signing::SigningKeys;
+use refbus_gateway::forgery::publish_signed;
+
 use crate::clock::{Clock, from_millis, millis};
 use crate::ledger::{
     CHUNK, Event, Head, Ledger, LedgerError, Value, bind_rows, insert_rows, param,
@@ -30,7 +32,8 @@ use crate::ledger::{
 use crate::record::Metrics;
 
 /// The sender named on overdue notices: the tracker itself, not an agency.
-pub const TRACKER_SENDER: &str = "refbus-tracker";
+/// It signs them with its own key (`[tracker]` in the directory).
+pub const TRACKER_SENDER: &str = refbus_core::signing::TRACKER_ID;
 
 /// Obligations handled per scan transaction.
 const SCAN_BATCH: i64 = 500;
@@ -151,6 +154,7 @@ pub fn notice_id(obligation: &str, agency: &str) -> String {
 pub async fn publish_notices(
     ledger: &Ledger,
     bus: &Bus,
+    signing: &SigningKeys,
     now: DateTime<Utc>,
 ) -> Result<usize, LedgerError> {
     let mut published = 0;
@@ -188,13 +192,7 @@ pub async fn publish_notices(
                 })),
                 ..Envelope::default()
             };
-            let body = envelope.encode_to_vec();
-            let exchange = bus.topology().deliveries_exchange();
-            let routing_key = Topology::routing_key(&agency, MessageKind::OverdueNotice.code());
-            let mut message = Outgoing::new(&exchange, &routing_key, &body);
-            message.message_id = Some(&notice_id);
-            message.kind = Some(MessageKind::OverdueNotice.code());
-            if let Err(e) = bus.publish(message).await {
+            if let Err(e) = publish_signed(bus, signing, &envelope).await {
                 tracing::warn!(error = %e, "overdue notice not published yet; will retry");
                 return Ok(published);
             }
@@ -262,6 +260,7 @@ impl Wake {
 pub async fn run(
     ledger: Arc<Ledger>,
     bus: Bus,
+    signing: Arc<SigningKeys>,
     clock: Clock,
     metrics: Arc<Metrics>,
     wake: Arc<Wake>,
@@ -272,7 +271,7 @@ pub async fn run(
         let now = clock.now();
         let outcome = async {
             let marked = scan(&ledger, now, &metrics).await?;
-            let sent = publish_notices(&ledger, &bus, now).await?;
+            let sent = publish_notices(&ledger, &bus, &signing, now).await?;
             if marked + sent > 0 {
                 tracing::info!(marked, sent, "deadline scan");
             }

@@ -19,6 +19,7 @@ use prost::Message;
 use refbus_core::envelope::from_timestamp;
 use refbus_core::kind::hop_code;
 use refbus_core::policy::{ClockStart, Condition, MetBy, Party, PolicyCatalogue};
+use refbus_core::signing::{self, SignatureError, Signed};
 use refbus_core::{Directory, KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::letter::Disposition;
@@ -43,6 +44,9 @@ pub struct Metrics {
     pub obligations: AtomicU64,
     /// Deliveries on the tap that did not decode (dead-lettered).
     pub undecodable: AtomicU64,
+    /// Deliveries refused as unsigned, forged or altered (dead-lettered,
+    /// the supervising justice bureau alerted).
+    pub refused: AtomicU64,
     /// Obligations marked overdue.
     pub overdue: AtomicU64,
 }
@@ -114,6 +118,43 @@ fn ts(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
 }
 
 impl Observed {
+    /// Checks the signature of the delivered bytes: an envelope is signed
+    /// by its sender, a hop report by the agency it reports on.
+    ///
+    /// # Errors
+    /// Why the delivery cannot be believed.
+    pub fn verify(
+        &self,
+        directory: &Directory,
+        data: &[u8],
+        signature: Option<&str>,
+    ) -> Result<(), SignatureError> {
+        let (signer, what) = match self {
+            Observed::Envelope(e) => (e.sender.as_str(), Signed::Envelope),
+            Observed::Hop(h) => (h.agency.as_str(), Signed::HopReport),
+        };
+        signing::verify(directory, signer, what, data, signature)
+    }
+
+    /// Who the message claims to come from.
+    #[must_use]
+    pub fn claimed_sender(&self) -> &str {
+        match self {
+            Observed::Envelope(e) => &e.sender,
+            Observed::Hop(h) => &h.agency,
+        }
+    }
+
+    /// The agency the message was on its way to: the first word of an
+    /// envelope's routing key; for a hop report, the agency it names.
+    #[must_use]
+    pub fn addressed_to<'a>(&'a self, routing_key: &'a str) -> &'a str {
+        match self {
+            Observed::Envelope(_) => routing_key.split('.').next().unwrap_or_default(),
+            Observed::Hop(h) => &h.agency,
+        }
+    }
+
     /// The id that identifies the message in the ledger.
     #[must_use]
     pub fn message_id(&self) -> &str {

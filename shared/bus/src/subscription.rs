@@ -38,6 +38,25 @@ pub struct Incoming {
     pub acker: Acker,
 }
 
+impl Incoming {
+    /// The text of an AMQP header, if the message carries it as a string.
+    #[must_use]
+    pub fn header(&self, name: &str) -> Option<String> {
+        header_text(&self.properties, name)
+    }
+}
+
+/// The text of an AMQP header of `properties`, if it is a string.
+#[must_use]
+pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
 /// A live consumer on one queue; dropping it closes its channel.
 pub struct Subscription {
     deliveries: mpsc::Receiver<Incoming>,

@@ -15,6 +15,10 @@
 //! system = "police"
 //! level = "district"
 //! region = "500111"
+//! public_key = "…"   # Ed25519, base64 (crate::signing)
+//!
+//! [tracker]
+//! public_key = "…"   # signs overdue notices and forgery alerts
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -24,6 +28,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::agency::{AgencyKind, Level, OrganSystem, is_valid_agency_id};
+use crate::signing::{self, TRACKER_ID, VerifyingKey};
 
 /// A directory file that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +83,18 @@ pub struct Agency {
     /// For a duty lawyer desk: the detention centre it is stationed at.
     #[serde(default)]
     pub stationed_at: Option<String>,
+    /// The Ed25519 public key its messages are verified with, base64
+    /// ([`crate::signing`]). An agency without one can neither send nor be
+    /// believed.
+    #[serde(default)]
+    pub public_key: Option<String>,
+}
+
+/// The tracker's entry: the key its overdue notices and alerts are verified with.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct TrackerEntry {
+    public_key: String,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +104,8 @@ struct DirectoryFile {
     region: Vec<Spanned<Region>>,
     #[serde(default)]
     agency: Vec<Spanned<Agency>>,
+    #[serde(default)]
+    tracker: Option<Spanned<TrackerEntry>>,
 }
 
 /// The validated agency directory.
@@ -95,6 +114,8 @@ pub struct Directory {
     regions: BTreeMap<String, Region>,
     agencies: Vec<Agency>,
     by_id: HashMap<String, usize>,
+    /// Public keys by signer: agency ids and [`TRACKER_ID`].
+    public_keys: HashMap<String, VerifyingKey>,
 }
 
 impl Directory {
@@ -192,10 +213,29 @@ impl Directory {
 
         let mut by_id = HashMap::new();
         let mut organs = HashSet::new();
+        let mut public_keys = HashMap::new();
+        if let Some(tracker) = &file.tracker {
+            let key =
+                signing::parse_public_key(&tracker.get_ref().public_key).map_err(|problem| {
+                    invalid(
+                        tracker.span().start,
+                        "[tracker]".into(),
+                        format!("public_key: {problem}"),
+                    )
+                })?;
+            public_keys.insert(TRACKER_ID.to_owned(), key);
+        }
         for (index, spanned) in file.agency.iter().enumerate() {
             let agency = spanned.get_ref();
             let entry = format!("agency `{}`", agency.id);
             let at = spanned.span().start;
+            if agency.id == TRACKER_ID {
+                return Err(invalid(
+                    at,
+                    entry,
+                    format!("id `{TRACKER_ID}` is the tracker's, the signer of overdue notices"),
+                ));
+            }
             if !is_valid_agency_id(&agency.id) {
                 return Err(invalid(
                     at,
@@ -272,6 +312,11 @@ impl Directory {
                 }
                 (_, None) => {}
             }
+            if let Some(text) = &agency.public_key {
+                let key = signing::parse_public_key(text)
+                    .map_err(|problem| invalid(at, entry, format!("public_key: {problem}")))?;
+                public_keys.insert(agency.id.clone(), key);
+            }
         }
         let agencies: Vec<Agency> = file.agency.iter().map(|s| s.get_ref().clone()).collect();
         for (spanned, agency) in file.agency.iter().zip(&agencies) {
@@ -294,7 +339,14 @@ impl Directory {
             regions,
             agencies,
             by_id,
+            public_keys,
         })
+    }
+
+    /// The key that verifies what `signer` (an agency id or [`TRACKER_ID`]) signs.
+    #[must_use]
+    pub fn public_key(&self, signer: &str) -> Option<&VerifyingKey> {
+        self.public_keys.get(signer)
     }
 
     /// Every agency, in file order.

@@ -84,6 +84,15 @@ pub fn hop_report_id(referral_id: &str, hop: &str, agency: &str) -> String {
     Uuid::new_v5(&ID_NAMESPACE, name.as_bytes()).to_string()
 }
 
+/// The id of the forgery alert about the refused bytes whose SHA-256 is
+/// `body_sha256`, reached at `addressed_to`: the recipient's service and the
+/// tracker, refusing the same message, raise the same alert.
+#[must_use]
+pub fn forgery_alert_id(body_sha256: &str, addressed_to: &str) -> String {
+    let name = format!("forgery\u{1f}{body_sha256}\u{1f}{addressed_to}");
+    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes()).to_string()
+}
+
 /// Converts a chrono time to a protobuf timestamp.
 #[must_use]
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
@@ -442,7 +451,7 @@ fn validate_payload(payload: &Payload, envelope: &Envelope) -> Result<(), Submit
                 return Err(SubmitError::invalid("feedback.outcome", "required"));
             }
         }
-        Payload::OverdueNotice(_) => {}
+        Payload::OverdueNotice(_) | Payload::ForgeryAlert(_) => {}
         Payload::JointNotice(p) => {
             required(&p.subject, "joint_notice.subject")?;
         }

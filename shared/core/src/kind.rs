@@ -48,7 +48,7 @@ pub trait KindExt: Sized {
     fn is_reply(&self) -> bool;
 }
 
-const KINDS: [(MessageKind, &str); 15] = [
+const KINDS: [(MessageKind, &str); 16] = [
     (MessageKind::LegalHelpRequest, "legal_help_request"),
     (
         MessageKind::DefenceCommissionRequest,
@@ -73,6 +73,7 @@ const KINDS: [(MessageKind, &str); 15] = [
     (MessageKind::Feedback, "feedback"),
     (MessageKind::OverdueNotice, "overdue_notice"),
     (MessageKind::JointNotice, "joint_notice"),
+    (MessageKind::ForgeryAlert, "forgery_alert"),
 ];
 
 impl KindExt for MessageKind {
@@ -104,6 +105,7 @@ impl KindExt for MessageKind {
             Payload::Feedback(_) => MessageKind::Feedback,
             Payload::OverdueNotice(_) => MessageKind::OverdueNotice,
             Payload::JointNotice(_) => MessageKind::JointNotice,
+            Payload::ForgeryAlert(_) => MessageKind::ForgeryAlert,
         }
     }
 

@@ -14,6 +14,7 @@
 //! - [`envelope`]: envelope ids and the validation of a submission.
 //! - [`calendar`]: region calendars for deadlines in working time.
 //! - [`policy`]: the policy catalogue (`deploy/policy/*.toml`): obligations, deadlines, who is told when late.
+//! - [`signing`]: Ed25519 signatures of everything on the bus, keys, verification.
 //! - [`report`]: the compliance report of CQ-3.11, as table, CSV and HTML.
 
 #![forbid(unsafe_code)]
@@ -28,6 +29,7 @@ pub mod policy;
 pub mod report;
 pub mod routing;
 pub mod rules;
+pub mod signing;
 
 pub use agency::{AgencyKind, Level, OrganSystem};
 pub use directory::{Agency, Directory, DirectoryError};

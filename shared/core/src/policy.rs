@@ -432,10 +432,12 @@ impl PolicyCatalogue {
     }
 
     /// Whether the catalogue knows the kind: it has an obligation or notice
-    /// entry, or it is a reply kind (acknowledgement, feedback, overdue_notice).
+    /// entry, it is a reply kind (acknowledgement, feedback, overdue_notice),
+    /// or the bus raises it itself (forgery_alert).
     #[must_use]
     pub fn knows(&self, kind: MessageKind) -> bool {
         kind.is_reply()
+            || kind == MessageKind::ForgeryAlert
             || self.rules.iter().any(|r| r.kind == kind)
             || self.notices.iter().any(|n| n.kind == kind)
     }

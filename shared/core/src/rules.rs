@@ -118,6 +118,10 @@ pub fn check(kind: MessageKind, sender: &Agency, recipient: &Agency) -> Result<(
             reason: "overdue notices are raised only by the tracker, never submitted by an agency"
                 .into(),
         }),
+        MessageKind::ForgeryAlert => Err(RuleViolation {
+            rule: "signatures",
+            reason: "forgery alerts are raised only by the service or tracker that refused a message, never submitted".into(),
+        }),
         MessageKind::Acknowledgement | MessageKind::Feedback => Ok(()),
         _ => {
             let Some((_, rule, senders, recipients)) = MATRIX.iter().find(|(k, ..)| *k == kind)
@@ -205,6 +209,7 @@ mod tests {
             region: "500111".into(),
             organ: false,
             stationed_at: None,
+            public_key: None,
         }
     }
 

@@ -1,0 +1,483 @@
+//! Signed messages (Ed25519): each agency signs what it sends with a key
+//! whose public half is in the agency directory, and every recipient and the
+//! tracker verify before they hand anything on.
+//!
+//! - **What is signed**: the exact bytes on the bus, prefixed with what they
+//!   are ([`Signed`]), so that a hop report's signature never passes for an
+//!   envelope's. The signature travels base64 in the AMQP header
+//!   [`SIGNATURE_HEADER`].
+//! - **Who signs**: the envelope's `sender`, or the hop report's `agency`.
+//!   The tracker signs its overdue notices and forgery alerts as
+//!   [`TRACKER_ID`], with the key under `[tracker]` in the directory.
+//! - **Keys**: [`SigningKeys::development`] derives each signer's key from
+//!   its id. Like the development tokens, those keys are public: they serve
+//!   `refbus up` and the tests, and the shipped directory lists their public
+//!   halves. A real deployment keeps one `<signer>.key` file per signer in a
+//!   key directory (the base64 of a 32-byte Ed25519 seed), made by
+//!   `refbus keys generate`, and puts the printed public keys in its directory.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+use sha2::{Digest, Sha256};
+
+use crate::directory::Directory;
+
+pub use ed25519_dalek::VerifyingKey;
+
+/// The AMQP header carrying a message's signature, base64.
+pub const SIGNATURE_HEADER: &str = "x-refbus-signature";
+
+/// The signer id of the tracker (overdue notices, forgery alerts).
+pub const TRACKER_ID: &str = "refbus-tracker";
+
+/// The setting that selects the derived development keys.
+pub const DEVELOPMENT: &str = "development";
+
+/// What a signed body is: part of what is signed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signed {
+    /// A `refbus.v1.Envelope`, signed by its sender.
+    Envelope,
+    /// A `refbus.v1.HopReport`, signed by the agency it reports on.
+    HopReport,
+}
+
+impl Signed {
+    fn context(self) -> &'static [u8] {
+        match self {
+            Signed::Envelope => b"refbus.v1.Envelope\0",
+            Signed::HopReport => b"refbus.v1.HopReport\0",
+        }
+    }
+}
+
+fn message(what: Signed, body: &[u8]) -> Vec<u8> {
+    let context = what.context();
+    let mut message = Vec::with_capacity(context.len() + body.len());
+    message.extend_from_slice(context);
+    message.extend_from_slice(body);
+    message
+}
+
+/// Why a received message is refused: the reason recorded with it in the
+/// dead-letter queue and sent in the forgery alert.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("signature: missing (no {SIGNATURE_HEADER} header): unsigned messages are refused")]
+    Missing,
+    #[error("signature: malformed: expected the base64 of 64 bytes")]
+    Malformed,
+    #[error("signature: `{signer}` has no public key in the agency directory")]
+    NoPublicKey { signer: String },
+    #[error(
+        "signature: forged or altered: does not verify with the public key of `{signer}` in the agency directory"
+    )]
+    Mismatch { signer: String },
+}
+
+/// Checks that `signature` (the header's value) is `signer`'s signature of
+/// `body` as a `what`.
+///
+/// # Errors
+/// [`SignatureError`] saying why the message cannot be believed.
+pub fn verify(
+    directory: &Directory,
+    signer: &str,
+    what: Signed,
+    body: &[u8],
+    signature: Option<&str>,
+) -> Result<(), SignatureError> {
+    let signature = signature.ok_or(SignatureError::Missing)?;
+    let bytes = BASE64
+        .decode(signature)
+        .map_err(|_| SignatureError::Malformed)?;
+    let signature = Signature::from_slice(&bytes).map_err(|_| SignatureError::Malformed)?;
+    let key = directory
+        .public_key(signer)
+        .ok_or_else(|| SignatureError::NoPublicKey {
+            signer: signer.to_owned(),
+        })?;
+    key.verify(&message(what, body), &signature)
+        .map_err(|_| SignatureError::Mismatch {
+            signer: signer.to_owned(),
+        })
+}
+
+/// Parses a public key as the directory writes it (base64 of 32 bytes).
+///
+/// # Errors
+/// What is wrong with it, for the directory's error.
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
+    let bytes = BASE64
+        .decode(text.trim())
+        .map_err(|e| format!("not base64 ({e})"))?;
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("{} bytes, expected 32 (an Ed25519 public key)", b.len()))?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| "not an Ed25519 public key".to_owned())
+}
+
+/// A public key as the directory writes it.
+#[must_use]
+pub fn public_key_text(key: &VerifyingKey) -> String {
+    BASE64.encode(key.as_bytes())
+}
+
+/// A signing key that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: cannot read the signing key: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a signing key: expected the base64 of a 32-byte Ed25519 seed")]
+    Malformed { path: PathBuf },
+    #[error(
+        "signing key of `{signer}` ({source_name}) does not match its public_key in the agency directory"
+    )]
+    Mismatch { signer: String, source_name: String },
+    #[error(
+        "no public_key for `{signer}` in the agency directory: nothing it signs could be verified"
+    )]
+    NotInDirectory { signer: String },
+    #[error("no signing key for `{signer}` ({source_name})")]
+    Missing { signer: String, source_name: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot draw a random key: {0}")]
+    Random(String),
+}
+
+/// Where keys come from, for errors.
+#[derive(Clone, Debug)]
+enum Source {
+    Development,
+    Files(PathBuf),
+}
+
+impl Source {
+    fn name(&self, signer: &str) -> String {
+        match self {
+            Source::Development => "the development key derived from its id".to_owned(),
+            Source::Files(dir) => dir.join(format!("{signer}.key")).display().to_string(),
+        }
+    }
+}
+
+/// The private keys a process signs with.
+#[derive(Clone)]
+pub struct SigningKeys {
+    keys: HashMap<String, SigningKey>,
+    source: Source,
+}
+
+impl std::fmt::Debug for SigningKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys themselves.
+        f.debug_struct("SigningKeys")
+            .field("signers", &self.keys.len())
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// The development key of a signer: derived from its id, hence public.
+#[must_use]
+pub fn development_key(signer: &str) -> SigningKey {
+    let seed: [u8; 32] = Sha256::new()
+        .chain_update(b"refbus development signing key\0")
+        .chain_update(signer.as_bytes())
+        .finalize()
+        .into();
+    SigningKey::from_bytes(&seed)
+}
+
+/// `signer`'s development-key signature of `body` as a `what` (for tests
+/// and tools that stand in for an agency service under `refbus up`).
+#[must_use]
+pub fn development_signature(signer: &str, what: Signed, body: &[u8]) -> String {
+    BASE64.encode(
+        development_key(signer)
+            .sign(&message(what, body))
+            .to_bytes(),
+    )
+}
+
+impl SigningKeys {
+    /// The development keys of every agency in the directory and of the tracker.
+    #[must_use]
+    pub fn development(directory: &Directory) -> Self {
+        let keys = directory
+            .agencies()
+            .iter()
+            .map(|a| a.id.as_str())
+            .chain([TRACKER_ID])
+            .map(|id| (id.to_owned(), development_key(id)))
+            .collect();
+        Self {
+            keys,
+            source: Source::Development,
+        }
+    }
+
+    /// The keys named by a setting: [`DEVELOPMENT`], or a key directory with
+    /// one `<signer>.key` file per signer this process may sign for. Every
+    /// key file present must match the directory's public key.
+    ///
+    /// # Errors
+    /// [`KeyError`] naming the file.
+    pub fn load(setting: &Path, directory: &Directory) -> Result<Self, KeyError> {
+        if setting == Path::new(DEVELOPMENT) {
+            return Ok(Self::development(directory));
+        }
+        let mut keys = HashMap::new();
+        let source = Source::Files(setting.to_path_buf());
+        for signer in directory
+            .agencies()
+            .iter()
+            .map(|a| a.id.as_str())
+            .chain([TRACKER_ID])
+        {
+            let path = setting.join(format!("{signer}.key"));
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(KeyError::Read { path, source }),
+            };
+            let seed: [u8; 32] = BASE64
+                .decode(text.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| KeyError::Malformed { path: path.clone() })?;
+            let key = SigningKey::from_bytes(&seed);
+            if directory.public_key(signer) != Some(&key.verifying_key()) {
+                return Err(KeyError::Mismatch {
+                    signer: signer.to_owned(),
+                    source_name: source.name(signer),
+                });
+            }
+            keys.insert(signer.to_owned(), key);
+        }
+        Ok(Self { keys, source })
+    }
+
+    /// Checks at start-up that this process can sign for `signer` with the
+    /// key the directory publishes.
+    ///
+    /// # Errors
+    /// [`KeyError`] naming the signer and where its key was looked for.
+    pub fn require(&self, signer: &str, directory: &Directory) -> Result<(), KeyError> {
+        let key = self.keys.get(signer).ok_or_else(|| KeyError::Missing {
+            signer: signer.to_owned(),
+            source_name: self.source.name(signer),
+        })?;
+        match directory.public_key(signer) {
+            None => Err(KeyError::NotInDirectory {
+                signer: signer.to_owned(),
+            }),
+            Some(public) if *public != key.verifying_key() => Err(KeyError::Mismatch {
+                signer: signer.to_owned(),
+                source_name: self.source.name(signer),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// `signer`'s signature of `body` as a `what`, for [`SIGNATURE_HEADER`].
+    ///
+    /// # Errors
+    /// [`KeyError::Missing`] when this process holds no key for `signer`
+    /// (start-up's [`SigningKeys::require`] rules that out for its own agencies).
+    pub fn sign(&self, signer: &str, what: Signed, body: &[u8]) -> Result<String, KeyError> {
+        let key = self.keys.get(signer).ok_or_else(|| KeyError::Missing {
+            signer: signer.to_owned(),
+            source_name: self.source.name(signer),
+        })?;
+        Ok(BASE64.encode(key.sign(&message(what, body)).to_bytes()))
+    }
+}
+
+/// Makes a new random key for each signer in `out` (`<signer>.key`, readable
+/// by its owner only), refusing to overwrite one; returns each signer's
+/// public key as the directory writes it.
+///
+/// # Errors
+/// [`KeyError::Write`] naming the file, or [`KeyError::Random`].
+pub fn generate(out: &Path, signers: &[String]) -> Result<Vec<(String, String)>, KeyError> {
+    let write_error = |path: &Path, source| KeyError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(out).map_err(|e| write_error(out, e))?;
+    let mut public = Vec::with_capacity(signers.len());
+    for signer in signers {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
+        let key = SigningKey::from_bytes(&seed);
+        let path = out.join(format!("{signer}.key"));
+        write_private(&path, &BASE64.encode(seed)).map_err(|e| write_error(&path, e))?;
+        public.push((signer.clone(), public_key_text(&key.verifying_key())));
+    }
+    Ok(public)
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.write_all(b"\n")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn directory() -> Directory {
+        Directory::load(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/local/directory.toml"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_shipped_directory_publishes_the_development_keys() {
+        let directory = directory();
+        let keys = SigningKeys::development(&directory);
+        for agency in directory.agencies() {
+            keys.require(&agency.id, &directory).unwrap();
+        }
+        keys.require(TRACKER_ID, &directory).unwrap();
+    }
+
+    #[test]
+    fn a_signature_verifies_only_for_its_signer_its_bytes_and_its_kind() {
+        let directory = directory();
+        let keys = SigningKeys::development(&directory);
+        let body = b"an envelope";
+        let signature = keys
+            .sign("dz-detention-centre", Signed::Envelope, body)
+            .unwrap();
+        let check = |signer: &str, what, body: &[u8], sig: Option<&str>| {
+            verify(&directory, signer, what, body, sig)
+        };
+        assert_eq!(
+            check(
+                "dz-detention-centre",
+                Signed::Envelope,
+                body,
+                Some(&signature)
+            ),
+            Ok(())
+        );
+        // Altered bytes, another claimed signer, another kind of body.
+        assert!(matches!(
+            check(
+                "dz-detention-centre",
+                Signed::Envelope,
+                b"an envelopf",
+                Some(&signature)
+            ),
+            Err(SignatureError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            check("dz-court", Signed::Envelope, body, Some(&signature)),
+            Err(SignatureError::Mismatch { .. })
+        ));
+        assert!(matches!(
+            check(
+                "dz-detention-centre",
+                Signed::HopReport,
+                body,
+                Some(&signature)
+            ),
+            Err(SignatureError::Mismatch { .. })
+        ));
+        assert_eq!(
+            check("dz-detention-centre", Signed::Envelope, body, None),
+            Err(SignatureError::Missing)
+        );
+        assert_eq!(
+            check(
+                "dz-detention-centre",
+                Signed::Envelope,
+                body,
+                Some("not base64!")
+            ),
+            Err(SignatureError::Malformed)
+        );
+        assert!(matches!(
+            check("nobody", Signed::Envelope, body, Some(&signature)),
+            Err(SignatureError::NoPublicKey { .. })
+        ));
+    }
+
+    #[test]
+    fn generated_keys_load_once_the_directory_publishes_them() {
+        let out = std::env::temp_dir().join(format!("refbus-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let public = generate(&out, &["dz-detention-centre".to_owned()]).unwrap();
+        // Not overwritten.
+        assert!(generate(&out, &["dz-detention-centre".to_owned()]).is_err());
+        // The shipped directory still has the development key: a mismatch,
+        // naming the file.
+        let error = SigningKeys::load(&out, &directory())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("dz-detention-centre.key"), "{error}");
+        assert!(error.contains("does not match"), "{error}");
+        // With the printed public key in the directory it loads and signs.
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/local/directory.toml"
+        ))
+        .unwrap();
+        let old = public_key_text(&development_key("dz-detention-centre").verifying_key());
+        let text = text.replacen(&old, &public[0].1, 1);
+        let directory = Directory::parse(&text, Path::new("directory.toml")).unwrap();
+        let keys = SigningKeys::load(&out, &directory).unwrap();
+        keys.require("dz-detention-centre", &directory).unwrap();
+        let error = keys
+            .require("dz-court", &directory)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("dz-court.key"), "{error}");
+        let signature = keys
+            .sign("dz-detention-centre", Signed::Envelope, b"x")
+            .unwrap();
+        assert_eq!(
+            verify(
+                &directory,
+                "dz-detention-centre",
+                Signed::Envelope,
+                b"x",
+                Some(&signature)
+            ),
+            Ok(())
+        );
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    #[test]
+    fn a_bad_public_key_is_refused_with_what_is_wrong() {
+        assert!(
+            parse_public_key("YWJj")
+                .unwrap_err()
+                .contains("3 bytes, expected 32")
+        );
+        assert!(parse_public_key("%%%").unwrap_err().contains("base64"));
+    }
+}
