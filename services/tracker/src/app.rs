@@ -10,7 +10,9 @@ use std::time::Duration;
 use lapin::options::BasicAckOptions;
 use refbus_bus::{Bus, Incoming};
 use refbus_core::policy::{PolicyCatalogue, PolicyError};
-use refbus_core::signing::{KeyError, SIGNATURE_HEADER, SigningKeys, TRACKER_ID};
+use refbus_core::signing::{
+    Claim, KeyError, SIGNATURE_HEADER, SigningKeys, TRACKER_ID, verify_many,
+};
 use refbus_gateway::Shared;
 use refbus_gateway::auth::Authenticator;
 use refbus_gateway::forgery::{Refusal, refuse};
@@ -307,28 +309,8 @@ impl Ingest {
             }) {
                 match Observed::decode(&incoming.routing_key, &incoming.data) {
                     Ok(o) => {
-                        let signature = incoming.header(SIGNATURE_HEADER);
-                        match o.verify(&recorder.directory, &incoming.data, signature.as_deref()) {
-                            Ok(()) => {
-                                incomings.push(incoming);
-                                observed.push(o);
-                            }
-                            Err(reason) => {
-                                metrics
-                                    .refused
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                let refusal = Refusal {
-                                    queue: queue.clone(),
-                                    detected_by: TRACKER_ID.to_owned(),
-                                    addressed_to: o.addressed_to(&incoming.routing_key).to_owned(),
-                                    claimed_id: o.message_id().to_owned(),
-                                    claimed_sender: o.claimed_sender().to_owned(),
-                                    reason: reason.to_string(),
-                                };
-                                refuse(&bus, &signing, &recorder.directory, incoming, refusal)
-                                    .await;
-                            }
-                        }
+                        incomings.push(incoming);
+                        observed.push(o);
                     }
                     Err(reason) => {
                         metrics
@@ -341,6 +323,10 @@ impl Ingest {
                     break;
                 }
             }
+            let (incomings, observed) = believed(
+                &bus, &signing, &recorder, &metrics, &queue, incomings, observed,
+            )
+            .await;
             if incomings.is_empty() {
                 continue;
             }
@@ -351,6 +337,58 @@ impl Ingest {
             }
         }
     }
+}
+
+/// Checks the batch's signatures (one batch verification) and refuses what
+/// fails: a forgery alert, then the dead-letter queue. Returns the rest.
+async fn believed(
+    bus: &Bus,
+    signing: &SigningKeys,
+    recorder: &Recorder,
+    metrics: &Metrics,
+    queue: &str,
+    incomings: Vec<Incoming>,
+    observed: Vec<Observed>,
+) -> (Vec<Incoming>, Vec<Observed>) {
+    let headers: Vec<Option<String>> = incomings
+        .iter()
+        .map(|i| i.header(SIGNATURE_HEADER))
+        .collect();
+    let claims: Vec<Claim<'_>> = observed
+        .iter()
+        .zip(&incomings)
+        .zip(&headers)
+        .map(|((o, i), header)| o.claim(&i.data, header.as_deref()))
+        .collect();
+    let verdicts = verify_many(&recorder.directory, &claims);
+    drop(claims);
+    let mut kept = (
+        Vec::with_capacity(incomings.len()),
+        Vec::with_capacity(incomings.len()),
+    );
+    for ((incoming, o), verdict) in incomings.into_iter().zip(observed).zip(verdicts) {
+        match verdict {
+            Ok(()) => {
+                kept.0.push(incoming);
+                kept.1.push(o);
+            }
+            Err(reason) => {
+                metrics
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let refusal = Refusal {
+                    queue: queue.to_owned(),
+                    detected_by: TRACKER_ID.to_owned(),
+                    addressed_to: o.addressed_to(&incoming.routing_key).to_owned(),
+                    claimed_id: o.message_id().to_owned(),
+                    claimed_sender: o.claimed_sender().to_owned(),
+                    reason: reason.to_string(),
+                };
+                refuse(bus, signing, &recorder.directory, incoming, refusal).await;
+            }
+        }
+    }
+    kept
 }
 
 /// Acknowledges a recorded batch: with one `multiple` ack when it all came

@@ -19,7 +19,7 @@ use prost::Message;
 use refbus_core::envelope::from_timestamp;
 use refbus_core::kind::hop_code;
 use refbus_core::policy::{ClockStart, Condition, MetBy, Party, PolicyCatalogue};
-use refbus_core::signing::{self, SignatureError, Signed};
+use refbus_core::signing::{Claim, Signed};
 use refbus_core::{Directory, KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::letter::Disposition;
@@ -118,22 +118,20 @@ fn ts(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
 }
 
 impl Observed {
-    /// Checks the signature of the delivered bytes: an envelope is signed
+    /// What to check the delivered bytes against: an envelope is signed
     /// by its sender, a hop report by the agency it reports on.
-    ///
-    /// # Errors
-    /// Why the delivery cannot be believed.
-    pub fn verify(
-        &self,
-        directory: &Directory,
-        data: &[u8],
-        signature: Option<&str>,
-    ) -> Result<(), SignatureError> {
+    #[must_use]
+    pub fn claim<'a>(&'a self, data: &'a [u8], signature: Option<&'a str>) -> Claim<'a> {
         let (signer, what) = match self {
             Observed::Envelope(e) => (e.sender.as_str(), Signed::Envelope),
             Observed::Hop(h) => (h.agency.as_str(), Signed::HopReport),
         };
-        signing::verify(directory, signer, what, data, signature)
+        Claim {
+            signer,
+            what,
+            body: data,
+            signature,
+        }
     }
 
     /// Who the message claims to come from.

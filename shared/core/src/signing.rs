@@ -91,20 +91,84 @@ pub fn verify(
     body: &[u8],
     signature: Option<&str>,
 ) -> Result<(), SignatureError> {
-    let signature = signature.ok_or(SignatureError::Missing)?;
-    let bytes = BASE64
-        .decode(signature)
-        .map_err(|_| SignatureError::Malformed)?;
-    let signature = Signature::from_slice(&bytes).map_err(|_| SignatureError::Malformed)?;
-    let key = directory
-        .public_key(signer)
-        .ok_or_else(|| SignatureError::NoPublicKey {
-            signer: signer.to_owned(),
-        })?;
-    key.verify(&message(what, body), &signature)
-        .map_err(|_| SignatureError::Mismatch {
-            signer: signer.to_owned(),
-        })
+    let claim = Claim {
+        signer,
+        what,
+        body,
+        signature,
+    };
+    let (message, signature, key) = claim.prepare(directory)?;
+    key.verify(&message, &signature)
+        .map_err(|_| claim.mismatch())
+}
+
+/// A received message and the signature it carries, to be checked.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim<'a> {
+    /// Who it claims to come from.
+    pub signer: &'a str,
+    pub what: Signed,
+    /// The exact bytes received.
+    pub body: &'a [u8],
+    /// The [`SIGNATURE_HEADER`] value, if any.
+    pub signature: Option<&'a str>,
+}
+
+impl<'a> Claim<'a> {
+    fn prepare(
+        &self,
+        directory: &'a Directory,
+    ) -> Result<(Vec<u8>, Signature, &'a VerifyingKey), SignatureError> {
+        let signature = self.signature.ok_or(SignatureError::Missing)?;
+        let bytes = BASE64
+            .decode(signature)
+            .map_err(|_| SignatureError::Malformed)?;
+        let signature = Signature::from_slice(&bytes).map_err(|_| SignatureError::Malformed)?;
+        let key = directory
+            .public_key(self.signer)
+            .ok_or_else(|| SignatureError::NoPublicKey {
+                signer: self.signer.to_owned(),
+            })?;
+        Ok((message(self.what, self.body), signature, key))
+    }
+
+    fn mismatch(&self) -> SignatureError {
+        SignatureError::Mismatch {
+            signer: self.signer.to_owned(),
+        }
+    }
+}
+
+/// Checks many claims at once, with one batch verification (about twice as
+/// fast per signature as one by one); only when the batch fails are they
+/// checked one by one to find which. One result per claim, in order.
+#[must_use]
+pub fn verify_many(directory: &Directory, claims: &[Claim<'_>]) -> Vec<Result<(), SignatureError>> {
+    let mut results: Vec<Result<(), SignatureError>> = Vec::with_capacity(claims.len());
+    let mut ready = Vec::with_capacity(claims.len());
+    for (index, claim) in claims.iter().enumerate() {
+        match claim.prepare(directory) {
+            Ok(prepared) => {
+                results.push(Ok(()));
+                ready.push((index, prepared));
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    if ready.len() > 1 {
+        let messages: Vec<&[u8]> = ready.iter().map(|(_, (m, _, _))| m.as_slice()).collect();
+        let signatures: Vec<Signature> = ready.iter().map(|(_, (_, s, _))| *s).collect();
+        let keys: Vec<VerifyingKey> = ready.iter().map(|(_, (_, _, k))| **k).collect();
+        if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok() {
+            return results;
+        }
+    }
+    for (index, (message, signature, key)) in &ready {
+        if key.verify(message, signature).is_err() {
+            results[*index] = Err(claims[*index].mismatch());
+        }
+    }
+    results
 }
 
 /// Parses a public key as the directory writes it (base64 of 32 bytes).
@@ -469,6 +533,46 @@ mod tests {
             Ok(())
         );
         std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    #[test]
+    fn a_batch_finds_each_bad_signature_among_good_ones() {
+        let directory = directory();
+        let keys = SigningKeys::development(&directory);
+        let bodies: Vec<Vec<u8>> = (0..200u8).map(|i| vec![i; 100]).collect();
+        let mut signatures: Vec<String> = bodies
+            .iter()
+            .map(|b| keys.sign("dz-duty-desk", Signed::Envelope, b).unwrap())
+            .collect();
+        let claims = |signatures: &[String]| -> Vec<Result<(), SignatureError>> {
+            let claims: Vec<Claim<'_>> = bodies
+                .iter()
+                .zip(signatures)
+                .map(|(body, s)| Claim {
+                    signer: "dz-duty-desk",
+                    what: Signed::Envelope,
+                    body,
+                    signature: Some(s),
+                })
+                .collect();
+            verify_many(&directory, &claims)
+        };
+        assert!(claims(&signatures).iter().all(Result::is_ok));
+        // Swapped signatures and one malformed: exactly those refused.
+        signatures.swap(3, 7);
+        signatures.swap(150, 190);
+        signatures[12] = "x".into();
+        let results = claims(&signatures);
+        assert_eq!(results.len(), 200);
+        for (i, result) in results.iter().enumerate() {
+            match i {
+                3 | 7 | 150 | 190 => {
+                    assert!(matches!(result, Err(SignatureError::Mismatch { .. })));
+                }
+                12 => assert_eq!(result, &Err(SignatureError::Malformed)),
+                _ => assert_eq!(result, &Ok(()), "claim {i}"),
+            }
+        }
     }
 
     #[test]
