@@ -181,6 +181,7 @@ async fn a_caller_acts_only_as_its_own_agency() {
             .acknowledge(AcknowledgeRequest {
                 agency: DESK.into(),
                 delivery_token: delivery.delivery_token.clone(),
+                ..Default::default()
             })
             .await
             .unwrap_err(),
@@ -225,6 +226,7 @@ async fn a_caller_acts_only_as_its_own_agency() {
     desk.acknowledge(AcknowledgeRequest {
         agency: DESK.into(),
         delivery_token: delivery.delivery_token,
+        ..Default::default()
     })
     .await
     .unwrap();

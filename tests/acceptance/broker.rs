@@ -183,6 +183,7 @@ async fn an_agency_services_broker_user_reads_only_its_own_inboxes() {
     desk.acknowledge(refbus_proto::v1::AcknowledgeRequest {
         agency: DESK.into(),
         delivery_token: delivery.delivery_token,
+        ..Default::default()
     })
     .await
     .unwrap();

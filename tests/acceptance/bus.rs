@@ -52,6 +52,7 @@ async fn cq_1_1b_legal_help_request_reaches_the_duty_desk_intact_and_acknowledge
     desk.acknowledge(AcknowledgeRequest {
         agency: DESK.into(),
         delivery_token: delivery.delivery_token.clone(),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -67,6 +68,7 @@ async fn cq_1_1b_legal_help_request_reaches_the_duty_desk_intact_and_acknowledge
         .acknowledge(AcknowledgeRequest {
             agency: DESK.into(),
             delivery_token: delivery.delivery_token,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -163,6 +165,7 @@ async fn unacknowledged_delivery_is_delivered_again_on_the_next_stream() {
         .acknowledge(AcknowledgeRequest {
             agency: DESK.into(),
             delivery_token: delivery.delivery_token,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -170,6 +173,7 @@ async fn unacknowledged_delivery_is_delivered_again_on_the_next_stream() {
     desk.acknowledge(AcknowledgeRequest {
         agency: DESK.into(),
         delivery_token: again.delivery_token,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -309,6 +313,7 @@ async fn feedback_reaches_the_referrals_sender_correlated_to_it() {
     desk.acknowledge(AcknowledgeRequest {
         agency: DESK.into(),
         delivery_token: delivered.delivery_token,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -506,6 +511,7 @@ async fn broker_outage_gives_unavailable_then_recovers_without_losing_confirmed_
         desk.acknowledge(AcknowledgeRequest {
             agency: DESK.into(),
             delivery_token: d.delivery_token,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -556,6 +562,7 @@ async fn broker_outage_gives_unavailable_then_recovers_without_losing_confirmed_
             .acknowledge(AcknowledgeRequest {
                 agency: DESK.into(),
                 delivery_token: d.delivery_token,
+                ..Default::default()
             })
             .await;
         // A delivery handed over just before the cut cannot be acknowledged
@@ -626,4 +633,52 @@ async fn refbus_up_serves_and_exits_0_on_sigint() {
     refbus_tests::delete_namespace(&refbus_tests::topology_of(&settings.namespace)).await;
     let _ = std::fs::remove_dir_all(&data_dir);
     refbus_tests::remove_inbox_db(&settings);
+}
+
+/// Acknowledging several deliveries in one call: each pending one is
+/// acknowledged (gone from the queue, not delivered again); a token that
+/// is not pending is returned, not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_deliveries_are_acknowledged_in_one_call() {
+    let bus = TestBus::spawn().await;
+    let amqp = Amqp::connect().await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
+    for key in ["batch-1", "batch-2", "batch-3"] {
+        centre.submit(submit(legal_help(key))).await.unwrap();
+    }
+    let mut inbox = Inbox::open(&mut desk, DESK).await;
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(inbox.next().await.delivery_token);
+    }
+    let stale = "999-1-1".to_owned();
+    let response = desk
+        .acknowledge(AcknowledgeRequest {
+            agency: DESK.into(),
+            delivery_tokens: [tokens.clone(), vec![stale.clone()]].concat(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.not_pending, [stale]);
+    drop(inbox);
+    assert_eq!(
+        amqp.settled_count(&bus.inbox_queue(DESK)).await,
+        0,
+        "all three acknowledged"
+    );
+    // None of them is pending any more.
+    let again = desk
+        .acknowledge(AcknowledgeRequest {
+            agency: DESK.into(),
+            delivery_tokens: tokens.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.not_pending, tokens);
+    bus.stop().await;
 }

@@ -13,6 +13,7 @@ async fn ack(desk: &mut GatewayClient<tonic::transport::Channel>, token: String)
     desk.acknowledge(AcknowledgeRequest {
         agency: DESK.into(),
         delivery_token: token,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -115,6 +115,7 @@ async fn drain(
             .acknowledge(AcknowledgeRequest {
                 agency: DESK.into(),
                 delivery_token: delivery.delivery_token,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -71,6 +71,7 @@ impl World {
             .acknowledge(AcknowledgeRequest {
                 agency: agency.into(),
                 delivery_token,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -174,6 +174,7 @@ async fn no_personal_data_reaches_the_logs() {
             AcknowledgeRequest {
                 agency: DESK.into(),
                 delivery_token: delivery.delivery_token,
+                ..Default::default()
             },
         ))
         .await

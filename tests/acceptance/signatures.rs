@@ -137,6 +137,7 @@ async fn forged_altered_and_unsigned_messages_are_refused_dead_lettered_and_repo
     desk.acknowledge(AcknowledgeRequest {
         agency: DESK.into(),
         delivery_token: delivery.delivery_token,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -187,6 +188,7 @@ async fn forged_altered_and_unsigned_messages_are_refused_dead_lettered_and_repo
                 .acknowledge(AcknowledgeRequest {
                     agency: BUREAU.into(),
                     delivery_token: delivery.delivery_token,
+                    ..Default::default()
                 })
                 .await
                 .unwrap();

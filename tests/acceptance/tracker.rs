@@ -66,6 +66,7 @@ async fn cq_1_1b_met_late_at_25_hours_on_time_at_23(db: Db) {
         desk.acknowledge(AcknowledgeRequest {
             agency: DESK.into(),
             delivery_token: d.delivery_token,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -122,6 +123,7 @@ async fn overdue_notices_until(
             .acknowledge(AcknowledgeRequest {
                 agency: agency.into(),
                 delivery_token: d.delivery_token,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -282,6 +284,7 @@ async fn feedback_closes_the_obligation_and_the_timeline_shows_every_hop(db: Db)
         .acknowledge(AcknowledgeRequest {
             agency: BUREAU.into(),
             delivery_token: d.delivery_token,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -3,12 +3,18 @@
 //! was acknowledged: not when a retried `Submit` published it twice, not
 //! when a broker ack was lost, not after a restart. Ids are kept for
 //! [`RETENTION`], far longer than any client retries a submission.
+//!
+//! Acknowledgements are written with group commit: one writer task takes
+//! every acknowledgement waiting and records them in one transaction, so
+//! that concurrent `Acknowledge` calls share one disk sync instead of
+//! queueing for one each. Each call returns only once its own id is on disk.
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use tokio::sync::{mpsc, oneshot};
 
 /// How long an acknowledged id is remembered.
 pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -21,9 +27,20 @@ pub struct AcknowledgedError {
     reason: String,
 }
 
+/// Most acknowledgements recorded in one transaction.
+const GROUP: usize = 500;
+
+/// An acknowledgement waiting for the writer, and who to tell once it is on disk.
+struct Pending {
+    agency: String,
+    message_id: String,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
 /// The acknowledged ids of the agencies of this process.
 pub struct Acknowledged {
     pool: SqlitePool,
+    writer: mpsc::Sender<Pending>,
 }
 
 impl Acknowledged {
@@ -61,7 +78,9 @@ impl Acknowledged {
         .execute(&pool)
         .await
         .map_err(|e| fail(e.to_string()))?;
-        let store = Self { pool };
+        let (writer, queue) = mpsc::channel(4 * GROUP);
+        tokio::spawn(write_groups(pool.clone(), queue));
+        let store = Self { pool, writer };
         store
             .forget_before(now_ms() - i64::try_from(RETENTION.as_millis()).unwrap_or(i64::MAX))
             .await
@@ -84,20 +103,24 @@ impl Acknowledged {
         )
     }
 
-    /// Records that `agency`'s system acknowledged `message_id` (once).
+    /// Records that `agency`'s system acknowledged `message_id` (once),
+    /// returning once it is on disk.
     ///
     /// # Errors
-    /// A database error.
-    pub async fn record(&self, agency: &str, message_id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO acknowledged (agency, message_id, at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-        )
-        .bind(agency)
-        .bind(message_id)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    /// Why it could not be recorded (a database error, or the store closed).
+    pub async fn record(&self, agency: &str, message_id: &str) -> Result<(), String> {
+        let (done, recorded) = oneshot::channel();
+        self.writer
+            .send(Pending {
+                agency: agency.to_owned(),
+                message_id: message_id.to_owned(),
+                done,
+            })
+            .await
+            .map_err(|_| "the acknowledgement store is closed".to_owned())?;
+        recorded
+            .await
+            .map_err(|_| "the acknowledgement store is closed".to_owned())?
     }
 
     /// Forgets ids acknowledged before `cutoff_ms`.
@@ -113,6 +136,41 @@ impl Acknowledged {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The writer: records every acknowledgement waiting (at most [`GROUP`])
+/// in one transaction, then tells each caller.
+async fn write_groups(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
+    let mut group = Vec::with_capacity(GROUP);
+    while queue.recv_many(&mut group, GROUP).await > 0 {
+        let result = write_group(&pool, &group).await.map_err(|e| e.to_string());
+        for pending in group.drain(..) {
+            let _ = pending.done.send(result.clone());
+        }
+    }
+}
+
+async fn write_group(pool: &SqlitePool, group: &[Pending]) -> Result<(), sqlx::Error> {
+    let at = now_ms();
+    let mut tx = pool.begin().await?;
+    // One multi-row statement per 100 rows (anonymous `?`: SQLite binds
+    // numbered parameters by a linear scan).
+    for chunk in group.chunks(100) {
+        let mut sql = String::from("INSERT INTO acknowledged (agency, message_id, at) VALUES ");
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 { "(?, ?, ?)" } else { ", (?, ?, ?)" });
+        }
+        sql.push_str(" ON CONFLICT DO NOTHING");
+        let mut query = sqlx::query(&sql);
+        for pending in chunk {
+            query = query
+                .bind(&pending.agency)
+                .bind(&pending.message_id)
+                .bind(at);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    tx.commit().await
 }
 
 fn now_ms() -> i64 {

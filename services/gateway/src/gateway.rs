@@ -447,32 +447,68 @@ impl GatewayCore {
         Ok(())
     }
 
-    /// Acknowledges one delivery of an open stream.
+    /// Acknowledges deliveries of an open stream: `delivery_token` and
+    /// every one of `delivery_tokens`. Returns the tokens of a multi-token
+    /// call that were not pending.
     ///
     /// # Errors
-    /// `DeliveryGone` when the delivery is not pending on an open stream.
-    pub async fn acknowledge(&self, request: AcknowledgeRequest) -> Result<(), GatewayError> {
+    /// `DeliveryGone` when a single token is not pending on an open stream;
+    /// `Invalid` when no token is given; `Bus` when the acknowledgements
+    /// cannot be recorded (they will be delivered again).
+    pub async fn acknowledge(
+        &self,
+        request: AcknowledgeRequest,
+    ) -> Result<Vec<String>, GatewayError> {
         self.own_agency("agency", &request.agency)?;
-        let taken = self
-            .sessions
-            .take(&request.agency, &request.delivery_token)?;
+        let agency = request.agency;
+        let mut tokens = request.delivery_tokens;
+        if !request.delivery_token.is_empty() {
+            tokens.insert(0, request.delivery_token);
+        }
+        let mut taken = Vec::with_capacity(tokens.len());
+        let mut not_pending = Vec::new();
+        match tokens.as_slice() {
+            [] => {
+                return Err(GatewayError::Invalid {
+                    field: "delivery_token",
+                    reason: "required: the token of a delivery handed over on the Inbox stream"
+                        .into(),
+                });
+            }
+            [token] => taken.push(self.sessions.take(&agency, token)?),
+            _ => {
+                for token in tokens {
+                    match self.sessions.take(&agency, &token) {
+                        Ok(t) => taken.push(t),
+                        Err(_) => not_pending.push(token),
+                    }
+                }
+            }
+        }
         // Remembered first: once the system has acknowledged an id, no later
         // delivery of it is handed over, whatever happens to the broker ack.
-        self.acknowledged
-            .record(&request.agency, &taken.message_id)
-            .await
-            .map_err(|e| {
-                GatewayError::Bus(refbus_bus::BusError::Unavailable(format!(
-                    "cannot record the acknowledgement ({e}); `{}` will be delivered again",
-                    request.delivery_token
-                )))
-            })?;
-        if let Err(e) = taken.acker.ack(BasicAckOptions::default()).await {
-            // Recorded: the broker's redelivery is recognised and dropped.
-            tracing::debug!(error = %e, "broker ack failed after the acknowledgement was recorded");
+        // Recorded concurrently, the ids share one transaction.
+        let recorded = futures_util::future::join_all(
+            taken
+                .iter()
+                .map(|t| self.acknowledged.record(&agency, &t.message_id)),
+        )
+        .await;
+        if let Some(Err(e)) = recorded.into_iter().find(Result::is_err) {
+            return Err(GatewayError::Bus(refbus_bus::BusError::Unavailable(
+                format!(
+                    "cannot record the acknowledgement ({e}); the deliveries will be delivered again"
+                ),
+            )));
         }
-        self.report_hop(taken.referral, Hop::Acknowledged, request.agency);
-        Ok(())
+        for t in taken {
+            if let Err(e) = t.acker.ack(BasicAckOptions::default()).await {
+                // Recorded: the broker's redelivery is recognised and dropped.
+                tracing::debug!(error = %e, "broker ack failed after the acknowledgement was recorded");
+            }
+            self.report_hop(t.referral, Hop::Acknowledged, agency.clone());
+        }
+        Ok(not_pending)
     }
 
     /// Reports a hop to the tracker on the bus, in the background: retried
@@ -562,8 +598,8 @@ impl Gateway for GatewayService {
         let caller = Caller::of(&request)?;
         let request = request.into_inner();
         caller.acts_as("agency", &request.agency)?;
-        self.0.acknowledge(request).await?;
-        Ok(Response::new(AcknowledgeResponse {}))
+        let not_pending = self.0.acknowledge(request).await?;
+        Ok(Response::new(AcknowledgeResponse { not_pending }))
     }
 
     async fn feedback(

@@ -1,5 +1,6 @@
 //! The `refbus` command.
 //!
+//! - `refbus serve SERVICE` and `refbus tracker` run one service each.
 //! - `refbus up` runs every agency service in one process, for a
 //!   single-machine deployment, against the RabbitMQ at `AMQP_URL`.
 //! - `refbus topology` prints the bus topology as RabbitMQ definitions
@@ -47,6 +48,15 @@ pub enum Command {
         service: AgencyService,
         #[command(flatten)]
         args: Box<refbus_gateway::cli::ServiceArgs>,
+    },
+    /// Run the tracker alone (as `tracker run` would).
+    ///
+    /// Example: DATABASE_URL=postgres://ledger@db/refbus refbus tracker
+    Tracker {
+        #[command(flatten)]
+        bus: Box<BusSettings>,
+        #[command(flatten)]
+        tracker: Box<TrackerSettings>,
     },
     /// Print the bus topology as RabbitMQ definitions JSON.
     Topology(BusNames),
@@ -315,6 +325,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(up(args))
         }
         Command::Serve { service, args } => refbus_gateway::cli::serve(service, *args),
+        Command::Tracker { bus, tracker } => {
+            telemetry::init("info");
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(refbus_tracker::cli::run(*bus, *tracker))
+        }
         Command::Topology(BusNames {
             directory,
             namespace,

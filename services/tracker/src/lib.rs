@@ -11,11 +11,13 @@
 //! - [`query`]: the gRPC queries (status and timeline, obligations, compliance report).
 //! - [`audit`]: verification of the hash chain.
 //! - [`app`]: building and running the tracker.
+//! - [`cli`]: the tracker as a service of its own (`tracker run`, `refbus tracker`).
 
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod audit;
+pub mod cli;
 pub mod clock;
 pub mod deadline;
 pub mod ledger;

@@ -2,10 +2,8 @@
 //! the audit of its ledger (`tracker verify`). See `tracker --help`.
 
 use clap::{Parser, Subcommand};
-use refbus_gateway::app::{Shared, shutdown_on_signal};
 use refbus_gateway::{BusSettings, telemetry};
-use refbus_tracker::{Clock, Tracker, TrackerSettings};
-use tokio_util::sync::CancellationToken;
+use refbus_tracker::TrackerSettings;
 
 #[derive(Parser)]
 #[command(
@@ -43,23 +41,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { bus, tracker } => {
-                // Bad configuration stops start-up before anything is declared on the broker.
-                let directory = refbus_core::Directory::load(&bus.directory)?;
-                refbus_core::policy::PolicyCatalogue::load(&tracker.policy, &directory)?;
-                let shutdown = CancellationToken::new();
-                let shared = Shared::connect(bus, shutdown.clone()).await?;
-                let built = Tracker::build(&tracker, &shared, Clock::System).await?;
-                println!(
-                    "tracker serving on {}://{}",
-                    shared.auth.scheme(),
-                    built.local_addr()?
-                );
-                tokio::spawn(shutdown_on_signal(shutdown));
-                built.run().await?;
-                shared.bus.close().await;
-                Ok(())
-            }
+            Command::Run { bus, tracker } => refbus_tracker::cli::run(bus, tracker).await,
             Command::Verify { tracker } => {
                 let ledger = refbus_tracker::ledger::Ledger::connect(
                     &tracker.database()?,
