@@ -12,7 +12,7 @@ use refbus_proto::v1::{
 };
 use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help, legal_help_at, submit};
 use refbus_tests::tracker::{Db, TestTracker, drop_ledger, ledger_settings};
-use refbus_tests::{Amqp, Inbox, TestBus, repo_root, test_settings, tls_dir};
+use refbus_tests::{Amqp, Inbox, TestBus, acknowledge, repo_root, test_settings, tls_dir};
 use refbus_tracker::Clock;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -223,13 +223,7 @@ async fn a_caller_acts_only_as_its_own_agency() {
     denied(err);
 
     // The desk's own acknowledgement still works: the denied one took nothing.
-    desk.acknowledge(AcknowledgeRequest {
-        agency: DESK.into(),
-        delivery_token: delivery.delivery_token,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    acknowledge(&mut desk, DESK, delivery.delivery_token).await;
     drop(inbox);
     assert_eq!(amqp.settled_count(&bus.inbox_queue(DESK)).await, 0);
     for queue in [BUREAU, CENTRE, "yb-legal-aid-centre"] {

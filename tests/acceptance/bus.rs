@@ -13,7 +13,7 @@ use refbus_proto::v1::{
     detention_centre_client::DetentionCentreClient, legal_aid_client::LegalAidClient,
 };
 use refbus_tests::proxy::Proxy;
-use refbus_tests::{Amqp, Inbox, TestBus, test_settings, within};
+use refbus_tests::{Amqp, Inbox, TestBus, acknowledge, test_settings, within};
 use tonic::Code;
 
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help, submit};
@@ -49,13 +49,7 @@ async fn cq_1_1b_legal_help_request_reaches_the_duty_desk_intact_and_acknowledge
     };
     assert_eq!(got, expected, "every field arrives intact");
 
-    desk.acknowledge(AcknowledgeRequest {
-        agency: DESK.into(),
-        delivery_token: delivery.delivery_token.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    acknowledge(&mut desk, DESK, delivery.delivery_token.clone()).await;
     drop(inbox);
     assert_eq!(
         amqp.settled_count(&bus.inbox_queue(DESK)).await,
@@ -170,13 +164,7 @@ async fn unacknowledged_delivery_is_delivered_again_on_the_next_stream() {
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition);
-    desk.acknowledge(AcknowledgeRequest {
-        agency: DESK.into(),
-        delivery_token: again.delivery_token,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    acknowledge(&mut desk, DESK, again.delivery_token).await;
     bus.stop().await;
 }
 
@@ -310,13 +298,7 @@ async fn feedback_reaches_the_referrals_sender_correlated_to_it() {
     let mut desk_inbox = Inbox::open(&mut desk, DESK).await;
     let delivered = desk_inbox.next().await;
     let env = delivered.envelope.unwrap();
-    desk.acknowledge(AcknowledgeRequest {
-        agency: DESK.into(),
-        delivery_token: delivered.delivery_token,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    acknowledge(&mut desk, DESK, delivered.delivery_token).await;
 
     let answer = desk
         .feedback(FeedbackRequest {
@@ -508,13 +490,7 @@ async fn broker_outage_gives_unavailable_then_recovers_without_losing_confirmed_
     for _ in 0..10 {
         let d = inbox.next().await;
         received.insert(d.envelope.unwrap().id);
-        desk.acknowledge(AcknowledgeRequest {
-            agency: DESK.into(),
-            delivery_token: d.delivery_token,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        acknowledge(&mut desk, DESK, d.delivery_token).await;
     }
 
     proxy.cut();

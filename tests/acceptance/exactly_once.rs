@@ -4,20 +4,9 @@
 //! comes again later, not through another instance of the service.
 
 use refbus_gateway::AgencyService;
-use refbus_proto::v1::AcknowledgeRequest;
 use refbus_proto::v1::gateway_client::GatewayClient;
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help_at, submit};
-use refbus_tests::{Amqp, Inbox, ServiceInstance, TestBus, channel_to};
-
-async fn ack(desk: &mut GatewayClient<tonic::transport::Channel>, token: String) {
-    desk.acknowledge(AcknowledgeRequest {
-        agency: DESK.into(),
-        delivery_token: token,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-}
+use refbus_tests::{Amqp, Inbox, ServiceInstance, TestBus, acknowledge, channel_to};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acknowledged_id_is_never_handed_over_again() {
@@ -43,7 +32,7 @@ async fn an_acknowledged_id_is_never_handed_over_again() {
     let delivery = inbox.next().await;
     let envelope = delivery.envelope.clone().unwrap();
     assert_eq!(envelope.id, first.id);
-    ack(&mut desk, delivery.delivery_token).await;
+    acknowledge(&mut desk, DESK, delivery.delivery_token).await;
 
     // The second copy is not handed over: the next delivery is a sentinel
     // submitted after it.
@@ -58,7 +47,7 @@ async fn an_acknowledged_id_is_never_handed_over_again() {
         sentinel.id,
         "the duplicate was dropped"
     );
-    ack(&mut desk, next.delivery_token).await;
+    acknowledge(&mut desk, DESK, next.delivery_token).await;
     drop(inbox);
 
     // Later, the same message once more (a late redelivery), read through
@@ -81,7 +70,7 @@ async fn an_acknowledged_id_is_never_handed_over_again() {
         last.id,
         "the late copy was dropped"
     );
-    ack(&mut other, next.delivery_token).await;
+    acknowledge(&mut other, DESK, next.delivery_token).await;
     drop(inbox);
     assert_eq!(amqp.settled_count(&queue).await, 0, "nothing left behind");
     legal_aid.stop().await;

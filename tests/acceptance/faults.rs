@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use refbus_proto::v1::AcknowledgeRequest;
 use refbus_proto::v1::gateway_client::GatewayClient;
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help_at, submit};
 use refbus_tests::proxy::Proxy;
 use refbus_tests::tracker::{TestTracker, drop_ledger, eventually, postgres_url};
-use refbus_tests::{Inbox, TestBus, free_port, mtls_env, refbus_binary, within};
+use refbus_tests::{Inbox, TestBus, acknowledge, free_port, mtls_env, refbus_binary, within};
 use refbus_tracker::Clock;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
@@ -111,14 +110,7 @@ async fn drain(
     while !missing.is_empty() || !sentinel_seen {
         let delivery = inbox.next().await;
         let id = delivery.envelope.unwrap().id;
-        client
-            .acknowledge(AcknowledgeRequest {
-                agency: DESK.into(),
-                delivery_token: delivery.delivery_token,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        acknowledge(client, DESK, delivery.delivery_token).await;
         missing.remove(id.as_str());
         sentinel_seen |= id == sentinel;
         handed.push(id);

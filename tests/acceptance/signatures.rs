@@ -17,10 +17,10 @@ use refbus_core::envelope::{envelope_id, timestamp};
 use refbus_core::signing::Signed;
 use refbus_core::{KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
-use refbus_proto::v1::{AcknowledgeRequest, Envelope, Hop, HopReport};
+use refbus_proto::v1::{Envelope, Hop, HopReport};
 use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help_at, submit};
 use refbus_tests::tracker::{Db, TestTracker, eventually, ledger_settings};
-use refbus_tests::{Amqp, Inbox, TestBus, signed_properties, within};
+use refbus_tests::{Amqp, Inbox, TestBus, acknowledge, signed_properties, within};
 use refbus_tracker::Clock;
 
 /// A legal-help request as the detention centre's service would publish it.
@@ -134,13 +134,7 @@ async fn forged_altered_and_unsigned_messages_are_refused_dead_lettered_and_repo
         genuine.id,
         "only the genuine request is handed over"
     );
-    desk.acknowledge(AcknowledgeRequest {
-        agency: DESK.into(),
-        delivery_token: delivery.delivery_token,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    acknowledge(&mut desk, DESK, delivery.delivery_token).await;
 
     // A forged hop report: someone claiming the desk answered the request.
     let report = HopReport {
@@ -184,14 +178,7 @@ async fn forged_altered_and_unsigned_messages_are_refused_dead_lettered_and_repo
                 alerts.insert(alert.claimed_id.clone(), alert).is_none(),
                 "one alert per refused message"
             );
-            bureau
-                .acknowledge(AcknowledgeRequest {
-                    agency: BUREAU.into(),
-                    delivery_token: delivery.delivery_token,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            acknowledge(&mut bureau, BUREAU, delivery.delivery_token).await;
         }
     })
     .await;

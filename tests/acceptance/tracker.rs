@@ -12,14 +12,14 @@ use refbus_proto::v1::detention_centre_client::DetentionCentreClient;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::justice_bureau_client::JusticeBureauClient;
 use refbus_proto::v1::{
-    AcknowledgeRequest, ComplianceReportRequest, Envelope, GetReferralRequest, Hop, HopReport,
-    LawyerViolationNotice, MessageKind, NotifyLawyerViolationRequest, ObligationState, Outcome,
-    ReferralStatus, ReportFormat, ReportHandlingResultRequest,
+    ComplianceReportRequest, Envelope, GetReferralRequest, Hop, HopReport, LawyerViolationNotice,
+    MessageKind, NotifyLawyerViolationRequest, ObligationState, Outcome, ReferralStatus,
+    ReportFormat, ReportHandlingResultRequest,
 };
 use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help_at, submit, violation};
 use refbus_tests::signed_properties;
 use refbus_tests::tracker::{Db, TestTracker, drop_ledger, eventually, ledger_settings};
-use refbus_tests::{Amqp, Inbox, TestBus};
+use refbus_tests::{Amqp, Inbox, TestBus, acknowledge};
 use refbus_tracker::Clock;
 use refbus_tracker::audit::{self, Verdict};
 use tonic::Code;
@@ -63,13 +63,7 @@ async fn cq_1_1b_met_late_at_25_hours_on_time_at_23(db: Db) {
     let mut inbox = Inbox::open(&mut desk, DESK).await;
     for _ in 0..2 {
         let d = inbox.next().await;
-        desk.acknowledge(AcknowledgeRequest {
-            agency: DESK.into(),
-            delivery_token: d.delivery_token,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        acknowledge(&mut desk, DESK, d.delivery_token).await;
     }
     for (id, expected) in [
         (&late.id, ObligationState::MetLate),
@@ -119,14 +113,7 @@ async fn overdue_notices_until(
     let mut about = Vec::new();
     loop {
         let d = inbox.next().await;
-        client
-            .acknowledge(AcknowledgeRequest {
-                agency: agency.into(),
-                delivery_token: d.delivery_token,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        acknowledge(client, agency, d.delivery_token).await;
         let e = d.envelope.unwrap();
         if let Some(Payload::OverdueNotice(n)) = e.payload {
             assert_eq!(n.rule_id, "CQ-3.14");
@@ -280,14 +267,7 @@ async fn feedback_closes_the_obligation_and_the_timeline_shows_every_hop(db: Db)
     let mut bureau = bus.gateway_as("justice-bureau", BUREAU).await;
     let mut inbox = Inbox::open(&mut bureau, BUREAU).await;
     let d = inbox.next().await;
-    bureau
-        .acknowledge(AcknowledgeRequest {
-            agency: BUREAU.into(),
-            delivery_token: d.delivery_token,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    acknowledge(&mut bureau, BUREAU, d.delivery_token).await;
     let mut jb = JusticeBureauClient::new(bus.channel_as("justice-bureau", BUREAU).await);
     jb.report_handling_result(ReportHandlingResultRequest {
         justice_bureau: BUREAU.into(),

@@ -462,6 +462,18 @@ pub fn signed_properties(signer: &str, what: Signed, bytes: &[u8]) -> BasicPrope
         .with_headers(headers)
 }
 
+/// Acknowledges one delivery handed over to `agency`, which must succeed.
+pub async fn acknowledge(client: &mut GatewayClient<Channel>, agency: &str, token: String) {
+    client
+        .acknowledge(refbus_proto::v1::AcknowledgeRequest {
+            agency: agency.into(),
+            delivery_token: token,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// The `refbus` binary built beside the test binary (`cargo test` builds
 /// every binary of the workspace into the same target directory).
 #[must_use]

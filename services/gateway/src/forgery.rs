@@ -7,12 +7,13 @@
 
 use chrono::Utc;
 use lapin::options::BasicNackOptions;
-use prost::Message;
-use refbus_bus::{Bus, Incoming, Outgoing, Topology};
+use refbus_bus::{Bus, Incoming};
+
+use crate::gateway::publish_signed;
 use refbus_core::envelope::{forgery_alert_id, timestamp};
 use refbus_core::policy::supervisor_of;
-use refbus_core::signing::{SIGNATURE_HEADER, Signed, SigningKeys};
-use refbus_core::{Directory, KindExt, MessageKind};
+use refbus_core::signing::SigningKeys;
+use refbus_core::{Directory, MessageKind};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{Envelope, ForgeryAlert};
 use sha2::{Digest, Sha256};
@@ -55,12 +56,13 @@ pub async fn refuse(
 ) {
     let body_sha256 = hex(&Sha256::digest(&incoming.data));
     if let Some(recipient) = alert_recipient(directory, &refusal.addressed_to) {
+        let now = Some(timestamp(Utc::now()));
         let envelope = Envelope {
             id: forgery_alert_id(&body_sha256, &refusal.addressed_to),
             kind: MessageKind::ForgeryAlert as i32,
             sender: refusal.detected_by.clone(),
             recipient: recipient.to_owned(),
-            submitted_at: Some(timestamp(Utc::now())),
+            submitted_at: now,
             payload: Some(Payload::ForgeryAlert(ForgeryAlert {
                 body_sha256,
                 claimed_id: refusal.claimed_id.clone(),
@@ -68,7 +70,7 @@ pub async fn refuse(
                 addressed_to: refusal.addressed_to.clone(),
                 detected_by: refusal.detected_by.clone(),
                 reason: refusal.reason.clone(),
-                detected_at: Some(timestamp(Utc::now())),
+                detected_at: now,
             })),
             ..Envelope::default()
         };
@@ -89,32 +91,6 @@ pub async fn refuse(
     }
     bus.dead_letter(&refusal.queue, incoming, refusal.reason)
         .await;
-}
-
-/// Publishes a signed envelope the bus raises itself (a forgery alert, an
-/// overdue notice) and waits for the confirm.
-///
-/// # Errors
-/// When the signer's key is missing or the broker does not confirm.
-pub async fn publish_signed(
-    bus: &Bus,
-    signing: &SigningKeys,
-    envelope: &Envelope,
-) -> Result<(), String> {
-    let kind = MessageKind::try_from(envelope.kind)
-        .unwrap_or(MessageKind::Unspecified)
-        .code();
-    let body = envelope.encode_to_vec();
-    let signature = signing
-        .sign(&envelope.sender, Signed::Envelope, &body)
-        .map_err(|e| e.to_string())?;
-    let exchange = bus.topology().deliveries_exchange();
-    let routing_key = Topology::routing_key(&envelope.recipient, kind);
-    let mut message = Outgoing::new(&exchange, &routing_key, &body);
-    message.message_id = Some(&envelope.id);
-    message.kind = Some(kind);
-    message.headers = vec![(SIGNATURE_HEADER, signature)];
-    bus.publish(message).await.map_err(|e| e.to_string())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -105,24 +105,12 @@ impl GatewayCore {
         envelope: Envelope,
         kind: MessageKind,
     ) -> Result<Receipt, GatewayError> {
-        let kind = kind.code();
-        let routing_key = Topology::routing_key(&envelope.recipient, kind);
-        let body = envelope.encode_to_vec();
-        let signature = self
-            .signing
-            .sign(&envelope.sender, Signed::Envelope, &body)?;
-        let exchange = self.bus.topology().deliveries_exchange();
-        let mut message = Outgoing::new(&exchange, &routing_key, &body);
-        message.message_id = Some(&envelope.id);
-        message.kind = Some(kind);
-        message.headers = vec![(SIGNATURE_HEADER, signature)];
-        message.cc = envelope
-            .also_to
-            .iter()
-            .map(|agency| Topology::routing_key(agency, kind))
-            .collect();
-        self.bus.publish(message).await?;
-        tracing::info!(id = %envelope.id, kind, sender = %envelope.sender, recipient = %envelope.recipient, also_to = envelope.also_to.len(), "submitted");
+        debug_assert_eq!(
+            envelope.kind, kind as i32,
+            "accepted envelopes carry their kind"
+        );
+        let routing_key = publish_signed(&self.bus, &self.signing, &envelope).await?;
+        tracing::info!(id = %envelope.id, kind = kind.code(), sender = %envelope.sender, recipient = %envelope.recipient, also_to = envelope.also_to.len(), "submitted");
         Ok(Receipt {
             id: envelope.id,
             submitted_at: envelope.submitted_at,
@@ -562,6 +550,39 @@ impl GatewayCore {
             }
         });
     }
+}
+
+/// Publishes an envelope signed by its sender, once, to its recipient and to
+/// every agency in `also_to`, and waits for the broker's confirm: the one
+/// way every envelope goes on the bus (submissions, feedback, relays,
+/// forgery alerts, overdue notices). Returns the routing key.
+///
+/// # Errors
+/// `Signing` when this process holds no key for the sender; `Bus` when the
+/// broker does not confirm.
+pub async fn publish_signed(
+    bus: &Bus,
+    signing: &SigningKeys,
+    envelope: &Envelope,
+) -> Result<String, GatewayError> {
+    let kind = MessageKind::try_from(envelope.kind)
+        .unwrap_or(MessageKind::Unspecified)
+        .code();
+    let routing_key = Topology::routing_key(&envelope.recipient, kind);
+    let body = envelope.encode_to_vec();
+    let signature = signing.sign(&envelope.sender, Signed::Envelope, &body)?;
+    let exchange = bus.topology().deliveries_exchange();
+    let mut message = Outgoing::new(&exchange, &routing_key, &body);
+    message.message_id = Some(&envelope.id);
+    message.kind = Some(kind);
+    message.headers = vec![(SIGNATURE_HEADER, signature)];
+    message.cc = envelope
+        .also_to
+        .iter()
+        .map(|agency| Topology::routing_key(agency, kind))
+        .collect();
+    bus.publish(message).await?;
+    Ok(routing_key)
 }
 
 /// The tonic face of [`GatewayCore`].

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use refbus_core::signing::SigningKeys;
-use refbus_gateway::forgery::publish_signed;
+use refbus_gateway::gateway::publish_signed;
 
 use crate::clock::{Clock, from_millis, millis};
 use crate::ledger::{
