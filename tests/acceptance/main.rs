@@ -11,6 +11,11 @@
 //! - [`bad_input`]: issue 5, 10,000 random byte strings, all dead-lettered.
 //! - [`signatures`]: issue 5, forged, altered and unsigned messages refused.
 //! - [`faults`]: issue 5, faults under load: nothing confirmed lost.
+//! - [`cli`]: issue 7, every `refbus` subcommand, its output and exit code.
+//! - [`dashboard`]: issue 7, the web dashboard in headless Chromium.
+//! - [`observability`]: issue 7, `/metrics` after a scenario, gRPC health
+//!   and reflection on every service.
+//! - [`deployment`]: issue 7, the deployment files are consistent.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -18,9 +23,13 @@ mod auth;
 mod bad_input;
 mod broker;
 mod bus;
+mod cli;
+mod dashboard;
+mod deployment;
 mod exactly_once;
 mod faults;
 mod leads;
+mod observability;
 mod privacy;
 mod signatures;
 mod tracker;

@@ -17,7 +17,7 @@ use refbus_proto::v1::{
     InboxRequest, Lawyer, LegalHelpRequest, Letter, Outcome,
 };
 use refbus_tests::fixtures::{CENTRE, DESK, submit};
-use refbus_tests::{Amqp, test_settings, within};
+use refbus_tests::{Amqp, as_agency, test_settings, within};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
 
@@ -46,16 +46,6 @@ fn lawyer() -> Lawyer {
         licence_number: SEEDED[5].into(),
         law_firm: "某律师事务所".into(),
     }
-}
-
-/// A request carrying `agency`'s development bearer token.
-fn as_agency<T>(agency: &str, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer dev-{agency}").parse().unwrap(),
-    );
-    request
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,6 +233,24 @@ async fn no_personal_data_reaches_the_logs() {
         stdout.join("\n"),
         std::fs::read_to_string(&log_path).unwrap()
     );
+
+    // Standard error is a file, not a terminal: every log line is a JSON
+    // object with its level and message (issue 7, structured logs).
+    let stderr = std::fs::read_to_string(&log_path).unwrap();
+    assert!(stderr.lines().count() > 10, "{stderr}");
+    for line in stderr.lines() {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            event["level"].is_string() && event["timestamp"].is_string(),
+            "{line}"
+        );
+        // Ours carry a message; sqlx's statement events a summary.
+        assert!(
+            event["message"].is_string() || event["summary"].is_string(),
+            "{line}"
+        );
+    }
 
     // The scan sees the scenario: its ids are logged ...
     for id in &sent {

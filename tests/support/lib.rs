@@ -9,6 +9,7 @@ pub mod broker;
 pub mod fixtures;
 pub mod proxy;
 pub mod tracker;
+pub mod up;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -472,6 +473,54 @@ pub async fn acknowledge(client: &mut GatewayClient<Channel>, agency: &str, toke
         })
         .await
         .unwrap();
+}
+
+/// A request carrying `agency`'s development bearer token (what `refbus
+/// up` accepts: `dev-<agency>`).
+pub fn as_agency<T>(agency: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer dev-{agency}").parse().unwrap(),
+    );
+    request
+}
+
+/// Opens `agency`'s Inbox (bearer token), takes `n` deliveries and
+/// acknowledges each; the stream closes on return. Returns their ids.
+pub async fn take_and_acknowledge(
+    client: &mut GatewayClient<Channel>,
+    agency: &str,
+    n: usize,
+) -> Vec<String> {
+    use tokio_stream::StreamExt;
+    let mut inbox = client
+        .inbox(as_agency(
+            agency,
+            refbus_proto::v1::InboxRequest {
+                agency: agency.into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let delivery = within("a delivery", inbox.next()).await.unwrap().unwrap();
+        ids.push(delivery.envelope.map(|e| e.id).unwrap_or_default());
+        client
+            .acknowledge(as_agency(
+                agency,
+                refbus_proto::v1::AcknowledgeRequest {
+                    agency: agency.into(),
+                    delivery_token: delivery.delivery_token,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap();
+    }
+    ids
 }
 
 /// The `refbus` binary built beside the test binary (`cargo test` builds

@@ -44,6 +44,7 @@ pub fn ledger_settings(db: Db) -> TrackerSettings {
         data_dir,
         policy: repo_root().join("deploy/policy"),
         listen: Some("127.0.0.1:0".parse().unwrap()),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
         batch: 500,
     }
 }

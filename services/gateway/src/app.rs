@@ -26,6 +26,7 @@ use crate::agencies::AgencyRpcs;
 use crate::auth::{AuthError, Authenticator};
 use crate::gateway::GatewayService;
 use crate::inbox::Sessions;
+use crate::observe::{self, GatewayMetrics, Telemetry};
 use crate::{AgencyService, BusSettings, GatewayCore};
 
 /// Largest gRPC message accepted: room for a 1 MiB envelope to be refused
@@ -67,6 +68,10 @@ pub struct Shared {
     /// What each agency's system acknowledged: opened by the first agency
     /// service built (the tracker, sharing this, never opens it).
     pub acknowledged: Arc<tokio::sync::OnceCell<Arc<Acknowledged>>>,
+    /// The process's Prometheus registry (bus, agency services, tracker).
+    pub telemetry: Arc<Telemetry>,
+    /// What the agency services of this process count.
+    pub metrics: GatewayMetrics,
     /// Cancelled to shut everything down.
     pub shutdown: CancellationToken,
 }
@@ -94,6 +99,12 @@ impl Shared {
         config.confirm_timeout = settings.confirm_timeout;
         config.declare_topology = settings.declare_topology;
         let bus = Bus::connect(config, shutdown.clone()).await?;
+        let telemetry = Arc::new(Telemetry::default());
+        let metrics = GatewayMetrics::default();
+        telemetry.register(|registry| {
+            bus.metrics().register(registry);
+            metrics.register(registry);
+        });
         Ok(Self {
             directory,
             bus,
@@ -101,6 +112,8 @@ impl Shared {
             auth,
             signing,
             acknowledged,
+            telemetry,
+            metrics,
             shutdown,
         })
     }
@@ -110,6 +123,9 @@ impl Shared {
 pub struct Application {
     service: AgencyService,
     listener: TcpListener,
+    /// Where `/metrics` and `/healthz` are served, if anywhere.
+    http: Option<TcpListener>,
+    telemetry: Arc<Telemetry>,
     core: Arc<GatewayCore>,
     auth: Arc<Authenticator>,
 }
@@ -160,6 +176,7 @@ impl Application {
             bus: shared.bus.clone(),
             served,
             signing: shared.signing.clone(),
+            metrics: shared.metrics.clone(),
             prefetch: shared.settings.prefetch,
             sessions: Arc::new(Sessions::default()),
             acknowledged: shared
@@ -176,9 +193,26 @@ impl Application {
         Ok(Self {
             service,
             listener,
+            http: None,
+            telemetry: shared.telemetry.clone(),
             core,
             auth: shared.auth.clone(),
         })
+    }
+
+    /// Also serves the process's `/metrics` and `/healthz` on `addr`.
+    ///
+    /// # Errors
+    /// [`StartError::Bind`].
+    pub async fn serve_http_on(&mut self, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+        let listener = observe::bind_http(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        self.http = Some(listener);
+        Ok(bound)
     }
 
     /// The address actually bound.
@@ -212,15 +246,69 @@ impl Application {
         if let Some(tls) = self.auth.server_tls() {
             server = server.tls_config(tls)?;
         }
-        let router = server.layer(self.auth.layer()).add_service(gateway);
-        let router = match self.service {
-            AgencyService::DetentionCentre => router.add_service(DetentionCentreServer::new(rpcs)),
-            AgencyService::CaseUnit => router.add_service(CaseUnitServer::new(rpcs)),
-            AgencyService::LegalAid => router.add_service(LegalAidServer::new(rpcs)),
-            AgencyService::JusticeBureau => router.add_service(JusticeBureauServer::new(rpcs)),
-            AgencyService::BarAssociation => router.add_service(BarAssociationServer::new(rpcs)),
-        };
         let shutdown = self.core.shutdown.clone();
+        if let Some(http) = self.http {
+            let router = observe::metrics_router(self.telemetry.clone(), self.core.bus.clone());
+            tokio::spawn(observe::serve_http(http, router, shutdown.clone()));
+        }
+        // Health and reflection answer without credentials (probes carry
+        // none); every refbus service authenticates each call.
+        let reflection = match observe::reflection_service() {
+            Ok(reflection) => Some(reflection),
+            Err(e) => {
+                tracing::error!(error = %e, "gRPC reflection unavailable");
+                None
+            }
+        };
+        let auth = &self.auth;
+        let (router, agency_service) = {
+            let router = server.add_optional_service(reflection);
+            match self.service {
+                AgencyService::DetentionCentre => {
+                    let svc = DetentionCentreServer::new(rpcs);
+                    (
+                        router.add_service(auth.intercept(svc)),
+                        named(&DetentionCentreServer::<AgencyRpcs>::new),
+                    )
+                }
+                AgencyService::CaseUnit => {
+                    let svc = CaseUnitServer::new(rpcs);
+                    (
+                        router.add_service(auth.intercept(svc)),
+                        named(&CaseUnitServer::<AgencyRpcs>::new),
+                    )
+                }
+                AgencyService::LegalAid => {
+                    let svc = LegalAidServer::new(rpcs);
+                    (
+                        router.add_service(auth.intercept(svc)),
+                        named(&LegalAidServer::<AgencyRpcs>::new),
+                    )
+                }
+                AgencyService::JusticeBureau => {
+                    let svc = JusticeBureauServer::new(rpcs);
+                    (
+                        router.add_service(auth.intercept(svc)),
+                        named(&JusticeBureauServer::<AgencyRpcs>::new),
+                    )
+                }
+                AgencyService::BarAssociation => {
+                    let svc = BarAssociationServer::new(rpcs);
+                    (
+                        router.add_service(auth.intercept(svc)),
+                        named(&BarAssociationServer::<AgencyRpcs>::new),
+                    )
+                }
+            }
+        };
+        let health = observe::health_service(
+            self.core.bus.clone(),
+            vec![named(&GatewayServer::<GatewayService>::new), agency_service],
+            shutdown.clone(),
+        );
+        let router = router
+            .add_service(health)
+            .add_service(auth.intercept(gateway));
         router
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.listener),
@@ -228,6 +316,11 @@ impl Application {
             )
             .await
     }
+}
+
+/// The gRPC name of the service a constructor makes (for health checking).
+fn named<T, S: tonic::server::NamedService>(_: &impl Fn(T) -> S) -> &'static str {
+    S::NAME
 }
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; a second signal exits

@@ -295,6 +295,38 @@ impl Authenticator {
         Ok(Caller { agency })
     }
 
+    /// Wraps one gRPC service so that each of its calls is authenticated
+    /// and carries its [`Caller`] (UNAUTHENTICATED calls go no further).
+    #[must_use]
+    pub fn intercept<S>(
+        self: &Arc<Self>,
+        service: S,
+    ) -> tonic::service::interceptor::InterceptedService<
+        S,
+        impl tonic::service::Interceptor + Clone + use<S>,
+    > {
+        let auth = self.clone();
+        tonic::service::interceptor::InterceptedService::new(
+            service,
+            move |mut request: Request<()>| {
+                let caller = auth.authenticate(&request)?;
+                request.extensions_mut().insert(caller);
+                Ok(request)
+            },
+        )
+    }
+
+    /// The agency a bearer token belongs to (bearer mode; `None` with
+    /// mutual TLS or for an unknown token). The tracker's dashboard signs
+    /// in with it.
+    #[must_use]
+    pub fn agency_of_token(&self, token: &str) -> Option<String> {
+        match &self.mode {
+            Mode::Bearer { tokens } => tokens.get(&token_digest(token.trim())).cloned(),
+            Mode::Mtls { .. } => None,
+        }
+    }
+
     /// A layer for a tonic server that authenticates each call and records
     /// the [`Caller`] in its extensions (UNAUTHENTICATED calls go no further).
     #[must_use]

@@ -8,7 +8,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{Application, Shared, serve_all, shutdown_on_signal};
-use crate::{AgencyService, BusSettings, telemetry};
+use crate::{AgencyService, BusSettings, observe, telemetry};
 
 /// Flags of an agency-service binary.
 #[derive(Debug, Parser)]
@@ -22,6 +22,10 @@ pub struct ServiceArgs {
     /// Where to serve gRPC (default: 127.0.0.1 and the service's port, 50051-50055).
     #[arg(long, env = "REFBUS_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Where to serve `/metrics` and `/healthz` over HTTP (default: the
+    /// gRPC address's port + 1000, e.g. 51053 for legal-aid).
+    #[arg(long, env = "REFBUS_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Act only for these agencies (comma-separated ids); default: every
     /// agency of the service's kinds in the directory.
     #[arg(long, env = "REFBUS_AGENCIES", value_delimiter = ',')]
@@ -52,10 +56,16 @@ pub fn serve(service: AgencyService, args: ServiceArgs) -> anyhow::Result<()> {
         let listen = args
             .listen
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], service.default_port())));
-        let app = Application::build(service, &shared, listen, &args.agencies).await?;
+        let mut app = Application::build(service, &shared, listen, &args.agencies).await?;
         let addr = app.local_addr().context("reading the bound address")?;
+        let http = app
+            .serve_http_on(
+                args.http_listen
+                    .unwrap_or_else(|| observe::default_http_addr(addr)),
+            )
+            .await?;
         println!(
-            "{} serving {} agencies on {}://{addr}",
+            "{} serving {} agencies on {}://{addr} (metrics: http://{http}/metrics)",
             service.name(),
             app.core().served.len(),
             shared.auth.scheme()

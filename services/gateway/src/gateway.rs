@@ -29,6 +29,7 @@ use crate::acknowledged::Acknowledged;
 use crate::auth::Caller;
 use crate::forgery::{self, Refusal};
 use crate::inbox::{Session, Sessions};
+use crate::observe::{GatewayMetrics, ServiceKind, ServiceLabel};
 use crate::settings::AgencyService;
 
 /// What one agency service needs to serve its agencies.
@@ -40,6 +41,8 @@ pub struct GatewayCore {
     pub served: BTreeSet<String>,
     /// Their signing keys: everything published is signed by its sender.
     pub signing: Arc<SigningKeys>,
+    /// What this service counts (shared by the process's services).
+    pub metrics: GatewayMetrics,
     pub prefetch: u16,
     pub sessions: Arc<Sessions>,
     /// What each agency's system acknowledged: never handed over again.
@@ -110,6 +113,13 @@ impl GatewayCore {
             "accepted envelopes carry their kind"
         );
         let routing_key = publish_signed(&self.bus, &self.signing, &envelope).await?;
+        self.metrics
+            .submitted
+            .get_or_create(&ServiceKind {
+                service: self.service.name().to_owned(),
+                kind: kind.code().to_owned(),
+            })
+            .inc();
         tracing::info!(id = %envelope.id, kind = kind.code(), sender = %envelope.sender, recipient = %envelope.recipient, also_to = envelope.also_to.len(), "submitted");
         Ok(Receipt {
             id: envelope.id,
@@ -311,9 +321,20 @@ impl GatewayCore {
                     .as_ref()
                     .map(|e| envelope::tracking_id(e).to_owned())
                     .unwrap_or_default();
+                let (kind, submitted_at) =
+                    delivery
+                        .envelope
+                        .as_ref()
+                        .map_or((MessageKind::Unspecified, None), |e| {
+                            (
+                                MessageKind::try_from(e.kind).unwrap_or(MessageKind::Unspecified),
+                                e.submitted_at.as_ref().and_then(envelope::from_timestamp),
+                            )
+                        });
                 if tx.send(Ok(delivery)).await.is_err() {
                     break;
                 }
+                core.count_delivery(kind, submitted_at);
                 core.report_hop(referral, Hop::Delivered, agency.clone());
             }
             tracing::debug!(%agency, session = guard.session.id, "inbox stream closed");
@@ -323,6 +344,26 @@ impl GatewayCore {
             drop(guard);
         });
         Ok(ReceiverStream::new(rx))
+    }
+
+    fn count_delivery(&self, kind: MessageKind, submitted_at: Option<chrono::DateTime<Utc>>) {
+        let service = self.service.name().to_owned();
+        if let Some(at) = submitted_at {
+            let seconds = (Utc::now() - at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+            self.metrics
+                .delivery_seconds
+                .get_or_create(&ServiceLabel {
+                    service: service.clone(),
+                })
+                .observe(seconds);
+        }
+        self.metrics
+            .delivered
+            .get_or_create(&ServiceKind {
+                service,
+                kind: kind.code().to_owned(),
+            })
+            .inc();
     }
 
     /// Decodes a delivery for the client, or dead-letters it with the
@@ -352,6 +393,12 @@ impl GatewayCore {
         match decoded {
             Ok(envelope) => {
                 if let Err(reason) = self.believe(agency, &envelope, &incoming) {
+                    self.metrics
+                        .refused
+                        .get_or_create(&ServiceLabel {
+                            service: self.service.name().to_owned(),
+                        })
+                        .inc();
                     let refusal = Refusal {
                         queue: queue.to_owned(),
                         detected_by: agency.to_owned(),
@@ -489,6 +536,12 @@ impl GatewayCore {
                 ),
             )));
         }
+        self.metrics
+            .acknowledged
+            .get_or_create(&ServiceLabel {
+                service: self.service.name().to_owned(),
+            })
+            .inc_by(taken.len() as u64);
         for t in taken {
             if let Err(e) = t.acker.ack(BasicAckOptions::default()).await {
                 // Recorded: the broker's redelivery is recognised and dropped.
@@ -589,15 +642,43 @@ pub async fn publish_signed(
 #[derive(Clone)]
 pub struct GatewayService(pub Arc<GatewayCore>);
 
+impl GatewayService {
+    /// Runs one call, counting it in `rejected` if it fails.
+    async fn counted<T>(
+        &self,
+        rpc: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let result = call.await;
+        if let Err(status) = &result {
+            self.0.metrics.reject(self.0.service.name(), rpc, status);
+        }
+        result.map(Response::new)
+    }
+}
+
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<Receipt>, Status> {
-        let caller = Caller::of(&request)?;
-        let Some(envelope) = request.into_inner().envelope else {
-            return Err(Status::invalid_argument("envelope: required"));
-        };
-        caller.acts_as("envelope.sender", &envelope.sender)?;
-        Ok(Response::new(self.0.submit(envelope).await?))
+        let started = std::time::Instant::now();
+        let result = self
+            .counted("Submit", async {
+                let caller = Caller::of(&request)?;
+                let Some(envelope) = request.into_inner().envelope else {
+                    return Err(Status::invalid_argument("envelope: required"));
+                };
+                caller.acts_as("envelope.sender", &envelope.sender)?;
+                Ok(self.0.submit(envelope).await?)
+            })
+            .await;
+        self.0
+            .metrics
+            .submit_seconds
+            .get_or_create(&ServiceLabel {
+                service: self.0.service.name().to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     type InboxStream = ReceiverStream<Result<Delivery, Status>>;
@@ -606,38 +687,50 @@ impl Gateway for GatewayService {
         &self,
         request: Request<InboxRequest>,
     ) -> Result<Response<Self::InboxStream>, Status> {
-        let caller = Caller::of(&request)?;
-        let agency = request.into_inner().agency;
-        caller.acts_as("agency", &agency)?;
-        Ok(Response::new(self.0.inbox(agency)?))
+        self.counted("Inbox", async {
+            let caller = Caller::of(&request)?;
+            let agency = request.into_inner().agency;
+            caller.acts_as("agency", &agency)?;
+            Ok(self.0.inbox(agency)?)
+        })
+        .await
     }
 
     async fn acknowledge(
         &self,
         request: Request<AcknowledgeRequest>,
     ) -> Result<Response<AcknowledgeResponse>, Status> {
-        let caller = Caller::of(&request)?;
-        let request = request.into_inner();
-        caller.acts_as("agency", &request.agency)?;
-        let not_pending = self.0.acknowledge(request).await?;
-        Ok(Response::new(AcknowledgeResponse { not_pending }))
+        self.counted("Acknowledge", async {
+            let caller = Caller::of(&request)?;
+            let request = request.into_inner();
+            caller.acts_as("agency", &request.agency)?;
+            let not_pending = self.0.acknowledge(request).await?;
+            Ok(AcknowledgeResponse { not_pending })
+        })
+        .await
     }
 
     async fn feedback(
         &self,
         request: Request<FeedbackRequest>,
     ) -> Result<Response<Receipt>, Status> {
-        let caller = Caller::of(&request)?;
-        let request = request.into_inner();
-        caller.acts_as("agency", &request.agency)?;
-        Ok(Response::new(self.0.feedback(request).await?))
+        self.counted("Feedback", async {
+            let caller = Caller::of(&request)?;
+            let request = request.into_inner();
+            caller.acts_as("agency", &request.agency)?;
+            Ok(self.0.feedback(request).await?)
+        })
+        .await
     }
 
     async fn relay(&self, request: Request<RelayRequest>) -> Result<Response<Receipt>, Status> {
-        let caller = Caller::of(&request)?;
-        let request = request.into_inner();
-        caller.acts_as("agency", &request.agency)?;
-        Ok(Response::new(self.0.relay(request).await?))
+        self.counted("Relay", async {
+            let caller = Caller::of(&request)?;
+            let request = request.into_inner();
+            caller.acts_as("agency", &request.agency)?;
+            Ok(self.0.relay(request).await?)
+        })
+        .await
     }
 }
 

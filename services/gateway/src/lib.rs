@@ -21,7 +21,9 @@
 //!   dead-letter queue.
 //! - [`agencies`]: the RPCs specific to each kind of agency.
 //! - [`app`]: build (bind) and run (serve until shutdown) an agency service.
-//! - [`telemetry`]: tracing set-up.
+//! - [`observe`]: Prometheus metrics (`/metrics`), gRPC health and
+//!   reflection.
+//! - [`telemetry`]: tracing set-up (JSON when not on a terminal).
 //! - [`cli`]: the `main` shared by the five agency-service binaries.
 
 #![forbid(unsafe_code)]
@@ -35,6 +37,7 @@ pub mod error;
 pub mod forgery;
 pub mod gateway;
 pub mod inbox;
+pub mod observe;
 pub mod settings;
 pub mod telemetry;
 

@@ -7,10 +7,15 @@
 //!   (the source of `deploy/rabbitmq/definitions.json`).
 //! - `refbus directory check` validates an agency directory.
 //! - `refbus keys generate` makes the Ed25519 signing keys of a deployment.
+//! - `refbus send`, `inbox`, `ack`, `feedback`, `status`, `overdue`,
+//!   `report`: a desk's or supervisor's work against a running bus
+//!   ([`client`]); `refbus policy check` and `refbus audit verify`.
 
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
+
+pub mod client;
 
 use clap::{Parser, Subcommand};
 use refbus_bus::{BusError, Topology, redact_url};
@@ -26,7 +31,8 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "refbus",
     version,
-    about = "refbus: the inter-agency referral and notification bus."
+    about = "refbus: the inter-agency referral and notification bus.",
+    after_help = client::EXIT_CODES
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -68,6 +74,46 @@ pub enum Command {
     ///
     /// Example: refbus broker-users > deploy/rabbitmq/users.sh
     BrokerUsers(BusNames),
+    /// Send a referral or notice from a JSON or TOML envelope file.
+    ///
+    /// Example: refbus send -a dz-detention-centre request.json --key req-17 --clock-started 2026-11-23T08:00:00Z
+    #[command(after_help = SEND_HELP)]
+    Send(client::SendArgs),
+    /// Follow an agency's inbox, acknowledging each delivery as it is printed.
+    ///
+    /// Example: refbus inbox -a dz-duty-desk            (follow; Ctrl-C stops)
+    /// Example: refbus inbox -a dz-duty-desk --no-ack --idle 5s -o json
+    Inbox(client::InboxArgs),
+    /// Acknowledge deliveries held on an open Inbox stream (`inbox --no-ack`).
+    ///
+    /// Example: refbus ack -a dz-duty-desk 3-1-17 3-1-18
+    Ack(client::AckArgs),
+    /// Answer a referral: the feedback goes back to its sender.
+    ///
+    /// Example: refbus feedback -a dz-duty-desk 0193... --outcome lawyer-assigned --summary "Lawyer Wang assigned"
+    Feedback(client::FeedbackArgs),
+    /// A referral's timeline and obligations, from the tracker.
+    ///
+    /// Example: refbus status -a dz-detention-centre 0193...
+    Status(client::StatusArgs),
+    /// Your agency's overdue obligations (with --all, every unmet one).
+    ///
+    /// Example: refbus overdue -a dz-duty-desk --rule CQ-1.1b
+    Overdue(client::OverdueArgs),
+    /// The compliance report (CQ-3.11) for a period: table, CSV or an HTML page with a chart.
+    ///
+    /// Example: refbus report -a dz-justice-bureau --from 2026-10-01 --to 2026-11-01 --format html --out october.html
+    Report(client::ReportArgs),
+    /// Check the policy catalogue against the directory.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+    /// Audit the tracker's ledger.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Validate an agency directory and list its agencies.
     Directory {
         #[command(subcommand)]
@@ -127,6 +173,49 @@ pub struct BusNames {
     pub namespace: String,
     #[arg(long, default_value = "/")]
     pub vhost: String,
+}
+
+const SEND_HELP: &str = r#"The file is a refbus.v1.Envelope in protobuf's JSON mapping, e.g.:
+  {
+    "recipient": "dz-duty-desk",
+    "idempotency_key": "req-17",
+    "clock_started_at": "2026-11-23T08:00:00Z",
+    "legal_help_request": {
+      "detention_centre": "dz-detention-centre",
+      "detainee": {"name": "...", "id_number": "...", "custody_number": "DZ-1"},
+      "matter": "..."
+    }
+  }
+`sender` defaults to --agency. Prints the receipt (the message id, to follow with `refbus status`)."#;
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyAction {
+    /// Load and validate the catalogue; exit 7 naming the file, line and problem.
+    ///
+    /// Example: refbus policy check deploy/policy
+    Check {
+        #[arg(default_value = "deploy/policy")]
+        dir: std::path::PathBuf,
+        #[arg(
+            long,
+            env = "REFBUS_DIRECTORY",
+            default_value = "deploy/local/directory.toml"
+        )]
+        directory: std::path::PathBuf,
+        #[arg(long, short = 'o', value_enum, default_value = "auto")]
+        output: client::Output,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// Walk the ledger's hash chain; exit 7 naming the first broken link.
+    ///
+    /// Example: DATABASE_URL=postgres://ledger@db/refbus refbus audit verify
+    Verify {
+        #[command(flatten)]
+        tracker: Box<TrackerSettings>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -214,6 +303,11 @@ pub async fn up(mut args: Box<UpArgs>) -> anyhow::Result<()> {
             app.core().served.len()
         );
     }
+    println!(
+        "  {:<17} http://{}/  (web dashboard; /metrics, /healthz)",
+        "dashboard",
+        tracker.http_addr()?
+    );
     println!(
         "  {:<17} {scheme}://{}  (ledger: {ledger})",
         "tracker",
@@ -358,10 +452,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { action } => keys(action),
+        Command::Send(args) => client_command(client::send(args)),
+        Command::Inbox(args) => client_command(client::inbox(args)),
+        Command::Ack(args) => client_command(client::ack(args)),
+        Command::Feedback(args) => client_command(client::feedback(args)),
+        Command::Status(args) => client_command(client::status(args)),
+        Command::Overdue(args) => client_command(client::overdue(args)),
+        Command::Report(args) => client_command(client::report(args)),
+        Command::Policy {
+            action:
+                PolicyAction::Check {
+                    dir,
+                    directory,
+                    output,
+                },
+        } => Ok(client::policy_check(&dir, &directory, output)?),
+        Command::Audit {
+            action: AuditAction::Verify { tracker },
+        } => client_command(async move { client::audit_verify(&tracker).await }),
         Command::Directory {
             action: DirectoryAction::Check { path },
         } => {
-            let directory = Directory::load(&path)?;
+            let directory = Directory::load(&path)
+                .map_err(|e| client::Failure::new(client::ExitCode::CheckFailed, e.to_string()))?;
             println!(
                 "{}: {} agencies, valid",
                 path.display(),
@@ -370,6 +483,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs a client command on a small runtime of its own.
+fn client_command(
+    command: impl std::future::Future<Output = Result<(), client::Failure>>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(command)?)
+}
+
+/// The exit code for a command's error: a [`client::Failure`]'s own, else 1.
+#[must_use]
+pub fn exit_code(error: &anyhow::Error) -> i32 {
+    error
+        .downcast_ref::<client::Failure>()
+        .map_or(1, |f| f.code as i32)
 }
 
 fn keys(action: KeysAction) -> anyhow::Result<()> {

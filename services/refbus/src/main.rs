@@ -6,6 +6,6 @@ use clap::Parser;
 fn main() {
     if let Err(e) = refbus::run(refbus::Cli::parse()) {
         eprintln!("refbus: {e:#}");
-        std::process::exit(1);
+        std::process::exit(refbus::exit_code(&e));
     }
 }

@@ -53,7 +53,8 @@ fn directory_check_names_the_line_and_the_problem() {
     .unwrap();
     let out = refbus(&["directory", "check", dir.to_str().unwrap()]);
     std::fs::remove_file(&dir).ok();
-    assert_eq!(out.status.code(), Some(1));
+    // 7: a check found a problem (`refbus --help`, exit codes).
+    assert_eq!(out.status.code(), Some(7));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(

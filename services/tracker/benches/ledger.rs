@@ -199,6 +199,7 @@ fn tracker_settings(
         data_dir,
         policy: concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policy").into(),
         listen: Some("127.0.0.1:0".parse().unwrap()),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
         batch: env_usize("BENCH_BATCH", 500),
     }
 }

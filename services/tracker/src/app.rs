@@ -23,7 +23,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
+use refbus_gateway::observe::{self, Telemetry, default_http_addr};
+
 use crate::clock::Clock;
+use crate::dashboard;
 use crate::deadline::{self, Wake};
 use crate::ledger::{Head, Ledger, LedgerError, sqlite_url};
 use crate::query::Queries;
@@ -49,6 +52,10 @@ pub struct TrackerSettings {
     /// `refbus up` puts it after the agency services).
     #[arg(long = "tracker-listen", env = "REFBUS_TRACKER_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Where to serve the dashboard, `/metrics` and `/healthz` over HTTP
+    /// (default: the gRPC address's port + 1000, e.g. 51056).
+    #[arg(long = "http-listen", env = "REFBUS_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// Messages recorded per transaction, at most.
     #[arg(long, env = "REFBUS_TRACKER_BATCH", default_value_t = 500)]
     pub batch: usize,
@@ -90,6 +97,8 @@ pub enum TrackerError {
 /// The tracker, built and ready to run.
 pub struct Tracker {
     listener: TcpListener,
+    http: TcpListener,
+    telemetry: Arc<Telemetry>,
     pub ledger: Arc<Ledger>,
     pub metrics: Arc<Metrics>,
     recorder: Arc<Recorder>,
@@ -123,6 +132,24 @@ impl Tracker {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| TrackerError::Bind { addr, source })?;
+        let http_addr = match settings.http_listen {
+            Some(http) => http,
+            None => default_http_addr(
+                listener
+                    .local_addr()
+                    .map_err(|source| TrackerError::Bind { addr, source })?,
+            ),
+        };
+        let http = TcpListener::bind(http_addr)
+            .await
+            .map_err(|source| TrackerError::Bind {
+                addr: http_addr,
+                source,
+            })?;
+        let metrics = Arc::new(Metrics::default());
+        shared
+            .telemetry
+            .register(|registry| metrics.register(registry));
         let queries = Queries {
             ledger: ledger.clone(),
             directory: shared.directory.clone(),
@@ -130,8 +157,10 @@ impl Tracker {
         };
         Ok(Self {
             listener,
+            http,
+            telemetry: shared.telemetry.clone(),
             ledger,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             recorder: Arc::new(Recorder {
                 directory: shared.directory.clone(),
                 policy,
@@ -158,6 +187,14 @@ impl Tracker {
     /// When the socket has no local address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address the dashboard and `/metrics` are served on.
+    ///
+    /// # Errors
+    /// When the socket has no local address.
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
     }
 
     /// Records, scans and serves until shutdown.
@@ -193,9 +230,25 @@ impl Tracker {
             self.wake.clone(),
             self.shutdown.clone(),
         ));
+        let http = observe::metrics_router(self.telemetry.clone(), self.bus.clone())
+            .merge(dashboard::router(self.queries.clone(), self.auth.clone()));
+        tokio::spawn(observe::serve_http(self.http, http, self.shutdown.clone()));
+        let reflection = match observe::reflection_service() {
+            Ok(reflection) => Some(reflection),
+            Err(e) => {
+                tracing::error!(error = %e, "gRPC reflection unavailable");
+                None
+            }
+        };
+        let health = observe::health_service(
+            self.bus.clone(),
+            vec![<TrackerServer<Queries> as tonic::server::NamedService>::NAME],
+            self.shutdown.clone(),
+        );
         let served = server
-            .layer(self.auth.layer())
-            .add_service(TrackerServer::new(self.queries))
+            .add_service(health)
+            .add_optional_service(reflection)
+            .add_service(self.auth.intercept(TrackerServer::new(self.queries)))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.listener),
                 self.shutdown.clone().cancelled_owned(),
@@ -242,7 +295,7 @@ impl Ingest {
             ..
         } = self;
         loop {
-            let (incomings, prepared): (Vec<Incoming>, Prepared) = tokio::select! {
+            let (incomings, prepared, on_bus): (Vec<Incoming>, Prepared, Vec<i64>) = tokio::select! {
                 () = shutdown.cancelled() => break,
                 next = prepared_rx.recv() => match next {
                     Some(next) => next,
@@ -254,6 +307,7 @@ impl Ingest {
                 match record_batch(&ledger, &recorder, &prepared, &clock).await {
                     Ok(tally) => {
                         metrics.add(tally);
+                        metrics.observe_lag(&on_bus);
                         if let Some(due) = tally.earliest_due {
                             wake.obligation_due(due);
                         }
@@ -277,7 +331,10 @@ impl Ingest {
     /// Gathers up to `batch_max` deliveries from the tap (as many as are
     /// already there, at least one), dead-letters what does not decode, and
     /// hands the batch on with its rows prepared.
-    async fn gather(self, prepared: tokio::sync::mpsc::Sender<(Vec<Incoming>, Prepared)>) {
+    async fn gather(
+        self,
+        prepared: tokio::sync::mpsc::Sender<(Vec<Incoming>, Prepared, Vec<i64>)>,
+    ) {
         let Ingest {
             recorder,
             metrics,
@@ -332,7 +389,11 @@ impl Ingest {
             }
             let refs: Vec<&Observed> = observed.iter().collect();
             let rows = recorder.prepare(&refs, clock.now());
-            if prepared.send((incomings, rows)).await.is_err() {
+            let on_bus = observed
+                .iter()
+                .filter_map(Observed::on_bus_millis)
+                .collect();
+            if prepared.send((incomings, rows, on_bus)).await.is_err() {
                 return;
             }
         }

@@ -47,6 +47,29 @@ const PAGE: i64 = 10_000;
 /// # Errors
 /// A database error.
 pub async fn verify(ledger: &Ledger) -> Result<Verdict, LedgerError> {
+    verify_reporting(ledger, &|_| {}).await
+}
+
+/// How many ledger events there are to verify (for a progress bar).
+///
+/// # Errors
+/// A database error.
+pub async fn event_count(ledger: &Ledger) -> Result<u64, LedgerError> {
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_events")
+        .fetch_one(&ledger.pool)
+        .await?;
+    Ok(u64::try_from(count).unwrap_or(0))
+}
+
+/// Verifies the whole ledger, calling `progress` with the number of
+/// events verified so far after each page.
+///
+/// # Errors
+/// A database error.
+pub async fn verify_reporting(
+    ledger: &Ledger,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Verdict, LedgerError> {
     let mut prev = String::new();
     let mut expected = 1_i64;
     loop {
@@ -100,6 +123,7 @@ pub async fn verify(ledger: &Ledger) -> Result<Verdict, LedgerError> {
             prev = stored;
             expected += 1;
         }
+        progress(u64::try_from(expected - 1).unwrap_or(0));
     }
     let head = sqlx::query("SELECT seq, hash FROM ledger_head WHERE id = 1")
         .fetch_one(&ledger.pool)

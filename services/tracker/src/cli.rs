@@ -20,9 +20,10 @@ pub async fn run(bus: BusSettings, tracker: TrackerSettings) -> anyhow::Result<(
     let shared = Shared::connect(bus, shutdown.clone()).await?;
     let built = Tracker::build(&tracker, &shared, Clock::System).await?;
     println!(
-        "tracker serving on {}://{}",
+        "tracker serving on {}://{} (dashboard and metrics: http://{}/)",
         shared.auth.scheme(),
-        built.local_addr()?
+        built.local_addr()?,
+        built.http_addr()?
     );
     tokio::spawn(shutdown_on_signal(shutdown));
     built.run().await?;

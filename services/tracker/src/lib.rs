@@ -10,6 +10,7 @@
 //! - [`deadline`]: the deadline engine and the overdue-notice outbox.
 //! - [`query`]: the gRPC queries (status and timeline, obligations, compliance report).
 //! - [`audit`]: verification of the hash chain.
+//! - [`dashboard`]: the read-only web dashboard (overdue, timeline, monthly chart).
 //! - [`app`]: building and running the tracker.
 //! - [`cli`]: the tracker as a service of its own (`tracker run`, `refbus tracker`).
 
@@ -19,6 +20,7 @@ pub mod app;
 pub mod audit;
 pub mod cli;
 pub mod clock;
+pub mod dashboard;
 pub mod deadline;
 pub mod ledger;
 pub mod query;

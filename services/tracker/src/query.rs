@@ -59,6 +59,26 @@ impl Queries {
         })
     }
 
+    /// The agencies whose obligations `asker` may see: its own, or for a
+    /// justice bureau every agency of the regions it supervises.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT or NOT_FOUND for an unknown asker.
+    pub fn visible_agencies(&self, asker: &str) -> Result<BTreeSet<String>, Status> {
+        let asker = self.agency(asker)?;
+        Ok(if asker.kind == AgencyKind::JusticeBureau {
+            let regions = self.supervised_regions(asker);
+            self.directory
+                .agencies()
+                .iter()
+                .filter(|a| regions.contains(&a.region))
+                .map(|a| a.id.clone())
+                .collect()
+        } else {
+            BTreeSet::from([asker.id.clone()])
+        })
+    }
+
     /// The regions a justice bureau supervises: its own, and for a
     /// municipal bureau its districts.
     fn supervised_regions(&self, bureau: &refbus_core::Agency) -> BTreeSet<String> {
@@ -342,17 +362,7 @@ impl Queries {
         if to <= from {
             return Err(Status::invalid_argument("to: must be after from"));
         }
-        let visible: BTreeSet<String> = if asker.kind == AgencyKind::JusticeBureau {
-            let regions = self.supervised_regions(asker);
-            self.directory
-                .agencies()
-                .iter()
-                .filter(|a| regions.contains(&a.region))
-                .map(|a| a.id.clone())
-                .collect()
-        } else {
-            BTreeSet::from([asker.id.clone()])
-        };
+        let visible = self.visible_agencies(&asker.id)?;
         let rows = sqlx::query(
             "SELECT bearer, rule, clock_started_at, due_at, met_at FROM obligations
              WHERE clock_started_at >= $1 AND clock_started_at < $2",

@@ -28,11 +28,19 @@ use refbus_proto::v1::{Envelope, Hop, HopReport, Letter, Outcome, WithholdingGro
 use serde_json::json;
 use sqlx::{AnyConnection, Row};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
 use crate::clock::millis;
 use crate::ledger::{CHUNK, Event, Head, RowSet, Value, insert_rows, sha256_hex};
 
-/// Counters the tracker keeps (exported as metrics by the service).
-#[derive(Debug, Default)]
+/// Counters the tracker keeps, exported as Prometheus metrics
+/// (`refbus_tracker_*`, see [`Metrics::register`]).
+#[derive(Debug)]
 pub struct Metrics {
     /// Messages recorded (first time seen).
     pub recorded: AtomicU64,
@@ -49,6 +57,113 @@ pub struct Metrics {
     pub refused: AtomicU64,
     /// Obligations marked overdue.
     pub overdue: AtomicU64,
+    /// The tracker's lag: from a message's time on the bus (an envelope's
+    /// `submitted_at`, a hop report's `at`) to the commit that recorded it.
+    pub lag_seconds: Histogram,
+    /// The largest lag in the last batch recorded, in seconds.
+    pub last_lag_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            recorded: AtomicU64::default(),
+            duplicates: AtomicU64::default(),
+            unknown_kinds: AtomicU64::default(),
+            obligations: AtomicU64::default(),
+            undecodable: AtomicU64::default(),
+            refused: AtomicU64::default(),
+            overdue: AtomicU64::default(),
+            // 1 ms to about 65 s.
+            lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            last_lag_seconds: Gauge::default(),
+        }
+    }
+}
+
+/// The counters, read at each scrape.
+#[derive(Debug)]
+struct Counters(Arc<Metrics>);
+
+impl Collector for Counters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m = &self.0;
+        for (name, help, value) in [
+            (
+                "refbus_tracker_recorded",
+                "Messages recorded in the ledger (first time seen)",
+                &m.recorded,
+            ),
+            (
+                "refbus_tracker_duplicates",
+                "Messages seen again and ignored",
+                &m.duplicates,
+            ),
+            (
+                "refbus_tracker_unknown_kinds",
+                "Messages of a kind the policy catalogue does not know (recorded, flagged)",
+                &m.unknown_kinds,
+            ),
+            (
+                "refbus_tracker_obligations",
+                "Obligations created",
+                &m.obligations,
+            ),
+            (
+                "refbus_tracker_undecodable",
+                "Tap deliveries that did not decode (dead-lettered)",
+                &m.undecodable,
+            ),
+            (
+                "refbus_tracker_refused",
+                "Tap deliveries refused as unsigned, forged or altered",
+                &m.refused,
+            ),
+            (
+                "refbus_tracker_overdue",
+                "Obligations marked overdue",
+                &m.overdue,
+            ),
+        ] {
+            let counter = ConstCounter::new(value.load(Ordering::Relaxed));
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// Registers the tracker's metrics in a process's registry.
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register_collector(Box::new(Counters(self.clone())));
+        registry.register(
+            "refbus_tracker_lag_seconds",
+            "From a message's time on the bus to the commit that recorded it",
+            self.lag_seconds.clone(),
+        );
+        registry.register(
+            "refbus_tracker_last_lag_seconds",
+            "The largest lag in the last batch recorded",
+            self.last_lag_seconds.clone(),
+        );
+    }
+
+    /// Observes the lag of a committed batch's messages (their times on
+    /// the bus, epoch ms), against the wall clock.
+    pub fn observe_lag(&self, on_bus: &[i64]) {
+        let now = Utc::now().timestamp_millis();
+        let mut worst = 0.0_f64;
+        for at in on_bus {
+            #[allow(clippy::cast_precision_loss)]
+            let lag = (now - at).max(0) as f64 / 1000.0;
+            self.lag_seconds.observe(lag);
+            worst = worst.max(lag);
+        }
+        if !on_bus.is_empty() {
+            self.last_lag_seconds.set(worst);
+        }
+    }
 }
 
 /// What one batch recorded, added to [`Metrics`] once it has committed.
@@ -83,6 +198,17 @@ pub enum Observed {
 }
 
 impl Observed {
+    /// When the message went on the bus (epoch ms): an envelope's
+    /// `submitted_at`, a hop report's `at`.
+    #[must_use]
+    pub fn on_bus_millis(&self) -> Option<i64> {
+        let at = match self {
+            Observed::Envelope(e) => e.submitted_at.as_ref(),
+            Observed::Hop(h) => h.at.as_ref(),
+        };
+        ts(at).map(|t| t.timestamp_millis())
+    }
+
     /// Decodes a tap delivery: hop reports come on `event.*` routing keys,
     /// everything else is an envelope.
     ///

@@ -17,7 +17,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::{BusError, Topology, redact_url};
+use crate::{BusError, BusMetrics, Topology, redact_url};
 
 /// How to reach the broker and what to declare there.
 #[derive(Clone, Debug)]
@@ -74,6 +74,7 @@ struct Inner {
     config: BusConfig,
     state: watch::Sender<State>,
     shutdown: CancellationToken,
+    metrics: BusMetrics,
 }
 
 /// A message to publish.
@@ -131,6 +132,7 @@ impl Bus {
                 config,
                 state,
                 shutdown,
+                metrics: BusMetrics::default(),
             }),
         };
         tokio::spawn(supervise(bus.inner.clone()));
@@ -140,6 +142,12 @@ impl Bus {
     #[must_use]
     pub fn topology(&self) -> &Topology {
         &self.inner.config.topology
+    }
+
+    /// What this bus counts (published, confirmed, dead-lettered).
+    #[must_use]
+    pub fn metrics(&self) -> &BusMetrics {
+        &self.inner.metrics
     }
 
     /// Whether the bus has a live connection now.
@@ -172,6 +180,18 @@ impl Bus {
     /// when no confirm arrives within the confirm timeout;
     /// [`BusError::Unroutable`] when no queue took it; [`BusError::Nacked`].
     pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError> {
+        let kind = BusMetrics::kind(message.kind);
+        self.inner.metrics.published.get_or_create(&kind).inc();
+        let result = self.publish_confirmed(message).await;
+        let outcome = match result {
+            Ok(()) => &self.inner.metrics.confirmed,
+            Err(_) => &self.inner.metrics.publish_failed,
+        };
+        outcome.get_or_create(&kind).inc();
+        result
+    }
+
+    async fn publish_confirmed(&self, message: Outgoing<'_>) -> Result<(), BusError> {
         let link = self.current()?;
         let mut headers = FieldTable::default();
         for (key, value) in &message.headers {

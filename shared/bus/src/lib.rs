@@ -13,10 +13,12 @@
 #![forbid(unsafe_code)]
 
 pub mod connection;
+pub mod metrics;
 pub mod subscription;
 pub mod topology;
 
 pub use connection::{Bus, BusConfig, Outgoing};
+pub use metrics::BusMetrics;
 pub use subscription::{Incoming, QUEUE_HEADER, REASON_HEADER, Subscription};
 pub use topology::Topology;
 

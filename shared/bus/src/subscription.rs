@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::connection::State;
-use crate::{Bus, Outgoing};
+use crate::{Bus, BusMetrics, Outgoing};
 
 /// The AMQP header carrying why a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-refbus-reason";
@@ -106,6 +106,10 @@ impl Bus {
         ];
         match self.publish(message).await {
             Ok(()) => {
+                self.metrics()
+                    .dead_lettered
+                    .get_or_create(&BusMetrics::queue_role(&self.topology().namespace, queue))
+                    .inc();
                 tracing::warn!(%queue, %reason, bytes = incoming.data.len(), "dead-lettered an undecodable delivery");
                 if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
                     tracing::warn!(%queue, error = %e, "ack after dead-lettering failed; the broker will redeliver it");

@@ -2,7 +2,34 @@
 //! an obligation (referrals) or only inform (notices), and which payload
 //! carries them.
 
-use refbus_proto::v1::{Hop, MessageKind, envelope::Payload};
+use refbus_proto::v1::{Hop, MessageKind, ObligationState, envelope::Payload};
+
+/// The code of a kind as it comes on the wire (an `i32`); `unspecified`
+/// for a number this build does not know.
+#[must_use]
+pub fn kind_code(kind: i32) -> &'static str {
+    MessageKind::try_from(kind)
+        .unwrap_or(MessageKind::Unspecified)
+        .code()
+}
+
+/// The code of a hop as it comes on the wire (an `i32`).
+#[must_use]
+pub fn hop_code_of(hop: i32) -> &'static str {
+    hop_code(Hop::try_from(hop).unwrap_or(Hop::Unspecified))
+}
+
+/// An obligation's state in words, as the CLI and the dashboard show it.
+#[must_use]
+pub fn obligation_state_text(state: i32) -> &'static str {
+    match ObligationState::try_from(state).unwrap_or(ObligationState::Unspecified) {
+        ObligationState::Open => "open",
+        ObligationState::Overdue => "overdue",
+        ObligationState::MetOnTime => "met on time",
+        ObligationState::MetLate => "met late",
+        ObligationState::Unspecified => "",
+    }
+}
 
 /// The name of a hop, in routing keys (`event.<hop>`) and in the ledger.
 #[must_use]

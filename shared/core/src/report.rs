@@ -208,7 +208,8 @@ fn csv_field(text: &str) -> String {
 }
 
 /// Text safe in HTML content and attribute values.
-fn html_escape(text: &str) -> String {
+#[must_use]
+pub fn html_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -416,6 +417,27 @@ impl ComplianceReport {
     /// the table of the rows. All text is HTML-escaped.
     #[must_use]
     pub fn to_html(&self) -> String {
+        let title = html_escape(&format!(
+            "refbus compliance report, {}",
+            period(self.from, self.to)
+        ));
+        format!(
+            "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+             <title>{title}</title>\n\
+             <style>body{{font-family:sans-serif;margin:2em}}\
+             table{{border-collapse:collapse}}\
+             td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}\
+             td:nth-child(-n+2),th:nth-child(-n+2){{text-align:left}}</style>\n\
+             </head>\n<body>\n{}</body>\n</html>\n",
+            self.to_html_fragment()
+        )
+    }
+
+    /// The report as an HTML fragment (heading, chart, table) to embed in
+    /// a page, such as the tracker's dashboard.
+    #[must_use]
+    pub fn to_html_fragment(&self) -> String {
         const LABEL_WIDTH: usize = 220;
         const BAR_WIDTH: f64 = 500.0;
         const ROW_HEIGHT: usize = 30;
@@ -432,14 +454,7 @@ impl ComplianceReport {
         let mut out = String::new();
         let _ = write!(
             out,
-            "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
-             <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-             <title>{title}</title>\n\
-             <style>body{{font-family:sans-serif;margin:2em}}\
-             table{{border-collapse:collapse}}\
-             td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}\
-             td:nth-child(-n+2),th:nth-child(-n+2){{text-align:left}}</style>\n\
-             </head>\n<body>\n<h1>{title}</h1>\n\
+            "<h1>{title}</h1>\n\
              <p>Joint-meeting report (CQ-3.11): obligations whose clock started in the period, \
              judged as of {as_of}.</p>\n",
             as_of = html_escape(&self.as_of.format("%Y-%m-%d %H:%M UTC").to_string())
@@ -508,7 +523,7 @@ impl ComplianceReport {
             }
             out.push_str("</tr>\n");
         }
-        out.push_str("</table>\n</body>\n</html>\n");
+        out.push_str("</table>\n");
         out
     }
 }
