@@ -413,3 +413,55 @@ async fn audit_verify_names_a_changed_row_and_exits_7() {
     assert!(audit.stdout.contains("seq 1"), "{audit:?}");
     up.stop().await;
 }
+
+/// With mutual TLS, the command authenticates with the agency's client
+/// certificate: it acts as that agency, and as no other (exit 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_authenticate_with_a_client_certificate_under_mutual_tls() {
+    let up = Up::start_with(refbus_tests::mtls_env()).await;
+    assert!(
+        up.url("detention-centre").starts_with("https://"),
+        "{:?}",
+        up.addrs
+    );
+    let tls = refbus_tests::tls_dir();
+    let cert = |agency: &str| {
+        [
+            "--client-cert".to_owned(),
+            tls.join(format!("agencies/{agency}.pem"))
+                .display()
+                .to_string(),
+            "--client-key".to_owned(),
+            tls.join(format!("agencies/{agency}.key"))
+                .display()
+                .to_string(),
+            "--ca".to_owned(),
+            tls.join("ca.pem").display().to_string(),
+        ]
+    };
+    let files = up.data_dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let request = request_file(&files, "cli-mtls.json", 1);
+    let mut args = vec!["send".to_owned(), request.clone()];
+    args.extend(cert(CENTRE));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sent = up.refbus("detention-centre", CENTRE, &args).await;
+    assert_eq!(sent.code, 0, "{sent:?}");
+    let id = sent_id(&sent.stdout);
+    let status = eventually("the request in the ledger", || async {
+        let mut args = vec!["status".to_owned(), id.clone()];
+        args.extend(cert(CENTRE));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let s = up.refbus("tracker", CENTRE, &args).await;
+        (s.code == 0).then_some(s)
+    })
+    .await;
+    assert!(status.stdout.contains(&id), "{status:?}");
+    // The centre's certificate, claiming to be the court: not allowed.
+    let mut args = vec!["status".to_owned(), id.clone()];
+    args.extend(cert(CENTRE));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let posing = up.refbus("tracker", "dz-court", &args).await;
+    assert_eq!(posing.code, 4, "{posing:?}");
+    up.stop().await;
+}

@@ -35,10 +35,16 @@ pub struct Ran {
 impl Up {
     /// Starts `refbus up` on free ports and waits for its addresses.
     pub async fn start() -> Self {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// As [`Up::start`], with more environment (e.g. [`crate::mtls_env`]).
+    pub async fn start_with(env: Vec<(&'static str, PathBuf)>) -> Self {
         let settings = test_settings(crate::amqp_url());
         let data_dir = std::env::temp_dir().join(format!("refbus-up-{}", settings.namespace));
         std::fs::create_dir_all(&data_dir).unwrap();
         let mut child = crate::refbus_up(&settings, &data_dir, "warn")
+            .envs(env)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -137,38 +137,82 @@ pub struct Connection {
     /// How to print results.
     #[arg(long, short = 'o', value_enum, default_value = "auto")]
     pub output: Output,
+    /// Mutual TLS (services run with `--auth mtls`): your agency's client
+    /// certificate (PEM), whose URI SAN names the agency.
+    #[arg(long, env = "REFBUS_CLIENT_CERT", requires_all = ["client_key", "ca"])]
+    pub client_cert: Option<PathBuf>,
+    /// Mutual TLS: the certificate's private key (PEM).
+    #[arg(long, env = "REFBUS_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Mutual TLS: the CA that signed the services' certificate (PEM).
+    #[arg(long, env = "REFBUS_CA", requires = "client_cert")]
+    pub ca: Option<PathBuf>,
+    /// Mutual TLS: the name the services' certificate is issued to.
+    #[arg(long, env = "REFBUS_TLS_DOMAIN", default_value = "localhost")]
+    pub tls_domain: String,
 }
 
 type Authorised = InterceptedService<Channel, Bearer>;
 
-/// Adds the agency's bearer token to every call.
+/// Adds the agency's bearer token to every call (nothing with mutual TLS).
 #[derive(Clone)]
-pub struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
         Ok(request)
     }
 }
 
 impl Connection {
+    /// The bearer token to send; none with mutual TLS (the certificate
+    /// names the agency).
     fn bearer(&self) -> Result<Bearer> {
+        if self.client_cert.is_some() {
+            return Ok(Bearer(None));
+        }
         let token = self
             .token
             .clone()
             .unwrap_or_else(|| format!("dev-{}", self.agency));
         format!("Bearer {token}")
             .parse()
-            .map(Bearer)
+            .map(|v| Bearer(Some(v)))
             .map_err(|_| Failure::new(ExitCode::Failed, "--token: not a valid header value"))
     }
 
-    async fn channel(url: &str) -> Result<Channel> {
-        let endpoint = Channel::from_shared(url.to_owned())
+    /// The client side of mutual TLS, when a certificate is given.
+    fn tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let (Some(cert), Some(key), Some(ca)) = (&self.client_cert, &self.client_key, &self.ca)
+        else {
+            return Ok(None);
+        };
+        let read = |path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| Failure::new(ExitCode::Failed, format!("{}: {e}", path.display())))
+        };
+        Ok(Some(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(ca)?))
+                .identity(Identity::from_pem(read(cert)?, read(key)?))
+                .domain_name(self.tls_domain.clone()),
+        ))
+    }
+
+    async fn channel(&self, url: &str) -> Result<Channel> {
+        let mut endpoint = Channel::from_shared(url.to_owned())
             .map_err(|e| Failure::new(ExitCode::Failed, format!("`{url}` is not a URL: {e}")))?;
+        if let Some(tls) = self.tls()? {
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                Failure::new(ExitCode::Failed, format!("mutual TLS for {url}: {e}"))
+            })?;
+        }
         endpoint.connect().await.map_err(|e| {
             Failure::new(
                 ExitCode::Unavailable,
@@ -204,14 +248,14 @@ impl Connection {
             }
         };
         Ok(GatewayClient::with_interceptor(
-            Self::channel(&url).await?,
+            self.channel(&url).await?,
             self.bearer()?,
         ))
     }
 
     async fn tracker(&self) -> Result<TrackerClient<Authorised>> {
         Ok(TrackerClient::with_interceptor(
-            Self::channel(&self.tracker).await?,
+            self.channel(&self.tracker).await?,
             self.bearer()?,
         ))
     }
