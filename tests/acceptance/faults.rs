@@ -72,6 +72,8 @@ async fn spawn_centre(bus: &TestBus, port: u16) -> tokio::process::Child {
         .env("REFBUS_DIRECTORY", &settings.directory)
         .env("REFBUS_QUEUE_EXPIRES", "60s")
         .env("REFBUS_LISTEN", format!("127.0.0.1:{port}"))
+        // Any free port for /metrics: port + 1000 may be another test's.
+        .env("REFBUS_HTTP_LISTEN", "127.0.0.1:0")
         .env(
             "REFBUS_INBOX_DB",
             settings.inbox_db.with_extension("centre.db"),

@@ -233,12 +233,13 @@ pub async fn serve_http(listener: TcpListener, router: Router, shutdown: Cancell
 }
 
 /// The default HTTP address of a service whose gRPC address is `grpc`: the
-/// same host, port + 1000 (port 0 stays 0).
+/// same host, port + 1000; any free port when the gRPC port is 0 or above
+/// 64535.
 #[must_use]
 pub fn default_http_addr(grpc: SocketAddr) -> SocketAddr {
     let port = match grpc.port() {
         0 => 0,
-        p => p.saturating_add(1000),
+        p => p.checked_add(1000).unwrap_or(0),
     };
     SocketAddr::new(grpc.ip(), port)
 }
@@ -314,6 +315,8 @@ mod tests {
         assert_eq!(default_http_addr(grpc).port(), 51053);
         let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
         assert_eq!(default_http_addr(any).port(), 0);
+        let high: SocketAddr = "127.0.0.1:65000".parse().unwrap();
+        assert_eq!(default_http_addr(high).port(), 0);
     }
 
     #[test]

@@ -393,6 +393,7 @@ impl Refbus {
             command
                 .env("REFBUS_LISTEN", format!("127.0.0.1:{port}"))
                 .env("REFBUS_TRACKER_LISTEN", format!("127.0.0.1:{port}"))
+                .env("REFBUS_HTTP_LISTEN", "127.0.0.1:0")
                 .env("REFBUS_INBOX_DB", scratch.join(format!("inbox-{name}.db")))
                 .stdout(Stdio::null());
             processes.push(Process {
