@@ -146,30 +146,13 @@ fn topology(directory: &Directory) -> Topology {
     )
 }
 
-/// Each service's broker user and its permissions, as `refbus broker-users` makes them.
+/// Each service's broker user and its permissions: what `refbus
+/// broker-users` makes them (the same function).
 fn broker_users() -> Vec<(String, BrokerPermissions)> {
-    let directory = directory();
-    let topology = topology(&directory);
-    let mut users: Vec<(String, BrokerPermissions)> = AgencyService::ALL
-        .iter()
-        .map(|service| {
-            let agencies: Vec<&str> = directory
-                .agencies()
-                .iter()
-                .filter(|a| service.kinds().contains(&a.kind))
-                .map(|a| a.id.as_str())
-                .collect();
-            (
-                format!("{NAMESPACE}-{}", service.name()),
-                topology.service_permissions(&agencies),
-            )
-        })
-        .collect();
-    users.push((
-        format!("{NAMESPACE}-tracker"),
-        topology.tracker_permissions(),
-    ));
-    users
+    refbus_gateway::settings::broker_users(&directory(), NAMESPACE)
+        .into_iter()
+        .map(|(user, _, permissions)| (user, permissions))
+        .collect()
 }
 
 fn cluster_definitions() -> Json {

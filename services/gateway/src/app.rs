@@ -19,6 +19,7 @@ use refbus_proto::v1::{
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use tonic::transport::Server;
 
 use crate::acknowledged::{Acknowledged, AcknowledgedError};
@@ -176,7 +177,7 @@ impl Application {
             bus: shared.bus.clone(),
             served,
             signing: shared.signing.clone(),
-            metrics: shared.metrics.clone(),
+            metrics: shared.metrics.for_service(service.name()),
             prefetch: shared.settings.prefetch,
             sessions: Arc::new(Sessions::default()),
             acknowledged: shared
@@ -261,49 +262,29 @@ impl Application {
             }
         };
         let auth = &self.auth;
-        let (router, agency_service) = {
-            let router = server.add_optional_service(reflection);
-            match self.service {
-                AgencyService::DetentionCentre => {
-                    let svc = DetentionCentreServer::new(rpcs);
-                    (
-                        router.add_service(auth.intercept(svc)),
-                        named(&DetentionCentreServer::<AgencyRpcs>::new),
-                    )
-                }
-                AgencyService::CaseUnit => {
-                    let svc = CaseUnitServer::new(rpcs);
-                    (
-                        router.add_service(auth.intercept(svc)),
-                        named(&CaseUnitServer::<AgencyRpcs>::new),
-                    )
-                }
-                AgencyService::LegalAid => {
-                    let svc = LegalAidServer::new(rpcs);
-                    (
-                        router.add_service(auth.intercept(svc)),
-                        named(&LegalAidServer::<AgencyRpcs>::new),
-                    )
-                }
-                AgencyService::JusticeBureau => {
-                    let svc = JusticeBureauServer::new(rpcs);
-                    (
-                        router.add_service(auth.intercept(svc)),
-                        named(&JusticeBureauServer::<AgencyRpcs>::new),
-                    )
-                }
-                AgencyService::BarAssociation => {
-                    let svc = BarAssociationServer::new(rpcs);
-                    (
-                        router.add_service(auth.intercept(svc)),
-                        named(&BarAssociationServer::<AgencyRpcs>::new),
-                    )
-                }
-            }
+        let router = server.add_optional_service(reflection);
+        // The agency-specific service, authenticated, and its gRPC name.
+        macro_rules! agency_rpcs {
+            ($server:ident) => {
+                (
+                    router.add_service(auth.intercept($server::new(rpcs))),
+                    <$server<AgencyRpcs> as NamedService>::NAME,
+                )
+            };
+        }
+        let (router, agency_service) = match self.service {
+            AgencyService::DetentionCentre => agency_rpcs!(DetentionCentreServer),
+            AgencyService::CaseUnit => agency_rpcs!(CaseUnitServer),
+            AgencyService::LegalAid => agency_rpcs!(LegalAidServer),
+            AgencyService::JusticeBureau => agency_rpcs!(JusticeBureauServer),
+            AgencyService::BarAssociation => agency_rpcs!(BarAssociationServer),
         };
         let health = observe::health_service(
             self.core.bus.clone(),
-            vec![named(&GatewayServer::<GatewayService>::new), agency_service],
+            vec![
+                <GatewayServer<GatewayService> as NamedService>::NAME,
+                agency_service,
+            ],
             shutdown.clone(),
         );
         let router = router
@@ -316,11 +297,6 @@ impl Application {
             )
             .await
     }
-}
-
-/// The gRPC name of the service a constructor makes (for health checking).
-fn named<T, S: tonic::server::NamedService>(_: &impl Fn(T) -> S) -> &'static str {
-    S::NAME
 }
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; a second signal exits

@@ -29,7 +29,7 @@ use crate::acknowledged::Acknowledged;
 use crate::auth::Caller;
 use crate::forgery::{self, Refusal};
 use crate::inbox::{Session, Sessions};
-use crate::observe::{GatewayMetrics, ServiceKind, ServiceLabel};
+use crate::observe::ServiceMetrics;
 use crate::settings::AgencyService;
 
 /// What one agency service needs to serve its agencies.
@@ -42,7 +42,7 @@ pub struct GatewayCore {
     /// Their signing keys: everything published is signed by its sender.
     pub signing: Arc<SigningKeys>,
     /// What this service counts (shared by the process's services).
-    pub metrics: GatewayMetrics,
+    pub metrics: ServiceMetrics,
     pub prefetch: u16,
     pub sessions: Arc<Sessions>,
     /// What each agency's system acknowledged: never handed over again.
@@ -113,13 +113,7 @@ impl GatewayCore {
             "accepted envelopes carry their kind"
         );
         let routing_key = publish_signed(&self.bus, &self.signing, &envelope).await?;
-        self.metrics
-            .submitted
-            .get_or_create(&ServiceKind {
-                service: self.service.name().to_owned(),
-                kind: kind.code().to_owned(),
-            })
-            .inc();
+        self.metrics.submitted(kind.code());
         tracing::info!(id = %envelope.id, kind = kind.code(), sender = %envelope.sender, recipient = %envelope.recipient, also_to = envelope.also_to.len(), "submitted");
         Ok(Receipt {
             id: envelope.id,
@@ -347,23 +341,10 @@ impl GatewayCore {
     }
 
     fn count_delivery(&self, kind: MessageKind, submitted_at: Option<chrono::DateTime<Utc>>) {
-        let service = self.service.name().to_owned();
-        if let Some(at) = submitted_at {
-            let seconds = (Utc::now() - at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
-            self.metrics
-                .delivery_seconds
-                .get_or_create(&ServiceLabel {
-                    service: service.clone(),
-                })
-                .observe(seconds);
-        }
-        self.metrics
-            .delivered
-            .get_or_create(&ServiceKind {
-                service,
-                kind: kind.code().to_owned(),
-            })
-            .inc();
+        #[allow(clippy::cast_precision_loss)]
+        let seconds = submitted_at
+            .map(|at| (Utc::now() - at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+        self.metrics.delivered(kind.code(), seconds);
     }
 
     /// Decodes a delivery for the client, or dead-letters it with the
@@ -393,12 +374,7 @@ impl GatewayCore {
         match decoded {
             Ok(envelope) => {
                 if let Err(reason) = self.believe(agency, &envelope, &incoming) {
-                    self.metrics
-                        .refused
-                        .get_or_create(&ServiceLabel {
-                            service: self.service.name().to_owned(),
-                        })
-                        .inc();
+                    self.metrics.refused.inc();
                     let refusal = Refusal {
                         queue: queue.to_owned(),
                         detected_by: agency.to_owned(),
@@ -536,12 +512,7 @@ impl GatewayCore {
                 ),
             )));
         }
-        self.metrics
-            .acknowledged
-            .get_or_create(&ServiceLabel {
-                service: self.service.name().to_owned(),
-            })
-            .inc_by(taken.len() as u64);
+        self.metrics.acknowledged.inc_by(taken.len() as u64);
         for t in taken {
             if let Err(e) = t.acker.ack(BasicAckOptions::default()).await {
                 // Recorded: the broker's redelivery is recognised and dropped.
@@ -651,7 +622,7 @@ impl GatewayService {
     ) -> Result<Response<T>, Status> {
         let result = call.await;
         if let Err(status) = &result {
-            self.0.metrics.reject(self.0.service.name(), rpc, status);
+            self.0.metrics.reject(rpc, status);
         }
         result.map(Response::new)
     }
@@ -674,9 +645,6 @@ impl Gateway for GatewayService {
         self.0
             .metrics
             .submit_seconds
-            .get_or_create(&ServiceLabel {
-                service: self.0.service.name().to_owned(),
-            })
             .observe(started.elapsed().as_secs_f64());
         result
     }

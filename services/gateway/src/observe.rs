@@ -10,7 +10,6 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -168,11 +167,63 @@ impl GatewayMetrics {
         );
     }
 
-    /// Counts a refused call.
-    pub fn reject(&self, service: &str, rpc: &str, status: &tonic::Status) {
-        self.rejected
+    /// The metrics of one agency service, its service-labelled series
+    /// resolved once (no look-up or allocation per call for those).
+    #[must_use]
+    pub fn for_service(&self, service: &'static str) -> ServiceMetrics {
+        let label = ServiceLabel {
+            service: service.to_owned(),
+        };
+        ServiceMetrics {
+            service,
+            all: self.clone(),
+            acknowledged: self.acknowledged.get_or_create_owned(&label),
+            refused: self.refused.get_or_create_owned(&label),
+            submit_seconds: self.submit_seconds.get_or_create_owned(&label),
+            delivery_seconds: self.delivery_seconds.get_or_create_owned(&label),
+        }
+    }
+}
+
+/// What one agency service counts (see [`GatewayMetrics`]).
+#[derive(Clone, Debug)]
+pub struct ServiceMetrics {
+    service: &'static str,
+    all: GatewayMetrics,
+    pub acknowledged: Counter,
+    pub refused: Counter,
+    pub submit_seconds: Histogram,
+    pub delivery_seconds: Histogram,
+}
+
+impl ServiceMetrics {
+    fn by_kind(&self, kind: &str) -> ServiceKind {
+        ServiceKind {
+            service: self.service.to_owned(),
+            kind: kind.to_owned(),
+        }
+    }
+
+    /// An envelope published and confirmed for an agency's system.
+    pub fn submitted(&self, kind: &str) {
+        self.all.submitted.get_or_create(&self.by_kind(kind)).inc();
+    }
+
+    /// A delivery handed over on an `Inbox` stream, `seconds` after it
+    /// was submitted (when known).
+    pub fn delivered(&self, kind: &str, seconds: Option<f64>) {
+        self.all.delivered.get_or_create(&self.by_kind(kind)).inc();
+        if let Some(seconds) = seconds {
+            self.delivery_seconds.observe(seconds);
+        }
+    }
+
+    /// A call refused with `status`.
+    pub fn reject(&self, rpc: &str, status: &tonic::Status) {
+        self.all
+            .rejected
             .get_or_create(&ServiceCode {
-                service: service.to_owned(),
+                service: self.service.to_owned(),
                 rpc: rpc.to_owned(),
                 code: format!("{:?}", status.code()),
             })
@@ -264,28 +315,25 @@ async fn follow_bus(
     names: Vec<&'static str>,
     shutdown: CancellationToken,
 ) {
-    let mut last = None;
+    let mut connection = bus.connection();
     loop {
-        let status = if bus.is_up() {
+        let status = if connection.is_up() {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        if last != Some(status) {
-            reporter.set_service_status("", status).await;
-            for name in &names {
-                reporter.set_service_status(*name, status).await;
-            }
-            last = Some(status);
+        reporter.set_service_status("", status).await;
+        for name in &names {
+            reporter.set_service_status(*name, status).await;
         }
         tokio::select! {
-            () = shutdown.cancelled() => {
-                reporter.set_service_status("", ServingStatus::NotServing).await;
-                return;
-            }
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = shutdown.cancelled() => break,
+            changed = connection.changed() => if !changed { break },
         }
     }
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
 }
 
 /// gRPC server reflection over the refbus contract and the health service,

@@ -132,6 +132,40 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// The broker user of each agency service and of the tracker (what
+/// `refbus broker-users` creates and the deployment definitions hold), with its
+/// permissions, for `namespace`: (user, password variable suffix, permissions).
+#[must_use]
+pub fn broker_users(
+    directory: &refbus_core::Directory,
+    namespace: &str,
+) -> Vec<(String, String, refbus_bus::topology::BrokerPermissions)> {
+    let topology = refbus_bus::Topology::new(
+        namespace,
+        directory.agencies().iter().map(|a| a.id.clone()).collect(),
+    );
+    let mut users = Vec::new();
+    for service in AgencyService::ALL {
+        let agencies: Vec<&str> = directory
+            .agencies()
+            .iter()
+            .filter(|a| service.kinds().contains(&a.kind))
+            .map(|a| a.id.as_str())
+            .collect();
+        users.push((
+            format!("{namespace}-{}", service.name()),
+            service.name().to_uppercase().replace('-', "_"),
+            topology.service_permissions(&agencies),
+        ));
+    }
+    users.push((
+        format!("{namespace}-tracker"),
+        "TRACKER".into(),
+        topology.tracker_permissions(),
+    ));
+    users
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

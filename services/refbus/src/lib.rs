@@ -331,38 +331,7 @@ pub async fn up(mut args: Box<UpArgs>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The broker user of each agency service and of the tracker, with its
-/// permissions, for `namespace`: (user, password variable suffix, permissions).
-#[must_use]
-pub fn broker_users(
-    directory: &Directory,
-    namespace: &str,
-) -> Vec<(String, String, refbus_bus::topology::BrokerPermissions)> {
-    let topology = Topology::new(
-        namespace,
-        directory.agencies().iter().map(|a| a.id.clone()).collect(),
-    );
-    let mut users = Vec::new();
-    for service in AgencyService::ALL {
-        let agencies: Vec<&str> = directory
-            .agencies()
-            .iter()
-            .filter(|a| service.kinds().contains(&a.kind))
-            .map(|a| a.id.as_str())
-            .collect();
-        users.push((
-            format!("{namespace}-{}", service.name()),
-            service.name().to_uppercase().replace('-', "_"),
-            topology.service_permissions(&agencies),
-        ));
-    }
-    users.push((
-        format!("{namespace}-tracker"),
-        "TRACKER".into(),
-        topology.tracker_permissions(),
-    ));
-    users
-}
+pub use refbus_gateway::settings::broker_users;
 
 /// A bash script of `rabbitmqctl` commands that creates [`broker_users`].
 #[must_use]

@@ -77,6 +77,23 @@ struct Inner {
     metrics: BusMetrics,
 }
 
+/// Whether the bus is connected, and a way to wait until that changes.
+pub struct ConnectionWatch(watch::Receiver<State>);
+
+impl ConnectionWatch {
+    /// Whether the bus has a live connection now.
+    #[must_use]
+    pub fn is_up(&self) -> bool {
+        matches!(*self.0.borrow(), State::Up(_))
+    }
+
+    /// Waits for the next change of state (connected, lost, reconnected,
+    /// closed). Returns `false` once the bus is gone.
+    pub async fn changed(&mut self) -> bool {
+        self.0.changed().await.is_ok()
+    }
+}
+
 /// A message to publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing<'a> {
@@ -154,6 +171,12 @@ impl Bus {
     #[must_use]
     pub fn is_up(&self) -> bool {
         matches!(*self.inner.state.borrow(), State::Up(_))
+    }
+
+    /// Follows the connection as it goes up and down (for health checks).
+    #[must_use]
+    pub fn connection(&self) -> ConnectionWatch {
+        ConnectionWatch(self.inner.state.subscribe())
     }
 
     pub(crate) fn watch_state(&self) -> watch::Receiver<State> {

@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod subscription;
 pub mod topology;
 
-pub use connection::{Bus, BusConfig, Outgoing};
+pub use connection::{Bus, BusConfig, ConnectionWatch, Outgoing};
 pub use metrics::BusMetrics;
 pub use subscription::{Incoming, QUEUE_HEADER, REASON_HEADER, Subscription};
 pub use topology::Topology;
