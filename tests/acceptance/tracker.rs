@@ -841,17 +841,27 @@ async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once(db: Db) {
         BURST,
         "one CQ-1.1b obligation each"
     );
+    intact_then_close(ledger, amqp, bus, &settings, BURST, BURST).await;
+}
+
+/// Asserts that the chain holds `events` events, `envelopes` of them
+/// envelopes, and is intact; then closes everything and drops the ledger.
+async fn intact_then_close(
+    ledger: refbus_tracker::ledger::Ledger,
+    amqp: Amqp,
+    bus: TestBus,
+    settings: &refbus_tracker::TrackerSettings,
+    events: i64,
+    envelopes: i64,
+) {
     assert_eq!(
         audit::verify(&ledger).await.unwrap(),
-        Verdict::Intact {
-            events: BURST,
-            envelopes: BURST
-        }
+        Verdict::Intact { events, envelopes }
     );
     ledger.pool.close().await;
     amqp.close().await;
     bus.stop().await;
-    drop_ledger(&settings).await;
+    drop_ledger(settings).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -862,6 +872,111 @@ async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once_postgres() {
     sigkill_mid_burst_leaves_each_message_recorded_exactly_once(Db::Postgres).await;
+}
+
+/// Messages repeated a batch later, and hop reports a batch before or after
+/// the referral they meet, are recorded as if the batches had been written
+/// one after the other, although on PostgreSQL the tracker writes two at
+/// once (the next batch's rows go in before the one before it commits):
+/// each message once, each repeat counted as a duplicate, every CQ-1.1b
+/// obligation met by its delivery, the chain intact.
+async fn adjacent_batches_record_as_if_written_one_after_the_other(db: Db) {
+    const REQUESTS: usize = 300;
+    const BATCH: usize = 30;
+    let bus = TestBus::spawn().await;
+    let mut settings = ledger_settings(db);
+    settings.batch = BATCH;
+    let amqp = Amqp::connect().await;
+    let tap = bus.shared.bus.topology().tap_queue();
+    let clock = Utc::now();
+    // Each request, its copy about one batch later, and its delivery about
+    // one batch earlier (even requests) or later (odd ones).
+    let apart = BATCH as f64 / 3.0;
+    let mut order: Vec<(f64, usize, &str)> = Vec::with_capacity(3 * REQUESTS);
+    for i in 0..REQUESTS {
+        let at = i as f64;
+        order.push((at, i, "request"));
+        order.push((at + apart + 0.1, i, "copy"));
+        let delivered = if i % 2 == 0 { at - apart } else { at + apart };
+        order.push((delivered + 0.2, i, "delivered"));
+    }
+    order.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let id = |i: usize| format!("00000000-0000-4000-c000-{i:012}");
+    for (_, i, what) in &order {
+        if *what == "delivered" {
+            publish_hop(&amqp, &bus, &hop(&id(*i), Hop::Delivered, DESK, clock)).await;
+        } else {
+            let e = seeded(
+                &id(*i),
+                MessageKind::LegalHelpRequest,
+                CENTRE,
+                DESK,
+                clock,
+                legal_help_at(&id(*i), clock).payload.unwrap(),
+            );
+            amqp.publish_envelope(&tap, &e).await;
+        }
+    }
+    eventually("the messages to be queued", || async {
+        (amqp.counts(&tap).await.0 == 3 * REQUESTS as u32).then_some(())
+    })
+    .await;
+
+    let tracker = TestTracker::start(&bus, settings, Clock::System).await;
+    let seen = || {
+        let m = &tracker.metrics;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        (load(&m.recorded), load(&m.duplicates))
+    };
+    eventually("every message to be recorded or seen again", || async {
+        let (recorded, duplicates) = seen();
+        (recorded + duplicates >= 3 * REQUESTS as u64).then_some(())
+    })
+    .await;
+    assert_eq!(
+        seen(),
+        (2 * REQUESTS as u64, REQUESTS as u64),
+        "each request and delivery recorded, each copy seen as a duplicate"
+    );
+    let settings = tracker.stop().await.0;
+    assert_eq!(amqp.counts(&tap).await.0, 0, "everything acked");
+    let ledger = TestTracker::ledger(&settings).await;
+    let count = |sql: &'static str| {
+        let pool = ledger.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let requests = REQUESTS as i64;
+    assert_eq!(
+        count("SELECT COUNT(*) FROM ledger_events").await,
+        2 * requests
+    );
+    assert_eq!(count("SELECT COUNT(*) FROM referrals").await, requests);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM hops WHERE hop = 'delivered'").await,
+        requests
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM obligations WHERE rule = 'CQ-1.1b' AND met_at IS NOT NULL")
+            .await,
+        requests,
+        "every CQ-1.1b obligation met by its delivery, before or after it"
+    );
+    intact_then_close(ledger, amqp, bus, &settings, 2 * requests, requests).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adjacent_batches_record_as_if_written_one_after_the_other_sqlite() {
+    adjacent_batches_record_as_if_written_one_after_the_other(Db::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adjacent_batches_record_as_if_written_one_after_the_other_postgres() {
+    adjacent_batches_record_as_if_written_one_after_the_other(Db::Postgres).await;
 }
 
 /// The ledger's row encodings (PostgreSQL: array literals expanded by

@@ -503,7 +503,7 @@ fn keys(action: KeysAction) -> anyhow::Result<()> {
         None => signers
             .iter()
             .map(|s| {
-                let key = signing::development_key(s).verifying_key();
+                let key = signing::verifying_key(&signing::development_key(s));
                 (s.clone(), signing::public_key_text(&key))
             })
             .collect(),

@@ -72,6 +72,82 @@ fn rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU time spent so far (ms) by this process, by the broker and by the
+/// database, and the machine's busy and total time, from `/proc`: a
+/// phase's difference says where its CPU went, which is steadier on a
+/// shared machine than its rate alone.
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuSample {
+    tracker: f64,
+    broker: f64,
+    database: f64,
+    busy: f64,
+    total: f64,
+}
+
+impl CpuSample {
+    fn now() -> Self {
+        let tick_ms = 1000.0 / 100.0; // USER_HZ
+        // utime, stime, cutime, cstime: exited children (a PostgreSQL
+        // backend that closed) count in their parent's cutime.
+        let times = |stat: &str| -> f64 {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| {
+                    rest.split_whitespace()
+                        .skip(11)
+                        .take(4)
+                        .filter_map(|t| t.parse::<f64>().ok())
+                        .sum::<f64>()
+                })
+                .unwrap_or(0.0)
+                * tick_ms
+        };
+        let mut sample = Self {
+            tracker: std::fs::read_to_string("/proc/self/stat").map_or(0.0, |s| times(&s)),
+            ..Self::default()
+        };
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let comm = stat
+                .split_once('(')
+                .and_then(|(_, rest)| rest.rsplit_once(')'))
+                .map_or("", |(comm, _)| comm);
+            match comm {
+                "beam.smp" | "erl_child_setup" => sample.broker += times(&stat),
+                "postgres" => sample.database += times(&stat),
+                _ => {}
+            }
+        }
+        let machine = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let jiffies: Vec<f64> = machine
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        sample.total = jiffies.iter().take(8).sum::<f64>() * tick_ms;
+        sample.busy = sample.total - jiffies.iter().skip(3).take(2).sum::<f64>() * tick_ms;
+        sample
+    }
+
+    /// "CPU per 1,000 messages: ..." for what happened since `self`.
+    fn report(self, messages: usize) -> String {
+        let now = Self::now();
+        let per = 1000.0 / messages as f64;
+        format!(
+            "CPU per 1,000 messages: tracker {:.0} ms, broker {:.0} ms, PostgreSQL {:.0} ms; both cores {:.0} % busy",
+            (now.tracker - self.tracker) * per,
+            (now.broker - self.broker) * per,
+            (now.database - self.database) * per,
+            100.0 * (now.busy - self.busy) / (now.total - self.total).max(1.0),
+        )
+    }
+}
+
 fn envelope(i: usize) -> Envelope {
     let at = Utc::now();
     Envelope {
@@ -175,11 +251,13 @@ async fn broker_rate(bodies: &[Vec<u8>], prefetch: u16) -> (f64, f64) {
         .await
         .unwrap();
     let started = Instant::now();
+    let cpu = CpuSample::now();
     for _ in 0..bodies.len() {
         let d = consumer.next().await.unwrap().unwrap();
         d.acker.ack(BasicAckOptions::default()).await.unwrap();
     }
     let consume_rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
+    println!("  deliver+ack: {}", cpu.report(bodies.len()));
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await
@@ -237,11 +315,16 @@ async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) 
     let ledger = built.ledger.clone();
     let metrics = built.metrics.clone();
     let started = Instant::now();
+    let cpu = CpuSample::now();
+    if std::env::var_os("BENCH_MARK").is_some() {
+        println!("START {name}");
+    }
     let task = tokio::spawn(built.run());
     while metrics.recorded.load(std::sync::atomic::Ordering::Relaxed) < bodies.len() as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
+    println!("  ingest, {name}: {}", cpu.report(bodies.len()));
     shutdown.cancel();
     let _ = task.await;
     shared.bus.topology().delete(&channel).await.unwrap();
@@ -275,6 +358,7 @@ async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
         .map(|b| Observed::decode("legal_help_request", b).unwrap())
         .collect();
     let started = Instant::now();
+    let cpu = CpuSample::now();
     for batch in observed.chunks(tracker.batch) {
         let refs: Vec<&Observed> = batch.iter().collect();
         let prepared = recorder.prepare(&refs, Utc::now());
@@ -290,6 +374,11 @@ async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
         assert_eq!(tally.recorded as usize, batch.len());
     }
     let rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "  ledger writes, {:?}: {}",
+        ledger.backend,
+        cpu.report(bodies.len())
+    );
     ledger.pool.close().await;
     rate
 }
@@ -429,8 +518,8 @@ async fn main() {
         bodies[0].len()
     );
 
-    // The tracker's prefetch: two batches (at least the bus's 300).
-    let prefetch = u16::try_from((2 * env_usize("BENCH_BATCH", 500)).max(300)).unwrap_or(u16::MAX);
+    // The tracker's prefetch: four batches (at least the bus's 300).
+    let prefetch = u16::try_from((4 * env_usize("BENCH_BATCH", 500)).max(300)).unwrap_or(u16::MAX);
     let (publish, consume) = broker_rate(&bodies, prefetch).await;
     println!(
         "broker (quorum queue, persistent, confirms, manual ack, prefetch {prefetch}): publish {publish:.0} msg/s, deliver+ack {consume:.0} msg/s"

@@ -17,6 +17,7 @@ use refbus_gateway::Shared;
 use refbus_gateway::auth::Authenticator;
 use refbus_gateway::forgery::{Refusal, refuse};
 use refbus_proto::v1::tracker_server::TrackerServer;
+use sqlx::{Any, Transaction};
 use tokio::net::TcpListener;
 
 use tokio_stream::wrappers::TcpListenerStream;
@@ -28,7 +29,7 @@ use refbus_gateway::observe::{self, Telemetry, default_http_addr};
 use crate::clock::Clock;
 use crate::dashboard;
 use crate::deadline::{self, Wake};
-use crate::ledger::{Head, Ledger, LedgerError, sqlite_url};
+use crate::ledger::{Backend, Head, Ledger, LedgerError, sqlite_url};
 use crate::query::Queries;
 use crate::record::{Metrics, Observed, Prepared, Recorder, Tally};
 
@@ -167,11 +168,12 @@ impl Tracker {
             }),
             bus: shared.bus.clone(),
             clock,
-            // Room for a full batch in flight while the last one commits.
+            // Room for the batches being written (two on PostgreSQL), one
+            // prepared and one being gathered.
             prefetch: shared
                 .settings
                 .prefetch
-                .max(u16::try_from(settings.batch.saturating_mul(2)).unwrap_or(u16::MAX)),
+                .max(u16::try_from(settings.batch.saturating_mul(4)).unwrap_or(u16::MAX)),
             batch: settings.batch.max(1),
             wake: Arc::new(Wake::default()),
             shutdown: shared.shutdown.clone(),
@@ -263,9 +265,12 @@ impl Tracker {
 
 /// Consumes the tap and records in batches; acks a batch only after its
 /// transaction committed, retrying the same batch while the database is
-/// away (the prefetch bounds what is held meanwhile). Gathering, decoding
-/// and preparing the next batch's rows runs in a task of its own, while
-/// this one writes.
+/// away (the prefetch bounds what is held meanwhile). Gathering, decoding,
+/// verifying and preparing the next batch's rows runs in a task of its own,
+/// while this one writes. On PostgreSQL two batches are written at once:
+/// the next batch's referrals, hops and obligations are inserted while the
+/// one before it meets obligations, chains its events and commits (see
+/// [`Recorder::write_rows`]); batches still commit, and are acked, in order.
 #[derive(Clone)]
 struct Ingest {
     ledger: Arc<Ledger>,
@@ -280,61 +285,190 @@ struct Ingest {
     shutdown: CancellationToken,
 }
 
+/// A batch off the tap: the deliveries, their rows, and when each message
+/// was put on the bus (for the lag).
+struct Batch {
+    incomings: Vec<Incoming>,
+    prepared: Prepared,
+    on_bus: Vec<i64>,
+}
+
+/// A batch whose rows are inserted in a transaction that is still open,
+/// waiting for the batch before it to commit.
+struct Staged {
+    tx: Transaction<'static, Any>,
+    batch: Batch,
+    new: Vec<bool>,
+    tally: Tally,
+}
+
 impl Ingest {
     async fn run(self) {
-        // One batch prepared while one is written.
+        // One batch prepared while one (on PostgreSQL two) is written.
         let (prepared_tx, mut prepared_rx) = tokio::sync::mpsc::channel(1);
         let gatherer = tokio::spawn(self.clone().gather(prepared_tx));
-        let Ingest {
-            ledger,
-            recorder,
-            metrics,
-            clock,
-            wake,
-            shutdown,
-            ..
-        } = self;
+        let overlap = self.ledger.backend == Backend::Postgres;
+        let mut staged: Option<Staged> = None;
         loop {
-            let (incomings, prepared, on_bus): (Vec<Incoming>, Prepared, Vec<i64>) = tokio::select! {
-                () = shutdown.cancelled() => break,
-                next = prepared_rx.recv() => match next {
-                    Some(next) => next,
-                    None => break,
-                },
+            // A failed batch is recorded again at once, not when the next
+            // batch comes.
+            let failed = tokio::sync::Notify::new();
+            let finishing = async {
+                let finished = match staged.take() {
+                    Some(staged) => self.finish(staged).await,
+                    None => Ok(()),
+                };
+                if finished.is_err() {
+                    failed.notify_one();
+                }
+                finished
             };
-            let mut backoff = Duration::from_millis(100);
-            loop {
-                match record_batch(&ledger, &recorder, &prepared, &clock).await {
-                    Ok(tally) => {
-                        metrics.add(tally);
-                        metrics.observe_lag(&on_bus);
-                        if let Some(due) = tally.earliest_due {
-                            wake.obligation_due(due);
-                        }
-                        acknowledge(incomings).await;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, messages = prepared.len(), "cannot record; retrying the batch");
-                        tokio::select! {
-                            () = shutdown.cancelled() => return,
-                            () = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
+            let receiving = async {
+                let batch = tokio::select! {
+                    () = self.shutdown.cancelled() => return None,
+                    () = failed.notified() => return Some(None),
+                    next = prepared_rx.recv() => next?,
+                };
+                Some(Some(if overlap {
+                    self.stage(batch).await
+                } else {
+                    // SQLite has one writer: no second transaction can
+                    // overlap the first, and the batch is recorded whole.
+                    Err(batch)
+                }))
+            };
+            let (finished, next) = tokio::join!(finishing, receiving);
+            // Batches to record whole, one transaction each, in order: a
+            // batch whose transaction failed, and any after it.
+            let mut whole = Vec::with_capacity(2);
+            if let Err(failed) = finished {
+                whole.push(failed);
+            }
+            match next {
+                // Shutdown: what is not acked is delivered again.
+                None if whole.is_empty() => break,
+                None | Some(None) => {}
+                Some(Some(Ok(next))) if whole.is_empty() => staged = Some(next),
+                Some(Some(Ok(next))) => {
+                    // The batch before failed; this one must commit after
+                    // it, and its rows must not stand in its way meanwhile.
+                    let Staged { tx, batch, .. } = next;
+                    let _ = tx.rollback().await;
+                    whole.push(batch);
+                }
+                Some(Some(Err(batch))) => whole.push(batch),
+            }
+            for batch in whole {
+                if !self.record_until_done(batch).await {
+                    break;
                 }
             }
         }
         let _ = gatherer.await;
     }
 
+    /// Begins a batch's transaction and inserts its rows.
+    async fn stage(&self, batch: Batch) -> Result<Staged, Batch> {
+        let started = async {
+            let mut tx = self.ledger.pool.begin().await?;
+            let mut tally = Tally::default();
+            let new = self
+                .recorder
+                .write_rows(&mut tx, &batch.prepared, &mut tally)
+                .await?;
+            Ok::<_, LedgerError>((tx, new, tally))
+        }
+        .await;
+        match started {
+            Ok((tx, new, tally)) => Ok(Staged {
+                tx,
+                batch,
+                new,
+                tally,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, messages = batch.prepared.len(), "cannot record; retrying the batch");
+                Err(batch)
+            }
+        }
+    }
+
+    /// Chains a staged batch's events, commits and acks it; hands the batch
+    /// back when that fails.
+    async fn finish(&self, staged: Staged) -> Result<(), Batch> {
+        let Staged {
+            mut tx,
+            batch,
+            new,
+            tally,
+        } = staged;
+        let committed = async {
+            let _turn = self.ledger.write_turn().await;
+            let mut head = Head::lock(&mut tx).await?;
+            self.recorder
+                .write_chain(&mut tx, &mut head, &batch.prepared, &new, self.clock.now())
+                .await?;
+            head.store(&mut tx).await?;
+            tx.commit().await?;
+            Ok::<_, LedgerError>(())
+        }
+        .await;
+        match committed {
+            Ok(()) => {
+                self.recorded(tally, batch).await;
+                Ok(())
+            }
+            Err(LedgerError::Sql(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+                // A message also in the batch before, which had not
+                // committed when this one's rows went in: recorded again,
+                // now that it has, the message is seen as a duplicate.
+                tracing::debug!(error = %e, "a message repeats the batch before; recording the batch again");
+                Err(batch)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, messages = batch.prepared.len(), "cannot record; retrying the batch");
+                Err(batch)
+            }
+        }
+    }
+
+    /// Counts and acks a committed batch, and wakes the deadline engine for
+    /// an obligation due before its next wake-up.
+    async fn recorded(&self, tally: Tally, batch: Batch) {
+        self.metrics.add(tally);
+        self.metrics.observe_lag(&batch.on_bus);
+        if let Some(due) = tally.earliest_due {
+            self.wake.obligation_due(due);
+        }
+        acknowledge(batch.incomings).await;
+    }
+
+    /// Records a batch in one transaction of its own, retrying with backoff
+    /// until it commits; false on shutdown.
+    async fn record_until_done(&self, batch: Batch) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match record_batch(&self.ledger, &self.recorder, &batch.prepared, &self.clock).await {
+                Ok(tally) => {
+                    self.recorded(tally, batch).await;
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, messages = batch.prepared.len(), "cannot record; retrying the batch");
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return false,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     /// Gathers up to `batch_max` deliveries from the tap (as many as are
     /// already there, at least one), dead-letters what does not decode, and
     /// hands the batch on with its rows prepared.
-    async fn gather(
-        self,
-        prepared: tokio::sync::mpsc::Sender<(Vec<Incoming>, Prepared, Vec<i64>)>,
-    ) {
+    async fn gather(self, prepared: tokio::sync::mpsc::Sender<Batch>) {
         let Ingest {
             recorder,
             metrics,
@@ -393,7 +527,12 @@ impl Ingest {
                 .iter()
                 .filter_map(Observed::on_bus_millis)
                 .collect();
-            if prepared.send((incomings, rows, on_bus)).await.is_err() {
+            let batch = Batch {
+                incomings,
+                prepared: rows,
+                on_bus,
+            };
+            if prepared.send(batch).await.is_err() {
                 return;
             }
         }

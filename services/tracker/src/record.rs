@@ -427,9 +427,10 @@ impl Recorder {
         prepared
     }
 
-    /// Writes a prepared batch in the caller's transaction; messages already
-    /// in the ledger (or twice in the batch) are counted as duplicates and
-    /// change nothing.
+    /// Writes a prepared batch in the caller's transaction, which has locked
+    /// the chain's `head`: [`Recorder::write_rows`], then
+    /// [`Recorder::write_chain`]. Messages already in the ledger (or twice
+    /// in the batch) are counted as duplicates and change nothing.
     ///
     /// # Errors
     /// A database error: the caller rolls back and retries the batch.
@@ -441,6 +442,28 @@ impl Recorder {
         now: DateTime<Utc>,
         tally: &mut Tally,
     ) -> Result<(), sqlx::Error> {
+        let new = self.write_rows(conn, prepared, tally).await?;
+        self.write_chain(conn, head, prepared, &new, now).await
+    }
+
+    /// The first part of writing a batch, which needs neither the chain's
+    /// head nor the batch before it to have committed: finds which messages
+    /// are new and inserts their referrals, hops and obligations (each
+    /// insert does nothing for a row already there). Returns which messages
+    /// are new, for [`Recorder::write_chain`] in the same transaction.
+    ///
+    /// A message also in an earlier batch that has not committed yet looks
+    /// new here; its event then collides with that batch's in
+    /// `write_chain`, and the transaction fails and is retried.
+    ///
+    /// # Errors
+    /// A database error: the caller rolls back and retries the batch.
+    pub async fn write_rows(
+        &self,
+        conn: &mut AnyConnection,
+        prepared: &Prepared,
+        tally: &mut Tally,
+    ) -> Result<Vec<bool>, sqlx::Error> {
         let existing = recorded_already(conn, &prepared.messages).await?;
         let new: Vec<bool> = prepared
             .messages
@@ -461,11 +484,65 @@ impl Recorder {
             }
         }
         if tally.recorded == 0 {
+            return Ok(new);
+        }
+        for (due, _) in prepared
+            .dues
+            .iter()
+            .zip(&prepared.obligations.owners)
+            .filter(|(_, o)| new[**o])
+        {
+            tally.earliest_due = Some(tally.earliest_due.map_or(*due, |t| t.min(*due)));
+        }
+        let referrals = prepared.referrals.kept(&new);
+        let hops = prepared.hops.kept(&new);
+        let obligations = prepared.obligations.kept(&new);
+        insert_rows(
+            conn,
+            "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)",
+            "ON CONFLICT (id) DO NOTHING",
+            &referrals,
+        )
+        .await?;
+        insert_rows(
+            conn,
+            "INSERT INTO hops (referral_id, hop, agency, at, message_id)",
+            "ON CONFLICT DO NOTHING",
+            &hops,
+        )
+        .await?;
+        insert_rows(
+            conn,
+            "INSERT INTO obligations (id, referral_id, rule, kind, duty, bearer, meets_agency, met_by, clock_started_at, due_at, met_at, notify)",
+            "ON CONFLICT (id) DO NOTHING",
+            &obligations,
+        )
+        .await?;
+        Ok(new)
+    }
+
+    /// The second part of writing a batch, once every batch before it has
+    /// committed (so that this one sees their hops and obligations), in
+    /// the transaction of [`Recorder::write_rows`], which has locked the
+    /// chain's `head`: meets what the new hops and feedback meet, and
+    /// chains one ledger event per new message.
+    ///
+    /// # Errors
+    /// A database error: the caller rolls back and retries the batch.
+    pub async fn write_chain(
+        &self,
+        conn: &mut AnyConnection,
+        head: &mut Head,
+        prepared: &Prepared,
+        new: &[bool],
+        now: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        if !new.iter().any(|n| *n) {
             return Ok(());
         }
         let recorded_at = millis(now);
         let mut events = Vec::with_capacity(prepared.events.rows.len());
-        for e in prepared.events.iter_kept(&new) {
+        for e in prepared.events.iter_kept(new) {
             let event = Event {
                 message_id: &e.message_id,
                 event: &e.event,
@@ -488,42 +565,10 @@ impl Recorder {
             head.seq = seq;
             head.hash = hash;
         }
-        let referrals = prepared.referrals.kept(&new);
-        let hops = prepared.hops.kept(&new);
-        let obligations = prepared.obligations.kept(&new);
-        for (due, _) in prepared
-            .dues
-            .iter()
-            .zip(&prepared.obligations.owners)
-            .filter(|(_, o)| new[**o])
-        {
-            tally.earliest_due = Some(tally.earliest_due.map_or(*due, |t| t.min(*due)));
-        }
         insert_rows(conn, "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)", "", &events).await?;
-        insert_rows(
-            conn,
-            "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)",
-            "ON CONFLICT (id) DO NOTHING",
-            &referrals,
-        )
-        .await?;
-        insert_rows(
-            conn,
-            "INSERT INTO hops (referral_id, hop, agency, at, message_id)",
-            "ON CONFLICT DO NOTHING",
-            &hops,
-        )
-        .await?;
-        insert_rows(
-            conn,
-            "INSERT INTO obligations (id, referral_id, rule, kind, duty, bearer, meets_agency, met_by, clock_started_at, due_at, met_at, notify)",
-            "ON CONFLICT (id) DO NOTHING",
-            &obligations,
-        )
-        .await?;
         // (referral, met_by, agency) -> earliest time.
         let mut meets: HashMap<(String, &'static str, String), i64> = HashMap::new();
-        for (key, at) in prepared.meets.iter_kept(&new) {
+        for (key, at) in prepared.meets.iter_kept(new) {
             meets
                 .entry(key.clone())
                 .and_modify(|t| *t = (*t).min(*at))
@@ -532,7 +577,7 @@ impl Recorder {
         // Hops recorded before their referral (reports race) meet its new obligations.
         let obligated: Vec<[Value; 1]> = prepared
             .obligated
-            .iter_kept(&new)
+            .iter_kept(new)
             .map(|id| [id.as_str().into()])
             .collect();
         for chunk in obligated.chunks(CHUNK) {
