@@ -302,6 +302,19 @@ struct Staged {
     tally: Tally,
 }
 
+/// What the writer got while the batch before was finishing.
+enum Next {
+    /// Shutdown, or the gatherer stopped.
+    Stop,
+    /// Nothing: the batch before failed, to be recorded again at once.
+    Interrupted,
+    /// The next batch, its rows inserted in its open transaction.
+    Staged(Staged),
+    /// The next batch, to record whole in one transaction (SQLite, or its
+    /// rows could not be inserted).
+    Whole(Batch),
+}
+
 impl Ingest {
     async fn run(self) {
         // One batch prepared while one (on PostgreSQL two) is written.
@@ -325,17 +338,22 @@ impl Ingest {
             };
             let receiving = async {
                 let batch = tokio::select! {
-                    () = self.shutdown.cancelled() => return None,
-                    () = failed.notified() => return Some(None),
-                    next = prepared_rx.recv() => next?,
+                    () = self.shutdown.cancelled() => return Next::Stop,
+                    () = failed.notified() => return Next::Interrupted,
+                    next = prepared_rx.recv() => match next {
+                        Some(batch) => batch,
+                        None => return Next::Stop,
+                    },
                 };
-                Some(Some(if overlap {
-                    self.stage(batch).await
-                } else {
+                if !overlap {
                     // SQLite has one writer: no second transaction can
                     // overlap the first, and the batch is recorded whole.
-                    Err(batch)
-                }))
+                    return Next::Whole(batch);
+                }
+                match self.stage(batch).await {
+                    Ok(staged) => Next::Staged(staged),
+                    Err(batch) => Next::Whole(batch),
+                }
             };
             let (finished, next) = tokio::join!(finishing, receiving);
             // Batches to record whole, one transaction each, in order: a
@@ -346,17 +364,17 @@ impl Ingest {
             }
             match next {
                 // Shutdown: what is not acked is delivered again.
-                None if whole.is_empty() => break,
-                None | Some(None) => {}
-                Some(Some(Ok(next))) if whole.is_empty() => staged = Some(next),
-                Some(Some(Ok(next))) => {
+                Next::Stop if whole.is_empty() => break,
+                Next::Stop | Next::Interrupted => {}
+                Next::Staged(next) if whole.is_empty() => staged = Some(next),
+                Next::Staged(next) => {
                     // The batch before failed; this one must commit after
                     // it, and its rows must not stand in its way meanwhile.
                     let Staged { tx, batch, .. } = next;
                     let _ = tx.rollback().await;
                     whole.push(batch);
                 }
-                Some(Some(Err(batch))) => whole.push(batch),
+                Next::Whole(batch) => whole.push(batch),
             }
             for batch in whole {
                 if !self.record_until_done(batch).await {
