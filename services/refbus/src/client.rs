@@ -965,7 +965,7 @@ pub async fn audit_verify(tracker: &refbus_tracker::TrackerSettings) -> Result<(
         .await
         .map_err(|e| unavailable(&e))?;
     bar.finish_and_clear();
-    ledger.pool.close().await;
+    ledger.close().await;
     println!("{verdict}");
     match verdict {
         Verdict::Intact { .. } => Ok(()),

@@ -41,7 +41,7 @@ use refbus_gateway::{BusSettings, Shared};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{Detainee, Envelope, LegalHelpRequest, MessageKind};
 use refbus_tracker::deadline;
-use refbus_tracker::ledger::{Backend, Head, Ledger};
+use refbus_tracker::ledger::{Backend, Ledger};
 use refbus_tracker::record::{Metrics, Observed, Recorder, Tally};
 use refbus_tracker::{Clock, Tracker, TrackerSettings};
 use tokio_util::sync::CancellationToken;
@@ -362,14 +362,14 @@ async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
     for batch in observed.chunks(tracker.batch) {
         let refs: Vec<&Observed> = batch.iter().collect();
         let prepared = recorder.prepare(&refs, Utc::now());
-        let mut tx = ledger.pool.begin().await.unwrap();
-        let mut head = Head::lock(&mut tx).await.unwrap();
+        let mut tx = ledger.begin_write().await.unwrap();
+        let mut head = tx.lock_head().await.unwrap();
         let mut tally = Tally::default();
         recorder
             .write(&mut tx, &mut head, &prepared, Utc::now(), &mut tally)
             .await
             .unwrap();
-        head.store(&mut tx).await.unwrap();
+        tx.store_head(&head).await.unwrap();
         tx.commit().await.unwrap();
         assert_eq!(tally.recorded as usize, batch.len());
     }
@@ -379,7 +379,7 @@ async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
         ledger.backend,
         cpu.report(bodies.len())
     );
-    ledger.pool.close().await;
+    ledger.close().await;
     rate
 }
 
@@ -505,7 +505,7 @@ async fn drop_schema(url: &str, schema: &str) {
         .execute(&ledger.pool)
         .await
         .unwrap();
-    ledger.pool.close().await;
+    ledger.close().await;
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -609,7 +609,7 @@ async fn main() {
                 .await
                 .unwrap();
         }
-        ledger.pool.close().await;
+        ledger.close().await;
     }
     if open == 0 {
         drop_schema(&pg.database().unwrap(), &schema).await;

@@ -17,7 +17,6 @@ use refbus_gateway::Shared;
 use refbus_gateway::auth::Authenticator;
 use refbus_gateway::forgery::{Refusal, refuse};
 use refbus_proto::v1::tracker_server::TrackerServer;
-use sqlx::{Any, Transaction};
 use tokio::net::TcpListener;
 
 use tokio_stream::wrappers::TcpListenerStream;
@@ -29,7 +28,7 @@ use refbus_gateway::observe::{self, Telemetry, default_http_addr};
 use crate::clock::Clock;
 use crate::dashboard;
 use crate::deadline::{self, Wake};
-use crate::ledger::{Backend, Head, Ledger, LedgerError, sqlite_url};
+use crate::ledger::{Backend, Ledger, LedgerError, WriteTx, sqlite_url};
 use crate::query::Queries;
 use crate::record::{Metrics, Observed, Prepared, Recorder, Tally};
 
@@ -258,7 +257,7 @@ impl Tracker {
             .await;
         let _ = ingest.await;
         let _ = engine.await;
-        self.ledger.pool.close().await;
+        self.ledger.close().await;
         served
     }
 }
@@ -296,7 +295,7 @@ struct Batch {
 /// A batch whose rows are inserted in a transaction that is still open,
 /// waiting for the batch before it to commit.
 struct Staged {
-    tx: Transaction<'static, Any>,
+    tx: WriteTx,
     batch: Batch,
     new: Vec<bool>,
     tally: Tally,
@@ -388,7 +387,7 @@ impl Ingest {
     /// Begins a batch's transaction and inserts its rows.
     async fn stage(&self, batch: Batch) -> Result<Staged, Batch> {
         let started = async {
-            let mut tx = self.ledger.pool.begin().await?;
+            let mut tx = self.ledger.begin_write().await?;
             let mut tally = Tally::default();
             let new = self
                 .recorder
@@ -422,11 +421,11 @@ impl Ingest {
         } = staged;
         let committed = async {
             let _turn = self.ledger.write_turn().await;
-            let mut head = Head::lock(&mut tx).await?;
+            let mut head = tx.lock_head().await?;
             self.recorder
                 .write_chain(&mut tx, &mut head, &batch.prepared, &new, self.clock.now())
                 .await?;
-            head.store(&mut tx).await?;
+            tx.store_head(&head).await?;
             tx.commit().await?;
             Ok::<_, LedgerError>(())
         }
@@ -648,13 +647,13 @@ async fn record_batch(
     clock: &Clock,
 ) -> Result<Tally, LedgerError> {
     let _turn = ledger.write_turn().await;
-    let mut tx = ledger.pool.begin().await?;
-    let mut head = Head::lock(&mut tx).await?;
+    let mut tx = ledger.begin_write().await?;
+    let mut head = tx.lock_head().await?;
     let mut tally = Tally::default();
     recorder
         .write(&mut tx, &mut head, prepared, clock.now(), &mut tally)
         .await?;
-    head.store(&mut tx).await?;
+    tx.store_head(&head).await?;
     tx.commit().await?;
     Ok(tally)
 }

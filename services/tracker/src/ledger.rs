@@ -1,6 +1,8 @@
 //! Ledger storage: embedded SQLite by default, PostgreSQL when the URL says
 //! so; one schema and one set of migrations (`migrations/`) for both,
-//! through sqlx's `Any` driver.
+//! through sqlx's `Any` driver. Recording ([`WriteTx`]) on PostgreSQL goes
+//! through sqlx's own PostgreSQL driver instead, which sends each column of
+//! a batch as one binary array (the `Any` driver binds no arrays).
 //!
 //! Every recorded message appends a row to `ledger_events` whose hash chains
 //! it to the row before; the chain head lives in `ledger_head`, whose single
@@ -11,8 +13,11 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{
+    Any, AnyConnection, AnyPool, Connection, Executor, FromRow, Postgres, Row, Transaction,
+};
 use tokio::sync::{Mutex, MutexGuard};
 
 /// What can go wrong with the ledger's storage.
@@ -34,6 +39,8 @@ pub enum LedgerError {
 /// The ledger's database.
 pub struct Ledger {
     pub pool: AnyPool,
+    /// PostgreSQL: the recording transactions' own pool ([`WriteTx`]).
+    recording: Option<PgPool>,
     /// Serialises this process's writing transactions (SQLite allows one
     /// writer; a deferred transaction upgrading its lock would fail at once).
     write: Mutex<()>,
@@ -106,6 +113,28 @@ impl Ledger {
             }
             let _ = conn.close().await;
         }
+        let recording = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                let options: PgConnectOptions = url.parse().map_err(connect_err)?;
+                let schema = schema.clone();
+                // Two batches are written at once; one connection spare.
+                let pool = PgPoolOptions::new()
+                    .max_connections(3)
+                    .after_connect(move |conn, _| {
+                        let schema = schema.clone();
+                        Box::pin(async move {
+                            if let Some(schema) = schema {
+                                conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
+                                    .await?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .connect_lazy_with(options);
+                Some(pool)
+            }
+        };
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
             .after_connect(move |conn, _| {
@@ -146,6 +175,7 @@ impl Ledger {
         }
         Ok(Self {
             pool,
+            recording,
             write: Mutex::new(()),
             backend,
         })
@@ -155,6 +185,277 @@ impl Ledger {
     pub async fn write_turn(&self) -> MutexGuard<'_, ()> {
         self.write.lock().await
     }
+
+    /// Begins a recording transaction.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
+        Ok(match &self.recording {
+            Some(pool) => WriteTx::Postgres(pool.begin().await?),
+            None => WriteTx::Any(self.pool.begin().await?),
+        })
+    }
+
+    /// Closes the ledger's connections.
+    pub async fn close(&self) {
+        if let Some(pool) = &self.recording {
+            pool.close().await;
+        }
+        self.pool.close().await;
+    }
+}
+
+/// Locks the chain's head: every writing transaction's first statement.
+const LOCK_HEAD: &str = "UPDATE ledger_head SET seq = seq WHERE id = 1";
+const READ_HEAD: &str = "SELECT seq, hash FROM ledger_head WHERE id = 1";
+const STORE_HEAD: &str = "UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1";
+
+/// A transaction that records batches: through the `Any` driver on SQLite,
+/// through the PostgreSQL driver on PostgreSQL. Statements over many rows
+/// take them as a table expression (see [`WriteTx::fetch_with`]) that each
+/// backend binds as it binds best.
+pub enum WriteTx {
+    Any(Transaction<'static, Any>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+impl WriteTx {
+    /// Locks and reads the chain head (first statement of a writing
+    /// transaction).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn lock_head(&mut self) -> Result<Head, sqlx::Error> {
+        let (seq, hash) = match self {
+            WriteTx::Any(tx) => Head::lock(tx).await.map(|h| (h.seq, h.hash))?,
+            WriteTx::Postgres(tx) => {
+                (&mut **tx).execute(LOCK_HEAD).await?;
+                sqlx::query_as::<_, (i64, String)>(READ_HEAD)
+                    .fetch_one(&mut **tx)
+                    .await?
+            }
+        };
+        Ok(Head { seq, hash })
+    }
+
+    /// Writes the head back (last statement of a writing transaction).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn store_head(&mut self, head: &Head) -> Result<(), sqlx::Error> {
+        match self {
+            WriteTx::Any(tx) => head.store(tx).await,
+            WriteTx::Postgres(tx) => {
+                sqlx::query(STORE_HEAD)
+                    .bind(head.seq)
+                    .bind(&head.hash)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs `head SELECT * FROM unnest(...) suffix` (PostgreSQL, one
+    /// statement) or `head VALUES ... suffix` (SQLite, in chunks of
+    /// [`CHUNK`] rows).
+    ///
+    /// # Errors
+    /// A database error, or a column whose rows mix text and integers.
+    pub async fn insert_rows<const N: usize>(
+        &mut self,
+        head: &str,
+        suffix: &str,
+        rows: &[[Value; N]],
+    ) -> Result<(), sqlx::Error> {
+        match self {
+            WriteTx::Any(tx) => insert_rows(tx, head, suffix, rows).await,
+            WriteTx::Postgres(_) if rows.is_empty() => Ok(()),
+            WriteTx::Postgres(tx) => {
+                let columns = pg_columns(rows)?;
+                let sql = format!("{head} SELECT * FROM {} {suffix}", pg_unnest(&columns));
+                pg_bind(sqlx::query(&sql), &columns)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs the query that `sql` makes of a table expression over `rows`
+    /// (columns `column1` .. `columnN`) and reads each result row as `T`.
+    /// On SQLite the rows go [`CHUNK`] at a time, and the results of the
+    /// chunks are concatenated, so `sql` must not aggregate across rows of
+    /// different chunks.
+    ///
+    /// # Errors
+    /// A database error, or a column whose rows mix text and integers.
+    pub async fn fetch_with<T, const N: usize>(
+        &mut self,
+        sql: impl Fn(&str) -> String,
+        rows: &[[Value; N]],
+    ) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: Send + Unpin + for<'r> FromRow<'r, AnyRow> + for<'r> FromRow<'r, PgRow>,
+    {
+        let mut found = Vec::new();
+        if rows.is_empty() {
+            return Ok(found);
+        }
+        match self {
+            WriteTx::Any(tx) => {
+                for chunk in rows.chunks(CHUNK) {
+                    let table = RowSet::new(tx, chunk);
+                    let sql = sql(&table.table(tx, 1));
+                    found.extend(
+                        table
+                            .bind(sqlx::query(&sql))
+                            .try_map(|row: AnyRow| T::from_row(&row))
+                            .fetch_all(&mut **tx)
+                            .await?,
+                    );
+                }
+            }
+            WriteTx::Postgres(tx) => {
+                let columns = pg_columns(rows)?;
+                let sql = sql(&pg_table(&columns));
+                found = pg_bind(sqlx::query(&sql), &columns)
+                    .try_map(|row: PgRow| T::from_row(&row))
+                    .fetch_all(&mut **tx)
+                    .await?;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Runs the statement that `sql` makes of a table expression over
+    /// `rows`, as [`WriteTx::fetch_with`] does.
+    ///
+    /// # Errors
+    /// A database error, or a column whose rows mix text and integers.
+    pub async fn execute_with<const N: usize>(
+        &mut self,
+        sql: impl Fn(&str) -> String,
+        rows: &[[Value; N]],
+    ) -> Result<(), sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match self {
+            WriteTx::Any(tx) => {
+                for chunk in rows.chunks(CHUNK) {
+                    let table = RowSet::new(tx, chunk);
+                    let sql = sql(&table.table(tx, 1));
+                    table.bind(sqlx::query(&sql)).execute(&mut **tx).await?;
+                }
+            }
+            WriteTx::Postgres(tx) => {
+                let columns = pg_columns(rows)?;
+                let sql = sql(&pg_table(&columns));
+                pg_bind(sqlx::query(&sql), &columns)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits.
+    ///
+    /// # Errors
+    /// A database error: nothing of the transaction is recorded.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            WriteTx::Any(tx) => tx.commit().await,
+            WriteTx::Postgres(tx) => tx.commit().await,
+        }
+    }
+
+    /// Rolls back.
+    ///
+    /// # Errors
+    /// A database error (the server rolls back a transaction whose
+    /// connection is gone).
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        match self {
+            WriteTx::Any(tx) => tx.rollback().await,
+            WriteTx::Postgres(tx) => tx.rollback().await,
+        }
+    }
+}
+
+/// One column of a batch's rows, bound as one binary PostgreSQL array.
+enum PgColumn<'r> {
+    Text(Vec<&'r str>),
+    Int(Vec<Option<i64>>),
+}
+
+impl PgColumn<'_> {
+    fn sql_type(&self) -> &'static str {
+        match self {
+            PgColumn::Text(_) => "text[]",
+            PgColumn::Int(_) => "bigint[]",
+        }
+    }
+}
+
+/// The columns of `rows`, each typed by its first row.
+fn pg_columns<const N: usize>(rows: &[[Value; N]]) -> Result<Vec<PgColumn<'_>>, sqlx::Error> {
+    (0..N)
+        .map(|j| {
+            let mut column = match rows.first().map(|r| &r[j]) {
+                Some(Value::Int(_) | Value::NullInt) => {
+                    PgColumn::Int(Vec::with_capacity(rows.len()))
+                }
+                _ => PgColumn::Text(Vec::with_capacity(rows.len())),
+            };
+            for row in rows {
+                match (&mut column, &row[j]) {
+                    (PgColumn::Text(v), Value::Text(s)) => v.push(s),
+                    (PgColumn::Int(v), Value::Int(i)) => v.push(Some(*i)),
+                    (PgColumn::Int(v), Value::NullInt) => v.push(None),
+                    _ => {
+                        return Err(sqlx::Error::Encode(
+                            format!("column {} of a batch mixes text and integers", j + 1).into(),
+                        ));
+                    }
+                }
+            }
+            Ok(column)
+        })
+        .collect()
+}
+
+/// `unnest($1::text[], $2::bigint[], ...)`.
+fn pg_unnest(columns: &[PgColumn<'_>]) -> String {
+    let args = columns
+        .iter()
+        .enumerate()
+        .map(|(j, c)| format!("${}::{}", j + 1, c.sql_type()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("unnest({args})")
+}
+
+/// `(SELECT * FROM unnest(...) AS u(column1, ...))`.
+fn pg_table(columns: &[PgColumn<'_>]) -> String {
+    let names = (1..=columns.len())
+        .map(|j| format!("column{j}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("(SELECT * FROM {} AS u({names}))", pg_unnest(columns))
+}
+
+/// Binds each column as one array.
+fn pg_bind<'q>(
+    query: sqlx::query::Query<'q, Postgres, PgArguments>,
+    columns: &'q [PgColumn<'q>],
+) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+    columns.iter().fold(query, |query, column| match column {
+        PgColumn::Text(v) => query.bind(v.as_slice()),
+        PgColumn::Int(v) => query.bind(v.as_slice()),
+    })
 }
 
 /// The head of the hash chain, read and advanced inside a transaction.
@@ -171,11 +472,8 @@ impl Head {
     /// # Errors
     /// A database error.
     pub async fn lock(conn: &mut AnyConnection) -> Result<Self, sqlx::Error> {
-        conn.execute("UPDATE ledger_head SET seq = seq WHERE id = 1")
-            .await?;
-        let row = sqlx::query("SELECT seq, hash FROM ledger_head WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await?;
+        conn.execute(LOCK_HEAD).await?;
+        let row = sqlx::query(READ_HEAD).fetch_one(&mut *conn).await?;
         Ok(Head {
             seq: row.try_get("seq")?,
             hash: row.try_get("hash")?,
@@ -187,7 +485,7 @@ impl Head {
     /// # Errors
     /// A database error.
     pub async fn store(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1")
+        sqlx::query(STORE_HEAD)
             .bind(self.seq)
             .bind(&self.hash)
             .execute(&mut *conn)
@@ -312,15 +610,16 @@ pub fn param(conn: &AnyConnection, n: usize) -> Cow<'static, str> {
     }
 }
 
-/// The rows of one statement, as the backend binds them best.
+/// The rows of one statement through the `Any` driver, as the backend
+/// binds them best (recording uses [`WriteTx`]; the deadline engine this).
 ///
 /// On PostgreSQL each column travels as one array parameter that the server
 /// expands with `unnest`: N binds and one plan however many rows, where a
 /// `VALUES` list of thousands of parameters cost more to bind and plan than
 /// the rows cost to insert. (sqlx's `Any` driver binds no arrays, so each
-/// goes as the text of an array literal, cast on the server.) On SQLite,
-/// which binds positional parameters cheaply, the rows are a `VALUES` list
-/// of `?`.
+/// goes as the text of an array literal, cast and parsed on the server;
+/// [`WriteTx`] binds binary arrays instead.) On SQLite, which binds
+/// positional parameters cheaply, the rows are a `VALUES` list of `?`.
 pub struct RowSet<'r, const N: usize> {
     rows: &'r [[Value; N]],
     /// PostgreSQL: per column, the array literal and its element type.
@@ -500,4 +799,32 @@ pub async fn insert_rows<const N: usize>(
         return Ok(());
     }
     RowSet::new(conn, rows).insert(conn, head, suffix).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_goes_to_postgresql_as_one_typed_array_per_column() {
+        let rows = [
+            [Value::from("a\"b\\c,{d}"), Value::Int(1), Value::NullInt],
+            [Value::from("张三"), Value::Int(2), Value::Int(3)],
+        ];
+        let columns = pg_columns(&rows).unwrap();
+        assert!(matches!(&columns[0], PgColumn::Text(v) if v == &["a\"b\\c,{d}", "张三"]));
+        assert!(matches!(&columns[1], PgColumn::Int(v) if v == &[Some(1), Some(2)]));
+        assert!(matches!(&columns[2], PgColumn::Int(v) if v == &[None, Some(3)]));
+        assert_eq!(
+            pg_table(&columns),
+            "(SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(column1, column2, column3))"
+        );
+    }
+
+    #[test]
+    fn a_column_mixing_text_and_integers_is_refused_not_bound() {
+        let rows = [[Value::from("a")], [Value::Int(1)]];
+        let err = pg_columns(&rows).err().unwrap();
+        assert!(err.to_string().contains("column 1"), "{err}");
+    }
 }

@@ -26,7 +26,6 @@ use refbus_proto::v1::letter::Disposition;
 use refbus_proto::v1::route_hop::Duty;
 use refbus_proto::v1::{Envelope, Hop, HopReport, Letter, Outcome, WithholdingGround};
 use serde_json::json;
-use sqlx::{AnyConnection, Row};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -36,7 +35,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::clock::millis;
-use crate::ledger::{CHUNK, Event, Head, RowSet, Value, insert_rows, sha256_hex};
+use crate::ledger::{Event, Head, Value, WriteTx, sha256_hex};
 
 /// Counters the tracker keeps, exported as Prometheus metrics
 /// (`refbus_tracker_*`, see [`Metrics::register`]).
@@ -436,7 +435,7 @@ impl Recorder {
     /// A database error: the caller rolls back and retries the batch.
     pub async fn write(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut WriteTx,
         head: &mut Head,
         prepared: &Prepared,
         now: DateTime<Utc>,
@@ -460,7 +459,7 @@ impl Recorder {
     /// A database error: the caller rolls back and retries the batch.
     pub async fn write_rows(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut WriteTx,
         prepared: &Prepared,
         tally: &mut Tally,
     ) -> Result<Vec<bool>, sqlx::Error> {
@@ -497,22 +496,19 @@ impl Recorder {
         let referrals = prepared.referrals.kept(&new);
         let hops = prepared.hops.kept(&new);
         let obligations = prepared.obligations.kept(&new);
-        insert_rows(
-            conn,
+        conn.insert_rows(
             "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)",
             "ON CONFLICT (id) DO NOTHING",
             &referrals,
         )
         .await?;
-        insert_rows(
-            conn,
+        conn.insert_rows(
             "INSERT INTO hops (referral_id, hop, agency, at, message_id)",
             "ON CONFLICT DO NOTHING",
             &hops,
         )
         .await?;
-        insert_rows(
-            conn,
+        conn.insert_rows(
             "INSERT INTO obligations (id, referral_id, rule, kind, duty, bearer, meets_agency, met_by, clock_started_at, due_at, met_at, notify)",
             "ON CONFLICT (id) DO NOTHING",
             &obligations,
@@ -531,7 +527,7 @@ impl Recorder {
     /// A database error: the caller rolls back and retries the batch.
     pub async fn write_chain(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut WriteTx,
         head: &mut Head,
         prepared: &Prepared,
         new: &[bool],
@@ -565,7 +561,12 @@ impl Recorder {
             head.seq = seq;
             head.hash = hash;
         }
-        insert_rows(conn, "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)", "", &events).await?;
+        conn.insert_rows(
+            "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)",
+            "",
+            &events,
+        )
+        .await?;
         // (referral, met_by, agency) -> earliest time.
         let mut meets: HashMap<(String, &'static str, String), i64> = HashMap::new();
         for (key, at) in prepared.meets.iter_kept(new) {
@@ -580,26 +581,24 @@ impl Recorder {
             .iter_kept(new)
             .map(|id| [id.as_str().into()])
             .collect();
-        for chunk in obligated.chunks(CHUNK) {
-            let referrals = RowSet::new(conn, chunk);
-            let sql = format!(
-                "SELECT referral_id, hop, agency, MIN(at) AS at FROM hops WHERE referral_id IN (SELECT column1 FROM {} AS v) GROUP BY referral_id, hop, agency",
-                referrals.table(conn, 1)
-            );
-            for row in referrals
-                .bind(sqlx::query(&sql))
-                .fetch_all(&mut *conn)
-                .await?
-            {
-                let hop: String = row.try_get("hop")?;
-                if let Some(met_by) = met_by_for(&hop) {
-                    let at: i64 = row.try_get("at")?;
-                    let key = (row.try_get("referral_id")?, met_by, row.try_get("agency")?);
-                    meets
-                        .entry(key)
-                        .and_modify(|t| *t = (*t).min(at))
-                        .or_insert(at);
-                }
+        let earlier: Vec<(String, String, String, i64)> = conn
+            .fetch_with(
+                |referrals| {
+                    format!(
+                        "SELECT referral_id, hop, agency, MIN(at) AS at FROM hops
+                         WHERE referral_id IN (SELECT column1 FROM {referrals} AS v) AND hop IN ({HOPS_THAT_MEET})
+                         GROUP BY referral_id, hop, agency"
+                    )
+                },
+                &obligated,
+            )
+            .await?;
+        for (referral, hop, agency, at) in earlier {
+            if let Some(met_by) = met_by_for(&hop) {
+                meets
+                    .entry((referral, met_by, agency))
+                    .and_modify(|t| *t = (*t).min(at))
+                    .or_insert(at);
             }
         }
         let meets: Vec<[Value; 4]> = meets
@@ -613,17 +612,17 @@ impl Recorder {
                 ]
             })
             .collect();
-        for chunk in meets.chunks(CHUNK) {
-            let met = RowSet::new(conn, chunk);
-            let sql = format!(
-                "UPDATE obligations SET met_at = CAST(v.column4 AS BIGINT) FROM {} AS v
-                 WHERE obligations.referral_id = v.column1 AND obligations.met_by = v.column2
-                   AND obligations.meets_agency = v.column3 AND obligations.met_at IS NULL",
-                met.table(conn, 1)
-            );
-            met.bind(sqlx::query(&sql)).execute(&mut *conn).await?;
-        }
-        Ok(())
+        conn.execute_with(
+            |met| {
+                format!(
+                    "UPDATE obligations SET met_at = CAST(v.column4 AS BIGINT) FROM {met} AS v
+                     WHERE obligations.referral_id = v.column1 AND obligations.met_by = v.column2
+                       AND obligations.meets_agency = v.column3 AND obligations.met_at IS NULL"
+                )
+            },
+            &meets,
+        )
+        .await
     }
 
     fn envelope_rows(&self, envelope: &Envelope, now: DateTime<Utc>, rows: &mut Prepared) {
@@ -873,23 +872,21 @@ impl Recorder {
 
 /// The ids of `messages` that the ledger already holds.
 async fn recorded_already(
-    conn: &mut AnyConnection,
+    conn: &mut WriteTx,
     messages: &[PreparedMessage],
 ) -> Result<HashSet<String>, sqlx::Error> {
     let ids: Vec<[Value; 1]> = messages.iter().map(|m| [m.id.as_str().into()]).collect();
-    let mut found = HashSet::new();
-    for chunk in ids.chunks(CHUNK) {
-        let ids = RowSet::new(conn, chunk);
-        let sql = format!(
-            "SELECT message_id FROM ledger_events WHERE message_id IN (SELECT column1 FROM {} AS v)",
-            ids.table(conn, 1)
-        );
-        for row in ids.bind(sqlx::query(&sql)).fetch_all(&mut *conn).await? {
-            found.insert(row.try_get(0)?);
-        }
-    }
-    Ok(found)
+    let found: Vec<(String,)> = conn
+        .fetch_with(
+            |ids| format!("SELECT message_id FROM ledger_events WHERE message_id IN (SELECT column1 FROM {ids} AS v)"),
+            &ids,
+        )
+        .await?;
+    Ok(found.into_iter().map(|(id,)| id).collect())
 }
+
+/// The hops that meet obligations ([`met_by_for`]), as an SQL list.
+const HOPS_THAT_MEET: &str = "'delivered', 'acknowledged', 'answered', 'relayed'";
 
 /// What a hop meets.
 fn met_by_for(hop: &str) -> Option<&'static str> {
