@@ -407,7 +407,7 @@ async fn audit_verify_names_a_changed_row_and_exits_7() {
         .execute(&ledger.pool)
         .await
         .unwrap();
-    ledger.pool.close().await;
+    ledger.close().await;
     let audit = up.refbus("tracker", CENTRE, &["audit", "verify"]).await;
     assert_eq!(audit.code, 7, "{audit:?}");
     assert!(audit.stdout.contains("seq 1"), "{audit:?}");

@@ -257,7 +257,7 @@ async fn the_ledger_database_unavailable_for_10_s() {
         "one ledger event per message"
     );
     report("ledger database away 10 s", &load, &recorded, "recorded");
-    ledger.pool.close().await;
+    ledger.close().await;
     let settings = tracker.stop().await.0;
     bus.stop().await;
     drop_ledger(&direct).await;

@@ -126,7 +126,7 @@ pub async fn drop_ledger(settings: &TrackerSettings) {
             .execute(&ledger.pool)
             .await
             .unwrap();
-        ledger.pool.close().await;
+        ledger.close().await;
     }
     let _ = std::fs::remove_dir_all(&settings.data_dir);
 }

@@ -302,7 +302,7 @@ pub struct Prepared {
     owner: usize,
     events: Tagged<EventRow>,
     referrals: Tagged<[Value; 11]>,
-    hops: Tagged<[Value; 5]>,
+    hops: Tagged<[Value; 6]>,
     obligations: Tagged<[Value; 12]>,
     /// The deadline of each obligation (epoch ms).
     dues: Vec<i64>,
@@ -371,7 +371,18 @@ impl Prepared {
         self.len() == 0
     }
 
-    fn hop(&mut self, referral: &str, hop: &str, agency: &str, at: i64, message_id: &str) {
+    /// A hop, and what it meets (an obligation's `met_by`), if anything:
+    /// stored with the hop, so that a hop recorded before its referral
+    /// meets what it met when the referral's obligations come.
+    fn hop(
+        &mut self,
+        referral: &str,
+        hop: &str,
+        agency: &str,
+        at: i64,
+        message_id: &str,
+        meets: Option<&'static str>,
+    ) {
         self.hops.push(
             self.owner,
             [
@@ -380,15 +391,15 @@ impl Prepared {
                 agency.into(),
                 Value::Int(at),
                 message_id.into(),
+                meets.unwrap_or_default().into(),
             ],
         );
-    }
-
-    fn meet(&mut self, referral: &str, met_by: &'static str, agency: &str, at: i64) {
-        self.meets.push(
-            self.owner,
-            ((referral.to_owned(), met_by, agency.to_owned()), at),
-        );
+        if let Some(met_by) = meets {
+            self.meets.push(
+                self.owner,
+                ((referral.to_owned(), met_by, agency.to_owned()), at),
+            );
+        }
     }
 }
 
@@ -503,7 +514,7 @@ impl Recorder {
         )
         .await?;
         conn.insert_rows(
-            "INSERT INTO hops (referral_id, hop, agency, at, message_id)",
+            "INSERT INTO hops (referral_id, hop, agency, at, message_id, meets)",
             "ON CONFLICT DO NOTHING",
             &hops,
         )
@@ -585,18 +596,18 @@ impl Recorder {
             .fetch_with(
                 |referrals| {
                     format!(
-                        "SELECT referral_id, hop, agency, MIN(at) AS at FROM hops
-                         WHERE referral_id IN (SELECT column1 FROM {referrals} AS v) AND hop IN ({HOPS_THAT_MEET})
-                         GROUP BY referral_id, hop, agency"
+                        "SELECT referral_id, meets, agency, MIN(at) AS at FROM hops
+                         WHERE referral_id IN (SELECT column1 FROM {referrals} AS v) AND meets <> ''
+                         GROUP BY referral_id, meets, agency"
                     )
                 },
                 &obligated,
             )
             .await?;
-        for (referral, hop, agency, at) in earlier {
-            if let Some(met_by) = met_by_for(&hop) {
+        for (referral, meets_code, agency, at) in earlier {
+            if let Some(met_by) = MetBy::from_code(&meets_code) {
                 meets
-                    .entry((referral, met_by, agency))
+                    .entry((referral, met_by.code(), agency))
                     .and_modify(|t| *t = (*t).min(at))
                     .or_insert(at);
             }
@@ -672,8 +683,14 @@ impl Recorder {
         if !envelope.relay_of.is_empty() {
             // DZ-7: a relay passed the lead on. Filed under the lead.
             let at = millis(submitted);
-            rows.hop(&referral_id, "relayed", &envelope.sender, at, &envelope.id);
-            rows.meet(&referral_id, "relayed", &envelope.sender, at);
+            rows.hop(
+                &referral_id,
+                "relayed",
+                &envelope.sender,
+                at,
+                &envelope.id,
+                Some(MetBy::Relayed.code()),
+            );
             if known {
                 self.obligation_rows(envelope, &referral_id, kind, clock, submitted, rows);
             }
@@ -710,6 +727,7 @@ impl Recorder {
             &envelope.sender,
             at,
             &envelope.id,
+            None,
         );
         match &envelope.payload {
             Some(Payload::Feedback(_) | Payload::Acknowledgement(_))
@@ -718,10 +736,10 @@ impl Recorder {
                 let (hop, met_by) = match &envelope.payload {
                     // CQ-3.13: hearing the lawyer in person meets an obligation of its own.
                     Some(Payload::Feedback(f)) if f.outcome == Outcome::Heard as i32 => {
-                        ("answered", "hearing")
+                        ("answered", MetBy::Hearing)
                     }
-                    Some(Payload::Feedback(_)) => ("answered", "feedback"),
-                    _ => ("acknowledged", "acknowledged"),
+                    Some(Payload::Feedback(_)) => ("answered", MetBy::Feedback),
+                    _ => ("acknowledged", MetBy::Acknowledged),
                 };
                 rows.hop(
                     &envelope.in_reply_to,
@@ -729,8 +747,8 @@ impl Recorder {
                     &envelope.sender,
                     at,
                     &envelope.id,
+                    Some(met_by.code()),
                 );
-                rows.meet(&envelope.in_reply_to, met_by, &envelope.sender, at);
             }
             Some(Payload::OverdueNotice(notice)) => {
                 rows.hop(
@@ -739,6 +757,7 @@ impl Recorder {
                     &envelope.recipient,
                     at,
                     &envelope.id,
+                    None,
                 );
             }
             _ if known => {
@@ -863,10 +882,14 @@ impl Recorder {
                 body,
             },
         );
-        rows.hop(&report.referral_id, hop, &report.agency, at, &report.id);
-        if let Some(met_by) = met_by_for(hop) {
-            rows.meet(&report.referral_id, met_by, &report.agency, at);
-        }
+        rows.hop(
+            &report.referral_id,
+            hop,
+            &report.agency,
+            at,
+            &report.id,
+            met_by_for(hop),
+        );
     }
 }
 
@@ -885,16 +908,15 @@ async fn recorded_already(
     Ok(found.into_iter().map(|(id,)| id).collect())
 }
 
-/// The hops that meet obligations ([`met_by_for`]), as an SQL list.
-const HOPS_THAT_MEET: &str = "'delivered', 'acknowledged', 'answered', 'relayed'";
-
-/// What a hop meets.
+/// What a reported hop meets (an answer comes as an envelope, whose
+/// outcome says whether it answered or heard: see `envelope_rows`).
 fn met_by_for(hop: &str) -> Option<&'static str> {
-    match hop {
-        "delivered" => Some("delivered"),
-        "acknowledged" => Some("acknowledged"),
-        "answered" => Some("feedback"),
-        "relayed" => Some("relayed"),
-        _ => None,
-    }
+    let met_by = match hop {
+        "delivered" => MetBy::Delivered,
+        "acknowledged" => MetBy::Acknowledged,
+        "answered" => MetBy::Feedback,
+        "relayed" => MetBy::Relayed,
+        _ => return None,
+    };
+    Some(met_by.code())
 }

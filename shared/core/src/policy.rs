@@ -146,6 +146,21 @@ pub enum Condition {
 }
 
 impl MetBy {
+    /// Every way an obligation is met.
+    pub const ALL: [MetBy; 5] = [
+        MetBy::Delivered,
+        MetBy::Acknowledged,
+        MetBy::Feedback,
+        MetBy::Relayed,
+        MetBy::Hearing,
+    ];
+
+    /// The way with this code ([`MetBy::code`]).
+    #[must_use]
+    pub fn from_code(code: &str) -> Option<MetBy> {
+        MetBy::ALL.into_iter().find(|m| m.code() == code)
+    }
+
     #[must_use]
     pub fn code(&self) -> &'static str {
         match self {
