@@ -26,9 +26,7 @@ use refbus_core::signing::SigningKeys;
 use refbus_gateway::gateway::publish_signed;
 
 use crate::clock::{Clock, from_millis, millis};
-use crate::ledger::{
-    CHUNK, Event, Head, Ledger, LedgerError, Value, bind_rows, insert_rows, param,
-};
+use crate::ledger::{Event, Ledger, LedgerError, Value};
 use crate::record::Metrics;
 
 /// The sender named on overdue notices: the tracker itself, not an agency.
@@ -54,31 +52,26 @@ pub async fn scan(
     let mut marked = 0;
     loop {
         let _turn = ledger.write_turn().await;
-        let mut tx = ledger.pool.begin().await?;
-        let mut head = Head::lock(&mut tx).await?;
-        let due = sqlx::query(
-            "SELECT id, referral_id, rule, notify FROM obligations
-             WHERE met_at IS NULL AND overdue_at IS NULL AND due_at <= $1
-             ORDER BY due_at LIMIT $2",
-        )
-        .bind(millis(now))
-        .bind(SCAN_BATCH)
-        .fetch_all(&mut *tx)
-        .await?;
+        let mut tx = ledger.begin_write().await?;
+        let mut head = tx.lock_head().await?;
+        let due: Vec<(String, String, String, String)> = tx
+            .fetch(
+                "SELECT id, referral_id, rule, notify FROM obligations
+                 WHERE met_at IS NULL AND overdue_at IS NULL AND due_at <= $1
+                 ORDER BY due_at LIMIT $2",
+                &[Value::Int(millis(now)), Value::Int(SCAN_BATCH)],
+            )
+            .await?;
         if due.is_empty() {
             return Ok(marked);
         }
         let mut ids = Vec::with_capacity(due.len());
         let mut notices = Vec::new();
         let mut events = Vec::with_capacity(due.len());
-        for row in &due {
-            let id: String = row.try_get("id")?;
-            let referral: String = row.try_get("referral_id")?;
-            let rule: String = row.try_get("rule")?;
-            let notify: String = row.try_get("notify")?;
+        for (id, referral, rule, notify) in &due {
             for agency in notify.split(',').filter(|a| !a.is_empty()) {
                 notices.push([
-                    Value::Text(notice_id(&id, agency)),
+                    Value::Text(notice_id(id, agency)),
                     id.as_str().into(),
                     agency.into(),
                     Value::NullInt,
@@ -88,7 +81,7 @@ pub async fn scan(
             let event = Event {
                 message_id: &format!("overdue/{id}"),
                 event: "overdue",
-                referral_id: &referral,
+                referral_id: referral,
                 recorded_at: millis(now),
                 body,
             };
@@ -106,30 +99,32 @@ pub async fn scan(
             ]);
             head.seq = seq;
             head.hash = hash;
-            ids.push([Value::Text(id)]);
+            ids.push([id.as_str().into(), Value::Int(millis(now))]);
         }
-        for chunk in ids.chunks(CHUNK) {
-            let list = (2..chunk.len() + 2)
-                .map(|i| param(&tx, i))
-                .collect::<Vec<_>>()
-                .join(",");
-            let sql = format!(
-                "UPDATE obligations SET overdue_at = {} WHERE overdue_at IS NULL AND met_at IS NULL AND id IN ({list})",
-                param(&tx, 1)
-            );
-            bind_rows(sqlx::query(&sql).bind(millis(now)), chunk)
-                .execute(&mut *tx)
-                .await?;
-        }
-        insert_rows(
-            &mut tx,
+        tx.execute_with(
+            |marked| {
+                format!(
+                    "UPDATE obligations SET overdue_at = CAST(v.column2 AS BIGINT) FROM {marked} AS v
+                     WHERE obligations.id = v.column1
+                       AND obligations.overdue_at IS NULL AND obligations.met_at IS NULL"
+                )
+            },
+            &ids,
+        )
+        .await?;
+        tx.insert_rows(
             "INSERT INTO overdue_notices (notice_id, obligation_id, agency, published_at)",
             "ON CONFLICT (notice_id) DO NOTHING",
             &notices,
         )
         .await?;
-        insert_rows(&mut tx, "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)", "", &events).await?;
-        head.store(&mut tx).await?;
+        tx.insert_rows(
+            "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)",
+            "",
+            &events,
+        )
+        .await?;
+        tx.store_head(&head).await?;
         tx.commit().await?;
         marked += due.len();
         metrics

@@ -1,23 +1,21 @@
 //! Ledger storage: embedded SQLite by default, PostgreSQL when the URL says
 //! so; one schema and one set of migrations (`migrations/`) for both,
-//! through sqlx's `Any` driver. Recording ([`WriteTx`]) on PostgreSQL goes
-//! through sqlx's own PostgreSQL driver instead, which sends each column of
-//! a batch as one binary array (the `Any` driver binds no arrays).
+//! through sqlx's `Any` driver. The transactions that write the chain
+//! ([`WriteTx`]) go, on PostgreSQL, through sqlx's own PostgreSQL driver
+//! instead, which sends each column of a batch as one binary array (the
+//! `Any` driver binds no arrays).
 //!
 //! Every recorded message appends a row to `ledger_events` whose hash chains
 //! it to the row before; the chain head lives in `ledger_head`, whose single
 //! row every writing transaction updates first (so writers sharing a
 //! PostgreSQL database take turns, and SQLite takes its write lock at once).
 
-use std::borrow::Cow;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{
-    Any, AnyConnection, AnyPool, Connection, Executor, FromRow, Postgres, Row, Transaction,
-};
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, FromRow, Postgres, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
 
 /// What can go wrong with the ledger's storage.
@@ -39,7 +37,8 @@ pub enum LedgerError {
 /// The ledger's database.
 pub struct Ledger {
     pub pool: AnyPool,
-    /// PostgreSQL: the recording transactions' own pool ([`WriteTx`]).
+    /// PostgreSQL: the pool of the transactions that write the chain
+    /// ([`WriteTx`]); `pool` serves the rest.
     recording: Option<PgPool>,
     /// Serialises this process's writing transactions (SQLite allows one
     /// writer; a deferred transaction upgrading its lock would fail at once).
@@ -118,9 +117,10 @@ impl Ledger {
             Backend::Postgres => {
                 let options: PgConnectOptions = url.parse().map_err(connect_err)?;
                 let schema = schema.clone();
-                // Two batches are written at once; one connection spare.
+                // Two recording transactions at once (one staged, one
+                // finishing), the deadline engine's scan, one spare.
                 let pool = PgPoolOptions::new()
-                    .max_connections(3)
+                    .max_connections(4)
                     .after_connect(move |conn, _| {
                         let schema = schema.clone();
                         Box::pin(async move {
@@ -186,14 +186,14 @@ impl Ledger {
         self.write.lock().await
     }
 
-    /// Begins a recording transaction.
+    /// Begins a transaction that writes the chain.
     ///
     /// # Errors
     /// A database error.
     pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
         Ok(match &self.recording {
             Some(pool) => WriteTx::Postgres(pool.begin().await?),
-            None => WriteTx::Any(self.pool.begin().await?),
+            None => WriteTx::Sqlite(self.pool.begin().await?),
         })
     }
 
@@ -211,14 +211,29 @@ const LOCK_HEAD: &str = "UPDATE ledger_head SET seq = seq WHERE id = 1";
 const READ_HEAD: &str = "SELECT seq, hash FROM ledger_head WHERE id = 1";
 const STORE_HEAD: &str = "UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1";
 
-/// A transaction that records batches: through the `Any` driver on SQLite,
-/// through the PostgreSQL driver on PostgreSQL. Statements over many rows
-/// take them as a table expression (see [`WriteTx::fetch_with`]) that each
-/// backend binds as it binds best.
+/// A transaction that writes the ledger's chain: the recorder's batches and
+/// the deadline engine's scans. Through the `Any` driver on SQLite, through
+/// the PostgreSQL driver on PostgreSQL.
+///
+/// Statements over many rows take them as a table expression (columns
+/// `column1` .. `columnN`, see [`WriteTx::fetch_with`]) that each backend
+/// binds as it binds best:
+/// - PostgreSQL: each column one binary array (`text[]`, `bigint[]`)
+///   expanded by `unnest`: N binds and one plan however many rows, where a
+///   `VALUES` list of thousands of parameters cost more to bind and plan
+///   than the rows cost to insert (and array literals in text cost the
+///   server a parse of every character);
+/// - SQLite: a `VALUES` list of anonymous `?`, [`CHUNK`] rows a statement.
+///   SQLite looks a numbered parameter's name up by a linear scan, so a
+///   statement with a thousand `$n` costs a million steps to bind;
+///   anonymous `?` are bound by position.
 pub enum WriteTx {
-    Any(Transaction<'static, Any>),
+    Sqlite(Transaction<'static, Any>),
     Postgres(Transaction<'static, Postgres>),
 }
+
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 impl WriteTx {
     /// Locks and reads the chain head (first statement of a writing
@@ -227,15 +242,12 @@ impl WriteTx {
     /// # Errors
     /// A database error.
     pub async fn lock_head(&mut self) -> Result<Head, sqlx::Error> {
-        let (seq, hash) = match self {
-            WriteTx::Any(tx) => Head::lock(tx).await.map(|h| (h.seq, h.hash))?,
-            WriteTx::Postgres(tx) => {
-                (&mut **tx).execute(LOCK_HEAD).await?;
-                sqlx::query_as::<_, (i64, String)>(READ_HEAD)
-                    .fetch_one(&mut **tx)
-                    .await?
-            }
-        };
+        self.execute(LOCK_HEAD, &[]).await?;
+        let (seq, hash) = self
+            .fetch::<(i64, String)>(READ_HEAD, &[])
+            .await?
+            .pop()
+            .ok_or(sqlx::Error::RowNotFound)?;
         Ok(Head { seq, hash })
     }
 
@@ -244,17 +256,56 @@ impl WriteTx {
     /// # Errors
     /// A database error.
     pub async fn store_head(&mut self, head: &Head) -> Result<(), sqlx::Error> {
+        self.execute(
+            STORE_HEAD,
+            &[Value::Int(head.seq), Value::Text(head.hash.clone())],
+        )
+        .await
+    }
+
+    /// Runs `sql` with `params` bound to `$1`, `$2`, ... and reads each
+    /// result row as `T`.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn fetch<T>(&mut self, sql: &str, params: &[Value]) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: Send + Unpin + for<'r> FromRow<'r, AnyRow> + for<'r> FromRow<'r, PgRow>,
+    {
         match self {
-            WriteTx::Any(tx) => head.store(tx).await,
+            WriteTx::Sqlite(tx) => {
+                any_bind(sqlx::query(sql), params)
+                    .try_map(|row: AnyRow| T::from_row(&row))
+                    .fetch_all(&mut **tx)
+                    .await
+            }
             WriteTx::Postgres(tx) => {
-                sqlx::query(STORE_HEAD)
-                    .bind(head.seq)
-                    .bind(&head.hash)
-                    .execute(&mut **tx)
-                    .await?;
-                Ok(())
+                pg_bind_scalars(sqlx::query(sql), params)
+                    .try_map(|row: PgRow| T::from_row(&row))
+                    .fetch_all(&mut **tx)
+                    .await
             }
         }
+    }
+
+    /// Runs `sql` with `params` bound to `$1`, `$2`, ...
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn execute(&mut self, sql: &str, params: &[Value]) -> Result<(), sqlx::Error> {
+        match self {
+            WriteTx::Sqlite(tx) => {
+                any_bind(sqlx::query(sql), params)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            WriteTx::Postgres(tx) => {
+                pg_bind_scalars(sqlx::query(sql), params)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Runs `head SELECT * FROM unnest(...) suffix` (PostgreSQL, one
@@ -269,18 +320,27 @@ impl WriteTx {
         suffix: &str,
         rows: &[[Value; N]],
     ) -> Result<(), sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         match self {
-            WriteTx::Any(tx) => insert_rows(tx, head, suffix, rows).await,
-            WriteTx::Postgres(_) if rows.is_empty() => Ok(()),
+            WriteTx::Sqlite(tx) => {
+                for chunk in rows.chunks(CHUNK) {
+                    let sql = format!("{head} VALUES {} {suffix}", values_list::<N>(chunk.len()));
+                    any_bind(sqlx::query(&sql), chunk.iter().flatten())
+                        .execute(&mut **tx)
+                        .await?;
+                }
+            }
             WriteTx::Postgres(tx) => {
                 let columns = pg_columns(rows)?;
                 let sql = format!("{head} SELECT * FROM {} {suffix}", pg_unnest(&columns));
-                pg_bind(sqlx::query(&sql), &columns)
+                pg_bind_columns(sqlx::query(&sql), &columns)
                     .execute(&mut **tx)
                     .await?;
-                Ok(())
             }
         }
+        Ok(())
     }
 
     /// Runs the query that `sql` makes of a table expression over `rows`
@@ -304,13 +364,11 @@ impl WriteTx {
             return Ok(found);
         }
         match self {
-            WriteTx::Any(tx) => {
+            WriteTx::Sqlite(tx) => {
                 for chunk in rows.chunks(CHUNK) {
-                    let table = RowSet::new(tx, chunk);
-                    let sql = sql(&table.table(tx, 1));
+                    let sql = sql(&format!("(VALUES {})", values_list::<N>(chunk.len())));
                     found.extend(
-                        table
-                            .bind(sqlx::query(&sql))
+                        any_bind(sqlx::query(&sql), chunk.iter().flatten())
                             .try_map(|row: AnyRow| T::from_row(&row))
                             .fetch_all(&mut **tx)
                             .await?,
@@ -320,7 +378,7 @@ impl WriteTx {
             WriteTx::Postgres(tx) => {
                 let columns = pg_columns(rows)?;
                 let sql = sql(&pg_table(&columns));
-                found = pg_bind(sqlx::query(&sql), &columns)
+                found = pg_bind_columns(sqlx::query(&sql), &columns)
                     .try_map(|row: PgRow| T::from_row(&row))
                     .fetch_all(&mut **tx)
                     .await?;
@@ -343,17 +401,18 @@ impl WriteTx {
             return Ok(());
         }
         match self {
-            WriteTx::Any(tx) => {
+            WriteTx::Sqlite(tx) => {
                 for chunk in rows.chunks(CHUNK) {
-                    let table = RowSet::new(tx, chunk);
-                    let sql = sql(&table.table(tx, 1));
-                    table.bind(sqlx::query(&sql)).execute(&mut **tx).await?;
+                    let sql = sql(&format!("(VALUES {})", values_list::<N>(chunk.len())));
+                    any_bind(sqlx::query(&sql), chunk.iter().flatten())
+                        .execute(&mut **tx)
+                        .await?;
                 }
             }
             WriteTx::Postgres(tx) => {
                 let columns = pg_columns(rows)?;
                 let sql = sql(&pg_table(&columns));
-                pg_bind(sqlx::query(&sql), &columns)
+                pg_bind_columns(sqlx::query(&sql), &columns)
                     .execute(&mut **tx)
                     .await?;
             }
@@ -367,7 +426,7 @@ impl WriteTx {
     /// A database error: nothing of the transaction is recorded.
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
-            WriteTx::Any(tx) => tx.commit().await,
+            WriteTx::Sqlite(tx) => tx.commit().await,
             WriteTx::Postgres(tx) => tx.commit().await,
         }
     }
@@ -379,10 +438,47 @@ impl WriteTx {
     /// connection is gone).
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
         match self {
-            WriteTx::Any(tx) => tx.rollback().await,
+            WriteTx::Sqlite(tx) => tx.rollback().await,
             WriteTx::Postgres(tx) => tx.rollback().await,
         }
     }
+}
+
+/// `(?,?),(?,?)`: `rows` rows of `N` anonymous parameters (SQLite).
+fn values_list<const N: usize>(rows: usize) -> String {
+    let mut sql = String::with_capacity(rows * (N * 2 + 2));
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for j in 0..N {
+            if j > 0 {
+                sql.push(',');
+            }
+            sql.push('?');
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Binds `values`, in order (SQLite, through the `Any` driver).
+fn any_bind<'q>(query: AnyQuery<'q>, values: impl IntoIterator<Item = &'q Value>) -> AnyQuery<'q> {
+    values.into_iter().fold(query, |query, value| match value {
+        Value::Text(s) => query.bind(s.as_str()),
+        Value::Int(i) => query.bind(*i),
+        Value::NullInt => query.bind(None::<i64>),
+    })
+}
+
+/// Binds `values` as scalars, in order (PostgreSQL).
+fn pg_bind_scalars<'q>(query: PgQuery<'q>, values: &'q [Value]) -> PgQuery<'q> {
+    values.iter().fold(query, |query, value| match value {
+        Value::Text(s) => query.bind(s.as_str()),
+        Value::Int(i) => query.bind(*i),
+        Value::NullInt => query.bind(None::<i64>),
+    })
 }
 
 /// One column of a batch's rows, bound as one binary PostgreSQL array.
@@ -448,10 +544,7 @@ fn pg_table(columns: &[PgColumn<'_>]) -> String {
 }
 
 /// Binds each column as one array.
-fn pg_bind<'q>(
-    query: sqlx::query::Query<'q, Postgres, PgArguments>,
-    columns: &'q [PgColumn<'q>],
-) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+fn pg_bind_columns<'q>(query: PgQuery<'q>, columns: &'q [PgColumn<'q>]) -> PgQuery<'q> {
     columns.iter().fold(query, |query, column| match column {
         PgColumn::Text(v) => query.bind(v.as_slice()),
         PgColumn::Int(v) => query.bind(v.as_slice()),
@@ -463,35 +556,6 @@ fn pg_bind<'q>(
 pub struct Head {
     pub seq: i64,
     pub hash: String,
-}
-
-impl Head {
-    /// Locks and reads the chain head (first statement of a writing
-    /// transaction).
-    ///
-    /// # Errors
-    /// A database error.
-    pub async fn lock(conn: &mut AnyConnection) -> Result<Self, sqlx::Error> {
-        conn.execute(LOCK_HEAD).await?;
-        let row = sqlx::query(READ_HEAD).fetch_one(&mut *conn).await?;
-        Ok(Head {
-            seq: row.try_get("seq")?,
-            hash: row.try_get("hash")?,
-        })
-    }
-
-    /// Writes the head back (last statement of a writing transaction).
-    ///
-    /// # Errors
-    /// A database error.
-    pub async fn store(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        sqlx::query(STORE_HEAD)
-            .bind(self.seq)
-            .bind(&self.hash)
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
-    }
 }
 
 /// One ledger event before it is chained.
@@ -590,216 +654,9 @@ impl From<i64> for Value {
 }
 
 /// Rows per multi-row statement on SQLite (keeps well under its limit on
-/// bound parameters). PostgreSQL takes any number of rows in one parameter.
+/// bound parameters). PostgreSQL takes any number of rows in one array
+/// parameter per column.
 pub const CHUNK: usize = 500;
-
-fn is_sqlite(conn: &AnyConnection) -> bool {
-    conn.backend_name() == "SQLite"
-}
-
-/// The `n`th (1-based) bind parameter of a statement that uses each once, in
-/// order: `?` on SQLite, `$n` on PostgreSQL. SQLite looks a numbered
-/// parameter's name up by a linear scan, so a statement with a thousand `$n`
-/// costs a million steps to bind; anonymous `?` are bound by position.
-#[must_use]
-pub fn param(conn: &AnyConnection, n: usize) -> Cow<'static, str> {
-    if is_sqlite(conn) {
-        Cow::Borrowed("?")
-    } else {
-        Cow::Owned(format!("${n}"))
-    }
-}
-
-/// The rows of one statement through the `Any` driver, as the backend
-/// binds them best (recording uses [`WriteTx`]; the deadline engine this).
-///
-/// On PostgreSQL each column travels as one array parameter that the server
-/// expands with `unnest`: N binds and one plan however many rows, where a
-/// `VALUES` list of thousands of parameters cost more to bind and plan than
-/// the rows cost to insert. (sqlx's `Any` driver binds no arrays, so each
-/// goes as the text of an array literal, cast and parsed on the server;
-/// [`WriteTx`] binds binary arrays instead.) On SQLite, which binds
-/// positional parameters cheaply, the rows are a `VALUES` list of `?`.
-pub struct RowSet<'r, const N: usize> {
-    rows: &'r [[Value; N]],
-    /// PostgreSQL: per column, the array literal and its element type.
-    arrays: Option<Vec<(String, &'static str)>>,
-}
-
-impl<'r, const N: usize> RowSet<'r, N> {
-    /// Prepares `rows` for `conn`'s backend.
-    #[must_use]
-    pub fn new(conn: &AnyConnection, rows: &'r [[Value; N]]) -> Self {
-        let arrays = (!is_sqlite(conn)).then(|| column_arrays(rows));
-        Self { rows, arrays }
-    }
-
-    /// A table expression with columns `column1` .. `columnN`, whose
-    /// parameters start at `$first`.
-    #[must_use]
-    pub fn table(&self, conn: &AnyConnection, first: usize) -> String {
-        match &self.arrays {
-            Some(arrays) => {
-                let names = (1..=N)
-                    .map(|j| format!("column{j}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                format!("(SELECT * FROM {} AS u({names}))", unnest(arrays, first))
-            }
-            None => {
-                let mut sql = String::with_capacity(8 + self.rows.len() * (N * 2 + 3));
-                sql.push_str("(VALUES ");
-                push_values(&mut sql, conn, self.rows, first);
-                sql.push(')');
-                sql
-            }
-        }
-    }
-
-    /// Binds the rows (after any parameters bound before them).
-    pub fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-        match &self.arrays {
-            Some(arrays) => arrays
-                .iter()
-                .fold(query, |query, (array, _)| query.bind(array.as_str())),
-            None => bind_rows(query, self.rows),
-        }
-    }
-
-    /// Runs `head SELECT * FROM unnest(...) suffix` (PostgreSQL) or
-    /// `head VALUES ... suffix` (SQLite, in chunks of [`CHUNK`] rows).
-    async fn insert(
-        &self,
-        conn: &mut AnyConnection,
-        head: &str,
-        suffix: &str,
-    ) -> Result<(), sqlx::Error> {
-        if let Some(arrays) = &self.arrays {
-            let sql = format!("{head} SELECT * FROM {} {suffix}", unnest(arrays, 1));
-            self.bind(sqlx::query(&sql)).execute(&mut *conn).await?;
-            return Ok(());
-        }
-        for chunk in self.rows.chunks(CHUNK) {
-            let mut sql = String::with_capacity(head.len() + chunk.len() * (N * 2 + 3));
-            sql.push_str(head);
-            sql.push_str(" VALUES ");
-            push_values(&mut sql, conn, chunk, 1);
-            sql.push(' ');
-            sql.push_str(suffix);
-            bind_rows(sqlx::query(&sql), chunk)
-                .execute(&mut *conn)
-                .await?;
-        }
-        Ok(())
-    }
-}
-
-/// `unnest(CAST($first AS text[]), CAST($first+1 AS bigint[]), ...)`.
-fn unnest(arrays: &[(String, &'static str)], first: usize) -> String {
-    let args = arrays
-        .iter()
-        .enumerate()
-        .map(|(j, (_, ty))| format!("CAST(${} AS {ty}[])", first + j))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!("unnest({args})")
-}
-
-/// `(p, p), (p, p)` for `rows`, parameters numbered from `first`.
-fn push_values<const N: usize>(
-    sql: &mut String,
-    conn: &AnyConnection,
-    rows: &[[Value; N]],
-    first: usize,
-) {
-    let mut n = first;
-    for (i, _) in rows.iter().enumerate() {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push('(');
-        for j in 0..N {
-            if j > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&param(conn, n));
-            n += 1;
-        }
-        sql.push(')');
-    }
-}
-
-/// Each column of `rows` as a PostgreSQL array literal (`{"a","b"}`,
-/// `{1,NULL}`) with its element type, taken from the first row.
-fn column_arrays<const N: usize>(rows: &[[Value; N]]) -> Vec<(String, &'static str)> {
-    (0..N)
-        .map(|j| {
-            let ty = match rows.first().map(|r| &r[j]) {
-                Some(Value::Int(_) | Value::NullInt) => "bigint",
-                _ => "text",
-            };
-            let mut array = String::with_capacity(2 + rows.len() * 16);
-            array.push('{');
-            for (i, row) in rows.iter().enumerate() {
-                if i > 0 {
-                    array.push(',');
-                }
-                match &row[j] {
-                    Value::Text(s) => {
-                        array.push('"');
-                        for c in s.chars() {
-                            if c == '"' || c == '\\' {
-                                array.push('\\');
-                            }
-                            array.push(c);
-                        }
-                        array.push('"');
-                    }
-                    Value::Int(n) => array.push_str(&n.to_string()),
-                    Value::NullInt => array.push_str("NULL"),
-                }
-            }
-            array.push('}');
-            (array, ty)
-        })
-        .collect()
-}
-
-/// Binds every value of `rows`, in order.
-pub fn bind_rows<'q, const N: usize>(
-    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    rows: &'q [[Value; N]],
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    for row in rows {
-        for value in row {
-            query = match value {
-                Value::Text(s) => query.bind(s.as_str()),
-                Value::Int(i) => query.bind(*i),
-                Value::NullInt => query.bind(None::<i64>),
-            };
-        }
-    }
-    query
-}
-
-/// Runs `INSERT INTO table (columns) ... suffix` over `rows`.
-///
-/// # Errors
-/// A database error.
-pub async fn insert_rows<const N: usize>(
-    conn: &mut AnyConnection,
-    head: &str,
-    suffix: &str,
-    rows: &[[Value; N]],
-) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    RowSet::new(conn, rows).insert(conn, head, suffix).await
-}
 
 #[cfg(test)]
 mod tests {

@@ -307,7 +307,7 @@ pub struct Prepared {
     /// The deadline of each obligation (epoch ms).
     dues: Vec<i64>,
     /// (referral, met_by, agency) and when.
-    meets: Tagged<((String, &'static str, String), i64)>,
+    meets: Tagged<((String, MetBy, String), i64)>,
     /// Referrals given obligations (earlier hops may meet them).
     obligated: Tagged<String>,
 }
@@ -381,7 +381,7 @@ impl Prepared {
         agency: &str,
         at: i64,
         message_id: &str,
-        meets: Option<&'static str>,
+        meets: Option<MetBy>,
     ) {
         self.hops.push(
             self.owner,
@@ -391,7 +391,7 @@ impl Prepared {
                 agency.into(),
                 Value::Int(at),
                 message_id.into(),
-                meets.unwrap_or_default().into(),
+                meets.map_or("", |m| m.code()).into(),
             ],
         );
         if let Some(met_by) = meets {
@@ -579,7 +579,7 @@ impl Recorder {
         )
         .await?;
         // (referral, met_by, agency) -> earliest time.
-        let mut meets: HashMap<(String, &'static str, String), i64> = HashMap::new();
+        let mut meets: HashMap<(String, MetBy, String), i64> = HashMap::new();
         for (key, at) in prepared.meets.iter_kept(new) {
             meets
                 .entry(key.clone())
@@ -607,7 +607,7 @@ impl Recorder {
         for (referral, meets_code, agency, at) in earlier {
             if let Some(met_by) = MetBy::from_code(&meets_code) {
                 meets
-                    .entry((referral, met_by.code(), agency))
+                    .entry((referral, met_by, agency))
                     .and_modify(|t| *t = (*t).min(at))
                     .or_insert(at);
             }
@@ -617,7 +617,7 @@ impl Recorder {
             .map(|((referral, met_by, agency), at)| {
                 [
                     referral.into(),
-                    met_by.into(),
+                    met_by.code().into(),
                     agency.into(),
                     Value::Int(at),
                 ]
@@ -689,7 +689,7 @@ impl Recorder {
                 &envelope.sender,
                 at,
                 &envelope.id,
-                Some(MetBy::Relayed.code()),
+                Some(MetBy::Relayed),
             );
             if known {
                 self.obligation_rows(envelope, &referral_id, kind, clock, submitted, rows);
@@ -747,7 +747,7 @@ impl Recorder {
                     &envelope.sender,
                     at,
                     &envelope.id,
-                    Some(met_by.code()),
+                    Some(met_by),
                 );
             }
             Some(Payload::OverdueNotice(notice)) => {
@@ -910,13 +910,12 @@ async fn recorded_already(
 
 /// What a reported hop meets (an answer comes as an envelope, whose
 /// outcome says whether it answered or heard: see `envelope_rows`).
-fn met_by_for(hop: &str) -> Option<&'static str> {
-    let met_by = match hop {
-        "delivered" => MetBy::Delivered,
-        "acknowledged" => MetBy::Acknowledged,
-        "answered" => MetBy::Feedback,
-        "relayed" => MetBy::Relayed,
-        _ => return None,
-    };
-    Some(met_by.code())
+fn met_by_for(hop: &str) -> Option<MetBy> {
+    match hop {
+        "delivered" => Some(MetBy::Delivered),
+        "acknowledged" => Some(MetBy::Acknowledged),
+        "answered" => Some(MetBy::Feedback),
+        "relayed" => Some(MetBy::Relayed),
+        _ => None,
+    }
 }
