@@ -11,8 +11,13 @@
 //! The tap is bound per agency, not with `#`, so that a routing key naming
 //! no known agency still matches nothing and lands in `NS.unroutable`.
 //! Inbox and tap queues dead-letter at-least-once (`x-dead-letter-strategy`,
-//! which needs `x-overflow: reject-publish`) after `x-delivery-limit`
-//! deliveries, so a poison message cannot loop.
+//! which needs `x-overflow: reject-publish`) what a consumer rejects. They
+//! have no `x-delivery-limit`: on RabbitMQ 3.x every return counts toward
+//! it (a stream closed, a client crash, a restart, a channel the broker
+//! closed), so a careless client would push good messages into the
+//! dead-letter queue. The consumers dead-letter, with the reason, exactly
+//! what cannot be decoded, verified or stored; nothing else leaves a queue
+//! unacknowledged (issue 16).
 
 use std::time::Duration;
 
@@ -80,8 +85,11 @@ pub struct Topology {
     pub namespace: String,
     /// Every agency id in the directory: each gets an inbox.
     pub agencies: Vec<String>,
-    /// Deliveries of one message before the broker dead-letters it.
-    pub delivery_limit: i64,
+    /// Deliveries of one message before the broker dead-letters it: none
+    /// by default (see the module's doc); a deployment that wants the
+    /// broker's safety net back sets it, knowing that careless clients
+    /// then count against it.
+    pub delivery_limit: Option<i64>,
     /// Delete queues unused for this long (tests only; `None` in production).
     pub queue_expires: Option<Duration>,
 }
@@ -92,7 +100,7 @@ impl Topology {
         Self {
             namespace: namespace.into(),
             agencies,
-            delivery_limit: 5,
+            delivery_limit: None,
             queue_expires: None,
         }
     }
@@ -134,10 +142,9 @@ impl Topology {
             AMQPValue::LongString(LongString::from("quorum")),
         )];
         if dead_letter {
-            args.push((
-                "x-delivery-limit",
-                AMQPValue::LongLongInt(self.delivery_limit),
-            ));
+            if let Some(limit) = self.delivery_limit {
+                args.push(("x-delivery-limit", AMQPValue::LongLongInt(limit)));
+            }
             args.push((
                 "x-dead-letter-exchange",
                 AMQPValue::LongString(LongString::from(self.dead_letter())),
@@ -447,7 +454,10 @@ mod tests {
             .find(|q| q["name"] == "ns.inbox.a")
             .unwrap();
         assert_eq!(inbox["arguments"]["x-queue-type"], "quorum");
-        assert_eq!(inbox["arguments"]["x-delivery-limit"], 5);
+        assert!(
+            inbox["arguments"].get("x-delivery-limit").is_none(),
+            "issue 16: no delivery limit, so closing a stream never brings a message closer to the dead-letter queue"
+        );
         assert_eq!(
             inbox["arguments"]["x-dead-letter-strategy"],
             "at-least-once"

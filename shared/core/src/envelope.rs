@@ -19,6 +19,10 @@ pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
 /// The longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY: usize = 200;
 
+/// The longest agency id accepted in an envelope field (the directory's
+/// ids are far shorter; the limit keeps a hostile value out of indexes).
+pub const MAX_AGENCY_ID: usize = 128;
+
 /// How far in the future a clock start may lie (clock skew between agencies).
 const CLOCK_SKEW: Duration = Duration::minutes(5);
 
@@ -163,8 +167,20 @@ pub fn accept(
             format!("longer than {MAX_IDEMPOTENCY_KEY} bytes"),
         ));
     }
+    if envelope.idempotency_key.contains('\0') {
+        return Err(SubmitError::invalid(
+            "envelope.idempotency_key",
+            "contains a NUL byte",
+        ));
+    }
     if kind.is_reply() {
         required(&envelope.in_reply_to, "envelope.in_reply_to")?;
+    }
+    if !envelope.in_reply_to.is_empty() {
+        check_referral_id("envelope.in_reply_to", &envelope.in_reply_to)?;
+    }
+    if !envelope.relay_of.is_empty() {
+        check_referral_id("envelope.relay_of", &envelope.relay_of)?;
     }
     if let Some(clock) = &envelope.clock_started_at {
         let at = from_timestamp(clock)
@@ -202,6 +218,63 @@ pub fn accept(
         return Err(SubmitError::TooLarge { size });
     }
     Ok(Accepted { envelope, kind })
+}
+
+/// Checks that `value` is a well-formed referral id: the canonical text of
+/// a UUID (36 characters, lower-case hex with hyphens), as the bus derives
+/// every envelope id. Anything else (a NUL byte, a 3 KB string, another
+/// spelling of the same UUID) is refused before it reaches a queue or an
+/// index, by the gateway and by the tracker alike.
+///
+/// # Errors
+/// [`SubmitError::Invalid`] naming `field`.
+pub fn check_referral_id(field: &str, value: &str) -> Result<(), SubmitError> {
+    let canonical = value.len() == 36
+        && Uuid::try_parse(value).is_ok_and(|id| id.hyphenated().to_string() == value);
+    if canonical {
+        return Ok(());
+    }
+    let shown: String = value
+        .chars()
+        .take(40)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    Err(SubmitError::invalid(
+        field,
+        format!(
+            "not a referral id (the 36-character UUID the bus gave the referral): `{shown}`{} ({} bytes)",
+            if value.chars().count() > 40 {
+                "…"
+            } else {
+                ""
+            },
+            value.len()
+        ),
+    ))
+}
+
+/// Checks that an agency id taken from a message is one a ledger can
+/// index: not empty, at most [`MAX_AGENCY_ID`] bytes, no control character.
+///
+/// # Errors
+/// [`SubmitError::Invalid`] naming `field`.
+pub fn check_agency_id(field: &str, value: &str) -> Result<(), SubmitError> {
+    if value.is_empty() {
+        return Err(SubmitError::invalid(field, "required"));
+    }
+    if value.len() > MAX_AGENCY_ID {
+        return Err(SubmitError::invalid(
+            field,
+            format!(
+                "{} bytes is over the {MAX_AGENCY_ID}-byte limit of an agency id",
+                value.len()
+            ),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(SubmitError::invalid(field, "contains a control character"));
+    }
+    Ok(())
 }
 
 /// The id the tracker files a message under: a relayed lead's original id,
@@ -536,6 +609,45 @@ mod tests {
             accept_it(e).unwrap_err(),
             SubmitError::Forbidden(_)
         ));
+    }
+
+    #[test]
+    fn reply_and_relay_ids_must_be_referral_ids() {
+        let good = envelope_id("dz-detention-centre", "k");
+        assert!(check_referral_id("f", &good).is_ok());
+        for bad in [
+            String::new(),
+            format!("{good}\0"),
+            "a".repeat(3 * 1024),
+            good.to_uppercase(),
+            good.replace('-', ""),
+            format!("{{{good}}}"),
+        ] {
+            let e = check_referral_id("envelope.in_reply_to", &bad).unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with("envelope.in_reply_to: not a referral id"),
+                "{e}"
+            );
+        }
+        let mut e = legal_help("k");
+        e.in_reply_to = format!("{good}\0");
+        let err = accept_it(e).unwrap_err().to_string();
+        assert!(err.contains("envelope.in_reply_to"), "{err}");
+        let mut e = legal_help("k");
+        e.relay_of = "x".repeat(3000);
+        assert!(
+            accept_it(e)
+                .unwrap_err()
+                .to_string()
+                .contains("envelope.relay_of")
+        );
+        let mut e = legal_help("k\0");
+        e.idempotency_key = "k\0".into();
+        assert!(accept_it(e).unwrap_err().to_string().contains("NUL"));
+        assert!(check_agency_id("a", &"x".repeat(129)).is_err());
+        assert!(check_agency_id("a", "dz\0").is_err());
+        assert!(check_agency_id("a", "dz-court").is_ok());
     }
 
     #[test]
