@@ -167,6 +167,7 @@ async fn a_caller_acts_only_as_its_own_agency() {
         other
             .inbox(InboxRequest {
                 agency: DESK.into(),
+                ..Default::default()
             })
             .await
             .unwrap_err(),

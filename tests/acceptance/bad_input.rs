@@ -156,6 +156,7 @@ async fn ten_thousand_random_byte_strings_all_end_in_the_dead_letter_queue() {
         client
             .inbox(InboxRequest {
                 agency: agency.into(),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| panic!("{service} still serves: {e}"));

@@ -256,7 +256,7 @@ async fn bad_submissions_are_refused_with_the_field_or_rule_and_nothing_is_publi
     assert!(err.message().starts_with("CQ-1.1b:"), "{}", err.message());
     // Overdue notices come only from the tracker.
     let mut e = legal_help("bad-6");
-    e.in_reply_to = "x".into();
+    e.in_reply_to = refbus_core::envelope::envelope_id("dz-detention-centre", "bad-5");
     e.payload = Some(Payload::OverdueNotice(Default::default()));
     let err = centre.submit(submit(e)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());

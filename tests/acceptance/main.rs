@@ -16,6 +16,9 @@
 //! - [`observability`]: issue 7, `/metrics` after a scenario, gRPC health
 //!   and reflection on every service.
 //! - [`deployment`]: issue 7, the deployment files are consistent.
+//! - [`misuse`]: issue 16, the gateway under misuse: no reply without
+//!   receipt, careless inbox clients, tokens across a channel the broker
+//!   closed, bad reply ids, the dead-letter queue for an operator.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -29,6 +32,7 @@ mod deployment;
 mod exactly_once;
 mod faults;
 mod leads;
+mod misuse;
 mod observability;
 mod privacy;
 mod signatures;

@@ -148,6 +148,7 @@ async fn no_personal_data_reaches_the_logs() {
             DESK,
             InboxRequest {
                 agency: DESK.into(),
+                ..Default::default()
             },
         ))
         .await

@@ -24,6 +24,12 @@ impl BrokerNode {
     /// Makes the node's directory (owned by the `rabbitmq` user, which
     /// Debian's `rabbitmq-server` runs as) and starts it.
     pub async fn start() -> Self {
+        Self::start_configured("", None).await
+    }
+
+    /// As [`BrokerNode::start`], with more `rabbitmq.conf` lines and an
+    /// `advanced.config` (Erlang terms) for settings the new format lacks.
+    pub async fn start_configured(conf: &str, advanced: Option<&str>) -> Self {
         let port = free_port();
         let name = format!("refbus-test-{port}@localhost");
         let dir = std::env::temp_dir().join(format!("refbus-node-{port}"));
@@ -32,9 +38,12 @@ impl BrokerNode {
         std::fs::write(dir.join("plugins"), "[].\n").unwrap();
         std::fs::write(
             dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.1 = 127.0.0.1:{port}\n"),
+            format!("listeners.tcp.1 = 127.0.0.1:{port}\n{conf}\n"),
         )
         .unwrap();
+        if let Some(advanced) = advanced {
+            std::fs::write(dir.join("advanced.config"), advanced).unwrap();
+        }
         let owned = Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
             .arg(&dir)
@@ -66,7 +75,11 @@ impl BrokerNode {
     /// accepts connections.
     pub async fn resume(&self) {
         let dir = &self.dir;
-        let server = Command::new("rabbitmq-server")
+        let mut command = Command::new("rabbitmq-server");
+        if dir.join("advanced.config").exists() {
+            command.env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"));
+        }
+        let server = command
             .env("RABBITMQ_NODENAME", &self.name)
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())

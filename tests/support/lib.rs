@@ -326,6 +326,7 @@ impl Inbox {
         let stream = client
             .inbox(InboxRequest {
                 agency: agency.into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -350,7 +351,12 @@ pub struct Amqp {
 
 impl Amqp {
     pub async fn connect() -> Self {
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        Self::connect_to(&amqp_url()).await
+    }
+
+    /// Connects to the broker at `url` (a test's own node).
+    pub async fn connect_to(url: &str) -> Self {
+        let connection = Connection::connect(url, ConnectionProperties::default())
             .await
             .unwrap();
         let channel = connection.create_channel().await.unwrap();
@@ -499,6 +505,7 @@ pub async fn take_and_acknowledge(
             agency,
             refbus_proto::v1::InboxRequest {
                 agency: agency.into(),
+                ..Default::default()
             },
         ))
         .await

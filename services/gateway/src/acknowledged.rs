@@ -4,6 +4,13 @@
 //! when a broker ack was lost, not after a restart. Ids are kept for
 //! [`RETENTION`], far longer than any client retries a submission.
 //!
+//! Beside each acknowledged id it keeps what the agency received: the
+//! referral's id and where an answer to it goes ([`Received`]), with no
+//! content. That is the gateway's proof of receipt: a reply (acknowledgement,
+//! feedback, relay) is accepted only from an agency that received the
+//! referral, whatever the client claims (issue 16). Those rows are kept as
+//! long as the store (an answer may come months later).
+//!
 //! Acknowledgements are written with group commit: one writer task takes
 //! every acknowledgement waiting and records them in one transaction, so
 //! that concurrent `Acknowledge` calls share one disk sync instead of
@@ -16,6 +23,8 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::inbox::Received;
+
 /// How long an acknowledged id is remembered.
 pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -27,6 +36,28 @@ pub struct AcknowledgedError {
     reason: String,
 }
 
+/// The store's tables: acknowledged ids (forgotten after [`RETENTION`]),
+/// and what each agency received, kept.
+const SCHEMA: [&str; 2] = [
+    "CREATE TABLE IF NOT EXISTS acknowledged (
+        agency TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        PRIMARY KEY (agency, message_id)
+    )",
+    "CREATE TABLE IF NOT EXISTS received (
+        agency TEXT NOT NULL,
+        referral TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        reply_to TEXT NOT NULL,
+        relays TEXT NOT NULL,
+        answers INTEGER NOT NULL,
+        payload_digest TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        PRIMARY KEY (agency, referral)
+    )",
+];
+
 /// Most acknowledgements recorded in one transaction.
 const GROUP: usize = 500;
 
@@ -34,6 +65,7 @@ const GROUP: usize = 500;
 struct Pending {
     agency: String,
     message_id: String,
+    received: Option<Received>,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -67,17 +99,12 @@ impl Acknowledged {
             .connect_with(options)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS acknowledged (
-                agency TEXT NOT NULL,
-                message_id TEXT NOT NULL,
-                at BIGINT NOT NULL,
-                PRIMARY KEY (agency, message_id)
-            )",
-        )
-        .execute(&pool)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+        for table in SCHEMA {
+            sqlx::query(table)
+                .execute(&pool)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        }
         let (writer, queue) = mpsc::channel(4 * GROUP);
         tokio::spawn(write_groups(pool.clone(), queue));
         let store = Self { pool, writer };
@@ -103,17 +130,59 @@ impl Acknowledged {
         )
     }
 
-    /// Records that `agency`'s system acknowledged `message_id` (once),
-    /// returning once it is on disk.
+    /// What `agency` received of `referral`, if it acknowledged a delivery
+    /// of it.
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn received(
+        &self,
+        agency: &str,
+        referral: &str,
+    ) -> Result<Option<Received>, sqlx::Error> {
+        use sqlx::Row;
+        let row = sqlx::query(
+            "SELECT kind, reply_to, relays, answers, payload_digest FROM received WHERE agency = ? AND referral = ?",
+        )
+        .bind(agency)
+        .bind(referral)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            let relays: String = row.try_get("relays")?;
+            Ok(Received {
+                referral: referral.to_owned(),
+                kind: row.try_get("kind")?,
+                reply_to: row.try_get("reply_to")?,
+                relays: relays
+                    .split(',')
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                answers: row.try_get::<i64, _>("answers")? != 0,
+                payload_digest: row.try_get("payload_digest")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records that `agency`'s system acknowledged `message_id` (once), and
+    /// what it thereby received, returning once it is on disk.
     ///
     /// # Errors
     /// Why it could not be recorded (a database error, or the store closed).
-    pub async fn record(&self, agency: &str, message_id: &str) -> Result<(), String> {
+    pub async fn record(
+        &self,
+        agency: &str,
+        message_id: &str,
+        received: Option<Received>,
+    ) -> Result<(), String> {
         let (done, recorded) = oneshot::channel();
         self.writer
             .send(Pending {
                 agency: agency.to_owned(),
                 message_id: message_id.to_owned(),
+                received,
                 done,
             })
             .await
@@ -166,6 +235,36 @@ async fn write_group(pool: &SqlitePool, group: &[Pending]) -> Result<(), sqlx::E
             query = query
                 .bind(&pending.agency)
                 .bind(&pending.message_id)
+                .bind(at);
+        }
+        query.execute(&mut *tx).await?;
+    }
+    let received: Vec<(&str, &Received)> = group
+        .iter()
+        .filter_map(|p| p.received.as_ref().map(|r| (p.agency.as_str(), r)))
+        .collect();
+    for chunk in received.chunks(100) {
+        let mut sql = String::from(
+            "INSERT INTO received (agency, referral, kind, reply_to, relays, answers, payload_digest, at) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 {
+                "(?, ?, ?, ?, ?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?, ?, ?, ?, ?)"
+            });
+        }
+        sql.push_str(" ON CONFLICT DO NOTHING");
+        let mut query = sqlx::query(&sql);
+        for (agency, r) in chunk {
+            query = query
+                .bind(*agency)
+                .bind(&r.referral)
+                .bind(&r.kind)
+                .bind(&r.reply_to)
+                .bind(r.relays.join(","))
+                .bind(i64::from(r.answers))
+                .bind(&r.payload_digest)
                 .bind(at);
         }
         query.execute(&mut *tx).await?;

@@ -100,6 +100,8 @@ impl Shared {
         config.confirm_timeout = settings.confirm_timeout;
         config.declare_topology = settings.declare_topology;
         let bus = Bus::connect(config, shutdown.clone()).await?;
+        // refbus_bus_dead_letter_depth on /metrics (issue 16).
+        bus.watch_dead_letter_depth(std::time::Duration::from_secs(10));
         let telemetry = Arc::new(Telemetry::default());
         let metrics = GatewayMetrics::default();
         telemetry.register(|registry| {

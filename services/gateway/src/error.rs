@@ -16,6 +16,17 @@ pub enum GatewayError {
     /// A delivery token that is not (or no longer) pending on an open stream.
     #[error("delivery_token: {0}")]
     DeliveryGone(String),
+    /// A reply to a referral the replying agency never received (or that
+    /// does not exist: the answer is the same, so that no reply reveals a
+    /// referral's existence).
+    #[error(
+        "{field}: referral `{referral}` was not delivered to `{agency}`; a reply (acknowledgement, feedback, relay) counts only from an agency the referral was delivered to (DOMAIN.md, Confidentiality; DZ-6 for misconduct leads)"
+    )]
+    NotReceived {
+        field: &'static str,
+        agency: String,
+        referral: String,
+    },
     /// A request field that is missing or malformed (outside an envelope).
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
@@ -55,6 +66,7 @@ impl From<GatewayError> for Status {
                 | BusError::Connect { .. } => Status::unavailable(message),
             },
             GatewayError::DeliveryGone(_) => Status::failed_precondition(message),
+            GatewayError::NotReceived { .. } => Status::not_found(message),
             GatewayError::Invalid { .. } => Status::invalid_argument(message),
             GatewayError::Signing(_) => Status::internal(message),
         }

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use lapin::options::BasicAckOptions;
 use prost::Message;
 use refbus_bus::{Bus, Incoming, Outgoing, Topology};
@@ -28,7 +28,7 @@ use crate::GatewayError;
 use crate::acknowledged::Acknowledged;
 use crate::auth::Caller;
 use crate::forgery::{self, Refusal};
-use crate::inbox::{Session, Sessions};
+use crate::inbox::{Handed, Offer, Received, Sessions};
 use crate::observe::ServiceMetrics;
 use crate::settings::AgencyService;
 
@@ -87,8 +87,112 @@ impl GatewayCore {
     /// # Errors
     /// Validation errors (nothing is published) or `Unavailable`.
     pub async fn submit(&self, envelope: Envelope) -> Result<Receipt, GatewayError> {
-        let accepted = self.accept(envelope)?;
+        // Receipt before anything the client's copy of a lead could decide.
+        if !envelope.relay_of.is_empty() && self.served.contains(&envelope.sender) {
+            self.received("envelope.relay_of", &envelope.sender, &envelope.relay_of)
+                .await?;
+        }
+        let mut accepted = self.accept(envelope)?;
+        self.check_reply(&mut accepted).await?;
         self.publish(accepted.envelope, accepted.kind).await
+    }
+
+    /// What `agency` received of `referral`: from a delivery pending on an
+    /// open stream, or acknowledged (kept on disk).
+    ///
+    /// # Errors
+    /// [`GatewayError::NotReceived`] (NOT_FOUND) when it received no such
+    /// referral: the same answer whether the id exists or not, so that a
+    /// reply is no way to learn of a referral (DOMAIN.md, Confidentiality).
+    async fn received(
+        &self,
+        field: &'static str,
+        agency: &str,
+        referral: &str,
+    ) -> Result<Received, GatewayError> {
+        envelope::check_referral_id(field, referral)?;
+        if let Some(received) = self.sessions.received(agency, referral) {
+            return Ok(received);
+        }
+        match self.acknowledged.received(agency, referral).await {
+            Ok(Some(received)) => Ok(received),
+            Ok(None) => Err(GatewayError::NotReceived {
+                field,
+                agency: agency.to_owned(),
+                referral: referral.to_owned(),
+            }),
+            Err(e) => Err(GatewayError::Bus(refbus_bus::BusError::Unavailable(
+                format!("cannot read what `{agency}` received ({e}); nothing was published"),
+            ))),
+        }
+    }
+
+    /// A reply counts only from an agency the referral was delivered to
+    /// (DOMAIN.md, Confidentiality), whatever RPC carries it: an
+    /// acknowledgement or feedback goes to where the referral's answer goes
+    /// (its sender, a lead's finder with its relays, DZ-8), and a relayed
+    /// lead is the lead exactly as delivered (DZ-7).
+    ///
+    /// # Errors
+    /// `NotReceived` (NOT_FOUND) or a rule violation (PERMISSION_DENIED).
+    async fn check_reply(&self, accepted: &mut envelope::Accepted) -> Result<(), GatewayError> {
+        let envelope = &mut accepted.envelope;
+        if !envelope.relay_of.is_empty() {
+            let received = self
+                .received("envelope.relay_of", &envelope.sender, &envelope.relay_of)
+                .await?;
+            if envelope.payload.as_ref().map(payload_digest).as_deref()
+                != Some(received.payload_digest.as_str())
+            {
+                return Err(RuleViolation {
+                    rule: "DZ-7",
+                    reason: format!(
+                        "`{}` relays lead `{}` changed: a relay passes the lead on exactly as delivered",
+                        envelope.sender, envelope.relay_of
+                    ),
+                }
+                .into());
+            }
+            return Ok(());
+        }
+        if !matches!(
+            accepted.kind,
+            MessageKind::Acknowledgement | MessageKind::Feedback
+        ) {
+            return Ok(());
+        }
+        let received = self
+            .received(
+                "envelope.in_reply_to",
+                &envelope.sender,
+                &envelope.in_reply_to,
+            )
+            .await?;
+        let rule = MessageKind::from_code(&received.kind).map_or("DZ-8", rules::rule_of);
+        if accepted.kind == MessageKind::Feedback && !received.answers {
+            return Err(RuleViolation {
+                rule: "DZ-8",
+                reason: format!(
+                    "`{}` passes lead `{}` on; its handling organ feeds back",
+                    envelope.sender, envelope.in_reply_to
+                ),
+            }
+            .into());
+        }
+        if envelope.recipient != received.reply_to {
+            return Err(RuleViolation {
+                rule,
+                reason: format!(
+                    "an answer to `{}` goes to `{}`, which sent it (or found the lead), not to `{}`",
+                    envelope.in_reply_to, received.reply_to, envelope.recipient
+                ),
+            }
+            .into());
+        }
+        if accepted.kind == MessageKind::Feedback {
+            envelope.also_to.clone_from(&received.relays);
+        }
+        Ok(())
     }
 
     fn accept(&self, envelope: Envelope) -> Result<envelope::Accepted, GatewayError> {
@@ -165,64 +269,28 @@ impl GatewayCore {
             });
         }
         let agency = request.agency;
-        if referral.recipient != agency && !referral.also_to.contains(&agency) {
+        let referral_id = envelope::tracking_id(&referral).to_owned();
+        let received = self.received("referral.id", &agency, &referral_id).await?;
+        if payload_digest(payload) != received.payload_digest {
             return Err(RuleViolation {
                 rule: rules::rule_of(kind),
                 reason: format!(
-                    "feedback comes from the agency that was asked: `{agency}` was not asked `{}`",
-                    referral.id
+                    "the referral passed back is not `{referral_id}` as it was delivered to `{agency}`"
                 ),
             }
             .into());
         }
-        let in_reply_to = envelope::tracking_id(&referral).to_owned();
-        let (recipient, relays) = match payload {
-            Payload::MisconductLead(lead) => {
-                let handler = lead.route.last().map(|hop| hop.agency.as_str());
-                if handler != Some(agency.as_str()) {
-                    return Err(RuleViolation {
-                        rule: "DZ-8",
-                        reason: format!(
-                            "`{agency}` passes this lead on; its handling organ `{}` feeds back",
-                            handler.unwrap_or("(none)")
-                        ),
-                    }
-                    .into());
-                }
-                if lead.found_by.is_empty() {
-                    return Err(GatewayError::Invalid {
-                        field: "referral.misconduct_lead.found_by",
-                        reason: "required: the lead as delivered names its finder (DZ-8)".into(),
-                    });
-                }
-                let relays: Vec<String> = lead.route[..lead.route.len() - 1]
-                    .iter()
-                    .rev()
-                    .map(|hop| hop.agency.clone())
-                    .filter(|relay| *relay != lead.found_by && *relay != agency)
-                    .collect();
-                (lead.found_by.clone(), relays)
-            }
-            _ => (referral.sender.clone(), Vec::new()),
-        };
+        // Where the answer goes comes from the delivery, not from the copy
+        // the client passed back.
         let mut accepted = self.accept(Envelope {
             sender: agency,
-            recipient,
-            in_reply_to,
+            recipient: received.reply_to.clone(),
+            in_reply_to: referral_id,
             idempotency_key: request.idempotency_key,
             payload: Some(Payload::Feedback(feedback)),
             ..Envelope::default()
         })?;
-        for relay in &relays {
-            if self.directory.get(relay).is_none() {
-                return Err(SubmitError::UnknownAgency {
-                    field: "referral.misconduct_lead.route".into(),
-                    id: relay.clone(),
-                }
-                .into());
-            }
-        }
-        accepted.envelope.also_to = relays;
+        self.check_reply(&mut accepted).await?;
         self.publish(accepted.envelope, accepted.kind).await
     }
 
@@ -251,17 +319,10 @@ impl GatewayCore {
                 reason: "required: the lead as delivered".into(),
             });
         }
-        if lead.recipient != request.agency {
-            return Err(RuleViolation {
-                rule: "DZ-7",
-                reason: format!(
-                    "`{}` was not sent lead `{}`: only the agency it was delivered to passes it on",
-                    request.agency, lead.id
-                ),
-            }
-            .into());
-        }
         let original = envelope::tracking_id(&lead).to_owned();
+        // Only the agency the lead was delivered to passes it on, and the
+        // lead as delivered: `submit` checks both (DZ-7).
+        self.received("lead.id", &request.agency, &original).await?;
         let idempotency_key = if request.idempotency_key.is_empty() {
             format!("relay/{original}")
         } else {
@@ -281,20 +342,35 @@ impl GatewayCore {
     /// Streams `agency`'s inbox until the client goes away or the service
     /// shuts down; then every unacknowledged delivery returns to the queue.
     ///
+    /// The stream holds at most `window` deliveries unacknowledged (the
+    /// channel's prefetch) and hands the next one over only when the
+    /// client's transport takes the one before: nothing waits in a buffer
+    /// of the service's own. Closing the stream costs the messages nothing
+    /// (the queue has no delivery limit); only what cannot be decoded or
+    /// believed is dead-lettered.
+    ///
     /// # Errors
     /// When `agency` is not one of this service's agencies.
     pub fn inbox(
         self: &Arc<Self>,
         agency: String,
+        window: u32,
     ) -> Result<ReceiverStream<Result<Delivery, Status>>, GatewayError> {
         self.own_agency("agency", &agency)?;
-        let (tx, rx) = mpsc::channel(usize::from(self.prefetch.max(1)));
+        let window = match u16::try_from(window) {
+            Ok(0) => DEFAULT_WINDOW.min(self.prefetch.max(1)),
+            Ok(w) => w.min(self.prefetch.max(1)),
+            Err(_) => self.prefetch.max(1),
+        };
+        // One slot: the next delivery is taken from the broker only once
+        // the transport took the last.
+        let (tx, rx) = mpsc::channel(1);
         let core = self.clone();
         tokio::spawn(async move {
             let guard = core.sessions.open(&agency);
             let queue = core.bus.topology().inbox_queue(&agency);
-            let mut subscription = core.bus.subscribe(queue.clone(), core.prefetch);
-            tracing::debug!(%agency, session = guard.session.id, "inbox stream opened");
+            let mut subscription = core.bus.subscribe_with_buffer(queue.clone(), window, 1);
+            tracing::debug!(%agency, session = guard.id, window, "inbox stream opened");
             loop {
                 let incoming = tokio::select! {
                     () = core.shutdown.cancelled() => break,
@@ -304,58 +380,39 @@ impl GatewayCore {
                         None => break,
                     },
                 };
-                let Some(delivery) = core
-                    .hand_over(&guard.session, &agency, &queue, incoming)
-                    .await
+                let Some(delivery) = core.hand_over(guard.id, &agency, &queue, incoming).await
                 else {
                     continue;
                 };
-                let referral = delivery
+                let submitted_at = delivery
                     .envelope
                     .as_ref()
-                    .map(|e| envelope::tracking_id(e).to_owned())
-                    .unwrap_or_default();
-                let (kind, submitted_at) =
-                    delivery
-                        .envelope
-                        .as_ref()
-                        .map_or((MessageKind::Unspecified, None), |e| {
-                            (
-                                MessageKind::try_from(e.kind).unwrap_or(MessageKind::Unspecified),
-                                e.submitted_at.as_ref().and_then(envelope::from_timestamp),
-                            )
-                        });
+                    .and_then(|e| e.submitted_at.as_ref())
+                    .and_then(envelope::from_timestamp);
                 if tx.send(Ok(delivery)).await.is_err() {
                     break;
                 }
-                core.count_delivery(kind, submitted_at);
-                core.report_hop(referral, Hop::Delivered, agency.clone());
+                core.metrics.handed_over(submitted_at);
             }
-            tracing::debug!(%agency, session = guard.session.id, "inbox stream closed");
-            // Dropping the subscription closes its channel: unacknowledged
-            // deliveries return to the queue.
-            drop(subscription);
+            tracing::debug!(%agency, session = guard.id, "inbox stream closed");
+            // Ending the session returns copies held from other channels;
+            // dropping the subscription closes its channel, and the broker
+            // returns every unacknowledged delivery to the queue.
             drop(guard);
+            drop(subscription);
         });
         Ok(ReceiverStream::new(rx))
-    }
-
-    fn count_delivery(&self, kind: MessageKind, submitted_at: Option<chrono::DateTime<Utc>>) {
-        #[allow(clippy::cast_precision_loss)]
-        let seconds = submitted_at
-            .map(|at| (Utc::now() - at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
-        self.metrics.delivered(kind.code(), seconds);
     }
 
     /// Decodes a delivery for the client, or dead-letters it with the
     /// reason. A copy of a message the agency already acknowledged (a
     /// second publish of a retried submission, a redelivery whose broker ack
-    /// was lost), or that is handed over and pending on an open stream, is
-    /// acked to the broker and not handed over: the pending one stays
-    /// unacknowledged on the broker until the agency acknowledges it.
+    /// was lost) is acked to the broker and not handed over. A copy of one
+    /// pending on an open stream is held with it, unacknowledged, and acked
+    /// when the client acknowledges the pending one.
     async fn hand_over(
         &self,
-        session: &Session,
+        session: u64,
         agency: &str,
         queue: &str,
         incoming: Incoming,
@@ -371,62 +428,69 @@ impl GatewayCore {
                     Ok(envelope)
                 }
             });
-        match decoded {
-            Ok(envelope) => {
-                if let Err(reason) = self.believe(agency, &envelope, &incoming) {
-                    self.metrics.refused.inc();
-                    let refusal = Refusal {
-                        queue: queue.to_owned(),
-                        detected_by: agency.to_owned(),
-                        addressed_to: agency.to_owned(),
-                        claimed_id: envelope.id,
-                        claimed_sender: envelope.sender,
-                        reason,
-                    };
-                    forgery::refuse(&self.bus, &self.signing, &self.directory, incoming, refusal)
-                        .await;
-                    return None;
-                }
-                let seen = if self
-                    .sessions
-                    .is_pending(agency, &envelope.id, incoming.generation)
-                {
-                    Ok(true)
-                } else {
-                    self.acknowledged.contains(agency, &envelope.id).await
-                };
-                match seen {
-                    Ok(true) => {
-                        tracing::debug!(%agency, id = %envelope.id, "already acknowledged or pending; not handed over again");
-                        if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
-                            tracing::debug!(error = %e, "ack of a duplicate failed; it comes again and is dropped again");
-                        }
-                        return None;
-                    }
-                    Ok(false) => {}
-                    // Unsure: hand it over (at least once) rather than lose it.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read the acknowledged ids; handing the delivery over")
-                    }
-                }
-                let token = session.register(
-                    incoming.generation,
-                    incoming.delivery_tag,
-                    incoming.acker,
-                    envelope.id.clone(),
-                    envelope::tracking_id(&envelope).to_owned(),
-                );
-                Some(Delivery {
-                    delivery_token: token,
-                    envelope: Some(envelope),
-                    redelivered: incoming.redelivered,
-                })
-            }
+        let envelope = match decoded {
+            Ok(envelope) => envelope,
             Err(reason) => {
                 self.bus.dead_letter(queue, incoming, reason).await;
-                None
+                return None;
+            }
+        };
+        if let Err(reason) = self.believe(agency, &envelope, &incoming) {
+            self.metrics.refused.inc();
+            let refusal = Refusal {
+                queue: queue.to_owned(),
+                detected_by: agency.to_owned(),
+                addressed_to: agency.to_owned(),
+                claimed_id: envelope.id,
+                claimed_sender: envelope.sender,
+                reason,
+            };
+            forgery::refuse(&self.bus, &self.signing, &self.directory, incoming, refusal).await;
+            return None;
+        }
+        let Incoming {
+            acker,
+            channel,
+            delivery_tag,
+            redelivered,
+            ..
+        } = incoming;
+        let acker = match self.sessions.offer(agency, &envelope.id, acker) {
+            Offer::Held => {
+                tracing::debug!(%agency, id = %envelope.id, "pending on an open stream; held with it, not handed over again");
+                return None;
+            }
+            Offer::New(acker) => acker,
+        };
+        match self.acknowledged.contains(agency, &envelope.id).await {
+            Ok(true) => {
+                tracing::debug!(%agency, id = %envelope.id, "already acknowledged; not handed over again");
+                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                    tracing::debug!(error = %e, "ack of a duplicate failed; it comes again and is dropped again");
+                }
+                return None;
+            }
+            Ok(false) => {}
+            // Unsure: hand it over (at least once) rather than lose it.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the acknowledged ids; handing the delivery over");
             }
         }
+        let token = self.sessions.register(
+            session,
+            Handed {
+                channel,
+                delivery_tag,
+                acker,
+                message_id: envelope.id.clone(),
+                received: received_from(agency, &envelope),
+            },
+        )?;
+        Some(Delivery {
+            delivery_token: token,
+            envelope: Some(envelope),
+            redelivered,
+        })
     }
 
     /// Whether a decoded delivery can be believed: signed by its sender
@@ -497,13 +561,13 @@ impl GatewayCore {
             }
         }
         // Remembered first: once the system has acknowledged an id, no later
-        // delivery of it is handed over, whatever happens to the broker ack.
-        // Recorded concurrently, the ids share one transaction.
-        let recorded = futures_util::future::join_all(
-            taken
-                .iter()
-                .map(|t| self.acknowledged.record(&agency, &t.message_id)),
-        )
+        // delivery of it is handed over, whatever happens to the broker ack;
+        // with it, what the agency received (its proof of receipt for a
+        // reply). Recorded concurrently, the ids share one transaction.
+        let recorded = futures_util::future::join_all(taken.iter().map(|t| {
+            self.acknowledged
+                .record(&agency, &t.message_id, Some(t.received.clone()))
+        }))
         .await;
         if let Some(Err(e)) = recorded.into_iter().find(Result::is_err) {
             return Err(GatewayError::Bus(refbus_bus::BusError::Unavailable(
@@ -513,12 +577,25 @@ impl GatewayCore {
             )));
         }
         self.metrics.acknowledged.inc_by(taken.len() as u64);
+        let now = Utc::now();
         for t in taken {
-            if let Err(e) = t.acker.ack(BasicAckOptions::default()).await {
-                // Recorded: the broker's redelivery is recognised and dropped.
-                tracing::debug!(error = %e, "broker ack failed after the acknowledgement was recorded");
+            for acker in t.ackers {
+                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                    // Recorded: the broker's redelivery is recognised and dropped.
+                    tracing::debug!(error = %e, "broker ack failed after the acknowledgement was recorded");
+                }
             }
-            self.report_hop(t.referral, Hop::Acknowledged, agency.clone());
+            self.metrics.delivered(&t.received.kind);
+            // "Delivered" means the agency's system has it: reported only
+            // now, never for a delivery that went back to the queue, at the
+            // time it was handed over.
+            self.report_hop(
+                t.received.referral.clone(),
+                Hop::Delivered,
+                agency.clone(),
+                t.handed_at,
+            );
+            self.report_hop(t.received.referral, Hop::Acknowledged, agency.clone(), now);
         }
         Ok(not_pending)
     }
@@ -527,7 +604,7 @@ impl GatewayCore {
     /// with backoff while the broker is away, given up only at shutdown.
     /// The report's id is derived from (referral, hop, agency), so a retry
     /// or a redelivery is recorded once.
-    pub fn report_hop(&self, referral_id: String, hop: Hop, agency: String) {
+    pub fn report_hop(&self, referral_id: String, hop: Hop, agency: String, at: DateTime<Utc>) {
         let bus = self.bus.clone();
         let shutdown = self.shutdown.clone();
         let signing = self.signing.clone();
@@ -538,7 +615,7 @@ impl GatewayCore {
                 referral_id,
                 hop: hop as i32,
                 agency,
-                at: Some(timestamp(Utc::now())),
+                at: Some(timestamp(at)),
             };
             let body = report.encode_to_vec();
             let signature = match signing.sign(&report.agency, Signed::HopReport, &body) {
@@ -657,9 +734,9 @@ impl Gateway for GatewayService {
     ) -> Result<Response<Self::InboxStream>, Status> {
         self.counted("Inbox", async {
             let caller = Caller::of(&request)?;
-            let agency = request.into_inner().agency;
+            let InboxRequest { agency, window } = request.into_inner();
             caller.acts_as("agency", &agency)?;
-            Ok(self.0.inbox(agency)?)
+            Ok(self.0.inbox(agency, window)?)
         })
         .await
     }
@@ -699,6 +776,57 @@ impl Gateway for GatewayService {
             Ok(self.0.relay(request).await?)
         })
         .await
+    }
+}
+
+/// The window of an `Inbox` stream that asks for none.
+pub const DEFAULT_WINDOW: u16 = 32;
+
+/// SHA-256 (hex) of a payload's encoding: a payload passed back is the one
+/// delivered only if it encodes to the same bytes.
+#[must_use]
+pub fn payload_digest(payload: &Payload) -> String {
+    use sha2::{Digest, Sha256};
+    let mut bytes = Vec::with_capacity(payload.encoded_len());
+    payload.encode(&mut bytes);
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What a verified delivery to `agency` says about answering it.
+fn received_from(agency: &str, envelope: &Envelope) -> Received {
+    let kind = MessageKind::try_from(envelope.kind).unwrap_or(MessageKind::Unspecified);
+    let digest = envelope
+        .payload
+        .as_ref()
+        .map(payload_digest)
+        .unwrap_or_default();
+    let (reply_to, relays, answers) = match &envelope.payload {
+        Some(Payload::MisconductLead(lead)) => {
+            let handles = lead.route.last().is_some_and(|hop| hop.agency == agency);
+            let relays = if handles {
+                lead.route[..lead.route.len() - 1]
+                    .iter()
+                    .rev()
+                    .map(|hop| hop.agency.clone())
+                    .filter(|relay| *relay != lead.found_by && relay != agency)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (lead.found_by.clone(), relays, handles)
+        }
+        _ => (envelope.sender.clone(), Vec::new(), kind.is_referral()),
+    };
+    Received {
+        referral: envelope::tracking_id(envelope).to_owned(),
+        kind: kind.code().to_owned(),
+        reply_to,
+        relays,
+        answers,
+        payload_digest: digest,
     }
 }
 

@@ -1,75 +1,134 @@
 //! Open `Inbox` streams and the deliveries each holds unacknowledged.
 //!
 //! Each stream has its own AMQP channel and consumer. A delivery token names
-//! the stream, the connection generation and the delivery tag; `Acknowledge`
-//! finds the stream's acker by it. When a stream ends, its channel closes and
-//! the broker returns every unacknowledged delivery to the queue.
+//! this process (a random instance number, so a token from before a restart
+//! matches nothing), the stream, the channel and the delivery tag: tags
+//! restart on every channel, so after the broker closed a channel and the
+//! stream opened another, an old token still names its own delivery and
+//! never a new one (issue 16).
+//!
+//! A message is handed over once while it is pending. Another delivery of
+//! the same message id that arrives meanwhile (a second publish of a
+//! retried `Submit`, or the broker's redelivery after it closed the channel
+//! the first came on) is not handed over again and not acked: it is held
+//! with the pending one, and the client's `Acknowledge` of the first token
+//! acks every copy. So the token the client holds stays good across a
+//! channel the broker closed, and nothing is acked that the client did not
+//! acknowledge. When a stream ends, whatever it held goes back to the queue
+//! (its channel closes; copies held from other channels are returned with
+//! `nack`), which costs nothing: the queues have no delivery limit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use chrono::{DateTime, Utc};
 use lapin::Acker;
+use lapin::options::BasicNackOptions;
 
 use crate::GatewayError;
 
-/// The open streams of a service.
-#[derive(Default)]
-pub struct Sessions {
-    next_id: AtomicU64,
-    open: Mutex<HashMap<u64, Arc<Session>>>,
-}
-
-/// A delivery handed to the client and not yet acknowledged.
-struct Pending {
-    generation: u64,
-    acker: Acker,
-    message_id: String,
-    referral: String,
+/// What the gateway learnt from a verified delivery about the referral it
+/// belongs to: enough to check a reply to it without trusting the client's
+/// copy. Kept while the delivery is pending, and on disk once acknowledged
+/// (see [`crate::acknowledged`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The id the referral is tracked under (a relayed lead's original id).
+    pub referral: String,
+    /// The message kind's code name.
+    pub kind: String,
+    /// Where an answer goes: the referral's sender, or a lead's finder.
+    pub reply_to: String,
+    /// A lead's relays an answer passes back through (DZ-8), nearest first.
+    pub relays: Vec<String>,
+    /// Whether this agency answers it: every addressee of a referral, and
+    /// of a lead only its handling organ, the last hop of its route (DZ-8).
+    pub answers: bool,
+    /// SHA-256 (hex) of the payload as delivered: a relayed lead or the
+    /// referral passed back with `Feedback` must be exactly this one.
+    pub payload_digest: String,
 }
 
 /// A pending delivery, taken to be acknowledged.
 pub struct Taken {
-    pub acker: Acker,
+    /// Every delivery of the message held: the one handed over and copies.
+    pub ackers: Vec<Acker>,
     /// The envelope's id.
     pub message_id: String,
-    /// The referral its hops are filed under.
-    pub referral: String,
+    pub received: Received,
+    /// When it was handed over on the stream.
+    pub handed_at: DateTime<Utc>,
 }
 
-/// One open `Inbox` stream.
-pub struct Session {
-    pub id: u64,
-    pub agency: String,
-    pending: Mutex<HashMap<String, Pending>>,
+/// A message handed over on a stream and not yet acknowledged.
+struct Pending {
+    session: u64,
+    agency: String,
+    message_id: String,
+    received: Received,
+    handed_at: DateTime<Utc>,
+    ackers: Vec<Acker>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Open streams: session id → agency.
+    sessions: HashMap<u64, String>,
+    /// Pending deliveries by token.
+    pending: HashMap<String, Pending>,
+    /// The token of each pending (agency, message id).
+    by_message: HashMap<(String, String), String>,
+}
+
+/// The open streams of a service and what they hold.
+pub struct Sessions {
+    /// Random per process: tokens of an earlier run match nothing.
+    instance: u32,
+    next_id: AtomicU64,
+    state: Mutex<State>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        // The random low bits of a UUIDv7.
+        let random = uuid::Uuid::now_v7().as_u128() & u128::from(u32::MAX);
+        Self {
+            instance: u32::try_from(random).unwrap_or_default(),
+            next_id: AtomicU64::new(0),
+            state: Mutex::new(State::default()),
+        }
+    }
+}
+
+/// Whether a delivery was held with one already pending, or is new.
+pub enum Offer {
+    /// Held as a copy of the pending delivery; not handed over again.
+    Held,
+    /// Not pending anywhere: here is its acker back.
+    New(Acker),
 }
 
 impl Sessions {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Registers a new stream for `agency`.
     pub fn open(self: &Arc<Self>, agency: &str) -> SessionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let session = Arc::new(Session {
-            id,
-            agency: agency.to_owned(),
-            pending: Mutex::new(HashMap::new()),
-        });
-        self.open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, session.clone());
+        self.state().sessions.insert(id, agency.to_owned());
         SessionGuard {
             sessions: self.clone(),
-            session,
+            id,
+            agency: agency.to_owned(),
         }
     }
 
     /// The number of open streams.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.state().sessions.len()
     }
 
     #[must_use]
@@ -77,108 +136,167 @@ impl Sessions {
         self.len() == 0
     }
 
-    /// Whether a delivery of `message_id` on the connection `generation` is
-    /// pending (handed over, not yet acknowledged) on an open stream of
-    /// `agency`. A pending delivery of an earlier connection does not count:
-    /// it can no longer be acknowledged, and the broker delivers it again.
+    /// The number of messages pending on open streams (handed over, not
+    /// yet acknowledged).
     #[must_use]
-    pub fn is_pending(&self, agency: &str, message_id: &str, generation: u64) -> bool {
-        let sessions: Vec<Arc<Session>> = self
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .filter(|s| s.agency == agency)
-            .cloned()
-            .collect();
-        sessions.iter().any(|s| {
-            s.pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .values()
-                .any(|p| p.message_id == message_id && p.generation >= generation)
-        })
+    pub fn pending(&self) -> usize {
+        self.state().pending.len()
     }
 
-    /// Takes the acker of a pending delivery of `agency`.
+    /// Holds a delivery of `message_id` with the pending delivery of the
+    /// same message on any open stream of `agency`, if there is one.
+    pub fn offer(&self, agency: &str, message_id: &str, acker: Acker) -> Offer {
+        let mut state = self.state();
+        let key = (agency.to_owned(), message_id.to_owned());
+        let Some(token) = state.by_message.get(&key).cloned() else {
+            return Offer::New(acker);
+        };
+        match state.pending.get_mut(&token) {
+            Some(pending) => {
+                pending.ackers.push(acker);
+                Offer::Held
+            }
+            None => Offer::New(acker),
+        }
+    }
+
+    /// Registers a delivery handed over on stream `session` and returns its
+    /// token, or, when another delivery of the same message became pending
+    /// meanwhile, holds it with that one (`None`).
+    pub fn register(&self, session: u64, delivery: Handed) -> Option<String> {
+        let mut state = self.state();
+        let Some(agency) = state.sessions.get(&session).cloned() else {
+            // The stream ended: the delivery goes back with its channel.
+            return None;
+        };
+        let key = (agency.clone(), delivery.message_id.clone());
+        if let Some(token) = state.by_message.get(&key).cloned()
+            && let Some(pending) = state.pending.get_mut(&token)
+        {
+            pending.ackers.push(delivery.acker);
+            return None;
+        }
+        let token = format!(
+            "{:08x}-{session}-{}-{}",
+            self.instance, delivery.channel, delivery.delivery_tag
+        );
+        state.by_message.insert(key, token.clone());
+        state.pending.insert(
+            token.clone(),
+            Pending {
+                session,
+                agency,
+                message_id: delivery.message_id,
+                received: delivery.received,
+                handed_at: Utc::now(),
+                ackers: vec![delivery.acker],
+            },
+        );
+        Some(token)
+    }
+
+    /// What a pending delivery of `agency` says about `referral`, if one is
+    /// pending on an open stream.
+    #[must_use]
+    pub fn received(&self, agency: &str, referral: &str) -> Option<Received> {
+        self.state()
+            .pending
+            .values()
+            .find(|p| p.agency == agency && p.received.referral == referral)
+            .map(|p| p.received.clone())
+    }
+
+    /// Takes a pending delivery of `agency` to acknowledge it.
     ///
     /// # Errors
     /// [`GatewayError::DeliveryGone`] when the token is malformed, names
     /// another agency's stream, a stream that has ended, or a delivery
     /// already acknowledged.
     pub fn take(&self, agency: &str, token: &str) -> Result<Taken, GatewayError> {
-        let session_id: u64 = token
-            .split('-')
-            .next()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                GatewayError::DeliveryGone(format!("`{token}` is not a delivery token"))
-            })?;
-        let session = self
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&session_id)
-            .cloned()
-            .filter(|s| s.agency == agency)
-            .ok_or_else(|| {
-                GatewayError::DeliveryGone(format!(
-                    "`{token}` belongs to no open Inbox stream of `{agency}`; if its stream ended, the message went back to the queue and will be delivered again"
-                ))
-            })?;
-        session
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(token)
-            .map(|p| Taken {
-                acker: p.acker,
-                message_id: p.message_id,
-                referral: p.referral,
-            })
-            .ok_or_else(|| GatewayError::DeliveryGone(format!("`{token}` is not pending: already acknowledged, or lost with the broker connection (it will be delivered again)")))
+        let mut state = self.state();
+        let owned = state.pending.get(token).is_some_and(|p| p.agency == agency);
+        if !owned {
+            let shown: String = token.chars().take(80).collect();
+            return Err(GatewayError::DeliveryGone(format!(
+                "`{shown}` is not pending on an open Inbox stream of `{agency}`: already acknowledged, or its stream ended (the message went back to the queue and will be delivered again)"
+            )));
+        }
+        let Some(pending) = state.pending.remove(token) else {
+            return Err(GatewayError::DeliveryGone(format!(
+                "`{token}` is not pending"
+            )));
+        };
+        state
+            .by_message
+            .remove(&(pending.agency.clone(), pending.message_id.clone()));
+        Ok(Taken {
+            ackers: pending.ackers,
+            message_id: pending.message_id,
+            received: pending.received,
+            handed_at: pending.handed_at,
+        })
+    }
+
+    /// Ends a stream: forgets its pending deliveries and returns every copy
+    /// they held to the queue.
+    fn close(&self, session: u64) {
+        let mut returned = Vec::new();
+        {
+            let mut state = self.state();
+            state.sessions.remove(&session);
+            let tokens: Vec<String> = state
+                .pending
+                .iter()
+                .filter(|(_, p)| p.session == session)
+                .map(|(t, _)| t.clone())
+                .collect();
+            for token in tokens {
+                if let Some(p) = state.pending.remove(&token) {
+                    state.by_message.remove(&(p.agency, p.message_id));
+                    returned.extend(p.ackers);
+                }
+            }
+        }
+        if returned.is_empty() {
+            return;
+        }
+        // Copies held from other streams' channels would stay unacknowledged
+        // there until those streams end: return them now. The stream's own
+        // deliveries go back when its channel closes, whether or not this
+        // nack reaches the broker first.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for acker in returned {
+                    let _ = acker
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await;
+                }
+            });
+        }
     }
 }
 
-/// Removes its session from the open set when the stream ends.
+/// A delivery about to be handed over.
+pub struct Handed {
+    pub channel: u64,
+    pub delivery_tag: u64,
+    pub acker: Acker,
+    pub message_id: String,
+    pub received: Received,
+}
+
+/// Ends its stream's session when dropped.
 pub struct SessionGuard {
     sessions: Arc<Sessions>,
-    pub session: Arc<Session>,
-}
-
-impl Session {
-    /// Records an unacknowledged delivery and returns its token. Deliveries
-    /// from an earlier connection are forgotten: the broker redelivers them.
-    pub fn register(
-        &self,
-        generation: u64,
-        delivery_tag: u64,
-        acker: Acker,
-        message_id: String,
-        referral: String,
-    ) -> String {
-        let token = format!("{}-{generation}-{delivery_tag}", self.id);
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        pending.retain(|_, p| p.generation >= generation);
-        pending.insert(
-            token.clone(),
-            Pending {
-                generation,
-                acker,
-                message_id,
-                referral,
-            },
-        );
-        token
-    }
+    pub id: u64,
+    pub agency: String,
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.sessions
-            .open
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.session.id);
+        self.sessions.close(self.id);
     }
 }

@@ -99,7 +99,7 @@ pub struct GatewayMetrics {
     pub submitted: Family<ServiceKind, Counter>,
     /// Calls refused, by RPC and gRPC code.
     pub rejected: Family<ServiceCode, Counter>,
-    /// Deliveries handed over on an `Inbox` stream, by kind.
+    /// Deliveries an agency's system has (acknowledged), by kind.
     pub delivered: Family<ServiceKind, Counter>,
     /// Deliveries an agency's system acknowledged.
     pub acknowledged: Family<ServiceLabel, Counter>,
@@ -142,7 +142,7 @@ impl GatewayMetrics {
         );
         r.register(
             "delivered",
-            "Deliveries handed over on Inbox streams, by kind",
+            "Deliveries agency systems have (handed over and acknowledged), by kind",
             self.delivered.clone(),
         );
         r.register(
@@ -209,11 +209,21 @@ impl ServiceMetrics {
         self.all.submitted.get_or_create(&self.by_kind(kind)).inc();
     }
 
-    /// A delivery handed over on an `Inbox` stream, `seconds` after it
-    /// was submitted (when known).
-    pub fn delivered(&self, kind: &str, seconds: Option<f64>) {
+    /// A delivery the agency's system has: handed over and acknowledged.
+    pub fn delivered(&self, kind: &str) {
         self.all.delivered.get_or_create(&self.by_kind(kind)).inc();
-        if let Some(seconds) = seconds {
+    }
+
+    /// A delivery handed over on an `Inbox` stream, submitted at
+    /// `submitted_at` (when known): the bus's end-to-end latency.
+    pub fn handed_over(&self, submitted_at: Option<chrono::DateTime<chrono::Utc>>) {
+        if let Some(at) = submitted_at {
+            #[allow(clippy::cast_precision_loss)]
+            let seconds = (chrono::Utc::now() - at)
+                .num_microseconds()
+                .unwrap_or(0)
+                .max(0) as f64
+                / 1e6;
             self.delivery_seconds.observe(seconds);
         }
     }

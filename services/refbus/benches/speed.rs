@@ -413,6 +413,7 @@ impl Refbus {
         let mut inbox = desk
             .inbox(InboxRequest {
                 agency: DESK.into(),
+                window: u32::MAX, // as much as the service allows (REFBUS_PREFETCH)
             })
             .await
             .unwrap()

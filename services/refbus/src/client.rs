@@ -261,7 +261,15 @@ impl Connection {
     }
 
     fn output(&self) -> Output {
-        match self.output {
+        self.output.resolved()
+    }
+}
+
+impl Output {
+    /// `Auto` made definite: a table on a terminal, plain lines on a pipe.
+    #[must_use]
+    pub fn resolved(self) -> Output {
+        match self {
             Output::Auto if std::io::stdout().is_terminal() => Output::Table,
             Output::Auto => Output::Plain,
             other => other,
@@ -330,7 +338,7 @@ fn when(t: Option<&prost_types::Timestamp>) -> String {
 }
 
 /// Rows printed as a table (terminal) or tab-separated lines (pipe).
-struct Rows {
+pub(crate) struct Rows {
     header: Vec<&'static str>,
     rows: Vec<Vec<String>>,
     /// A row's colour on a terminal (index into `rows`), e.g. overdue in red.
@@ -338,7 +346,7 @@ struct Rows {
 }
 
 impl Rows {
-    fn new(header: Vec<&'static str>) -> Self {
+    pub(crate) fn new(header: Vec<&'static str>) -> Self {
         Self {
             header,
             rows: Vec::new(),
@@ -346,12 +354,12 @@ impl Rows {
         }
     }
 
-    fn push(&mut self, row: Vec<String>, colour: Option<Color>) {
+    pub(crate) fn push(&mut self, row: Vec<String>, colour: Option<Color>) {
         self.rows.push(row);
         self.colours.push(colour);
     }
 
-    fn print(&self, output: Output) {
+    pub(crate) fn print(&self, output: Output) {
         if output == Output::Table {
             let colour = std::env::var_os("NO_COLOR").is_none() && std::io::stdout().is_terminal();
             let mut table = Table::new();
@@ -488,6 +496,10 @@ pub async fn inbox(args: InboxArgs) -> Result<()> {
     let mut stream = client
         .inbox(InboxRequest {
             agency: c.agency.clone(),
+            // `--count N` asks for no more than it will read.
+            window: args
+                .count
+                .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
         })
         .await
         .map_err(|s| Failure::from_status("inbox", &s))?

@@ -10,12 +10,15 @@
 //! - `refbus send`, `inbox`, `ack`, `feedback`, `status`, `overdue`,
 //!   `report`: a desk's or supervisor's work against a running bus
 //!   ([`client`]); `refbus policy check` and `refbus audit verify`.
+//! - `refbus dead-letter list` and `replay`: the dead-letter queue for an
+//!   operator ([`dead_letter`]).
 
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
 
 pub mod client;
+pub mod dead_letter;
 
 use clap::{Parser, Subcommand};
 use refbus_bus::{BusError, Topology, redact_url};
@@ -86,7 +89,7 @@ pub enum Command {
     Inbox(client::InboxArgs),
     /// Acknowledge deliveries held on an open Inbox stream (`inbox --no-ack`).
     ///
-    /// Example: refbus ack -a dz-duty-desk 3-1-17 3-1-18
+    /// Example: refbus ack -a dz-duty-desk 5f3a09c1-3-1-17 5f3a09c1-3-1-18
     Ack(client::AckArgs),
     /// Answer a referral: the feedback goes back to its sender.
     ///
@@ -118,6 +121,15 @@ pub enum Command {
     Directory {
         #[command(subcommand)]
         action: DirectoryAction,
+    },
+    /// The dead-letter queue: what consumers could not decode, verify or
+    /// store, each with the reason. List it; replay what was fixed.
+    ///
+    /// Example: refbus dead-letter list
+    /// Example: refbus dead-letter replay --all
+    DeadLetter {
+        #[command(subcommand)]
+        action: dead_letter::DeadLetterAction,
     },
     /// Signing keys (Ed25519) of the agencies and the tracker.
     Keys {
@@ -421,6 +433,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { action } => keys(action),
+        Command::DeadLetter { action } => client_command(dead_letter::run(action)),
         Command::Send(args) => client_command(client::send(args)),
         Command::Inbox(args) => client_command(client::inbox(args)),
         Command::Ack(args) => client_command(client::ack(args)),

@@ -442,6 +442,14 @@ async fn wait_for_failure(link: &Link) -> String {
     loop {
         tokio::select! {
             event = events.next() => match event {
+                // lapin reports a channel's error (a consumer timeout, a
+                // refused publish) here too: only a connection that is no
+                // longer connected has failed. A lost channel is reopened by
+                // its owner (issue 16: one stream's consumer timeout must
+                // not cut every stream and publish of the process).
+                Some(Event::Error(e)) if link.connection.status().connected() => {
+                    tracing::debug!(error = %e, "a channel failed; the connection stands");
+                }
                 Some(Event::Error(e)) => return e.to_string(),
                 Some(_) => {}
                 None => return "the connection's event stream ended".into(),

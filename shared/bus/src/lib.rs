@@ -8,16 +8,20 @@
 //!   and resumes every subscription; while it is down, publishing fails at
 //!   once with [`BusError::Unavailable`].
 //! - [`subscription`]: a consumer on one queue with manual acks and a bounded
-//!   prefetch, resumed on every new connection.
+//!   prefetch, resumed on every new connection or channel.
+//! - [`dead_letter`]: the dead-letter queue for an operator: depth, listing
+//!   (metadata only), replay to the queue a message came from.
 
 #![forbid(unsafe_code)]
 
 pub mod connection;
+pub mod dead_letter;
 pub mod metrics;
 pub mod subscription;
 pub mod topology;
 
 pub use connection::{Bus, BusConfig, ConnectionWatch, Outgoing};
+pub use dead_letter::{DeadLetter, DeadLetterError, Replayed};
 pub use metrics::BusMetrics;
 pub use subscription::{Incoming, QUEUE_HEADER, REASON_HEADER, Subscription};
 pub use topology::Topology;

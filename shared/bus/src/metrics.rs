@@ -6,6 +6,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// The label of a published message: its AMQP `type`.
@@ -32,6 +33,13 @@ pub struct BusMetrics {
     pub publish_failed: Family<KindLabel, Counter>,
     /// Deliveries moved to the dead-letter queue with a reason.
     pub dead_lettered: Family<QueueLabel, Counter>,
+    /// Consumers whose channel was lost (the broker closed it, or the
+    /// connection failed) and that consumed again on a new channel.
+    pub consumer_interrupted: Family<QueueLabel, Counter>,
+    /// Messages waiting in the dead-letter queue, read from the broker
+    /// every few seconds: what an operator must look at
+    /// (`refbus dead-letter list`, `refbus dead-letter replay`).
+    pub dead_letter_depth: Gauge,
 }
 
 impl BusMetrics {
@@ -57,6 +65,16 @@ impl BusMetrics {
             "dead_lettered",
             "Deliveries moved to the dead-letter queue, by queue role (inbox, tap)",
             self.dead_lettered.clone(),
+        );
+        bus.register(
+            "consumer_interrupted",
+            "Consumer channels lost (closed by the broker, or the connection failed) and reopened, by queue role",
+            self.consumer_interrupted.clone(),
+        );
+        bus.register(
+            "dead_letter_depth",
+            "Messages waiting in the dead-letter queue (refbus dead-letter list)",
+            self.dead_letter_depth.clone(),
         );
     }
 

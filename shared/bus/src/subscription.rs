@@ -1,11 +1,18 @@
 //! [`Subscription`]: a consumer on one queue that outlives broker outages.
 //!
 //! A task opens a channel on the live connection, sets the prefetch, and
-//! forwards deliveries. When the connection fails it waits for the next one
-//! and consumes again; the broker redelivers what was unacknowledged. When
-//! the subscription is dropped or the bus shuts down, the channel is closed,
-//! so unacknowledged deliveries return to the queue at once.
+//! forwards deliveries. When the connection fails, or the broker closes the
+//! channel alone (a consumer timeout, a channel error), it waits for the
+//! next connection and consumes again; the broker redelivers what was
+//! unacknowledged. When the subscription is dropped or the bus shuts down,
+//! the channel is closed, so unacknowledged deliveries return to the queue
+//! at once.
+//!
+//! Delivery tags restart at 1 on every channel, so a tag alone does not
+//! name a delivery: each channel the process opens gets a process-wide
+//! [`Incoming::channel`] number, and a delivery is (channel, tag).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -35,8 +42,15 @@ pub struct Incoming {
     pub delivery_tag: u64,
     /// The connection generation the delivery came on.
     pub generation: u64,
+    /// The channel it came on: unique in this process, never reused, so
+    /// that (channel, delivery tag) names one delivery even after the
+    /// broker closed a channel and the subscription opened another.
+    pub channel: u64,
     pub acker: Acker,
 }
+
+/// Numbers every consumer channel this process opens.
+static CHANNELS: AtomicU64 = AtomicU64::new(0);
 
 impl Incoming {
     /// The text of an AMQP header, if the message carries it as a string.
@@ -55,6 +69,32 @@ pub fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
         _ => None,
     }
+}
+
+/// Every header of `properties` whose value is a string, as text.
+#[must_use]
+pub fn string_headers(properties: &BasicProperties) -> Vec<(String, String)> {
+    use lapin::types::AMQPValue;
+    properties
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .filter_map(|(key, value)| match value {
+                    AMQPValue::LongString(s) => Some((
+                        key.as_str().to_owned(),
+                        String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    )),
+                    AMQPValue::ShortString(s) => {
+                        Some((key.as_str().to_owned(), s.as_str().to_owned()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A live consumer on one queue; dropping it closes its channel.
@@ -80,8 +120,21 @@ impl Bus {
     /// deliveries, resuming after every reconnection.
     #[must_use]
     pub fn subscribe(&self, queue: String, prefetch: u16) -> Subscription {
+        self.subscribe_with_buffer(queue, prefetch, usize::from(prefetch.max(1)))
+    }
+
+    /// As [`Bus::subscribe`], with at most `buffer` deliveries waiting
+    /// between the consumer and [`Subscription::next`] (the rest wait in
+    /// the channel, unacknowledged, within the prefetch).
+    #[must_use]
+    pub fn subscribe_with_buffer(
+        &self,
+        queue: String,
+        prefetch: u16,
+        buffer: usize,
+    ) -> Subscription {
         let stop = self.shutdown_token().child_token();
-        let (tx, rx) = mpsc::channel(usize::from(prefetch.max(1)));
+        let (tx, rx) = mpsc::channel(buffer.max(1));
         tokio::spawn(consume(self.clone(), queue, prefetch, tx, stop.clone()));
         Subscription {
             deliveries: rx,
@@ -98,12 +151,27 @@ impl Bus {
     pub async fn dead_letter(&self, queue: &str, incoming: Incoming, reason: String) {
         use lapin::options::{BasicAckOptions, BasicRejectOptions};
         let exchange = self.topology().dead_letter();
+        // The message's own headers (its signature, above all) go with it,
+        // so that a replay is verified like the original.
+        let kept: Vec<(String, String)> = string_headers(&incoming.properties)
+            .into_iter()
+            .filter(|(key, _)| key != REASON_HEADER && key != QUEUE_HEADER)
+            .collect();
         let mut message = Outgoing::new(&exchange, queue, &incoming.data);
-        message.content_type = "application/octet-stream";
-        message.headers = vec![
-            (REASON_HEADER, reason.clone()),
-            (QUEUE_HEADER, queue.to_owned()),
-        ];
+        message.content_type = incoming
+            .properties
+            .content_type()
+            .as_ref()
+            .map_or("application/octet-stream", |s| s.as_str());
+        message.message_id = incoming
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str());
+        message.kind = incoming.properties.kind().as_ref().map(|s| s.as_str());
+        message.headers = kept.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        message.headers.push((REASON_HEADER, reason.clone()));
+        message.headers.push((QUEUE_HEADER, queue.to_owned()));
         match self.publish(message).await {
             Ok(()) => {
                 self.metrics()
@@ -148,12 +216,17 @@ async fn consume(
         match open(&bus, &queue, prefetch).await {
             Ok((generation, channel, consumer)) => {
                 retry = Duration::from_millis(100);
-                let ended = forward(generation, consumer, &tx, &stop).await;
+                let number = CHANNELS.fetch_add(1, Ordering::Relaxed) + 1;
+                let ended = forward(generation, number, consumer, &tx, &stop).await;
                 let _ = channel.close(200, "subscription ended".into()).await;
                 if ended {
                     return;
                 }
-                tracing::debug!(%queue, generation, "consumer interrupted; resuming on the next connection");
+                bus.metrics()
+                    .consumer_interrupted
+                    .get_or_create(&BusMetrics::queue_role(&bus.topology().namespace, &queue))
+                    .inc();
+                tracing::info!(%queue, generation, channel = number, "consumer channel lost; consuming again on a new channel");
             }
             Err(e) => {
                 tracing::debug!(%queue, error = %e, "cannot consume yet");
@@ -193,6 +266,7 @@ async fn open(
 /// subscription ends (returns true).
 async fn forward(
     generation: u64,
+    channel: u64,
     mut consumer: lapin::Consumer,
     tx: &mpsc::Sender<Incoming>,
     stop: &CancellationToken,
@@ -210,6 +284,7 @@ async fn forward(
                         redelivered: d.redelivered,
                         delivery_tag: d.delivery_tag,
                         generation,
+                        channel,
                         acker: d.acker,
                     };
                     if tx.send(incoming).await.is_err() {
