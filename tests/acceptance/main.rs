@@ -16,6 +16,9 @@
 //! - [`observability`]: issue 7, `/metrics` after a scenario, gRPC health
 //!   and reflection on every service.
 //! - [`deployment`]: issue 7, the deployment files are consistent.
+//! - [`secure`]: issue 16, development credentials refused off loopback,
+//!   TLS to the broker and PostgreSQL, bearer tokens over TLS, reflection
+//!   v1alpha, keepalives against half-open clients.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -31,5 +34,6 @@ mod faults;
 mod leads;
 mod observability;
 mod privacy;
+mod secure;
 mod signatures;
 mod tracker;
