@@ -144,11 +144,10 @@ async fn development_credentials_are_refused_off_loopback_unless_declared() {
     assert!(app.local_addr().unwrap().ip().is_unspecified());
     drop(app);
     tracker_settings.listen = Some(everywhere());
-    let tracker = Tracker::build(&tracker_settings, &shared, Clock::System)
-        .await
-        .ok()
-        .expect("the tracker of a development deployment starts on 0.0.0.0");
-    drop(tracker);
+    match Tracker::build(&tracker_settings, &shared, Clock::System).await {
+        Ok(tracker) => drop(tracker),
+        Err(e) => panic!("the tracker of a development deployment starts on 0.0.0.0: {e}"),
+    }
     drop_ledger(&tracker_settings).await;
     cleanup(&shared).await;
 
@@ -424,8 +423,7 @@ async fn the_tracker_records_in_a_postgresql_that_requires_tls() {
     // Without TLS the server lets nobody in: TLS is what gets the tracker in.
     let plaintext = sqlx::PgConnection::connect(&postgres.url("sslmode=disable"))
         .await
-        .err()
-        .expect("a plaintext connection is refused")
+        .expect_err("a plaintext connection is refused")
         .to_string();
     assert!(plaintext.contains("no pg_hba.conf entry"), "{plaintext}");
     // verify-full: the server's certificate from the deployment's CA, for
