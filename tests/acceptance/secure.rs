@@ -777,3 +777,66 @@ async fn a_half_open_client_loses_its_deliveries_to_the_queue_once_keepalive_not
     drop(relay);
     bus.stop().await;
 }
+
+/// Reads HTTP/2 frames from `stream` until `want` arrives: its type, or
+/// `None` at the end of the connection.
+async fn next_frame_of(stream: &mut TcpStream, want: u8) -> Option<u8> {
+    loop {
+        let mut header = [0u8; 9];
+        if stream.read_exact(&mut header).await.is_err() {
+            return None;
+        }
+        let length =
+            usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        let mut payload = vec![0u8; length];
+        if stream.read_exact(&mut payload).await.is_err() {
+            return None;
+        }
+        if header[3] == want {
+            return Some(want);
+        }
+    }
+}
+
+/// Every gRPC port of `refbus up`, the tracker's too, pings a client that
+/// has gone quiet and closes the connection when the PING goes unanswered
+/// (REFBUS_GRPC_KEEPALIVE_INTERVAL, REFBUS_GRPC_KEEPALIVE_TIMEOUT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_grpc_port_pings_a_silent_client_and_closes_it() {
+    const PING: u8 = 0x6;
+    let up = Up::start_with(vec![
+        ("REFBUS_GRPC_KEEPALIVE_INTERVAL", PathBuf::from("300ms")),
+        ("REFBUS_GRPC_KEEPALIVE_TIMEOUT", PathBuf::from("300ms")),
+    ])
+    .await;
+    for service in [
+        "detention-centre",
+        "case-unit",
+        "legal-aid",
+        "justice-bureau",
+        "bar-association",
+        "tracker",
+    ] {
+        let addr = up.url(service).trim_start_matches("http://").to_owned();
+        let mut client = TcpStream::connect(&addr).await.unwrap();
+        // The HTTP/2 client preface and an empty SETTINGS frame; then
+        // silence: no SETTINGS ack, no PING answer.
+        client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let pinged = within("a keepalive PING", next_frame_of(&mut client, PING)).await;
+        assert_eq!(
+            pinged,
+            Some(PING),
+            "{service}: the connection ended unpinged"
+        );
+        let closed = within(
+            "the unanswered connection to close",
+            next_frame_of(&mut client, 0xff),
+        )
+        .await;
+        assert_eq!(closed, None, "{service}");
+    }
+    up.stop().await;
+}
