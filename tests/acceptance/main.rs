@@ -19,6 +19,9 @@
 //! - [`misuse`]: issue 16, the gateway under misuse: no reply without
 //!   receipt, careless inbox clients, tokens across a channel the broker
 //!   closed, bad reply ids, the dead-letter queue for an operator.
+//! - [`secure`]: issue 16, development credentials refused off loopback,
+//!   TLS to the broker and PostgreSQL, bearer tokens over TLS, reflection
+//!   v1alpha, keepalives against half-open clients.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -35,5 +38,6 @@ mod leads;
 mod misuse;
 mod observability;
 mod privacy;
+mod secure;
 mod signatures;
 mod tracker;

@@ -232,6 +232,17 @@ async fn every_service_answers_grpc_health_and_reflection() {
             listed.iter().any(|s| s == "grpc.health.v1.Health"),
             "{service}: {listed:?}"
         );
+        // The same through grpc.reflection.v1alpha (issue 16).
+        let channel = Channel::from_shared(up.url(service).to_owned())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let listed = crate::secure::reflected_services_v1alpha(channel).await;
+        assert!(
+            listed.iter().any(|s| s == grpc_name),
+            "{service}: {listed:?}"
+        );
     }
     let (status, body) = http_get(&format!("{}/healthz", up.url("dashboard")), None);
     assert_eq!(

@@ -1,8 +1,9 @@
 //! A RabbitMQ node of a test's own, on its own ports and data directory,
 //! that the test may stop and start without touching the shared broker the
-//! other tests use. Removed (process and directory) when dropped.
+//! other tests use; plain AMQP, or TLS only ([`BrokerNode::start_tls`]).
+//! Removed (process and directory) when dropped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ pub struct BrokerNode {
     dir: PathBuf,
     name: String,
     dist_port: u16,
+    /// Whether its only listener is AMQP over TLS (amqps).
+    tls: bool,
     /// The running `rabbitmq-server`, reaped when the node stops.
     server: Mutex<Option<Child>>,
 }
@@ -24,23 +27,49 @@ impl BrokerNode {
     /// Makes the node's directory (owned by the `rabbitmq` user, which
     /// Debian's `rabbitmq-server` runs as) and starts it.
     pub async fn start() -> Self {
-        Self::start_configured("", None).await
+        Self::start_with(None, "", None).await
+    }
+
+    /// A node whose only listener is AMQP over TLS (`listeners.tcp = none`),
+    /// presenting `tls`'s `server.pem` (from `deploy/dev-certs.sh`, issued
+    /// by `tls`'s `ca.pem` to localhost and 127.0.0.1).
+    pub async fn start_tls(tls: &Path) -> Self {
+        Self::start_with(Some(tls), "", None).await
     }
 
     /// As [`BrokerNode::start`], with more `rabbitmq.conf` lines and an
     /// `advanced.config` (Erlang terms) for settings the new format lacks.
     pub async fn start_configured(conf: &str, advanced: Option<&str>) -> Self {
+        Self::start_with(None, conf, advanced).await
+    }
+
+    async fn start_with(tls: Option<&Path>, conf: &str, advanced: Option<&str>) -> Self {
         let port = free_port();
         let name = format!("refbus-test-{port}@localhost");
         let dir = std::env::temp_dir().join(format!("refbus-node-{port}"));
         std::fs::create_dir_all(dir.join("mnesia")).unwrap();
         std::fs::create_dir_all(dir.join("log")).unwrap();
         std::fs::write(dir.join("plugins"), "[].\n").unwrap();
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.1 = 127.0.0.1:{port}\n{conf}\n"),
-        )
-        .unwrap();
+        let config = match tls {
+            None => format!("listeners.tcp.1 = 127.0.0.1:{port}\n"),
+            Some(tls) => {
+                // Copies the broker may read (it runs as `rabbitmq`).
+                for file in ["ca.pem", "server.pem", "server.key"] {
+                    std::fs::copy(tls.join(file), dir.join(file)).unwrap();
+                }
+                format!(
+                    "listeners.tcp = none\n\
+                     listeners.ssl.1 = 127.0.0.1:{port}\n\
+                     ssl_options.cacertfile = {dir}/ca.pem\n\
+                     ssl_options.certfile = {dir}/server.pem\n\
+                     ssl_options.keyfile = {dir}/server.key\n\
+                     ssl_options.verify = verify_none\n\
+                     ssl_options.fail_if_no_peer_cert = false\n",
+                    dir = dir.display()
+                )
+            }
+        };
+        std::fs::write(dir.join("rabbitmq.conf"), format!("{config}{conf}\n")).unwrap();
         if let Some(advanced) = advanced {
             std::fs::write(dir.join("advanced.config"), advanced).unwrap();
         }
@@ -55,16 +84,18 @@ impl BrokerNode {
             dir,
             name,
             dist_port: free_port(),
+            tls: tls.is_some(),
             server: Mutex::new(None),
         };
         node.resume().await;
         node
     }
 
-    /// The node's AMQP URL.
+    /// The node's AMQP URL (`amqps://` for a TLS node).
     #[must_use]
     pub fn amqp_url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        format!("{scheme}://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
     fn listening(&self) -> bool {

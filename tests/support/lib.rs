@@ -147,6 +147,8 @@ pub fn test_settings(amqp_url: String) -> BusSettings {
         declare_topology: true,
         inbox_db,
         signing_keys: "development".into(),
+        amqp_ca: None,
+        development: false,
     }
 }
 

@@ -17,17 +17,17 @@ use refbus_proto::v1::{
     justice_bureau_server::JusticeBureauServer, legal_aid_server::LegalAidServer,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
-use tonic::transport::Server;
 
 use crate::acknowledged::{Acknowledged, AcknowledgedError};
 use crate::agencies::AgencyRpcs;
 use crate::auth::{AuthError, Authenticator};
+use crate::exposure::{self, Exposed, Listener};
 use crate::gateway::GatewayService;
 use crate::inbox::Sessions;
 use crate::observe::{self, GatewayMetrics, Telemetry};
+use crate::server;
 use crate::{AgencyService, BusSettings, GatewayCore};
 
 /// Largest gRPC message accepted: room for a 1 MiB envelope to be refused
@@ -54,6 +54,10 @@ pub enum StartError {
     Acknowledged(#[from] AcknowledgedError),
     #[error("REFBUS_SIGNING_KEYS: {0}")]
     Signing(#[from] KeyError),
+    #[error(transparent)]
+    Exposed(#[from] Exposed),
+    #[error("REFBUS_AMQP_CA ({path}): {reason}")]
+    AmqpCa { path: String, reason: String },
 }
 
 /// What the agency services of one process share.
@@ -99,6 +103,7 @@ impl Shared {
         let mut config = BusConfig::new(settings.amqp_url.clone(), topology);
         config.confirm_timeout = settings.confirm_timeout;
         config.declare_topology = settings.declare_topology;
+        config.tls_ca = amqp_ca(&settings)?;
         let bus = Bus::connect(config, shutdown.clone()).await?;
         // refbus_bus_dead_letter_depth on /metrics (issue 16).
         bus.watch_dead_letter_depth(std::time::Duration::from_secs(10));
@@ -122,6 +127,41 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Checks that `listener` may serve on `addr` with this process's
+    /// credentials (development ones only on loopback, or in a deployment
+    /// declared a development one). Every service and the tracker call it
+    /// before binding.
+    ///
+    /// # Errors
+    /// [`Exposed`], naming each development credential and its setting.
+    pub fn refuse_exposure(&self, listener: Listener, addr: SocketAddr) -> Result<(), Exposed> {
+        exposure::check(&self.settings, &self.auth, listener, addr)
+    }
+}
+
+/// The private CA of `REFBUS_AMQP_CA` (PEM), for an `amqps://` broker.
+fn amqp_ca(settings: &BusSettings) -> Result<Option<String>, StartError> {
+    let Some(path) = &settings.amqp_ca else {
+        return Ok(None);
+    };
+    let fail = |reason: String| StartError::AmqpCa {
+        path: path.display().to_string(),
+        reason,
+    };
+    if !settings.amqp_url.starts_with("amqps://") {
+        return Err(fail(
+            "set, but AMQP_URL is not an amqps:// URL: the connection to the broker would not use TLS"
+                .into(),
+        ));
+    }
+    let pem = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(fail("no PEM certificate in the file".into()));
+    }
+    Ok(Some(pem))
+}
+
 /// One agency service, bound and ready to serve.
 pub struct Application {
     service: AgencyService,
@@ -131,6 +171,8 @@ pub struct Application {
     telemetry: Arc<Telemetry>,
     core: Arc<GatewayCore>,
     auth: Arc<Authenticator>,
+    /// The process's settings, for the HTTP listener's exposure check.
+    settings: BusSettings,
 }
 
 impl Application {
@@ -167,6 +209,7 @@ impl Application {
         for agency in &served {
             shared.signing.require(agency, &shared.directory)?;
         }
+        shared.refuse_exposure(Listener::Grpc, listen)?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -200,6 +243,7 @@ impl Application {
             telemetry: shared.telemetry.clone(),
             core,
             auth: shared.auth.clone(),
+            settings: shared.settings.clone(),
         })
     }
 
@@ -208,6 +252,7 @@ impl Application {
     /// # Errors
     /// [`StartError::Bind`].
     pub async fn serve_http_on(&mut self, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+        exposure::check(&self.settings, &self.auth, Listener::Http, addr)?;
         let listener = observe::bind_http(addr)
             .await
             .map_err(|source| StartError::Bind { addr, source })?;
@@ -245,10 +290,6 @@ impl Application {
         let gateway = GatewayServer::new(GatewayService(self.core.clone()))
             .max_decoding_message_size(MAX_GRPC_MESSAGE);
         let rpcs = AgencyRpcs(self.core.clone());
-        let mut server = Server::builder();
-        if let Some(tls) = self.auth.server_tls() {
-            server = server.tls_config(tls)?;
-        }
         let shutdown = self.core.shutdown.clone();
         if let Some(http) = self.http {
             let router = observe::metrics_router(self.telemetry.clone(), self.core.bus.clone());
@@ -256,15 +297,8 @@ impl Application {
         }
         // Health and reflection answer without credentials (probes carry
         // none); every refbus service authenticates each call.
-        let reflection = match observe::reflection_service() {
-            Ok(reflection) => Some(reflection),
-            Err(e) => {
-                tracing::error!(error = %e, "gRPC reflection unavailable");
-                None
-            }
-        };
         let auth = &self.auth;
-        let router = server.add_optional_service(reflection);
+        let router = server::grpc_server(auth)?;
         // The agency-specific service, authenticated, and its gRPC name.
         macro_rules! agency_rpcs {
             ($server:ident) => {
@@ -294,7 +328,7 @@ impl Application {
             .add_service(auth.intercept(gateway));
         router
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(self.listener),
+                server::incoming(self.listener, auth),
                 shutdown.cancelled_owned(),
             )
             .await

@@ -6,9 +6,12 @@
 //!   agency is the certificate's URI subject alternative name
 //!   `urn:refbus:agency:<id>` (`deploy/dev-certs.sh` makes such a CA and a
 //!   certificate per agency of a directory);
-//! - **bearer tokens** (development, the default of `refbus up`): the
+//! - **bearer tokens** (the default of `refbus up`): the
 //!   `authorization: Bearer <token>` header, looked up by its SHA-256 in a
-//!   tokens file (`deploy/local/tokens.toml`).
+//!   tokens file (`deploy/local/tokens.toml` for development). With a
+//!   server certificate and key the services serve TLS and the tokens travel
+//!   encrypted; without, plaintext, which only loopback or a development
+//!   deployment may use ([`crate::exposure`]).
 //!
 //! An interceptor authenticates each call and puts the [`Caller`] in the
 //! request's extensions; each RPC then checks the agency it is asked to act
@@ -23,6 +26,8 @@ use sha2::{Digest, Sha256};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
+use crate::server::Keepalive;
+
 /// The prefix of the URI subject alternative name that names an agency.
 pub const AGENCY_URI_PREFIX: &str = "urn:refbus:agency:";
 
@@ -35,10 +40,12 @@ pub enum AuthMode {
     Bearer,
 }
 
-/// Authentication settings, shared by every service of a process.
+/// Authentication settings, shared by every service of a process, and how
+/// its gRPC servers keep client connections alive.
 #[derive(Clone, Debug, clap::Args)]
 pub struct AuthSettings {
-    /// How callers authenticate: mtls, or bearer (development).
+    /// How callers authenticate: mtls, or bearer (tokens; over TLS when
+    /// --tls-cert and --tls-key are given).
     #[arg(
         long = "auth",
         env = "REFBUS_AUTH",
@@ -53,15 +60,19 @@ pub struct AuthSettings {
         default_value = "deploy/local/tokens.toml"
     )]
     pub tokens: PathBuf,
-    /// mTLS: the services' certificate (PEM).
+    /// The services' TLS certificate (PEM): required with mtls; with
+    /// bearer, the services serve TLS and the tokens travel encrypted.
     #[arg(long, env = "REFBUS_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    /// mTLS: the services' private key (PEM).
+    /// The private key of --tls-cert (PEM).
     #[arg(long, env = "REFBUS_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// mTLS: the CA whose client certificates are accepted (PEM).
     #[arg(long, env = "REFBUS_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// gRPC keepalives of the process's servers.
+    #[command(flatten)]
+    pub keepalive: Keepalive,
 }
 
 impl AuthSettings {
@@ -74,6 +85,18 @@ impl AuthSettings {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            keepalive: Keepalive::default(),
+        }
+    }
+
+    /// Bearer tokens from `tokens`, over TLS with the server certificate
+    /// `deploy/dev-certs.sh` writes to `dir`.
+    #[must_use]
+    pub fn bearer_tls_in(tokens: impl Into<PathBuf>, dir: &Path) -> Self {
+        Self {
+            tls_cert: Some(dir.join("server.pem")),
+            tls_key: Some(dir.join("server.key")),
+            ..Self::bearer(tokens)
         }
     }
 
@@ -86,6 +109,7 @@ impl AuthSettings {
             tls_cert: Some(dir.join("server.pem")),
             tls_key: Some(dir.join("server.key")),
             tls_client_ca: Some(dir.join("ca.pem")),
+            keepalive: Keepalive::default(),
         }
     }
 }
@@ -102,6 +126,10 @@ pub enum AuthError {
     Tokens { path: String, reason: String },
     #[error("--auth mtls needs {0} (or its environment variable)")]
     Missing(&'static str),
+    #[error(
+        "--auth bearer: --tls-cert (REFBUS_TLS_CERT) and --tls-key (REFBUS_TLS_KEY) go together: {0} is missing"
+    )]
+    HalfTls(&'static str),
     #[error("TLS configuration ({cert}, {key}): {reason}")]
     Tls {
         cert: String,
@@ -153,15 +181,21 @@ impl Caller {
 pub struct Authenticator {
     mode: Mode,
     directory: Arc<Directory>,
+    keepalive: Keepalive,
 }
 
 enum Mode {
     Mtls {
         tls: ServerTlsConfig,
     },
-    /// SHA-256 of the token -> agency.
     Bearer {
+        /// SHA-256 of the token -> agency.
         tokens: HashMap<[u8; 32], String>,
+        /// The server's certificate, when the tokens travel over TLS.
+        tls: Option<ServerTlsConfig>,
+        /// The agencies whose token in the file is the public development
+        /// one, `dev-<agency>`.
+        development: Vec<String>,
     },
 }
 
@@ -192,6 +226,34 @@ pub fn token_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// SHA-256 of `agency`'s public development token, `dev-<agency>`.
+fn development_token_digest(agency: &str) -> [u8; 32] {
+    token_digest(&format!("dev-{agency}"))
+}
+
+/// The server side of TLS with `cert` and `key` (and, for mutual TLS, the
+/// CA of the client certificates), checked now: a key or certificate that
+/// does not parse fails at start-up, naming the files, rather than when the
+/// first server starts.
+fn server_tls(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<ServerTlsConfig, AuthError> {
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    tonic::transport::Server::builder()
+        .tls_config(tls.clone())
+        .map_err(|e| AuthError::Tls {
+            cert: cert.display().to_string(),
+            key: key.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(tls)
+}
+
 impl Authenticator {
     /// Loads the tokens file or the TLS files; every agency named must be in
     /// the directory.
@@ -213,42 +275,79 @@ impl Authenticator {
                     .tls_client_ca
                     .as_deref()
                     .ok_or(AuthError::Missing("--tls-client-ca"))?;
-                let tls = ServerTlsConfig::new()
-                    .identity(Identity::from_pem(read(cert)?, read(key)?))
-                    .client_ca_root(Certificate::from_pem(read(ca)?));
-                // Fails here, at start-up, on a key or certificate that
-                // does not parse, rather than when the first server starts.
-                tonic::transport::Server::builder()
-                    .tls_config(tls.clone())
-                    .map_err(|e| AuthError::Tls {
-                        cert: cert.display().to_string(),
-                        key: key.display().to_string(),
-                        reason: e.to_string(),
-                    })?;
-                Mode::Mtls { tls }
+                Mode::Mtls {
+                    tls: server_tls(cert, key, Some(ca))?,
+                }
             }
-            AuthMode::Bearer => Mode::Bearer {
-                tokens: load_tokens(&settings.tokens, &directory)?,
-            },
+            AuthMode::Bearer => {
+                let tls = match (&settings.tls_cert, &settings.tls_key) {
+                    (Some(cert), Some(key)) => Some(server_tls(cert, key, None)?),
+                    (None, None) => None,
+                    (Some(_), None) => return Err(AuthError::HalfTls("--tls-key")),
+                    (None, Some(_)) => return Err(AuthError::HalfTls("--tls-cert")),
+                };
+                let tokens = load_tokens(&settings.tokens, &directory)?;
+                let mut development: Vec<String> = tokens
+                    .iter()
+                    .filter(|(digest, agency)| **digest == development_token_digest(agency))
+                    .map(|(_, agency)| agency.clone())
+                    .collect();
+                development.sort();
+                Mode::Bearer {
+                    tokens,
+                    tls,
+                    development,
+                }
+            }
         };
-        Ok(Self { mode, directory })
+        Ok(Self {
+            mode,
+            directory,
+            keepalive: settings.keepalive,
+        })
     }
 
-    /// The URL scheme callers use: `https` with mutual TLS, else `http`.
+    /// The URL scheme callers use: `https` when the servers serve TLS
+    /// (mutual TLS, or bearer tokens with a certificate), else `http`.
     #[must_use]
     pub fn scheme(&self) -> &'static str {
-        match self.mode {
-            Mode::Mtls { .. } => "https",
-            Mode::Bearer { .. } => "http",
+        if self.server_tls().is_some() {
+            "https"
+        } else {
+            "http"
         }
     }
 
-    /// The TLS configuration the servers use, in mTLS mode.
+    /// The TLS configuration the servers use: mTLS, or bearer tokens with
+    /// a server certificate; `None` for plaintext.
     #[must_use]
     pub fn server_tls(&self) -> Option<ServerTlsConfig> {
         match &self.mode {
-            Mode::Mtls { tls } => Some(tls.clone()),
-            Mode::Bearer { .. } => None,
+            Mode::Mtls { tls } | Mode::Bearer { tls: Some(tls), .. } => Some(tls.clone()),
+            Mode::Bearer { tls: None, .. } => None,
+        }
+    }
+
+    /// The keepalives of the gRPC servers ([`crate::server`]).
+    #[must_use]
+    pub fn keepalive(&self) -> Keepalive {
+        self.keepalive
+    }
+
+    /// Whether bearer tokens would cross the network in plaintext: bearer
+    /// mode without a server certificate.
+    #[must_use]
+    pub fn plaintext_bearer(&self) -> bool {
+        matches!(self.mode, Mode::Bearer { tls: None, .. })
+    }
+
+    /// The agencies whose token in the tokens file is the public
+    /// development token `dev-<agency>` (empty with mutual TLS).
+    #[must_use]
+    pub fn development_tokens(&self) -> &[String] {
+        match &self.mode {
+            Mode::Bearer { development, .. } => development,
+            Mode::Mtls { .. } => &[],
         }
     }
 
@@ -258,7 +357,7 @@ impl Authenticator {
     /// UNAUTHENTICATED saying what is missing or wrong.
     pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let agency = match &self.mode {
-            Mode::Bearer { tokens } => {
+            Mode::Bearer { tokens, .. } => {
                 let header = request
                     .metadata()
                     .get("authorization")
@@ -322,7 +421,7 @@ impl Authenticator {
     #[must_use]
     pub fn agency_of_token(&self, token: &str) -> Option<String> {
         match &self.mode {
-            Mode::Bearer { tokens } => tokens.get(&token_digest(token.trim())).cloned(),
+            Mode::Bearer { tokens, .. } => tokens.get(&token_digest(token.trim())).cloned(),
             Mode::Mtls { .. } => None,
         }
     }

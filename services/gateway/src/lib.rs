@@ -21,6 +21,9 @@
 //!   dead-letter queue.
 //! - [`agencies`]: the RPCs specific to each kind of agency.
 //! - [`app`]: build (bind) and run (serve until shutdown) an agency service.
+//! - [`server`]: how every gRPC port is served (the tracker's too): TLS,
+//!   keepalives, reflection v1 and v1alpha.
+//! - [`exposure`]: refusing development credentials off loopback.
 //! - [`observe`]: Prometheus metrics (`/metrics`), gRPC health and
 //!   reflection.
 //! - [`telemetry`]: tracing set-up (JSON when not on a terminal).
@@ -34,10 +37,12 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod error;
+pub mod exposure;
 pub mod forgery;
 pub mod gateway;
 pub mod inbox;
 pub mod observe;
+pub mod server;
 pub mod settings;
 pub mod telemetry;
 

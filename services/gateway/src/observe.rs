@@ -1,6 +1,7 @@
 //! What operators see of a running service: Prometheus metrics on HTTP
 //! `/metrics` (with `/healthz` beside it), the standard gRPC health service
-//! and gRPC server reflection on every gRPC port.
+//! and gRPC server reflection (v1 and v1alpha) on every gRPC port
+//! ([`crate::server`] adds them to each server).
 //!
 //! One [`Telemetry`] per process holds the registry every component
 //! registers its metrics in: the bus (published, confirmed,
@@ -347,20 +348,29 @@ async fn follow_bus(
 }
 
 /// gRPC server reflection over the refbus contract and the health service,
-/// so `grpcurl` works without the proto files.
+/// so `grpcurl` works without the proto files: `grpc.reflection.v1` and
+/// `grpc.reflection.v1alpha` (which Python's grpcio-reflection, Postman and
+/// older grpcurl speak), from the same descriptors.
 ///
 /// # Errors
 /// When the embedded descriptor sets do not decode (a build defect).
-pub fn reflection_service() -> Result<
-    tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<
-        impl tonic_reflection::pb::v1::server_reflection_server::ServerReflection,
-    >,
+pub fn reflection_services() -> Result<
+    (
+        tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<
+            impl tonic_reflection::pb::v1::server_reflection_server::ServerReflection,
+        >,
+        tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer<
+            impl tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflection,
+        >,
+    ),
     tonic_reflection::server::Error,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(refbus_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(refbus_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
 #[cfg(test)]

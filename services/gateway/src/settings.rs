@@ -67,13 +67,17 @@ impl AgencyService {
 /// Where the broker and the directory are; shared by every service of a process.
 #[derive(Clone, Debug, clap::Args)]
 pub struct BusSettings {
-    /// The RabbitMQ to use.
+    /// The RabbitMQ to use (`amqps://` for TLS).
     #[arg(
         long,
         env = "AMQP_URL",
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
+    /// With an `amqps://` URL: the CA that issued the broker's certificate
+    /// (PEM), trusted besides the public web roots.
+    #[arg(long, env = "REFBUS_AMQP_CA")]
+    pub amqp_ca: Option<PathBuf>,
     /// The agency directory.
     #[arg(
         long,
@@ -110,6 +114,11 @@ pub struct BusSettings {
     /// How callers authenticate.
     #[command(flatten)]
     pub auth: AuthSettings,
+    /// A development deployment: allows the development signing keys and
+    /// bearer tokens, and plaintext gRPC with bearer tokens, on addresses
+    /// other than loopback (without it such a service refuses to start).
+    #[arg(long, env = "REFBUS_DEVELOPMENT", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    pub development: bool,
 }
 
 /// Parses `250ms`, `5s`, `2m`.

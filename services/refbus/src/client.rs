@@ -5,7 +5,8 @@
 //!
 //! Each call is authenticated like any agency system's: with the agency's
 //! bearer token (development default `dev-<agency>`, as `refbus up`
-//! accepts). Output is a table on a terminal, tab-separated lines on a
+//! accepts), over TLS when `--ca` names the CA of the services'
+//! certificate, or with a client certificate (mutual TLS). Output is a table on a terminal, tab-separated lines on a
 //! pipe, or JSON (`--output json`, protobuf's JSON mapping). Exit codes
 //! say what went wrong ([`ExitCode`]), so scripts can branch on them.
 
@@ -144,10 +145,12 @@ pub struct Connection {
     /// Mutual TLS: the certificate's private key (PEM).
     #[arg(long, env = "REFBUS_CLIENT_KEY", requires = "client_cert")]
     pub client_key: Option<PathBuf>,
-    /// Mutual TLS: the CA that signed the services' certificate (PEM).
-    #[arg(long, env = "REFBUS_CA", requires = "client_cert")]
+    /// TLS: the CA that signed the services' certificate (PEM). With a
+    /// token, the services serve TLS with bearer tokens; with
+    /// --client-cert, mutual TLS. Use https:// URLs.
+    #[arg(long, env = "REFBUS_CA")]
     pub ca: Option<PathBuf>,
-    /// Mutual TLS: the name the services' certificate is issued to.
+    /// TLS: the name the services' certificate is issued to.
     #[arg(long, env = "REFBUS_TLS_DOMAIN", default_value = "localhost")]
     pub tls_domain: String,
 }
@@ -186,32 +189,40 @@ impl Connection {
             .map_err(|_| Failure::new(ExitCode::Failed, "--token: not a valid header value"))
     }
 
-    /// The client side of mutual TLS, when a certificate is given.
+    /// The client side of TLS, when `--ca` is given: the services'
+    /// certificate checked against it, and the client certificate with
+    /// mutual TLS.
     fn tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>> {
         use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-        let (Some(cert), Some(key), Some(ca)) = (&self.client_cert, &self.client_key, &self.ca)
-        else {
+        let Some(ca) = &self.ca else {
             return Ok(None);
         };
         let read = |path: &PathBuf| {
             std::fs::read(path)
                 .map_err(|e| Failure::new(ExitCode::Failed, format!("{}: {e}", path.display())))
         };
-        Ok(Some(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(read(ca)?))
-                .identity(Identity::from_pem(read(cert)?, read(key)?))
-                .domain_name(self.tls_domain.clone()),
-        ))
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(ca)?))
+            .domain_name(self.tls_domain.clone());
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(Some(tls))
     }
 
     async fn channel(&self, url: &str) -> Result<Channel> {
         let mut endpoint = Channel::from_shared(url.to_owned())
             .map_err(|e| Failure::new(ExitCode::Failed, format!("`{url}` is not a URL: {e}")))?;
         if let Some(tls) = self.tls()? {
-            endpoint = endpoint.tls_config(tls).map_err(|e| {
-                Failure::new(ExitCode::Failed, format!("mutual TLS for {url}: {e}"))
-            })?;
+            if !url.starts_with("https://") {
+                return Err(Failure::new(
+                    ExitCode::Failed,
+                    format!("--ca: TLS needs an https:// URL, not `{url}`"),
+                ));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Failure::new(ExitCode::Failed, format!("TLS for {url}: {e}")))?;
         }
         endpoint.connect().await.map_err(|e| {
             Failure::new(
@@ -244,7 +255,8 @@ impl Connection {
                     .ok_or_else(|| {
                         Failure::new(ExitCode::Failed, "no agency service serves this kind")
                     })?;
-                format!("http://127.0.0.1:{}", service.default_port())
+                let scheme = if self.ca.is_some() { "https" } else { "http" };
+                format!("{scheme}://127.0.0.1:{}", service.default_port())
             }
         };
         Ok(GatewayClient::with_interceptor(

@@ -305,6 +305,8 @@ async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) 
             env!("CARGO_MANIFEST_DIR"),
             "/../../deploy/local/tokens.toml"
         )),
+        amqp_ca: None,
+        development: false,
     };
     let shared = Shared::connect(settings, shutdown.clone()).await.unwrap();
     let (conn, channel) = confirming_channel().await;

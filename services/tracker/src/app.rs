@@ -15,13 +15,12 @@ use refbus_core::signing::{
 };
 use refbus_gateway::Shared;
 use refbus_gateway::auth::Authenticator;
+use refbus_gateway::exposure::{Exposed, Listener};
 use refbus_gateway::forgery::{Refusal, refuse};
 use refbus_proto::v1::tracker_server::TrackerServer;
 use tokio::net::TcpListener;
 
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 
 use refbus_gateway::observe::{self, Telemetry, default_http_addr};
 
@@ -92,6 +91,8 @@ pub enum TrackerError {
     },
     #[error("REFBUS_SIGNING_KEYS: {0}")]
     Signing(#[from] KeyError),
+    #[error(transparent)]
+    Exposed(#[from] Exposed),
 }
 
 /// The tracker, built and ready to run.
@@ -124,6 +125,9 @@ impl Tracker {
         clock: Clock,
     ) -> Result<Self, TrackerError> {
         shared.signing.require(TRACKER_ID, &shared.directory)?;
+        let grpc = settings.listen.unwrap_or(DEFAULT_LISTEN);
+        shared.refuse_exposure(Listener::Grpc, grpc)?;
+        shared.refuse_exposure(Listener::Http, settings.http_listen.unwrap_or(grpc))?;
         let policy = Arc::new(PolicyCatalogue::load(&settings.policy, &shared.directory)?);
         let ledger = Arc::new(
             Ledger::connect(&settings.database()?, settings.database_schema.as_deref()).await?,
@@ -203,10 +207,7 @@ impl Tracker {
     /// # Errors
     /// A transport error from the gRPC server.
     pub async fn run(self) -> Result<(), tonic::transport::Error> {
-        let mut server = Server::builder();
-        if let Some(tls) = self.auth.server_tls() {
-            server = server.tls_config(tls)?;
-        }
+        let server = refbus_gateway::server::grpc_server(&self.auth)?;
         let ingest = tokio::spawn(
             Ingest {
                 ledger: self.ledger.clone(),
@@ -234,13 +235,6 @@ impl Tracker {
         let http = observe::metrics_router(self.telemetry.clone(), self.bus.clone())
             .merge(dashboard::router(self.queries.clone(), self.auth.clone()));
         tokio::spawn(observe::serve_http(self.http, http, self.shutdown.clone()));
-        let reflection = match observe::reflection_service() {
-            Ok(reflection) => Some(reflection),
-            Err(e) => {
-                tracing::error!(error = %e, "gRPC reflection unavailable");
-                None
-            }
-        };
         let health = observe::health_service(
             self.bus.clone(),
             vec![<TrackerServer<Queries> as tonic::server::NamedService>::NAME],
@@ -248,10 +242,9 @@ impl Tracker {
         );
         let served = server
             .add_service(health)
-            .add_optional_service(reflection)
             .add_service(self.auth.intercept(TrackerServer::new(self.queries)))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(self.listener),
+                refbus_gateway::server::incoming(self.listener, &self.auth),
                 self.shutdown.clone().cancelled_owned(),
             )
             .await;

@@ -6,14 +6,22 @@
 //! connection to every [`Subscription`](crate::Subscription), which resumes
 //! consuming. We do this ourselves rather than with lapin's young
 //! auto-recovery so that "down" is observable and bounded.
+//!
+//! An `amqps://` URL connects over TLS (rustls), verifying the broker's
+//! certificate against the public web roots and [`BusConfig::tls_ca`], a
+//! deployment's private CA; every reconnection does the same.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    DefaultConnectionBuilder, Event,
+};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -22,8 +30,12 @@ use crate::{BusError, BusMetrics, Topology, redact_url};
 /// How to reach the broker and what to declare there.
 #[derive(Clone, Debug)]
 pub struct BusConfig {
-    /// `amqp://user:password@host:port/vhost`.
+    /// `amqp://user:password@host:port/vhost`, or `amqps://` for TLS.
     pub url: String,
+    /// With `amqps://`: a CA certificate chain (PEM) to trust besides the
+    /// public web roots, for a broker whose certificate comes from the
+    /// deployment's own CA.
+    pub tls_ca: Option<String>,
     pub topology: Topology,
     /// How long a connection attempt may take.
     pub connect_timeout: Duration,
@@ -44,6 +56,7 @@ impl BusConfig {
     pub fn new(url: impl Into<String>, topology: Topology) -> Self {
         Self {
             url: url.into(),
+            tls_ca: None,
             topology,
             connect_timeout: Duration::from_secs(5),
             confirm_timeout: Duration::from_secs(5),
@@ -332,19 +345,28 @@ async fn connect_link(config: &BusConfig, generation: u64) -> Result<Link, BusEr
     let url = redact_url(&config.url);
     let properties = ConnectionProperties::default()
         .with_connection_name(config.connection_name.as_str().into());
-    let connection = tokio::time::timeout(
-        config.connect_timeout,
-        Connection::connect(&config.url, properties),
-    )
-    .await
-    .map_err(|_| BusError::Connect {
-        url: url.clone(),
-        reason: format!("no answer within {:?}", config.connect_timeout),
-    })?
-    .map_err(|e| BusError::Connect {
-        url: url.clone(),
-        reason: e.to_string(),
-    })?;
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: config.tls_ca.clone(),
+    };
+    let connect = async {
+        DefaultConnectionBuilder::new()?
+            .with_uri_str(config.url.clone())
+            .with_properties(properties)
+            .with_tls_config(tls)
+            .connect()
+            .await
+    };
+    let connection = tokio::time::timeout(config.connect_timeout, connect)
+        .await
+        .map_err(|_| BusError::Connect {
+            url: url.clone(),
+            reason: format!("no answer within {:?}", config.connect_timeout),
+        })?
+        .map_err(|e| BusError::Connect {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
     let declare = async {
         let channel = connection
             .create_channel()
