@@ -16,6 +16,8 @@
 //! - [`observability`]: issue 7, `/metrics` after a scenario, gRPC health
 //!   and reflection on every service.
 //! - [`deployment`]: issue 7, the deployment files are consistent.
+//! - [`trust`]: issue 16, the tracker under misuse: replies only from
+//!   parties, poison isolated, no false overdue notice.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -33,3 +35,4 @@ mod observability;
 mod privacy;
 mod signatures;
 mod tracker;
+mod trust;

@@ -197,6 +197,36 @@ impl Ledger {
         })
     }
 
+    /// The reply rights recorded for `referrals`, as (referral, agency,
+    /// reply) rows (see `migrations/0003_reply_rights_and_watermarks.sql`).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn reply_rights(
+        &self,
+        referrals: &[&str],
+    ) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+        let mut found = Vec::new();
+        for chunk in referrals.chunks(CHUNK) {
+            let list = (1..=chunk.len())
+                .map(|i| match self.backend {
+                    Backend::Sqlite => "?".to_owned(),
+                    Backend::Postgres => format!("${i}"),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "SELECT referral_id, agency, reply FROM reply_rights WHERE referral_id IN ({list})"
+            );
+            let query = chunk.iter().fold(
+                sqlx::query_as::<_, (String, String, String)>(&sql),
+                |q, r| q.bind(*r),
+            );
+            found.extend(query.fetch_all(&self.pool).await?);
+        }
+        Ok(found)
+    }
+
     /// Closes the ledger's connections.
     pub async fn close(&self) {
         if let Some(pool) = &self.recording {
@@ -204,6 +234,53 @@ impl Ledger {
         }
         self.pool.close().await;
     }
+}
+
+/// Whether the database refused the rows it was given (a value it cannot
+/// hold, a limit a value exceeds, a constraint it breaks), so that the same
+/// rows will always fail and the batch is split to isolate the culprit;
+/// `false` when the database itself is away or busy (connection refused or
+/// closed, pool timeout, shutdown, lock or serialization conflict), when
+/// the same batch is retried as it is.
+///
+/// PostgreSQL: SQLSTATE class 22 (data exception: a NUL byte in text),
+/// 54 (program limit exceeded: a btree index entry over 2.7 KB) and 23
+/// (integrity constraint) but not 23505 (unique violation: another
+/// writer's batch had the same message, and a retry sees it recorded).
+/// Class 08 (connection exception), 57 (operator intervention), 53
+/// (insufficient resources), 40 (transaction rollback) and everything
+/// else are the database's, not the rows'. SQLite: TOOBIG, CONSTRAINT
+/// (but not UNIQUE or PRIMARYKEY), MISMATCH and RANGE.
+#[must_use]
+pub fn refuses_rows(error: &sqlx::Error) -> bool {
+    match error {
+        // A value that cannot be encoded for the database.
+        sqlx::Error::Encode(_) => true,
+        sqlx::Error::Database(e) if e.is_unique_violation() => false,
+        sqlx::Error::Database(e) => {
+            let Some(code) = e.code() else {
+                return false;
+            };
+            let code = code.as_ref();
+            if looks_like_sqlstate(code) {
+                return matches!(&code[..2], "22" | "23" | "54");
+            }
+            // SQLite: an (extended) result code; the primary code is its low byte.
+            code.parse::<i32>()
+                .is_ok_and(|extended| matches!(extended & 0xff, 18 | 19 | 20 | 25))
+        }
+        _ => false,
+    }
+}
+
+/// Whether `code` is a PostgreSQL SQLSTATE (five characters, digits and
+/// upper-case letters) rather than a SQLite result code (a number of at
+/// most four digits).
+fn looks_like_sqlstate(code: &str) -> bool {
+    code.len() == 5
+        && code
+            .chars()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
 }
 
 /// Locks the chain's head: every writing transaction's first statement.
