@@ -358,6 +358,7 @@ pub async fn run(
         }
         .await;
         let mut held = false;
+        let mut failed = false;
         let until = match outcome {
             Ok((Some(due), through)) => {
                 // A deadline passed that the watermark has not: held back
@@ -372,21 +373,24 @@ pub async fn run(
             }
             Ok((None, _)) => now + MAX_SLEEP,
             Err(e) => {
+                // Retried in a second of real time: an injected clock
+                // need not move meanwhile.
                 tracing::warn!(error = %e, "deadline scan failed; retrying");
+                failed = true;
                 now + chrono::Duration::seconds(1)
             }
         };
         if !held {
             wake.held_ms.store(i64::MAX, Ordering::Release);
         }
-        // Notices that could not be published are retried soon, and a
-        // held-back deadline is looked at again.
+        // Notices that could not be published are retried soon, a
+        // held-back deadline is looked at again, and so is a failed scan.
         let retry = tokio::time::sleep(Duration::from_secs(1));
-        let pending_notices = held || has_unpublished(&ledger).await;
+        let pending_notices = held || failed || has_unpublished(&ledger).await;
         wake.next_ms.store(millis(until), Ordering::Release);
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = clock.sleep_until(until), if !held => {}
+            () = clock.sleep_until(until), if !held && !failed => {}
             () = wake.notify.notified() => {}
             () = retry, if pending_notices => {}
         }
