@@ -479,6 +479,8 @@ impl Ingest {
                 }
             }
         }
+        // A gatherer waiting to hand on a batch stops when the channel goes.
+        drop(prepared_rx);
         let _ = gatherer.await;
     }
 
