@@ -213,6 +213,25 @@ async fn recorded(ledger: &Ledger, message_id: &str) -> bool {
         == 1
 }
 
+/// A bus, a tracker on a fresh ledger of `db` with the system clock, a
+/// confirmed raw AMQP connection, and the tap's name.
+async fn start(db: Db) -> (TestBus, TestTracker, Amqp, String) {
+    let bus = TestBus::spawn().await;
+    let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
+    let amqp = confirmed_amqp().await;
+    let tap = bus.shared.bus.topology().tap_queue();
+    (bus, tracker, amqp, tap)
+}
+
+/// Closes everything and drops the test's ledger.
+async fn teardown(ledger: Ledger, amqp: Amqp, tracker: TestTracker, bus: TestBus) {
+    ledger.close().await;
+    amqp.close().await;
+    let settings = tracker.stop().await.0;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
 async fn assert_intact(ledger: &Ledger) {
     let verdict = audit::verify(ledger).await.unwrap();
     assert!(matches!(verdict, Verdict::Intact { .. }), "{verdict}");
@@ -227,9 +246,7 @@ async fn assert_intact(ledger: &Ledger) {
 /// keeps its open obligations, and `yb-court` has no hop on it. The
 /// handling organ's own acknowledgement, after them, is recorded.
 async fn a_reply_from_off_the_route_is_refused_by_the_tracker(db: Db) {
-    let bus = TestBus::spawn().await;
-    let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
-    let amqp = confirmed_amqp().await;
+    let (bus, tracker, amqp, tap) = start(db).await;
     let topology = bus.shared.bus.topology().clone();
     let receipt = bus
         .gateway_as("justice-bureau", BUREAU)
@@ -258,7 +275,7 @@ async fn a_reply_from_off_the_route_is_refused_by_the_tracker(db: Db) {
     );
 
     let forged = feedback(YB_COURT, BUREAU, &receipt.id);
-    amqp.publish_envelope(&topology.tap_queue(), &forged).await;
+    amqp.publish_envelope(&tap, &forged).await;
     let acknowledged = hop_report(&receipt.id, Hop::Acknowledged, YB_COURT, Utc::now());
     let answered = hop_report(&receipt.id, Hop::Answered, YB_COURT, Utc::now());
     publish_hop(&amqp, &bus, &acknowledged).await;
@@ -281,7 +298,7 @@ async fn a_reply_from_off_the_route_is_refused_by_the_tracker(db: Db) {
         refused
     );
     for (id, (queue, reason)) in &dead {
-        assert_eq!(queue, &topology.tap_queue(), "{id}");
+        assert_eq!(queue, &tap, "{id}");
         assert!(
             reason.starts_with("a reply counts only from an agency the referral was addressed to")
                 && reason.contains("`yb-court` may not")
@@ -347,11 +364,7 @@ async fn a_reply_from_off_the_route_is_refused_by_the_tracker(db: Db) {
         3
     );
     assert_intact(&ledger).await;
-    ledger.close().await;
-    amqp.close().await;
-    let settings = tracker.stop().await.0;
-    bus.stop().await;
-    drop_ledger(&settings).await;
+    teardown(ledger, amqp, tracker, bus).await;
 }
 
 on_both_ledgers!(a_reply_from_off_the_route_is_refused_by_the_tracker);
@@ -363,10 +376,7 @@ on_both_ledgers!(a_reply_from_off_the_route_is_refused_by_the_tracker);
 /// nothing and on no timeline. The duty desk's early delivery, a party's,
 /// still meets the CQ-1.1b duty.
 async fn a_reply_recorded_before_its_referral_meets_nothing_unless_from_a_party(db: Db) {
-    let bus = TestBus::spawn().await;
-    let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
-    let amqp = confirmed_amqp().await;
-    let tap = bus.shared.bus.topology().tap_queue();
+    let (bus, tracker, amqp, tap) = start(db).await;
     let id = new_id();
     let asked = Utc::now() - chrono::Duration::hours(1);
     let answer = feedback(YB_COURT, CENTRE, &id);
@@ -443,11 +453,7 @@ async fn a_reply_recorded_before_its_referral_meets_nothing_unless_from_a_party(
         "the desk's early delivery meets CQ-1.1b"
     );
     assert_intact(&ledger).await;
-    ledger.close().await;
-    amqp.close().await;
-    let settings = tracker.stop().await.0;
-    bus.stop().await;
-    drop_ledger(&settings).await;
+    teardown(ledger, amqp, tracker, bus).await;
 }
 
 on_both_ledgers!(a_reply_recorded_before_its_referral_meets_nothing_unless_from_a_party);
@@ -459,10 +465,7 @@ on_both_ledgers!(a_reply_recorded_before_its_referral_meets_nothing_unless_from_
 /// the reason naming the field (invalid messages, no forgery alert); a
 /// legal-help request submitted after them through the gateway is recorded.
 async fn poison_values_on_the_tap_cost_those_messages_only(db: Db) {
-    let bus = TestBus::spawn().await;
-    let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
-    let amqp = confirmed_amqp().await;
-    let tap = bus.shared.bus.topology().tap_queue();
+    let (bus, tracker, amqp, tap) = start(db).await;
     let nul = feedback(DESK, CENTRE, &format!("{}\0", new_id()));
     let long = feedback(DESK, CENTRE, &"7".repeat(3 * 1024));
     let hop = hop_report(&format!("{}\0", new_id()), Hop::Delivered, DESK, Utc::now());
@@ -513,11 +516,7 @@ async fn poison_values_on_the_tap_cost_those_messages_only(db: Db) {
         0,
         "no forgery"
     );
-    ledger.close().await;
-    amqp.close().await;
-    let settings = tracker.stop().await.0;
-    bus.stop().await;
-    drop_ledger(&settings).await;
+    teardown(ledger, amqp, tracker, bus).await;
 }
 
 on_both_ledgers!(poison_values_on_the_tap_cost_those_messages_only);
@@ -526,10 +525,9 @@ on_both_ledgers!(poison_values_on_the_tap_cost_those_messages_only);
 /// values that pass every check before storage but that PostgreSQL cannot
 /// store (an envelope id of 3.2 KB, over the 2.7 KB of a btree index
 /// entry; one with a NUL byte), each in a batch of 500 among 2,000 good
-/// messages. The
-/// batch is split until each culprit stands alone; each is dead-lettered
-/// with the database's reason and counted, everything else is recorded,
-/// in order, the chain intact.
+/// messages. The batch is split until each culprit stands alone; each is
+/// dead-lettered with the database's reason and counted, everything else
+/// is recorded, in order, the chain intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_postgresql_refuses_is_split_until_the_culprit_stands_alone() {
     const GOOD: usize = 2000;
@@ -614,11 +612,7 @@ async fn a_batch_postgresql_refuses_is_split_until_the_culprit_stands_alone() {
         tracker.status(CENTRE, &receipt.id).await.ok()
     })
     .await;
-    ledger.close().await;
-    amqp.close().await;
-    let settings = tracker.stop().await.0;
-    bus.stop().await;
-    drop_ledger(&settings).await;
+    teardown(ledger, amqp, tracker, bus).await;
 }
 
 /// Seeds `n` CQ-1.1b requests the detainees made an hour before `start`
@@ -750,11 +744,7 @@ async fn a_restarted_tracker_with_a_backlog_sends_no_false_overdue_notice(db: Db
     let tracker = TestTracker::start(&bus, settings, clock).await;
     only_the_sentinel_is_overdue(&amqp, &bus, &ledger, &ids, &sentinel).await;
 
-    ledger.close().await;
-    amqp.close().await;
-    let settings = tracker.stop().await.0;
-    bus.stop().await;
-    drop_ledger(&settings).await;
+    teardown(ledger, amqp, tracker, bus).await;
 }
 
 on_both_ledgers!(a_restarted_tracker_with_a_backlog_sends_no_false_overdue_notice);

@@ -142,27 +142,13 @@ pub async fn scan(
                 ]);
             }
             let body = json!({"obligation": id, "rule": rule, "overdue_at": millis(now), "notify": notify}).to_string();
-            let event = Event {
+            events.push(head.chain(&Event {
                 message_id: &format!("overdue/{id}"),
                 event: "overdue",
                 referral_id: referral,
                 recorded_at: millis(now),
                 body,
-            };
-            let seq = head.seq + 1;
-            let hash = event.hash(seq, &head.hash);
-            events.push([
-                Value::Int(seq),
-                event.message_id.into(),
-                "overdue".into(),
-                referral.as_str().into(),
-                Value::Int(millis(now)),
-                event.body.as_str().into(),
-                head.hash.as_str().into(),
-                hash.as_str().into(),
-            ]);
-            head.seq = seq;
-            head.hash = hash;
+            }));
             ids.push([id.as_str().into(), Value::Int(millis(now))]);
         }
         tx.execute_with(

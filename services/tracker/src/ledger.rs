@@ -635,6 +635,29 @@ pub struct Head {
     pub hash: String,
 }
 
+impl Head {
+    /// Chains `event` after the head and moves the head to it; returns the
+    /// event's `ledger_events` row (seq, message_id, event, referral_id,
+    /// recorded_at, body, prev_hash, hash).
+    pub fn chain(&mut self, event: &Event<'_>) -> [Value; 8] {
+        let seq = self.seq + 1;
+        let hash = event.hash(seq, &self.hash);
+        let row = [
+            Value::Int(seq),
+            event.message_id.into(),
+            event.event.into(),
+            event.referral_id.into(),
+            Value::Int(event.recorded_at),
+            event.body.as_str().into(),
+            self.hash.as_str().into(),
+            hash.as_str().into(),
+        ];
+        self.seq = seq;
+        self.hash = hash;
+        row
+    }
+}
+
 /// One ledger event before it is chained.
 #[derive(Debug)]
 pub struct Event<'a> {

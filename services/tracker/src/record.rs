@@ -784,27 +784,13 @@ impl Recorder {
         let recorded_at = millis(now);
         let mut events = Vec::with_capacity(prepared.events.rows.len());
         for e in prepared.events.iter_kept(new) {
-            let event = Event {
+            events.push(head.chain(&Event {
                 message_id: &e.message_id,
                 event: &e.event,
                 referral_id: &e.referral_id,
                 recorded_at,
                 body: e.body.clone(),
-            };
-            let seq = head.seq + 1;
-            let hash = event.hash(seq, &head.hash);
-            events.push([
-                Value::Int(seq),
-                e.message_id.as_str().into(),
-                e.event.as_str().into(),
-                e.referral_id.as_str().into(),
-                Value::Int(recorded_at),
-                e.body.as_str().into(),
-                head.hash.as_str().into(),
-                hash.as_str().into(),
-            ]);
-            head.seq = seq;
-            head.hash = hash;
+            }));
         }
         let refused =
             refuse_unentitled(conn, head, prepared, new, recorded_at, &mut events).await?;
@@ -1194,27 +1180,13 @@ async fn refuse_unentitled(
         let body =
             json!({"message_id": message_id, "hop": hop, "agency": agency, "reason": reason})
                 .to_string();
-        let event = Event {
+        events.push(head.chain(&Event {
             message_id: &format!("refused/{message_id}/{hop}"),
             event: "reply_refused",
             referral_id: &referral,
             recorded_at,
             body,
-        };
-        let seq = head.seq + 1;
-        let hash = event.hash(seq, &head.hash);
-        events.push([
-            Value::Int(seq),
-            event.message_id.into(),
-            "reply_refused".into(),
-            referral.as_str().into(),
-            Value::Int(recorded_at),
-            event.body.as_str().into(),
-            head.hash.as_str().into(),
-            hash.as_str().into(),
-        ]);
-        head.seq = seq;
-        head.hash = hash;
+        }));
         keys.push([
             referral.as_str().into(),
             hop.as_str().into(),
