@@ -778,6 +778,82 @@ mod tests {
         );
     }
 
+    /// A database error with a code, as a driver reports it.
+    #[derive(Debug)]
+    struct Coded(&'static str, sqlx::error::ErrorKind);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "code {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            match self.1 {
+                sqlx::error::ErrorKind::UniqueViolation => sqlx::error::ErrorKind::UniqueViolation,
+                _ => sqlx::error::ErrorKind::Other,
+            }
+        }
+    }
+
+    fn coded(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Coded(code, sqlx::error::ErrorKind::Other)))
+    }
+
+    #[test]
+    fn rows_the_database_refuses_are_told_from_a_database_that_is_down() {
+        // PostgreSQL: a NUL byte in text, a btree entry over 2.7 KB, a
+        // NOT NULL or CHECK constraint: the same rows always fail.
+        for refused in ["22021", "22P02", "54000", "23502", "23514"] {
+            assert!(refuses_rows(&coded(refused)), "{refused}");
+        }
+        // Connection exceptions, shutdown, too many connections,
+        // serialization and deadlock: the database's, retried as they are.
+        for away in [
+            "08006", "08001", "57P01", "53300", "40001", "40P01", "25P02",
+        ] {
+            assert!(!refuses_rows(&coded(away)), "{away}");
+        }
+        // SQLite: TOOBIG, CONSTRAINT_NOTNULL (1299), MISMATCH, RANGE; not
+        // BUSY, LOCKED or an I/O error.
+        for refused in ["18", "1299", "20", "25"] {
+            assert!(refuses_rows(&coded(refused)), "{refused}");
+        }
+        for away in ["5", "6", "10", "3850"] {
+            assert!(!refuses_rows(&coded(away)), "{away}");
+        }
+        // A unique violation: another writer had the message; a retry sees it.
+        let unique = sqlx::Error::Database(Box::new(Coded(
+            "23505",
+            sqlx::error::ErrorKind::UniqueViolation,
+        )));
+        assert!(!refuses_rows(&unique));
+        // The pool and the connection.
+        assert!(!refuses_rows(&sqlx::Error::PoolTimedOut));
+        assert!(!refuses_rows(&sqlx::Error::PoolClosed));
+        assert!(!refuses_rows(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
+    }
+
     #[test]
     fn a_column_mixing_text_and_integers_is_refused_not_bound() {
         let rows = [[Value::from("a")], [Value::Int(1)]];

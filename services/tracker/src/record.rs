@@ -1262,3 +1262,140 @@ fn met_by_for(hop: &str) -> Option<MetBy> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refbus_proto::v1::{MisconductLead, RouteHop};
+
+    fn hop(agency: &str, duty: Duty) -> RouteHop {
+        RouteHop {
+            agency: agency.into(),
+            duty: duty as i32,
+        }
+    }
+
+    #[test]
+    fn who_may_reply_comes_from_addressees_and_route_only() {
+        let joint = Envelope {
+            id: "j".into(),
+            recipient: "dz-psb".into(),
+            also_to: vec!["dz-bar-committee".into()],
+            ..Envelope::default()
+        };
+        let rights: HashSet<_> = rights_of(&joint).into_iter().collect();
+        for agency in ["dz-psb", "dz-bar-committee"] {
+            assert!(rights.contains(&(agency, Right::Receive)));
+            assert!(rights.contains(&(agency, Right::Answer)));
+        }
+        assert_eq!(
+            rights.len(),
+            4,
+            "no right to relay a referral that is no lead"
+        );
+
+        // DZ-7 (2): the district court relays up, the high court handles.
+        let lead = Envelope {
+            id: "l".into(),
+            recipient: "dz-court".into(),
+            payload: Some(Payload::MisconductLead(MisconductLead {
+                found_by: "dz-justice-bureau".into(),
+                route: vec![
+                    hop("dz-court", Duty::RelayUp),
+                    hop("cq-high-court", Duty::Handle),
+                ],
+                ..MisconductLead::default()
+            })),
+            ..Envelope::default()
+        };
+        let rights: HashSet<_> = rights_of(&lead).into_iter().collect();
+        assert_eq!(
+            rights,
+            [
+                ("dz-court", Right::Receive),
+                ("dz-court", Right::Relay),
+                ("cq-high-court", Right::Receive),
+                ("cq-high-court", Right::Answer),
+            ]
+            .into(),
+            "the finder, and agencies off the route, have none"
+        );
+        let relayed = Envelope {
+            relay_of: "l".into(),
+            ..lead
+        };
+        assert!(rights_of(&relayed).is_empty(), "filed under the lead");
+    }
+
+    #[test]
+    fn replies_claim_the_right_they_need() {
+        let feedback = Observed::Envelope(Box::new(Envelope {
+            sender: "yb-court".into(),
+            in_reply_to: "r".into(),
+            payload: Some(Payload::Feedback(Default::default())),
+            ..Envelope::default()
+        }));
+        let reply = feedback.reply().unwrap();
+        assert_eq!(
+            (reply.referral, reply.agency, reply.right),
+            ("r", "yb-court", Right::Answer)
+        );
+        let relay = Observed::Envelope(Box::new(Envelope {
+            sender: "dz-court".into(),
+            relay_of: "r".into(),
+            ..Envelope::default()
+        }));
+        assert_eq!(relay.reply().unwrap().right, Right::Relay);
+        let notice = Observed::Envelope(Box::new(Envelope {
+            sender: TRACKER_ID.into(),
+            in_reply_to: "r".into(),
+            ..Envelope::default()
+        }));
+        assert!(notice.reply().is_none(), "the tracker's overdue notices");
+        let acknowledged = Observed::Hop(HopReport {
+            referral_id: "r".into(),
+            agency: "dz-court".into(),
+            hop: Hop::Acknowledged as i32,
+            ..HopReport::default()
+        });
+        assert_eq!(acknowledged.reply().unwrap().right, Right::Receive);
+    }
+
+    #[test]
+    fn malformed_ids_are_refused_before_storage_naming_the_field() {
+        let id = "01a233bc-4bdf-7330-982c-01e2e29d356a";
+        let mut envelope = Envelope {
+            sender: "dz-duty-desk".into(),
+            recipient: "dz-detention-centre".into(),
+            in_reply_to: id.into(),
+            ..Envelope::default()
+        };
+        assert_eq!(
+            Observed::Envelope(Box::new(envelope.clone())).check_ids(),
+            Ok(())
+        );
+        envelope.in_reply_to = format!("{id}\0");
+        let err = Observed::Envelope(Box::new(envelope.clone()))
+            .check_ids()
+            .unwrap_err();
+        assert!(
+            err.starts_with("envelope.in_reply_to: not a referral id"),
+            "{err}"
+        );
+        envelope.in_reply_to = id.into();
+        envelope.also_to = vec!["x\0".into()];
+        let err = Observed::Envelope(Box::new(envelope))
+            .check_ids()
+            .unwrap_err();
+        assert!(err.starts_with("envelope.also_to: "), "{err}");
+        let submitted = Observed::Hop(HopReport {
+            id: "h".into(),
+            referral_id: id.into(),
+            agency: "dz-court".into(),
+            hop: Hop::Submitted as i32,
+            ..HopReport::default()
+        });
+        let err = submitted.check_ids().unwrap_err();
+        assert!(err.starts_with("hop_report.hop: `submitted`"), "{err}");
+    }
+}
