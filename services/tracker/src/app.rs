@@ -20,18 +20,15 @@ use std::time::Duration;
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use lapin::options::BasicAckOptions;
-use prost::Message;
-use refbus_bus::{Bus, Incoming, Outgoing};
-use refbus_core::envelope::timestamp;
+use refbus_bus::{Bus, Incoming};
 use refbus_core::policy::{PolicyCatalogue, PolicyError};
 use refbus_core::signing::{
-    Claim, KeyError, SIGNATURE_HEADER, Signed, SigningKeys, TRACKER_ID, verify_many,
+    Claim, KeyError, SIGNATURE_HEADER, SigningKeys, TRACKER_ID, verify_many,
 };
 use refbus_gateway::Shared;
 use refbus_gateway::auth::Authenticator;
 use refbus_gateway::forgery::{Refusal, refuse};
 use refbus_proto::v1::tracker_server::TrackerServer;
-use refbus_proto::v1::{Hop, HopReport};
 use tokio::net::TcpListener;
 
 use tokio_stream::wrappers::TcpListenerStream;
@@ -45,9 +42,7 @@ use crate::dashboard;
 use crate::deadline::{self, Wake};
 use crate::ledger::{Backend, Ledger, LedgerError, Value, WriteTx, refuses_rows, sqlite_url};
 use crate::query::Queries;
-use crate::record::{
-    MARKER_ROUTING_KEY, Metrics, Observed, Prepared, Recorder, Right, Tally, not_a_party, rights_of,
-};
+use crate::record::{Metrics, Observed, Prepared, Recorder, Right, Tally, not_a_party, rights_of};
 
 /// The tracker's own settings (the bus's come from [`refbus_gateway::BusSettings`]).
 #[derive(Clone, Debug, clap::Args)]
@@ -250,7 +245,7 @@ impl Tracker {
             }
             .run(),
         );
-        let markers = tokio::spawn(publish_markers(
+        let markers = tokio::spawn(deadline::publish_markers(
             self.bus.clone(),
             self.signing.clone(),
             self.clock.clone(),
@@ -948,53 +943,6 @@ impl RecentRights {
         self.batches.push_back(rights);
         while self.batches.len() > Self::KEPT {
             self.batches.pop_front();
-        }
-    }
-}
-
-/// Publishes this instance's recorded-through marker on the tap at start
-/// and every second until shutdown: a hop report by [`TRACKER_ID`] (signed
-/// with its key), stamped with the injected clock's time before it is
-/// published. When ingest commits the marker's batch, everything delivered
-/// before it has committed too. A marker that cannot be published is
-/// skipped; the next one follows a second later.
-async fn publish_markers(
-    bus: Bus,
-    signing: Arc<SigningKeys>,
-    clock: Clock,
-    instance: String,
-    shutdown: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let exchange = bus.topology().deliveries_exchange();
-    for n in 1_u64.. {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let marker = HopReport {
-            id: format!("{instance}/{n}"),
-            referral_id: instance.clone(),
-            hop: Hop::Unspecified as i32,
-            agency: TRACKER_ID.into(),
-            at: Some(timestamp(clock.now())),
-        };
-        let body = marker.encode_to_vec();
-        let signature = match signing.sign(TRACKER_ID, Signed::HopReport, &body) {
-            Ok(signature) => signature,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot sign recorded-through markers; overdue obligations will not be marked");
-                return;
-            }
-        };
-        let mut message = Outgoing::new(&exchange, MARKER_ROUTING_KEY, &body);
-        message.message_id = Some(&marker.id);
-        message.kind = Some("recorded_through");
-        message.content_type = "application/x-protobuf; proto=refbus.v1.HopReport";
-        message.headers = vec![(SIGNATURE_HEADER, signature)];
-        if let Err(e) = bus.publish(message).await {
-            tracing::debug!(error = %e, "recorded-through marker not published; the next follows");
         }
     }
 }

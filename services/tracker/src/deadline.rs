@@ -33,12 +33,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use refbus_core::signing::SigningKeys;
+use prost::Message;
+use refbus_bus::Outgoing;
+use refbus_core::signing::{SIGNATURE_HEADER, Signed, SigningKeys, TRACKER_ID};
 use refbus_gateway::gateway::publish_signed;
+use refbus_proto::v1::{Hop, HopReport};
 
 use crate::clock::{Clock, from_millis, millis};
 use crate::ledger::{Event, Ledger, LedgerError, Value};
-use crate::record::Metrics;
+use crate::record::{MARKER_ROUTING_KEY, Metrics};
 
 /// The sender named on overdue notices: the tracker itself, not an agency.
 /// It signs them with its own key (`[tracker]` in the directory).
@@ -379,6 +382,53 @@ pub async fn run(
             () = clock.sleep_until(until), if !held && !failed => {}
             () = wake.notify.notified() => {}
             () = retry, if pending_notices => {}
+        }
+    }
+}
+
+/// Publishes this instance's recorded-through marker on the tap at start
+/// and every second until shutdown: a hop report by [`TRACKER_ID`] (signed
+/// with its key), stamped with the injected clock's time before it is
+/// published. When ingest commits the marker's batch, everything delivered
+/// before it has committed too. A marker that cannot be published is
+/// skipped; the next one follows a second later.
+pub async fn publish_markers(
+    bus: Bus,
+    signing: Arc<SigningKeys>,
+    clock: Clock,
+    instance: String,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let exchange = bus.topology().deliveries_exchange();
+    for n in 1_u64.. {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let marker = HopReport {
+            id: format!("{instance}/{n}"),
+            referral_id: instance.clone(),
+            hop: Hop::Unspecified as i32,
+            agency: TRACKER_ID.into(),
+            at: Some(timestamp(clock.now())),
+        };
+        let body = marker.encode_to_vec();
+        let signature = match signing.sign(TRACKER_ID, Signed::HopReport, &body) {
+            Ok(signature) => signature,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign recorded-through markers; overdue obligations will not be marked");
+                return;
+            }
+        };
+        let mut message = Outgoing::new(&exchange, MARKER_ROUTING_KEY, &body);
+        message.message_id = Some(&marker.id);
+        message.kind = Some("recorded_through");
+        message.content_type = "application/x-protobuf; proto=refbus.v1.HopReport";
+        message.headers = vec![(SIGNATURE_HEADER, signature)];
+        if let Err(e) = bus.publish(message).await {
+            tracing::debug!(error = %e, "recorded-through marker not published; the next follows");
         }
     }
 }

@@ -7,6 +7,12 @@
 //! multi-row inserts, one set-based update of what was met), so the ledger
 //! keeps up with the broker. A message already in the ledger changes
 //! nothing.
+//!
+//! Who may reply to a referral ([`rights_of`], stored in `reply_rights`)
+//! comes from its addressees and, for a misconduct lead, its route, never
+//! from its hops. Ingest refuses a reply without the right before it is
+//! recorded; a reply recorded before its referral is refused here, in the
+//! ledger, when the referral comes ([`Observed::reply`], `refused_replies`).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
