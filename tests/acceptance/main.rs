@@ -22,6 +22,8 @@
 //! - [`secure`]: issue 16, development credentials refused off loopback,
 //!   TLS to the broker and PostgreSQL, bearer tokens over TLS, reflection
 //!   v1alpha, keepalives against half-open clients.
+//! - [`trust`]: issue 16, the tracker under misuse: replies only from
+//!   parties, poison isolated, no false overdue notice.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -41,3 +43,4 @@ mod privacy;
 mod secure;
 mod signatures;
 mod tracker;
+mod trust;

@@ -434,13 +434,8 @@ async fn scan_cost(ledger: &Ledger, open: usize, round: &str, scan: bool) -> (Du
     }
     let metrics = Metrics::default();
     let started = Instant::now();
-    let marked = deadline::scan(
-        ledger,
-        chrono::DateTime::from_timestamp_millis(now).unwrap(),
-        &metrics,
-    )
-    .await
-    .unwrap();
+    let at = chrono::DateTime::from_timestamp_millis(now).unwrap();
+    let marked = deadline::scan(ledger, at, at, &metrics).await.unwrap();
     (started.elapsed(), marked)
 }
 

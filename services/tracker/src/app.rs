@@ -1,11 +1,23 @@
 //! Building and running the tracker: consume the tap, record in batches
 //! (ack only after the batch's transaction committed), run the deadline
 //! engine, serve the queries. `main`, `refbus up` and the tests share it.
+//!
+//! Before it records, ingest refuses on its own what it must not believe:
+//! bad signatures, malformed ids (dead-lettered as invalid), and replies
+//! from an agency that is not a party to the referral (dead-lettered and
+//! alerted like a forgery). A batch the database refuses is split until
+//! the culprit stands alone, which is dead-lettered with the database's
+//! reason; a database that is down is waited for. Every second the tracker
+//! publishes a signed recorded-through marker on the tap, so that the
+//! deadline engine knows how far the ledger is recorded (see
+//! [`crate::deadline`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use lapin::options::BasicAckOptions;
 use refbus_bus::{Bus, Incoming};
@@ -24,12 +36,12 @@ use tokio_util::sync::CancellationToken;
 
 use refbus_gateway::observe::{self, Telemetry, default_http_addr};
 
-use crate::clock::Clock;
+use crate::clock::{Clock, millis};
 use crate::dashboard;
 use crate::deadline::{self, Wake};
-use crate::ledger::{Backend, Ledger, LedgerError, WriteTx, sqlite_url};
+use crate::ledger::{Backend, Ledger, LedgerError, Value, WriteTx, refuses_rows, sqlite_url};
 use crate::query::Queries;
-use crate::record::{Metrics, Observed, Prepared, Recorder, Tally};
+use crate::record::{Metrics, Observed, Prepared, Recorder, Right, Tally, not_a_party, rights_of};
 
 /// The tracker's own settings (the bus's come from [`refbus_gateway::BusSettings`]).
 #[derive(Clone, Debug, clap::Args)]
@@ -112,6 +124,13 @@ pub struct Tracker {
     queries: Queries,
     auth: Arc<Authenticator>,
     signing: Arc<SigningKeys>,
+    /// This process's instance nonce: its recorded-through markers and its
+    /// row in `tracker_watermarks`.
+    instance: String,
+    /// How long a gateway may take to have a message it stamped on the
+    /// queue (its confirm timeout): a marker stamped C covers what was
+    /// stamped before C minus this.
+    margin: Duration,
 }
 
 impl Tracker {
@@ -183,6 +202,8 @@ impl Tracker {
             queries,
             auth: shared.auth.clone(),
             signing: shared.signing.clone(),
+            instance: uuid::Uuid::now_v7().to_string(),
+            margin: shared.settings.confirm_timeout,
         })
     }
 
@@ -219,10 +240,19 @@ impl Tracker {
                 signing: self.signing.clone(),
                 clock: self.clock.clone(),
                 wake: self.wake.clone(),
+                instance: self.instance.clone(),
+                margin_ms: i64::try_from(self.margin.as_millis()).unwrap_or(i64::MAX),
                 shutdown: self.shutdown.clone(),
             }
             .run(),
         );
+        let markers = tokio::spawn(deadline::publish_markers(
+            self.bus.clone(),
+            self.signing.clone(),
+            self.clock.clone(),
+            self.instance.clone(),
+            self.shutdown.clone(),
+        ));
         let engine = tokio::spawn(deadline::run(
             self.ledger.clone(),
             self.bus.clone(),
@@ -230,6 +260,7 @@ impl Tracker {
             self.clock.clone(),
             self.metrics.clone(),
             self.wake.clone(),
+            self.instance.clone(),
             self.shutdown.clone(),
         ));
         let http = observe::metrics_router(self.telemetry.clone(), self.bus.clone())
@@ -250,6 +281,10 @@ impl Tracker {
             .await;
         let _ = ingest.await;
         let _ = engine.await;
+        let _ = markers.await;
+        if let Err(e) = deadline::retire(&self.ledger, &self.instance).await {
+            tracing::debug!(error = %e, "could not remove this instance's watermark; it goes stale");
+        }
         self.ledger.close().await;
         served
     }
@@ -274,15 +309,73 @@ struct Ingest {
     batch_max: usize,
     clock: Clock,
     wake: Arc<Wake>,
+    instance: String,
+    /// [`Tracker::margin`] in ms.
+    margin_ms: i64,
     shutdown: CancellationToken,
 }
 
-/// A batch off the tap: the deliveries, their rows, and when each message
-/// was put on the bus (for the lag).
+/// A batch off the tap: the deliveries, what they decoded to, their rows,
+/// and when each message was put on the bus (for the lag).
 struct Batch {
     incomings: Vec<Incoming>,
+    observed: Vec<Observed>,
     prepared: Prepared,
     on_bus: Vec<i64>,
+    /// What this instance has recorded through once the batch commits: its
+    /// latest marker's time less the margin (epoch ms).
+    through: Option<i64>,
+}
+
+impl Batch {
+    fn new(
+        recorder: &Recorder,
+        incomings: Vec<Incoming>,
+        observed: Vec<Observed>,
+        now: chrono::DateTime<chrono::Utc>,
+        margin_ms: i64,
+    ) -> Self {
+        let refs: Vec<&Observed> = observed.iter().collect();
+        let prepared = recorder.prepare(&refs, now);
+        let on_bus = observed
+            .iter()
+            .filter(|o| !matches!(o, Observed::Marker(_)))
+            .filter_map(Observed::on_bus_millis)
+            .collect();
+        let through = observed
+            .iter()
+            .filter_map(Observed::marker_at)
+            .max()
+            .map(|at| at.saturating_sub(margin_ms));
+        Self {
+            incomings,
+            observed,
+            prepared,
+            on_bus,
+            through,
+        }
+    }
+
+    /// Splits the batch in two halves, in order, their rows prepared anew.
+    fn split(
+        self,
+        recorder: &Recorder,
+        now: chrono::DateTime<chrono::Utc>,
+        margin_ms: i64,
+    ) -> (Self, Self) {
+        let Batch {
+            mut incomings,
+            mut observed,
+            ..
+        } = self;
+        let half = incomings.len() / 2;
+        let later_incomings = incomings.split_off(half);
+        let later_observed = observed.split_off(half);
+        (
+            Batch::new(recorder, incomings, observed, now, margin_ms),
+            Batch::new(recorder, later_incomings, later_observed, now, margin_ms),
+        )
+    }
 }
 
 /// A batch whose rows are inserted in a transaction that is still open,
@@ -374,6 +467,8 @@ impl Ingest {
                 }
             }
         }
+        // A gatherer waiting to hand on a batch stops when the channel goes.
+        drop(prepared_rx);
         let _ = gatherer.await;
     }
 
@@ -418,6 +513,7 @@ impl Ingest {
             self.recorder
                 .write_chain(&mut tx, &mut head, &batch.prepared, &new, self.clock.now())
                 .await?;
+            self.mark_through(&mut tx, batch.through).await?;
             tx.store_head(&head).await?;
             tx.commit().await?;
             Ok::<_, LedgerError>(())
@@ -450,61 +546,166 @@ impl Ingest {
         if let Some(due) = tally.earliest_due {
             self.wake.obligation_due(due);
         }
+        if let Some(through) = batch.through {
+            self.wake.recorded_through(through);
+        }
         acknowledge(batch.incomings).await;
     }
 
-    /// Records a batch in one transaction of its own, retrying with backoff
-    /// until it commits; false on shutdown.
+    /// Stores, in a batch's transaction, how far this instance has recorded
+    /// once it commits (never backwards), and that it was seen now.
+    async fn mark_through(
+        &self,
+        tx: &mut WriteTx,
+        through: Option<i64>,
+    ) -> Result<(), sqlx::Error> {
+        let Some(through) = through else {
+            return Ok(());
+        };
+        tx.execute(
+            "INSERT INTO tracker_watermarks (instance, recorded_through, seen_at) VALUES ($1, $2, $3)
+             ON CONFLICT (instance) DO UPDATE SET
+               recorded_through = CASE WHEN excluded.recorded_through > tracker_watermarks.recorded_through
+                                       THEN excluded.recorded_through ELSE tracker_watermarks.recorded_through END,
+               seen_at = excluded.seen_at",
+            &[
+                Value::Text(self.instance.clone()),
+                Value::Int(through),
+                Value::Int(millis(self.clock.now())),
+            ],
+        )
+        .await
+    }
+
+    /// Records a batch in transactions of its own until all of it is
+    /// recorded or dead-lettered; false on shutdown. While the database is
+    /// away (connection refused or closed, pool timeout: anything but a
+    /// refusal of the rows, see [`refuses_rows`]) the same rows are retried
+    /// with backoff and nothing is dead-lettered. When the database refuses
+    /// the rows, the batch is split in halves, recursively, until the
+    /// culprit stands alone; it is dead-lettered with the database's
+    /// reason, and the rest is recorded and acked, in order.
     async fn record_until_done(&self, batch: Batch) -> bool {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match record_batch(&self.ledger, &self.recorder, &batch.prepared, &self.clock).await {
-                Ok(tally) => {
-                    self.recorded(tally, batch).await;
-                    return true;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, messages = batch.prepared.len(), "cannot record; retrying the batch");
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => return false,
-                        () = tokio::time::sleep(backoff) => {}
+        let mut parts = VecDeque::from([batch]);
+        let mut split_started: Option<std::time::Instant> = None;
+        while let Some(part) = parts.pop_front() {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match self.record_batch(&part).await {
+                    Ok(tally) => {
+                        self.recorded(tally, part).await;
+                        break;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    Err(LedgerError::Sql(e)) if refuses_rows(&e) => {
+                        split_started.get_or_insert_with(std::time::Instant::now);
+                        if part.incomings.len() <= 1 {
+                            self.unstorable(part, &e).await;
+                        } else {
+                            tracing::info!(messages = part.incomings.len(), error = %e, "the ledger refuses a batch; splitting it to find the message it cannot store");
+                            let (first, second) =
+                                part.split(&self.recorder, self.clock.now(), self.margin_ms);
+                            parts.push_front(second);
+                            parts.push_front(first);
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, messages = part.prepared.len(), "cannot record; retrying the batch");
+                        tokio::select! {
+                            () = self.shutdown.cancelled() => return false,
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
                 }
             }
         }
+        if let Some(started) = split_started {
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis(),
+                "isolated what the ledger cannot store; recording goes on"
+            );
+        }
+        true
+    }
+
+    /// Dead-letters the one message the ledger refused, with the database's
+    /// reason (its message and code: no values), and counts it. Logs its
+    /// id (shortened) and kind only.
+    async fn unstorable(&self, part: Batch, error: &sqlx::Error) {
+        let Batch {
+            incomings,
+            observed,
+            ..
+        } = part;
+        let reason = match error {
+            sqlx::Error::Database(e) => format!(
+                "the ledger cannot store it: {} (SQLSTATE or SQLite code {})",
+                e.message(),
+                e.code().as_deref().unwrap_or("none")
+            ),
+            other => format!("the ledger cannot store it: {other}"),
+        };
+        for (incoming, o) in incomings.into_iter().zip(observed) {
+            self.metrics
+                .unstorable
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let id: String = o
+                .message_id()
+                .chars()
+                .take(40)
+                .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+                .collect();
+            tracing::error!(id = %id, id_bytes = o.message_id().len(), kind = %incoming.routing_key.rsplit('.').next().unwrap_or_default(), reason = %reason, "dead-lettered a message the ledger cannot store");
+            self.bus
+                .dead_letter(&self.bus.topology().tap_queue(), incoming, reason.clone())
+                .await;
+        }
+    }
+
+    /// Records a prepared batch in one transaction.
+    async fn record_batch(&self, batch: &Batch) -> Result<Tally, LedgerError> {
+        let _turn = self.ledger.write_turn().await;
+        let mut tx = self.ledger.begin_write().await?;
+        let mut head = tx.lock_head().await?;
+        let mut tally = Tally::default();
+        self.recorder
+            .write(
+                &mut tx,
+                &mut head,
+                &batch.prepared,
+                self.clock.now(),
+                &mut tally,
+            )
+            .await?;
+        self.mark_through(&mut tx, batch.through).await?;
+        tx.store_head(&head).await?;
+        tx.commit().await?;
+        Ok(tally)
     }
 
     /// Gathers up to `batch_max` deliveries from the tap (as many as are
-    /// already there, at least one), dead-letters what does not decode, and
-    /// hands the batch on with its rows prepared.
+    /// already there, at least one), dead-letters what does not decode,
+    /// what is not signed by whom it claims, what names malformed ids and
+    /// replies from non-parties, and hands the batch on with its rows
+    /// prepared.
     async fn gather(self, prepared: tokio::sync::mpsc::Sender<Batch>) {
-        let Ingest {
-            recorder,
-            metrics,
-            bus,
-            signing,
-            prefetch,
-            batch_max,
-            clock,
-            shutdown,
-            ..
-        } = self;
-        let queue = bus.topology().tap_queue();
-        let mut subscription = bus.subscribe(queue.clone(), prefetch);
+        let queue = self.bus.topology().tap_queue();
+        let mut subscription = self.bus.subscribe(queue.clone(), self.prefetch);
+        let mut recent = RecentRights::default();
         loop {
             let first = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = self.shutdown.cancelled() => return,
                 next = subscription.next() => match next {
                     Some(incoming) => incoming,
                     None => return,
                 },
             };
-            let mut incomings = Vec::with_capacity(batch_max);
-            let mut observed = Vec::with_capacity(batch_max);
+            let mut incomings = Vec::with_capacity(self.batch_max);
+            let mut observed = Vec::with_capacity(self.batch_max);
             let mut pending = Some(first);
             while let Some(incoming) = pending.take().or_else(|| {
-                (incomings.len() < batch_max)
+                (incomings.len() < self.batch_max)
                     .then(|| subscription.try_next())
                     .flatten()
             }) {
@@ -514,37 +715,227 @@ impl Ingest {
                         observed.push(o);
                     }
                     Err(reason) => {
-                        metrics
+                        self.metrics
                             .undecodable
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        bus.dead_letter(&queue, incoming, reason).await;
+                        self.bus.dead_letter(&queue, incoming, reason).await;
                     }
                 }
-                if incomings.len() >= batch_max {
+                if incomings.len() >= self.batch_max {
                     break;
                 }
             }
             let (incomings, observed) = believed(
-                &bus, &signing, &recorder, &metrics, &queue, incomings, observed,
+                &self.bus,
+                &self.signing,
+                &self.recorder,
+                &self.metrics,
+                &queue,
+                incomings,
+                observed,
             )
             .await;
+            let (incomings, observed) = self.valid(&queue, incomings, observed).await;
+            let Some((incomings, observed)) = self
+                .entitled(&queue, &mut recent, incomings, observed)
+                .await
+            else {
+                return;
+            };
             if incomings.is_empty() {
                 continue;
             }
-            let refs: Vec<&Observed> = observed.iter().collect();
-            let rows = recorder.prepare(&refs, clock.now());
-            let on_bus = observed
-                .iter()
-                .filter_map(Observed::on_bus_millis)
-                .collect();
-            let batch = Batch {
+            let batch = Batch::new(
+                &self.recorder,
                 incomings,
-                prepared: rows,
-                on_bus,
-            };
+                observed,
+                self.clock.now(),
+                self.margin_ms,
+            );
             if prepared.send(batch).await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// Dead-letters what names a malformed referral or agency id (an
+    /// invalid message, not a forgery: no alert), with the reason; returns
+    /// the rest.
+    async fn valid(
+        &self,
+        queue: &str,
+        incomings: Vec<Incoming>,
+        observed: Vec<Observed>,
+    ) -> (Vec<Incoming>, Vec<Observed>) {
+        let mut kept = (
+            Vec::with_capacity(incomings.len()),
+            Vec::with_capacity(incomings.len()),
+        );
+        for (incoming, o) in incomings.into_iter().zip(observed) {
+            match o.check_ids() {
+                Ok(()) => {
+                    kept.0.push(incoming);
+                    kept.1.push(o);
+                }
+                Err(reason) => {
+                    self.metrics
+                        .invalid
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.bus.dead_letter(queue, incoming, reason).await;
+                }
+            }
+        }
+        kept
+    }
+
+    /// Refuses replies from agencies that are not a party to their
+    /// referral (with the right the reply needs), as a forgery is refused:
+    /// an alert to the supervising justice bureau, then the dead-letter
+    /// queue. The rights come from the referral's addressees and route: as
+    /// given earlier in this batch, in the last batches (which may not
+    /// have committed yet), or in the ledger. A reply to a referral known
+    /// to none of them passes (recorded before its referral; when that
+    /// comes, the recorder refuses it in the ledger if it has no right).
+    /// Returns the rest; `None` on shutdown.
+    async fn entitled(
+        &self,
+        queue: &str,
+        recent: &mut RecentRights,
+        incomings: Vec<Incoming>,
+        observed: Vec<Observed>,
+    ) -> Option<(Vec<Incoming>, Vec<Observed>)> {
+        let mut wanted: Vec<&str> = observed
+            .iter()
+            .filter_map(Observed::reply)
+            .map(|r| r.referral)
+            .filter(|r| !recent.knows(r))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let stored = self.stored_rights(&wanted).await?;
+        let mut given = Rights::new();
+        let mut kept = (
+            Vec::with_capacity(incomings.len()),
+            Vec::with_capacity(incomings.len()),
+        );
+        for (incoming, o) in incomings.into_iter().zip(observed) {
+            let refusal = o.reply().and_then(|reply| {
+                let rights = given
+                    .get(reply.referral)
+                    .or_else(|| recent.get(reply.referral))
+                    .or_else(|| stored.get(reply.referral))?;
+                (!rights.contains(&(reply.agency.to_owned(), reply.right)))
+                    .then(|| not_a_party(reply.agency, reply.referral, reply.right))
+            });
+            if let Some(reason) = refusal {
+                self.metrics
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let addressed_to = match &o {
+                    Observed::Envelope(e)
+                        if self.recorder.directory.get(&e.recipient).is_some() =>
+                    {
+                        e.recipient.clone()
+                    }
+                    _ => o.addressed_to(&incoming.routing_key).to_owned(),
+                };
+                let refusal = Refusal {
+                    queue: queue.to_owned(),
+                    detected_by: TRACKER_ID.to_owned(),
+                    addressed_to,
+                    claimed_id: o.message_id().to_owned(),
+                    claimed_sender: o.claimed_sender().to_owned(),
+                    reason,
+                };
+                refuse(
+                    &self.bus,
+                    &self.signing,
+                    &self.recorder.directory,
+                    incoming,
+                    refusal,
+                )
+                .await;
+                continue;
+            }
+            if let Observed::Envelope(e) = &o {
+                let rights: HashSet<(String, Right)> = rights_of(e)
+                    .into_iter()
+                    .map(|(a, r)| (a.to_owned(), r))
+                    .collect();
+                if !rights.is_empty() {
+                    given.insert(e.id.clone(), rights);
+                }
+            }
+            kept.0.push(incoming);
+            kept.1.push(o);
+        }
+        recent.push(given);
+        Some(kept)
+    }
+
+    /// The reply rights the ledger holds for `referrals`, retried with
+    /// backoff while the database is away (nothing can be recorded
+    /// meanwhile anyway); `None` on shutdown.
+    async fn stored_rights(&self, referrals: &[&str]) -> Option<Rights> {
+        let mut rights = Rights::new();
+        if referrals.is_empty() {
+            return Some(rights);
+        }
+        let mut backoff = Duration::from_millis(100);
+        let rows = loop {
+            match self.ledger.reply_rights(referrals).await {
+                Ok(rows) => break rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read reply rights; retrying");
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => return None,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        for (referral, agency, reply) in rows {
+            let right = match reply.as_str() {
+                "answer" => Right::Answer,
+                "relay" => Right::Relay,
+                _ => Right::Receive,
+            };
+            rights.entry(referral).or_default().insert((agency, right));
+        }
+        Some(rights)
+    }
+}
+
+/// Reply rights by referral: (agency, right).
+type Rights = HashMap<String, HashSet<(String, Right)>>;
+
+/// The rights given by the referrals of the last batches gathered, which
+/// may not have committed yet when the next batch is checked (at most
+/// three batches are in flight: two being written, one prepared).
+#[derive(Default)]
+struct RecentRights {
+    batches: VecDeque<Rights>,
+}
+
+impl RecentRights {
+    const KEPT: usize = 8;
+
+    fn get(&self, referral: &str) -> Option<&HashSet<(String, Right)>> {
+        self.batches.iter().rev().find_map(|b| b.get(referral))
+    }
+
+    fn knows(&self, referral: &str) -> bool {
+        self.get(referral).is_some()
+    }
+
+    fn push(&mut self, rights: Rights) {
+        if rights.is_empty() {
+            return;
+        }
+        self.batches.push_back(rights);
+        while self.batches.len() > Self::KEPT {
+            self.batches.pop_front();
         }
     }
 }
@@ -630,23 +1021,4 @@ async fn acknowledge(batch: Vec<Incoming>) {
         // Recorded already: a redelivery is recognised and ignored.
         tracing::debug!(error = %e, "ack after recording failed");
     }
-}
-
-/// Records a prepared batch in one transaction.
-async fn record_batch(
-    ledger: &Ledger,
-    recorder: &Recorder,
-    prepared: &Prepared,
-    clock: &Clock,
-) -> Result<Tally, LedgerError> {
-    let _turn = ledger.write_turn().await;
-    let mut tx = ledger.begin_write().await?;
-    let mut head = tx.lock_head().await?;
-    let mut tally = Tally::default();
-    recorder
-        .write(&mut tx, &mut head, prepared, clock.now(), &mut tally)
-        .await?;
-    tx.store_head(&head).await?;
-    tx.commit().await?;
-    Ok(tally)
 }

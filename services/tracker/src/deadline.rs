@@ -5,6 +5,17 @@
 //! records that it did, so neither a second scan nor a restart sends it
 //! again. The scan reads the partial index of pending obligations by due
 //! time, so its cost grows with what is due, not with what is open.
+//!
+//! No false overdue notice (issue 16): the engine marks only what fell due
+//! before the ledger's *recorded-through watermark*, never merely before
+//! now. Each tracker instance publishes a signed marker on the tap every
+//! second (and at start); when ingest has committed everything delivered
+//! before a marker stamped C, the instance's row in `tracker_watermarks`
+//! says it has recorded through C minus the gateways' confirm timeout. The
+//! engine takes the least of the rows of the instances seen lately, and
+//! marks nothing until this process's own row exists: a backlog after a
+//! restart, a database outage or a slow batch holds the engine back instead
+//! of letting it declare a met duty overdue.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -22,12 +33,15 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use refbus_core::signing::SigningKeys;
+use prost::Message;
+use refbus_bus::Outgoing;
+use refbus_core::signing::{SIGNATURE_HEADER, Signed, SigningKeys, TRACKER_ID};
 use refbus_gateway::gateway::publish_signed;
+use refbus_proto::v1::{Hop, HopReport};
 
 use crate::clock::{Clock, from_millis, millis};
 use crate::ledger::{Event, Ledger, LedgerError, Value};
-use crate::record::Metrics;
+use crate::record::{MARKER_ROUTING_KEY, Metrics};
 
 /// The sender named on overdue notices: the tracker itself, not an agency.
 /// It signs them with its own key (`[tracker]` in the directory).
@@ -40,15 +54,68 @@ const SCAN_BATCH: i64 = 500;
 /// the database may have added earlier deadlines).
 const MAX_SLEEP: chrono::Duration = chrono::Duration::seconds(30);
 
-/// Marks what is overdue at `now`; returns how many obligations it marked.
+/// An instance whose row was last refreshed longer ago than this (by the
+/// injected clock) no longer holds the engine back: it stopped without
+/// removing its row (a crash) and its unacknowledged deliveries have gone
+/// back to the tap, to whichever tracker takes them.
+pub const STALE_INSTANCE: chrono::Duration = chrono::Duration::minutes(5);
+
+/// How far the ledger is recorded (epoch ms), as the engine may trust it:
+/// the least watermark of the instances seen since `now` - [`STALE_INSTANCE`]
+/// (this `instance` always counts), or `None` while this instance has
+/// recorded no marker yet.
+///
+/// # Errors
+/// A database error.
+pub async fn recorded_through(
+    ledger: &Ledger,
+    instance: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<i64>, LedgerError> {
+    let own = sqlx::query("SELECT recorded_through FROM tracker_watermarks WHERE instance = $1")
+        .bind(instance)
+        .fetch_optional(&ledger.pool)
+        .await?;
+    if own.is_none() {
+        return Ok(None);
+    }
+    let row = sqlx::query(
+        "SELECT MIN(recorded_through) AS through FROM tracker_watermarks
+         WHERE seen_at >= $1 OR instance = $2",
+    )
+    .bind(millis(now - STALE_INSTANCE))
+    .bind(instance)
+    .fetch_one(&ledger.pool)
+    .await?;
+    Ok(row.try_get::<Option<i64>, _>("through")?)
+}
+
+/// Removes this instance's watermark (at a clean stop: it holds nobody
+/// back any more).
+///
+/// # Errors
+/// A database error.
+pub async fn retire(ledger: &Ledger, instance: &str) -> Result<(), LedgerError> {
+    sqlx::query("DELETE FROM tracker_watermarks WHERE instance = $1")
+        .bind(instance)
+        .execute(&ledger.pool)
+        .await?;
+    Ok(())
+}
+
+/// Marks what fell due by `through` as overdue at `now` (`through` is at
+/// most `now`: the recorded-through watermark, see the module doc);
+/// returns how many obligations it marked.
 ///
 /// # Errors
 /// A database error (nothing of the failed batch is marked).
 pub async fn scan(
     ledger: &Ledger,
     now: DateTime<Utc>,
+    through: DateTime<Utc>,
     metrics: &Metrics,
 ) -> Result<usize, LedgerError> {
+    let through = through.min(now);
     let mut marked = 0;
     loop {
         let _turn = ledger.write_turn().await;
@@ -59,7 +126,7 @@ pub async fn scan(
                 "SELECT id, referral_id, rule, notify FROM obligations
                  WHERE met_at IS NULL AND overdue_at IS NULL AND due_at <= $1
                  ORDER BY due_at LIMIT $2",
-                &[Value::Int(millis(now)), Value::Int(SCAN_BATCH)],
+                &[Value::Int(millis(through)), Value::Int(SCAN_BATCH)],
             )
             .await?;
         if due.is_empty() {
@@ -78,27 +145,13 @@ pub async fn scan(
                 ]);
             }
             let body = json!({"obligation": id, "rule": rule, "overdue_at": millis(now), "notify": notify}).to_string();
-            let event = Event {
+            events.push(head.chain(&Event {
                 message_id: &format!("overdue/{id}"),
                 event: "overdue",
                 referral_id: referral,
                 recorded_at: millis(now),
                 body,
-            };
-            let seq = head.seq + 1;
-            let hash = event.hash(seq, &head.hash);
-            events.push([
-                Value::Int(seq),
-                event.message_id.into(),
-                "overdue".into(),
-                referral.as_str().into(),
-                Value::Int(millis(now)),
-                event.body.as_str().into(),
-                head.hash.as_str().into(),
-                hash.as_str().into(),
-            ]);
-            head.seq = seq;
-            head.hash = hash;
+            }));
             ids.push([id.as_str().into(), Value::Int(millis(now))]);
         }
         tx.execute_with(
@@ -225,6 +278,9 @@ pub struct Wake {
     /// When the engine will next wake (epoch ms); `i64::MAX` while it is
     /// awake, so that what commits meanwhile wakes it once more.
     next_ms: AtomicI64,
+    /// The earliest deadline the engine is holding back because the
+    /// watermark has not passed it (epoch ms; `i64::MAX`: none).
+    held_ms: AtomicI64,
 }
 
 impl Default for Wake {
@@ -232,6 +288,7 @@ impl Default for Wake {
         Self {
             notify: Notify::new(),
             next_ms: AtomicI64::new(i64::MAX),
+            held_ms: AtomicI64::new(i64::MAX),
         }
     }
 }
@@ -248,10 +305,21 @@ impl Wake {
     pub fn now(&self) {
         self.notify.notify_one();
     }
+
+    /// This instance has recorded through `through_ms`: wakes the engine
+    /// if it was holding a deadline back that this passes.
+    pub fn recorded_through(&self, through_ms: i64) {
+        if through_ms >= self.held_ms.load(Ordering::Acquire) {
+            self.notify.notify_one();
+        }
+    }
 }
 
-/// Runs the engine until shutdown: scan, publish, sleep until the next
-/// deadline (or until woken by a new obligation, or [`MAX_SLEEP`]).
+/// Runs the engine until shutdown: scan what fell due before the
+/// recorded-through watermark, publish, sleep until the next deadline (or
+/// until woken by a new obligation or a watermark that passes a held-back
+/// deadline, or [`MAX_SLEEP`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     ledger: Arc<Ledger>,
     bus: Bus,
@@ -259,37 +327,108 @@ pub async fn run(
     clock: Clock,
     metrics: Arc<Metrics>,
     wake: Arc<Wake>,
+    instance: String,
     shutdown: CancellationToken,
 ) {
     loop {
         wake.next_ms.store(i64::MAX, Ordering::Release);
         let now = clock.now();
         let outcome = async {
-            let marked = scan(&ledger, now, &metrics).await?;
+            let through = recorded_through(&ledger, &instance, now).await?;
+            let marked = match through {
+                Some(through) => scan(&ledger, now, from_millis(through), &metrics).await?,
+                None => 0,
+            };
             let sent = publish_notices(&ledger, &bus, &signing, now).await?;
             if marked + sent > 0 {
                 tracing::info!(marked, sent, "deadline scan");
             }
-            next_due(&ledger).await
+            Ok::<_, LedgerError>((next_due(&ledger).await?, through))
         }
         .await;
+        let mut held = false;
+        let mut failed = false;
         let until = match outcome {
-            Ok(Some(due)) => due.min(now + MAX_SLEEP),
-            Ok(None) => now + MAX_SLEEP,
+            Ok((Some(due), through)) => {
+                // A deadline passed that the watermark has not: held back
+                // until this instance records further (or, for another
+                // instance's lag, the next poll).
+                if due <= now && through.is_none_or(|t| millis(due) > t) {
+                    held = true;
+                    wake.held_ms.store(millis(due), Ordering::Release);
+                    tracing::debug!(due = %due, "deadline held back: not recorded that far yet");
+                }
+                due.min(now + MAX_SLEEP)
+            }
+            Ok((None, _)) => now + MAX_SLEEP,
             Err(e) => {
+                // Retried in a second of real time: an injected clock
+                // need not move meanwhile.
                 tracing::warn!(error = %e, "deadline scan failed; retrying");
+                failed = true;
                 now + chrono::Duration::seconds(1)
             }
         };
-        // Notices that could not be published are retried soon.
+        if !held {
+            wake.held_ms.store(i64::MAX, Ordering::Release);
+        }
+        // Notices that could not be published are retried soon, a
+        // held-back deadline is looked at again, and so is a failed scan.
         let retry = tokio::time::sleep(Duration::from_secs(1));
-        let pending_notices = has_unpublished(&ledger).await;
+        let pending_notices = held || failed || has_unpublished(&ledger).await;
         wake.next_ms.store(millis(until), Ordering::Release);
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = clock.sleep_until(until) => {}
+            () = clock.sleep_until(until), if !held && !failed => {}
             () = wake.notify.notified() => {}
             () = retry, if pending_notices => {}
+        }
+    }
+}
+
+/// Publishes this instance's recorded-through marker on the tap at start
+/// and every second until shutdown: a hop report by [`TRACKER_ID`] (signed
+/// with its key), stamped with the injected clock's time before it is
+/// published. When ingest commits the marker's batch, everything delivered
+/// before it has committed too. A marker that cannot be published is
+/// skipped; the next one follows a second later.
+pub async fn publish_markers(
+    bus: Bus,
+    signing: Arc<SigningKeys>,
+    clock: Clock,
+    instance: String,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let exchange = bus.topology().deliveries_exchange();
+    for n in 1_u64.. {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let marker = HopReport {
+            id: format!("{instance}/{n}"),
+            referral_id: instance.clone(),
+            hop: Hop::Unspecified as i32,
+            agency: TRACKER_ID.into(),
+            at: Some(timestamp(clock.now())),
+        };
+        let body = marker.encode_to_vec();
+        let signature = match signing.sign(TRACKER_ID, Signed::HopReport, &body) {
+            Ok(signature) => signature,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign recorded-through markers; overdue obligations will not be marked");
+                return;
+            }
+        };
+        let mut message = Outgoing::new(&exchange, MARKER_ROUTING_KEY, &body);
+        message.message_id = Some(&marker.id);
+        message.kind = Some("recorded_through");
+        message.content_type = "application/x-protobuf; proto=refbus.v1.HopReport";
+        message.headers = vec![(SIGNATURE_HEADER, signature)];
+        if let Err(e) = bus.publish(message).await {
+            tracing::debug!(error = %e, "recorded-through marker not published; the next follows");
         }
     }
 }

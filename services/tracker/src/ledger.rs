@@ -197,6 +197,36 @@ impl Ledger {
         })
     }
 
+    /// The reply rights recorded for `referrals`, as (referral, agency,
+    /// reply) rows (see `migrations/0003_reply_rights_and_watermarks.sql`).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn reply_rights(
+        &self,
+        referrals: &[&str],
+    ) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+        let mut found = Vec::new();
+        for chunk in referrals.chunks(CHUNK) {
+            let list = (1..=chunk.len())
+                .map(|i| match self.backend {
+                    Backend::Sqlite => "?".to_owned(),
+                    Backend::Postgres => format!("${i}"),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = format!(
+                "SELECT referral_id, agency, reply FROM reply_rights WHERE referral_id IN ({list})"
+            );
+            let query = chunk.iter().fold(
+                sqlx::query_as::<_, (String, String, String)>(&sql),
+                |q, r| q.bind(*r),
+            );
+            found.extend(query.fetch_all(&self.pool).await?);
+        }
+        Ok(found)
+    }
+
     /// Closes the ledger's connections.
     pub async fn close(&self) {
         if let Some(pool) = &self.recording {
@@ -204,6 +234,53 @@ impl Ledger {
         }
         self.pool.close().await;
     }
+}
+
+/// Whether the database refused the rows it was given (a value it cannot
+/// hold, a limit a value exceeds, a constraint it breaks), so that the same
+/// rows will always fail and the batch is split to isolate the culprit;
+/// `false` when the database itself is away or busy (connection refused or
+/// closed, pool timeout, shutdown, lock or serialization conflict), when
+/// the same batch is retried as it is.
+///
+/// PostgreSQL: SQLSTATE class 22 (data exception: a NUL byte in text),
+/// 54 (program limit exceeded: a btree index entry over 2.7 KB) and 23
+/// (integrity constraint) but not 23505 (unique violation: another
+/// writer's batch had the same message, and a retry sees it recorded).
+/// Class 08 (connection exception), 57 (operator intervention), 53
+/// (insufficient resources), 40 (transaction rollback) and everything
+/// else are the database's, not the rows'. SQLite: TOOBIG, CONSTRAINT
+/// (but not UNIQUE or PRIMARYKEY), MISMATCH and RANGE.
+#[must_use]
+pub fn refuses_rows(error: &sqlx::Error) -> bool {
+    match error {
+        // A value that cannot be encoded for the database.
+        sqlx::Error::Encode(_) => true,
+        sqlx::Error::Database(e) if e.is_unique_violation() => false,
+        sqlx::Error::Database(e) => {
+            let Some(code) = e.code() else {
+                return false;
+            };
+            let code = code.as_ref();
+            if looks_like_sqlstate(code) {
+                return matches!(&code[..2], "22" | "23" | "54");
+            }
+            // SQLite: an (extended) result code; the primary code is its low byte.
+            code.parse::<i32>()
+                .is_ok_and(|extended| matches!(extended & 0xff, 18 | 19 | 20 | 25))
+        }
+        _ => false,
+    }
+}
+
+/// Whether `code` is a PostgreSQL SQLSTATE (five characters, digits and
+/// upper-case letters) rather than a SQLite result code (a number of at
+/// most four digits).
+fn looks_like_sqlstate(code: &str) -> bool {
+    code.len() == 5
+        && code
+            .chars()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
 }
 
 /// Locks the chain's head: every writing transaction's first statement.
@@ -558,6 +635,29 @@ pub struct Head {
     pub hash: String,
 }
 
+impl Head {
+    /// Chains `event` after the head and moves the head to it; returns the
+    /// event's `ledger_events` row (seq, message_id, event, referral_id,
+    /// recorded_at, body, prev_hash, hash).
+    pub fn chain(&mut self, event: &Event<'_>) -> [Value; 8] {
+        let seq = self.seq + 1;
+        let hash = event.hash(seq, &self.hash);
+        let row = [
+            Value::Int(seq),
+            event.message_id.into(),
+            event.event.into(),
+            event.referral_id.into(),
+            Value::Int(event.recorded_at),
+            event.body.as_str().into(),
+            self.hash.as_str().into(),
+            hash.as_str().into(),
+        ];
+        self.seq = seq;
+        self.hash = hash;
+        row
+    }
+}
+
 /// One ledger event before it is chained.
 #[derive(Debug)]
 pub struct Event<'a> {
@@ -676,6 +776,82 @@ mod tests {
             pg_table(&columns),
             "(SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(column1, column2, column3))"
         );
+    }
+
+    /// A database error with a code, as a driver reports it.
+    #[derive(Debug)]
+    struct Coded(&'static str, sqlx::error::ErrorKind);
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "code {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Coded {}
+
+    impl sqlx::error::DatabaseError for Coded {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            match self.1 {
+                sqlx::error::ErrorKind::UniqueViolation => sqlx::error::ErrorKind::UniqueViolation,
+                _ => sqlx::error::ErrorKind::Other,
+            }
+        }
+    }
+
+    fn coded(code: &'static str) -> sqlx::Error {
+        sqlx::Error::Database(Box::new(Coded(code, sqlx::error::ErrorKind::Other)))
+    }
+
+    #[test]
+    fn rows_the_database_refuses_are_told_from_a_database_that_is_down() {
+        // PostgreSQL: a NUL byte in text, a btree entry over 2.7 KB, a
+        // NOT NULL or CHECK constraint: the same rows always fail.
+        for refused in ["22021", "22P02", "54000", "23502", "23514"] {
+            assert!(refuses_rows(&coded(refused)), "{refused}");
+        }
+        // Connection exceptions, shutdown, too many connections,
+        // serialization and deadlock: the database's, retried as they are.
+        for away in [
+            "08006", "08001", "57P01", "53300", "40001", "40P01", "25P02",
+        ] {
+            assert!(!refuses_rows(&coded(away)), "{away}");
+        }
+        // SQLite: TOOBIG, CONSTRAINT_NOTNULL (1299), MISMATCH, RANGE; not
+        // BUSY, LOCKED or an I/O error.
+        for refused in ["18", "1299", "20", "25"] {
+            assert!(refuses_rows(&coded(refused)), "{refused}");
+        }
+        for away in ["5", "6", "10", "3850"] {
+            assert!(!refuses_rows(&coded(away)), "{away}");
+        }
+        // A unique violation: another writer had the message; a retry sees it.
+        let unique = sqlx::Error::Database(Box::new(Coded(
+            "23505",
+            sqlx::error::ErrorKind::UniqueViolation,
+        )));
+        assert!(!refuses_rows(&unique));
+        // The pool and the connection.
+        assert!(!refuses_rows(&sqlx::Error::PoolTimedOut));
+        assert!(!refuses_rows(&sqlx::Error::PoolClosed));
+        assert!(!refuses_rows(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
     }
 
     #[test]

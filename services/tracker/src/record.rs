@@ -7,6 +7,12 @@
 //! multi-row inserts, one set-based update of what was met), so the ledger
 //! keeps up with the broker. A message already in the ledger changes
 //! nothing.
+//!
+//! Who may reply to a referral ([`rights_of`], stored in `reply_rights`)
+//! comes from its addressees and, for a misconduct lead, its route, never
+//! from its hops. Ingest refuses a reply without the right before it is
+//! recorded; a reply recorded before its referral is refused here, in the
+//! ledger, when the referral comes ([`Observed::reply`], `refused_replies`).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -19,7 +25,7 @@ use prost::Message;
 use refbus_core::envelope::from_timestamp;
 use refbus_core::kind::hop_code;
 use refbus_core::policy::{ClockStart, Condition, MetBy, Party, PolicyCatalogue};
-use refbus_core::signing::{Claim, Signed};
+use refbus_core::signing::{Claim, Signed, TRACKER_ID};
 use refbus_core::{Directory, KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::letter::Disposition;
@@ -51,9 +57,15 @@ pub struct Metrics {
     pub obligations: AtomicU64,
     /// Deliveries on the tap that did not decode (dead-lettered).
     pub undecodable: AtomicU64,
-    /// Deliveries refused as unsigned, forged or altered (dead-lettered,
+    /// Deliveries refused as unsigned, forged or altered, or as a reply
+    /// from an agency that is not a party to the referral (dead-lettered,
     /// the supervising justice bureau alerted).
     pub refused: AtomicU64,
+    /// Deliveries that decoded but name a malformed id (dead-lettered).
+    pub invalid: AtomicU64,
+    /// Messages the ledger's database refused to store (a batch split
+    /// until each stood alone; dead-lettered with the database's reason).
+    pub unstorable: AtomicU64,
     /// Obligations marked overdue.
     pub overdue: AtomicU64,
     /// The tracker's lag: from a message's time on the bus (an envelope's
@@ -72,6 +84,8 @@ impl Default for Metrics {
             obligations: AtomicU64::default(),
             undecodable: AtomicU64::default(),
             refused: AtomicU64::default(),
+            invalid: AtomicU64::default(),
+            unstorable: AtomicU64::default(),
             overdue: AtomicU64::default(),
             // 1 ms to about 65 s.
             lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
@@ -115,8 +129,18 @@ impl Collector for Counters {
             ),
             (
                 "refbus_tracker_refused",
-                "Tap deliveries refused as unsigned, forged or altered",
+                "Tap deliveries refused as unsigned, forged or altered, or as a reply from a non-party",
                 &m.refused,
+            ),
+            (
+                "refbus_tracker_invalid",
+                "Tap deliveries naming a malformed referral or agency id (dead-lettered)",
+                &m.invalid,
+            ),
+            (
+                "refbus_tracker_unstorable",
+                "Messages the ledger's database refused to store (dead-lettered)",
+                &m.unstorable,
             ),
             (
                 "refbus_tracker_overdue",
@@ -189,11 +213,98 @@ impl Metrics {
     }
 }
 
+/// The routing key of a tracker's recorded-through marker (on the tap
+/// through the `event.#` binding; see `app.rs`).
+pub const MARKER_ROUTING_KEY: &str = "event.recorded_through";
+
 /// A message from the tap, decoded.
 #[derive(Debug, Clone)]
 pub enum Observed {
     Envelope(Box<Envelope>),
     Hop(HopReport),
+    /// A tracker's recorded-through marker: a hop report by
+    /// [`TRACKER_ID`] whose `referral_id` is the publishing instance and
+    /// whose `at` is when it was published. Not a ledger event.
+    Marker(HopReport),
+}
+
+/// What a reply may do, by right of its agency's place on the referral.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Right {
+    /// Report the referral delivered or acknowledged, acknowledge it.
+    Receive,
+    /// Feed back on it: its recipients, or a lead's handling organ.
+    Answer,
+    /// Pass a lead on: an agency of its route that is not the last.
+    Relay,
+}
+
+impl Right {
+    /// The name stored in `reply_rights.reply`.
+    #[must_use]
+    pub fn code(self) -> &'static str {
+        match self {
+            Right::Receive => "receive",
+            Right::Answer => "answer",
+            Right::Relay => "relay",
+        }
+    }
+
+    /// The right a hop of this name needs.
+    #[must_use]
+    pub fn for_hop(hop: &str) -> Self {
+        match hop {
+            "answered" => Right::Answer,
+            "relayed" => Right::Relay,
+            _ => Right::Receive,
+        }
+    }
+}
+
+/// A reply: `agency` claims `right` on `referral`.
+#[derive(Debug, Clone, Copy)]
+pub struct Reply<'a> {
+    pub referral: &'a str,
+    pub agency: &'a str,
+    pub right: Right,
+}
+
+/// Who may reply to `envelope`, and how: from its addressees and, for a
+/// misconduct lead, its route (never from hops). A lead's route agencies
+/// receive it; the last handles it and feeds back, the others relay it.
+/// Other referrals: the recipient and each `also_to` receive and answer.
+#[must_use]
+pub fn rights_of(envelope: &Envelope) -> Vec<(&str, Right)> {
+    if !envelope.relay_of.is_empty() {
+        // Filed under the lead, whose rights were given when it came.
+        return Vec::new();
+    }
+    if let Some(Payload::MisconductLead(lead)) = &envelope.payload
+        && !lead.route.is_empty()
+    {
+        let last = lead.route.len() - 1;
+        return lead
+            .route
+            .iter()
+            .enumerate()
+            .flat_map(|(i, hop)| {
+                let passes = if i == last {
+                    Right::Answer
+                } else {
+                    Right::Relay
+                };
+                [
+                    (hop.agency.as_str(), Right::Receive),
+                    (hop.agency.as_str(), passes),
+                ]
+            })
+            .collect();
+    }
+    std::iter::once(&envelope.recipient)
+        .chain(&envelope.also_to)
+        .filter(|a| !a.is_empty())
+        .flat_map(|a| [(a.as_str(), Right::Receive), (a.as_str(), Right::Answer)])
+        .collect()
 }
 
 impl Observed {
@@ -203,7 +314,7 @@ impl Observed {
     pub fn on_bus_millis(&self) -> Option<i64> {
         let at = match self {
             Observed::Envelope(e) => e.submitted_at.as_ref(),
-            Observed::Hop(h) => h.at.as_ref(),
+            Observed::Hop(h) | Observed::Marker(h) => h.at.as_ref(),
         };
         ts(at).map(|t| t.timestamp_millis())
     }
@@ -214,6 +325,17 @@ impl Observed {
     /// # Errors
     /// A reason, for the dead-letter header.
     pub fn decode(routing_key: &str, data: &[u8]) -> Result<Self, String> {
+        if routing_key == MARKER_ROUTING_KEY {
+            let marker = HopReport::decode(data)
+                .map_err(|e| format!("not a recorded-through marker: {e}"))?;
+            if marker.agency != TRACKER_ID || marker.id.is_empty() || marker.at.is_none() {
+                return Err(
+                    "a recorded-through marker comes from the tracker, with an id and a time"
+                        .into(),
+                );
+            }
+            return Ok(Observed::Marker(marker));
+        }
         if routing_key.starts_with("event.") {
             let report =
                 HopReport::decode(data).map_err(|e| format!("not a refbus.v1.HopReport: {e}"))?;
@@ -249,7 +371,7 @@ impl Observed {
     pub fn claim<'a>(&'a self, data: &'a [u8], signature: Option<&'a str>) -> Claim<'a> {
         let (signer, what) = match self {
             Observed::Envelope(e) => (e.sender.as_str(), Signed::Envelope),
-            Observed::Hop(h) => (h.agency.as_str(), Signed::HopReport),
+            Observed::Hop(h) | Observed::Marker(h) => (h.agency.as_str(), Signed::HopReport),
         };
         Claim {
             signer,
@@ -264,7 +386,7 @@ impl Observed {
     pub fn claimed_sender(&self) -> &str {
         match self {
             Observed::Envelope(e) => &e.sender,
-            Observed::Hop(h) => &h.agency,
+            Observed::Hop(h) | Observed::Marker(h) => &h.agency,
         }
     }
 
@@ -274,7 +396,7 @@ impl Observed {
     pub fn addressed_to<'a>(&'a self, routing_key: &'a str) -> &'a str {
         match self {
             Observed::Envelope(_) => routing_key.split('.').next().unwrap_or_default(),
-            Observed::Hop(h) => &h.agency,
+            Observed::Hop(h) | Observed::Marker(h) => &h.agency,
         }
     }
 
@@ -283,7 +405,105 @@ impl Observed {
     pub fn message_id(&self) -> &str {
         match self {
             Observed::Envelope(e) => &e.id,
-            Observed::Hop(h) => &h.id,
+            Observed::Hop(h) | Observed::Marker(h) => &h.id,
+        }
+    }
+
+    /// The reply this message makes, if it is one: a hop report on its
+    /// referral; an envelope `in_reply_to` one (feedback answers, anything
+    /// else, such as an acknowledgement, receives); a relayed lead. The
+    /// tracker's own overdue notices are no reply.
+    #[must_use]
+    pub fn reply(&self) -> Option<Reply<'_>> {
+        match self {
+            Observed::Hop(h) => Some(Reply {
+                referral: &h.referral_id,
+                agency: &h.agency,
+                right: Right::for_hop(hop_code(Hop::try_from(h.hop).unwrap_or(Hop::Unspecified))),
+            }),
+            Observed::Envelope(e) if e.sender == TRACKER_ID => None,
+            Observed::Envelope(e) if !e.relay_of.is_empty() => Some(Reply {
+                referral: &e.relay_of,
+                agency: &e.sender,
+                right: Right::Relay,
+            }),
+            Observed::Envelope(e) if !e.in_reply_to.is_empty() => Some(Reply {
+                referral: &e.in_reply_to,
+                agency: &e.sender,
+                right: if matches!(e.payload, Some(Payload::Feedback(_))) {
+                    Right::Answer
+                } else {
+                    Right::Receive
+                },
+            }),
+            Observed::Envelope(_) | Observed::Marker(_) => None,
+        }
+    }
+
+    /// When a marker was published (epoch ms).
+    #[must_use]
+    pub fn marker_at(&self) -> Option<i64> {
+        match self {
+            Observed::Marker(m) => ts(m.at.as_ref()).map(|t| t.timestamp_millis()),
+            _ => None,
+        }
+    }
+
+    /// Checks the ids the message names before anything is stored: referral
+    /// ids (`in_reply_to`, `relay_of`, a hop report's `referral_id`) must be
+    /// the bus's canonical UUIDs, agency ids short and without control
+    /// characters, and a hop report must report a hop an agency reports.
+    ///
+    /// # Errors
+    /// The reason, naming the field, for the dead-letter header.
+    pub fn check_ids(&self) -> Result<(), String> {
+        use refbus_core::envelope::{check_agency_id, check_referral_id};
+        match self {
+            Observed::Marker(_) => Ok(()),
+            Observed::Hop(h) => {
+                check_referral_id("hop_report.referral_id", &h.referral_id)
+                    .and_then(|()| check_agency_id("hop_report.agency", &h.agency))
+                    .map_err(|e| e.to_string())?;
+                match Hop::try_from(h.hop) {
+                    Ok(Hop::Delivered | Hop::Acknowledged | Hop::Relayed | Hop::Answered) => Ok(()),
+                    _ => Err(format!(
+                        "hop_report.hop: `{}` is not a hop an agency reports (delivered, acknowledged, relayed, answered)",
+                        hop_code(Hop::try_from(h.hop).unwrap_or(Hop::Unspecified))
+                    )),
+                }
+            }
+            Observed::Envelope(e) => {
+                let mut checks = vec![check_agency_id("envelope.sender", &e.sender)];
+                if !e.recipient.is_empty() {
+                    checks.push(check_agency_id("envelope.recipient", &e.recipient));
+                }
+                checks.extend(
+                    e.also_to
+                        .iter()
+                        .map(|a| check_agency_id("envelope.also_to", a)),
+                );
+                if !e.in_reply_to.is_empty() {
+                    checks.push(check_referral_id("envelope.in_reply_to", &e.in_reply_to));
+                }
+                if !e.relay_of.is_empty() {
+                    checks.push(check_referral_id("envelope.relay_of", &e.relay_of));
+                }
+                if let Some(Payload::MisconductLead(lead)) = &e.payload {
+                    if !lead.found_by.is_empty() {
+                        checks.push(check_agency_id(
+                            "envelope.misconduct_lead.found_by",
+                            &lead.found_by,
+                        ));
+                    }
+                    checks.extend(lead.route.iter().map(|hop| {
+                        check_agency_id("envelope.misconduct_lead.route.agency", &hop.agency)
+                    }));
+                }
+                checks
+                    .into_iter()
+                    .collect::<Result<(), _>>()
+                    .map_err(|e| e.to_string())
+            }
         }
     }
 }
@@ -310,6 +530,11 @@ pub struct Prepared {
     meets: Tagged<((String, MetBy, String), i64)>,
     /// Referrals given obligations (earlier hops may meet them).
     obligated: Tagged<String>,
+    /// (referral, agency, right): who may reply to the batch's referrals.
+    rights: Tagged<[Value; 3]>,
+    /// Referrals whose replies to check once the batch's rows are in:
+    /// those given rights, and those the batch's replies name.
+    checked: Tagged<String>,
 }
 
 /// Rows, each with the index of the message it came from.
@@ -419,6 +644,9 @@ impl Recorder {
         let mut seen = HashSet::with_capacity(batch.len());
         for observed in batch {
             let id = observed.message_id();
+            if matches!(observed, Observed::Marker(_)) {
+                continue;
+            }
             if !seen.insert(id) {
                 prepared.repeated += 1;
                 continue;
@@ -432,6 +660,12 @@ impl Recorder {
             match observed {
                 Observed::Envelope(envelope) => self.envelope_rows(envelope, now, &mut prepared),
                 Observed::Hop(report) => Self::hop_rows(report, now, &mut prepared),
+                Observed::Marker(_) => {}
+            }
+            if let Some(reply) = observed.reply() {
+                prepared
+                    .checked
+                    .push(prepared.owner, reply.referral.to_owned());
             }
         }
         prepared
@@ -525,6 +759,12 @@ impl Recorder {
             &obligations,
         )
         .await?;
+        conn.insert_rows(
+            "INSERT INTO reply_rights (referral_id, agency, reply)",
+            "ON CONFLICT DO NOTHING",
+            &prepared.rights.kept(&new),
+        )
+        .await?;
         Ok(new)
     }
 
@@ -550,28 +790,16 @@ impl Recorder {
         let recorded_at = millis(now);
         let mut events = Vec::with_capacity(prepared.events.rows.len());
         for e in prepared.events.iter_kept(new) {
-            let event = Event {
+            events.push(head.chain(&Event {
                 message_id: &e.message_id,
                 event: &e.event,
                 referral_id: &e.referral_id,
                 recorded_at,
                 body: e.body.clone(),
-            };
-            let seq = head.seq + 1;
-            let hash = event.hash(seq, &head.hash);
-            events.push([
-                Value::Int(seq),
-                e.message_id.as_str().into(),
-                e.event.as_str().into(),
-                e.referral_id.as_str().into(),
-                Value::Int(recorded_at),
-                e.body.as_str().into(),
-                head.hash.as_str().into(),
-                hash.as_str().into(),
-            ]);
-            head.seq = seq;
-            head.hash = hash;
+            }));
         }
+        let refused =
+            refuse_unentitled(conn, head, prepared, new, recorded_at, &mut events).await?;
         conn.insert_rows(
             "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)",
             "",
@@ -581,6 +809,9 @@ impl Recorder {
         // (referral, met_by, agency) -> earliest time.
         let mut meets: HashMap<(String, MetBy, String), i64> = HashMap::new();
         for (key, at) in prepared.meets.iter_kept(new) {
+            if refused.contains(&(key.0.clone(), key.2.clone())) {
+                continue;
+            }
             meets
                 .entry(key.clone())
                 .and_modify(|t| *t = (*t).min(*at))
@@ -695,6 +926,19 @@ impl Recorder {
                 self.obligation_rows(envelope, &referral_id, kind, clock, submitted, rows);
             }
             return;
+        }
+        for (agency, right) in rights_of(envelope) {
+            rows.rights.push(
+                rows.owner,
+                [
+                    envelope.id.as_str().into(),
+                    agency.into(),
+                    right.code().into(),
+                ],
+            );
+        }
+        if !envelope.recipient.is_empty() {
+            rows.checked.push(rows.owner, envelope.id.clone());
         }
         let region = |id: &str| {
             self.directory
@@ -893,6 +1137,111 @@ impl Recorder {
     }
 }
 
+/// Refuses, in the ledger, the replies on the batch's checked referrals
+/// (those it gave rights, those its replies name) from agencies without
+/// the right to them: a reply recorded before its referral, or one that
+/// raced its referral past the check at gathering. Each hop moves from
+/// `hops` to `refused_replies`, so it meets nothing and shows nowhere, and
+/// a `reply_refused` event is chained after `events`. Returns the
+/// (referral, agency) pairs refused.
+async fn refuse_unentitled(
+    conn: &mut WriteTx,
+    head: &mut Head,
+    prepared: &Prepared,
+    new: &[bool],
+    recorded_at: i64,
+    events: &mut Vec<[Value; 8]>,
+) -> Result<HashSet<(String, String)>, sqlx::Error> {
+    let mut ids: Vec<&String> = prepared.checked.iter_kept(new).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let ids: Vec<[Value; 1]> = ids.into_iter().map(|id| [id.as_str().into()]).collect();
+    let unentitled: Vec<(String, String, String, i64, String)> = conn
+        .fetch_with(
+            |ids| {
+                format!(
+                    "SELECT h.referral_id, h.hop, h.agency, h.at, h.message_id FROM hops h
+                     WHERE h.referral_id IN (SELECT column1 FROM {ids} AS v)
+                       AND h.hop NOT IN ('submitted', 'overdue_notified')
+                       AND EXISTS (SELECT 1 FROM reply_rights r WHERE r.referral_id = h.referral_id)
+                       AND NOT EXISTS (SELECT 1 FROM reply_rights r
+                           WHERE r.referral_id = h.referral_id AND r.agency = h.agency
+                             AND r.reply = CASE h.hop WHEN 'answered' THEN 'answer'
+                                                      WHEN 'relayed' THEN 'relay'
+                                                      ELSE 'receive' END)"
+                )
+            },
+            &ids,
+        )
+        .await?;
+    let mut refused = HashSet::with_capacity(unentitled.len());
+    if unentitled.is_empty() {
+        return Ok(refused);
+    }
+    let mut rows = Vec::with_capacity(unentitled.len());
+    let mut keys = Vec::with_capacity(unentitled.len());
+    for (referral, hop, agency, at, message_id) in unentitled {
+        let reason = not_a_party(&agency, &referral, Right::for_hop(&hop));
+        tracing::warn!(message = %message_id, %referral, %agency, %hop, "refused a reply recorded before its referral: not a party");
+        let body =
+            json!({"message_id": message_id, "hop": hop, "agency": agency, "reason": reason})
+                .to_string();
+        events.push(head.chain(&Event {
+            message_id: &format!("refused/{message_id}/{hop}"),
+            event: "reply_refused",
+            referral_id: &referral,
+            recorded_at,
+            body,
+        }));
+        keys.push([
+            referral.as_str().into(),
+            hop.as_str().into(),
+            agency.as_str().into(),
+            message_id.as_str().into(),
+        ]);
+        rows.push([
+            referral.as_str().into(),
+            hop.into(),
+            agency.as_str().into(),
+            Value::Int(at),
+            message_id.into(),
+            reason.into(),
+        ]);
+        refused.insert((referral, agency));
+    }
+    conn.insert_rows(
+        "INSERT INTO refused_replies (referral_id, hop, agency, at, message_id, reason)",
+        "ON CONFLICT DO NOTHING",
+        &rows,
+    )
+    .await?;
+    conn.execute_with(
+        |v| {
+            format!(
+                "DELETE FROM hops WHERE EXISTS (SELECT 1 FROM {v} AS v
+                 WHERE hops.referral_id = v.column1 AND hops.hop = v.column2
+                   AND hops.agency = v.column3 AND hops.message_id = v.column4)"
+            )
+        },
+        &keys,
+    )
+    .await?;
+    Ok(refused)
+}
+
+/// Why a reply from `agency` to `referral` is refused.
+#[must_use]
+pub fn not_a_party(agency: &str, referral: &str, right: Right) -> String {
+    let what = match right {
+        Right::Receive => "report or acknowledge it (only its recipients and route agencies do)",
+        Right::Answer => "feed back on it (only its recipients, or a lead's handling organ, DZ-8)",
+        Right::Relay => "relay it (only a relay of the lead's route, DZ-7)",
+    };
+    format!(
+        "a reply counts only from an agency the referral was addressed to (DOMAIN.md, Confidentiality): `{agency}` may not {what} on referral {referral}; its addressees and route decide, never its hops"
+    )
+}
+
 /// The ids of `messages` that the ledger already holds.
 async fn recorded_already(
     conn: &mut WriteTx,
@@ -917,5 +1266,142 @@ fn met_by_for(hop: &str) -> Option<MetBy> {
         "answered" => Some(MetBy::Feedback),
         "relayed" => Some(MetBy::Relayed),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refbus_proto::v1::{MisconductLead, RouteHop};
+
+    fn hop(agency: &str, duty: Duty) -> RouteHop {
+        RouteHop {
+            agency: agency.into(),
+            duty: duty as i32,
+        }
+    }
+
+    #[test]
+    fn who_may_reply_comes_from_addressees_and_route_only() {
+        let joint = Envelope {
+            id: "j".into(),
+            recipient: "dz-psb".into(),
+            also_to: vec!["dz-bar-committee".into()],
+            ..Envelope::default()
+        };
+        let rights: HashSet<_> = rights_of(&joint).into_iter().collect();
+        for agency in ["dz-psb", "dz-bar-committee"] {
+            assert!(rights.contains(&(agency, Right::Receive)));
+            assert!(rights.contains(&(agency, Right::Answer)));
+        }
+        assert_eq!(
+            rights.len(),
+            4,
+            "no right to relay a referral that is no lead"
+        );
+
+        // DZ-7 (2): the district court relays up, the high court handles.
+        let lead = Envelope {
+            id: "l".into(),
+            recipient: "dz-court".into(),
+            payload: Some(Payload::MisconductLead(MisconductLead {
+                found_by: "dz-justice-bureau".into(),
+                route: vec![
+                    hop("dz-court", Duty::RelayUp),
+                    hop("cq-high-court", Duty::Handle),
+                ],
+                ..MisconductLead::default()
+            })),
+            ..Envelope::default()
+        };
+        let rights: HashSet<_> = rights_of(&lead).into_iter().collect();
+        assert_eq!(
+            rights,
+            [
+                ("dz-court", Right::Receive),
+                ("dz-court", Right::Relay),
+                ("cq-high-court", Right::Receive),
+                ("cq-high-court", Right::Answer),
+            ]
+            .into(),
+            "the finder, and agencies off the route, have none"
+        );
+        let relayed = Envelope {
+            relay_of: "l".into(),
+            ..lead
+        };
+        assert!(rights_of(&relayed).is_empty(), "filed under the lead");
+    }
+
+    #[test]
+    fn replies_claim_the_right_they_need() {
+        let feedback = Observed::Envelope(Box::new(Envelope {
+            sender: "yb-court".into(),
+            in_reply_to: "r".into(),
+            payload: Some(Payload::Feedback(Default::default())),
+            ..Envelope::default()
+        }));
+        let reply = feedback.reply().unwrap();
+        assert_eq!(
+            (reply.referral, reply.agency, reply.right),
+            ("r", "yb-court", Right::Answer)
+        );
+        let relay = Observed::Envelope(Box::new(Envelope {
+            sender: "dz-court".into(),
+            relay_of: "r".into(),
+            ..Envelope::default()
+        }));
+        assert_eq!(relay.reply().unwrap().right, Right::Relay);
+        let notice = Observed::Envelope(Box::new(Envelope {
+            sender: TRACKER_ID.into(),
+            in_reply_to: "r".into(),
+            ..Envelope::default()
+        }));
+        assert!(notice.reply().is_none(), "the tracker's overdue notices");
+        let acknowledged = Observed::Hop(HopReport {
+            referral_id: "r".into(),
+            agency: "dz-court".into(),
+            hop: Hop::Acknowledged as i32,
+            ..HopReport::default()
+        });
+        assert_eq!(acknowledged.reply().unwrap().right, Right::Receive);
+    }
+
+    #[test]
+    fn malformed_ids_are_refused_before_storage_naming_the_field() {
+        let id = "01a233bc-4bdf-7330-982c-01e2e29d356a";
+        let mut envelope = Envelope {
+            sender: "dz-duty-desk".into(),
+            recipient: "dz-detention-centre".into(),
+            in_reply_to: id.into(),
+            ..Envelope::default()
+        };
+        assert_eq!(
+            Observed::Envelope(Box::new(envelope.clone())).check_ids(),
+            Ok(())
+        );
+        envelope.in_reply_to = format!("{id}\0");
+        let err = Observed::Envelope(Box::new(envelope.clone()))
+            .check_ids()
+            .unwrap_err();
+        assert!(
+            err.starts_with("envelope.in_reply_to: not a referral id"),
+            "{err}"
+        );
+        envelope.in_reply_to = id.into();
+        envelope.also_to = vec!["x\0".into()];
+        let err = Observed::Envelope(Box::new(envelope))
+            .check_ids()
+            .unwrap_err();
+        assert!(err.starts_with("envelope.also_to: "), "{err}");
+        let submitted = Observed::Hop(HopReport {
+            id: "h".into(),
+            referral_id: id.into(),
+            agency: "dz-court".into(),
+            hop: Hop::Submitted as i32,
+            ..HopReport::default()
+        });
+        let err = submitted.check_ids().unwrap_err();
+        assert!(err.starts_with("hop_report.hop: `submitted`"), "{err}");
     }
 }

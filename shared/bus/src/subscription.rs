@@ -178,7 +178,7 @@ impl Bus {
                     .dead_lettered
                     .get_or_create(&BusMetrics::queue_role(&self.topology().namespace, queue))
                     .inc();
-                tracing::warn!(%queue, %reason, bytes = incoming.data.len(), "dead-lettered an undecodable delivery");
+                tracing::warn!(%queue, %reason, bytes = incoming.data.len(), "dead-lettered a delivery that cannot be handled");
                 if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
                     tracing::warn!(%queue, error = %e, "ack after dead-lettering failed; the broker will redeliver it");
                 }
