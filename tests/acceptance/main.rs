@@ -16,6 +16,8 @@
 //! - [`observability`]: issue 7, `/metrics` after a scenario, gRPC health
 //!   and reflection on every service.
 //! - [`deployment`]: issue 7, the deployment files are consistent.
+//! - [`lead_visibility`]: issue 16, a lead shows nothing off its route,
+//!   whatever hops name (GetReferral, ListObligations, report, dashboard).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -28,6 +30,7 @@ mod dashboard;
 mod deployment;
 mod exactly_once;
 mod faults;
+mod lead_visibility;
 mod leads;
 mod observability;
 mod privacy;

@@ -229,11 +229,12 @@ impl Queries {
     ) -> Result<BTreeMap<String, BTreeSet<String>>, Status> {
         let mut routes = BTreeMap::new();
         for id in ids.into_iter().collect::<BTreeSet<_>>() {
-            let row = sqlx::query("SELECT sender, recipient, envelope FROM referrals WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.ledger.pool)
-                .await
-                .map_err(internal)?;
+            let row =
+                sqlx::query("SELECT sender, recipient, envelope FROM referrals WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.ledger.pool)
+                    .await
+                    .map_err(internal)?;
             if let Some(row) = row {
                 routes.insert(id.to_owned(), parties_of_row(&row).map_err(internal)?);
             }
@@ -244,10 +245,13 @@ impl Queries {
     /// A referral's status for `asker`.
     ///
     /// # Errors
-    /// NOT_FOUND (also for lead traffic `asker` is not a party to, DZ-6),
-    /// PERMISSION_DENIED, or UNAVAILABLE when the ledger is.
+    /// INVALID_ARGUMENT for an id that is no referral id; NOT_FOUND (also
+    /// for lead traffic `asker` is not a party to, DZ-6), PERMISSION_DENIED,
+    /// or UNAVAILABLE when the ledger is.
     pub async fn referral(&self, asker: &str, id: &str) -> Result<ReferralStatus, Status> {
         let asker = self.agency(asker)?;
+        refbus_core::envelope::check_referral_id("referral_id", id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let not_found =
             || Status::not_found(format!("referral_id: no referral `{id}` in the ledger"));
         let row = sqlx::query("SELECT * FROM referrals WHERE id = $1")
@@ -475,7 +479,6 @@ impl Queries {
         &self,
         request: ComplianceReportRequest,
     ) -> Result<ComplianceReportResponse, Status> {
-        let asker = self.agency(&request.agency)?;
         let from = request
             .from
             .as_ref()
@@ -486,6 +489,46 @@ impl Queries {
             .as_ref()
             .and_then(from_timestamp)
             .ok_or_else(|| Status::invalid_argument("to: required"))?;
+        let report = self.compile_report(&request.agency, from, to).await?;
+        let rendered =
+            match ReportFormat::try_from(request.format).unwrap_or(ReportFormat::Unspecified) {
+                ReportFormat::Unspecified => String::new(),
+                ReportFormat::Table => report.to_table(),
+                ReportFormat::Csv => report.to_csv(),
+                ReportFormat::Html => report.to_html(),
+            };
+        Ok(ComplianceReportResponse {
+            rows: report
+                .rows
+                .iter()
+                .map(|r| ComplianceRow {
+                    agency: r.agency.clone(),
+                    rule: r.rule.clone(),
+                    count: r.count,
+                    met_on_time: r.met_on_time,
+                    met_late: r.met_late,
+                    still_open: r.still_open,
+                    overdue: r.overdue,
+                    median_seconds_to_meet: r.median_to_meet.map(|d| d.num_seconds()),
+                    p95_seconds_to_meet: r.p95_to_meet.map(|d| d.num_seconds()),
+                })
+                .collect(),
+            rendered,
+        })
+    }
+
+    /// The compliance report of `[from, to)` for the agencies `asker` may
+    /// see, without what it may not see of leads (DZ-6, module docs).
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT for a bad period, NOT_FOUND, UNAVAILABLE.
+    pub async fn compile_report(
+        &self,
+        asker: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<report::ComplianceReport, Status> {
+        let asker = self.agency(asker)?;
         if to <= from {
             return Err(Status::invalid_argument("to: must be after from"));
         }
@@ -521,32 +564,7 @@ impl Queries {
                     .map(from_millis),
             });
         }
-        let report = report::compile(outcomes, from, to, self.clock.now());
-        let rendered =
-            match ReportFormat::try_from(request.format).unwrap_or(ReportFormat::Unspecified) {
-                ReportFormat::Unspecified => String::new(),
-                ReportFormat::Table => report.to_table(),
-                ReportFormat::Csv => report.to_csv(),
-                ReportFormat::Html => report.to_html(),
-            };
-        Ok(ComplianceReportResponse {
-            rows: report
-                .rows
-                .iter()
-                .map(|r| ComplianceRow {
-                    agency: r.agency.clone(),
-                    rule: r.rule.clone(),
-                    count: r.count,
-                    met_on_time: r.met_on_time,
-                    met_late: r.met_late,
-                    still_open: r.still_open,
-                    overdue: r.overdue,
-                    median_seconds_to_meet: r.median_to_meet.map(|d| d.num_seconds()),
-                    p95_seconds_to_meet: r.p95_to_meet.map(|d| d.num_seconds()),
-                })
-                .collect(),
-            rendered,
-        })
+        Ok(report::compile(outcomes, from, to, self.clock.now()))
     }
 }
 
