@@ -4,14 +4,20 @@
 //! and overdue: signing in with a bearer token, the overdue obligations
 //! per agency, one referral's timeline, the monthly compliance chart, and
 //! a screenshot of the chart whose colours the test counts.
+//!
+//! Issue 16: the dashboard secure outside a laptop: an opaque session in
+//! the cookie (never the token), CSRF tokens on every POST, a content
+//! security policy on every page, every value escaped.
 
 use std::time::Duration;
 
 use chrono::{Datelike, Utc};
 use fantoccini::{ClientBuilder, Locator};
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help_at, submit};
+use refbus_tests::tracker::{Db, TestTracker, bearer_dashboard, drop_ledger, ledger_settings};
 use refbus_tests::up::{Up, eventually, http_get};
 use refbus_tests::{as_agency, take_and_acknowledge};
+use refbus_tracker::Clock;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -270,8 +276,26 @@ async fn the_dashboard_shows_overdue_timeline_and_monthly_chart_in_chromium() {
         "the late card's background: {late_card} pixels"
     );
 
-    // Signing out forgets the token.
-    browser.goto(&format!("{dashboard}/logout")).await.unwrap();
+    // The session cookie is opaque and out of the page's reach.
+    let cookie = browser.get_named_cookie("refbus_session").await.unwrap();
+    assert!(!cookie.value().contains("dev-"), "{cookie:?}");
+    assert_eq!(cookie.http_only(), Some(true));
+    assert_eq!(cookie.secure(), Some(true));
+    assert_eq!(format!("{:?}", cookie.same_site()), "Some(Strict)");
+    // Signing out (a POST with the session's CSRF token) ends the session.
+    browser.goto(&format!("{dashboard}/")).await.unwrap();
+    browser
+        .find(Locator::Id("sign-out"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait()
+        .for_element(Locator::Id("sign-in"))
+        .await
+        .unwrap();
     browser.goto(&format!("{dashboard}/")).await.unwrap();
     assert_eq!(browser.current_url().await.unwrap().path(), "/login");
 
@@ -315,4 +339,291 @@ async fn the_dashboard_refuses_what_the_api_refuses() {
     );
     assert_eq!(status, 400);
     up.stop().await;
+}
+
+/// A plain HTTP client that follows no redirect and keeps no cookie.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_redirects_will_error(false)
+        .build()
+        .into()
+}
+
+/// Status, `Set-Cookie` headers and body of a response.
+fn parts(mut response: ureq::http::Response<ureq::Body>) -> (u16, Vec<String>, String) {
+    let cookies = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let body = response.body_mut().read_to_string().unwrap();
+    (response.status().as_u16(), cookies, body)
+}
+
+/// The `name=value` pair of cookie `name` among `Set-Cookie` headers, and
+/// its whole header.
+fn set_cookie<'a>(cookies: &'a [String], name: &str) -> (String, &'a str) {
+    let header = cookies
+        .iter()
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} cookie in {cookies:?}"));
+    (header.split(';').next().unwrap().to_owned(), header)
+}
+
+/// The value of the hidden `csrf` field of a page.
+fn csrf_of(page: &str) -> String {
+    page.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no csrf field in {page}"))
+        .to_owned()
+}
+
+/// Issue 16: the session cookie holds an opaque id (never the token) with
+/// HttpOnly, Secure, SameSite=Strict and Path=/; signing in and out
+/// without the form's CSRF token, or from another site, is refused (403)
+/// and changes nothing; every page carries the security policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_session_is_opaque_and_its_forms_are_csrf_protected() {
+    let bus = refbus_tests::TestBus::spawn().await;
+    let tracker = TestTracker::start(&bus, ledger_settings(Db::Sqlite), Clock::System).await;
+    let dashboard = bearer_dashboard(&bus, &tracker).await;
+    let http = agent();
+    let token = "dev-dz-detention-centre";
+
+    // The sign-in form binds its CSRF token to a cookie of its own.
+    let (status, cookies, form) = parts(http.get(&format!("{dashboard}/login")).call().unwrap());
+    assert_eq!(status, 200);
+    let (signin, header) = set_cookie(&cookies, "refbus_signin");
+    for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(header.contains(attribute), "{attribute}: {header}");
+    }
+    let csrf = csrf_of(&form);
+    assert_eq!(signin, format!("refbus_signin={csrf}"));
+
+    let sign_in = |cookie: Option<&str>, origin: Option<&str>, fields: &[(&str, &str)]| {
+        let mut request = http.post(&format!("{dashboard}/login"));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        parts(request.send_form(fields.iter().copied()).unwrap())
+    };
+    // Without the token, with another's, without the cookie, from another
+    // site: 403, and no session.
+    let own_origin = dashboard.as_str();
+    for (cookie, origin, fields) in [
+        (Some(signin.as_str()), None, vec![("token", token)]),
+        (
+            Some(signin.as_str()),
+            None,
+            vec![("token", token), ("csrf", "0000")],
+        ),
+        (None, None, vec![("token", token), ("csrf", csrf.as_str())]),
+        (
+            Some(signin.as_str()),
+            Some("http://evil.example"),
+            vec![("token", token), ("csrf", csrf.as_str())],
+        ),
+    ] {
+        let (status, cookies, body) = sign_in(cookie, origin, &fields);
+        assert_eq!(status, 403, "{cookie:?} {origin:?} {fields:?}: {body}");
+        assert!(body.contains("CSRF"), "{body}");
+        assert!(
+            !cookies.iter().any(|c| c.starts_with("refbus_session=")),
+            "{cookies:?}"
+        );
+    }
+
+    // With it: a session whose cookie holds no token.
+    let (status, cookies, _) = sign_in(
+        Some(&signin),
+        Some(own_origin),
+        &[("token", token), ("csrf", &csrf)],
+    );
+    assert_eq!(status, 303);
+    let (session, header) = set_cookie(&cookies, "refbus_session");
+    for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(header.contains(attribute), "{attribute}: {header}");
+    }
+    assert!(
+        !cookies
+            .iter()
+            .any(|c| c.contains(token) || c.contains("dev-")),
+        "no token in any cookie: {cookies:?}"
+    );
+    let value = session.trim_start_matches("refbus_session=");
+    assert_eq!(value.len(), 64, "{value}");
+    assert!(value.chars().all(|c| c.is_ascii_hexdigit()), "{value}");
+
+    let overview = || {
+        parts(
+            http.get(&format!("{dashboard}/"))
+                .header("cookie", &session)
+                .call()
+                .unwrap(),
+        )
+    };
+    let (status, _, page) = overview();
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("<b id=\"agency\">dz-detention-centre</b>"),
+        "{page}"
+    );
+    let session_csrf = csrf_of(&page);
+    assert_ne!(session_csrf, csrf);
+
+    // Every page and error carries the policy and the other headers.
+    for path in [
+        "/",
+        "/login",
+        "/report",
+        "/report.csv",
+        "/dashboard.css",
+        "/referrals/x",
+    ] {
+        let response = http
+            .get(&format!("{dashboard}{path}"))
+            .header("cookie", &session)
+            .call()
+            .unwrap();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        let csp = header("content-security-policy");
+        for directive in [
+            "default-src 'none'",
+            "style-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {directive} in {csp:?}");
+        }
+        assert!(
+            !csp.contains("unsafe-inline") && !csp.contains("script-src"),
+            "{csp}"
+        );
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(header("referrer-policy"), "no-referrer", "{path}");
+    }
+    // No inline style or script is needed: the policy breaks nothing.
+    assert!(!page.contains("<style") && !page.contains("style=") && !page.contains("<script"));
+
+    // Signing out without the session's CSRF token: 403, still signed in.
+    let sign_out = |fields: &[(&str, &str)]| {
+        parts(
+            http.post(&format!("{dashboard}/logout"))
+                .header("cookie", &session)
+                .send_form(fields.iter().copied())
+                .unwrap(),
+        )
+    };
+    let (status, _, body) = sign_out(&[]);
+    assert_eq!(status, 403, "{body}");
+    let (status, _, body) = sign_out(&[("csrf", &csrf)]);
+    assert_eq!(
+        status, 403,
+        "the sign-in token is not the session's: {body}"
+    );
+    assert_eq!(overview().0, 200);
+    // A GET cannot sign out.
+    let (status, _, _) = parts(
+        http.get(&format!("{dashboard}/logout"))
+            .header("cookie", &session)
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(status, 405);
+    assert_eq!(overview().0, 200);
+    // With it: the session is over, its cookie worth nothing.
+    let (status, cookies, _) = sign_out(&[("csrf", &session_csrf)]);
+    assert_eq!(status, 303);
+    assert!(
+        cookies
+            .iter()
+            .any(|c| c.starts_with("refbus_session=;") && c.contains("Max-Age=0")),
+        "{cookies:?}"
+    );
+    let (status, _, _) = overview();
+    assert_eq!(status, 303, "to the sign-in page");
+
+    let (settings, _) = tracker.stop().await;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
+/// Issue 16: what the dashboard shows is escaped: a crafted id in the URL,
+/// a ledger value (an agency written into a hop behind the tracker's
+/// back) and the agencies' Chinese names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_escapes_every_value() {
+    let bus = refbus_tests::TestBus::spawn().await;
+    let tracker = TestTracker::start(&bus, ledger_settings(Db::Sqlite), Clock::System).await;
+    let dashboard = bearer_dashboard(&bus, &tracker).await;
+    let id = bus
+        .gateway_as("detention-centre", CENTRE)
+        .await
+        .submit(submit(legal_help_at("escaped", Utc::now())))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let page = format!("{dashboard}/referrals/{id}");
+    eventually("the referral in the ledger", || async {
+        (http_get(&page, Some("dev-dz-detention-centre")).0 == 200).then_some(())
+    })
+    .await;
+
+    // A crafted id in the URL.
+    let (status, body) = http_get(
+        &format!("{dashboard}/referrals/%3Cscript%3Ealert(1)%3C%2Fscript%3E"),
+        Some("dev-dz-detention-centre"),
+    );
+    assert_eq!(status, 400, "not a referral id: {body}");
+    assert!(
+        body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{body}"
+    );
+    assert!(!body.contains("<script"), "{body}");
+
+    // A ledger value.
+    let ledger = TestTracker::ledger(&tracker.settings).await;
+    sqlx::query(
+        "INSERT INTO hops (referral_id, hop, agency, at, message_id, meets)
+         VALUES ($1, 'delivered', $2, $3, 'forged', '')",
+    )
+    .bind(&id)
+    .bind("<script>alert(\"hop\")</script><img src=x>")
+    .bind(Utc::now().timestamp_millis())
+    .execute(&ledger.pool)
+    .await
+    .unwrap();
+    ledger.close().await;
+    let (status, body) = http_get(&page, Some("dev-dz-detention-centre"));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("&lt;script&gt;alert(&quot;hop&quot;)&lt;/script&gt;&lt;img src=x&gt;"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("<script") && !body.contains("<img"),
+        "{body}"
+    );
+
+    // The Chinese names, as they are.
+    let (status, body) = http_get(&format!("{dashboard}/"), Some("dev-dz-justice-bureau"));
+    assert_eq!(status, 200);
+    assert!(body.contains("看守所"), "{body}");
+
+    let (settings, _) = tracker.stop().await;
+    bus.stop().await;
+    drop_ledger(&settings).await;
 }
