@@ -161,29 +161,56 @@ pub fn tracker_binary() -> PathBuf {
 /// The tracker's dashboard on `tracker`'s ledger, served over plain HTTP
 /// with the development bearer tokens (`dev-<agency>`), for tests whose
 /// bus runs with mutual TLS (whose tracker's dashboard then has no
-/// tokens). Stops with `tracker`'s shutdown.
+/// tokens). Stops with `bus`'s shutdown.
 pub async fn bearer_dashboard(bus: &TestBus, tracker: &TestTracker) -> String {
-    let directory = std::sync::Arc::new(
-        refbus_core::Directory::load(repo_root().join("deploy/local/directory.toml")).unwrap(),
-    );
     let auth = refbus_gateway::auth::Authenticator::load(
         &refbus_gateway::auth::AuthSettings::bearer(repo_root().join("deploy/local/tokens.toml")),
-        directory.clone(),
+        bus.shared.directory.clone(),
     )
     .unwrap();
+    dashboard_with(bus, tracker, std::sync::Arc::new(auth), false).await
+}
+
+/// The tracker's dashboard on `tracker`'s ledger with `auth`, over TLS
+/// with the development certificates of [`crate::tls_dir`] (client
+/// certificates optional) when `tls`, else plain HTTP; its base URL.
+pub async fn dashboard_with(
+    bus: &TestBus,
+    tracker: &TestTracker,
+    auth: std::sync::Arc<refbus_gateway::auth::Authenticator>,
+    tls: bool,
+) -> String {
     let queries = refbus_tracker::query::Queries {
         ledger: std::sync::Arc::new(TestTracker::ledger(&tracker.settings).await),
-        directory,
+        directory: bus.shared.directory.clone(),
         clock: tracker.clock.clone(),
     };
     let listener = refbus_gateway::observe::bind_http("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(refbus_gateway::observe::serve_http(
-        listener,
-        refbus_tracker::dashboard::router(queries, std::sync::Arc::new(auth)),
-        bus.shared.shutdown.child_token(),
-    ));
-    url
+    let port = listener.local_addr().unwrap().port();
+    let router = refbus_tracker::dashboard::router(queries, auth);
+    let shutdown = bus.shared.shutdown.child_token();
+    if tls {
+        let dir = crate::tls_dir();
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        let config = refbus_tracker::dashboard::tls_config(
+            &read("server.pem"),
+            &read("server.key"),
+            &read("ca.pem"),
+        )
+        .unwrap();
+        tokio::spawn(refbus_tracker::dashboard::serve_tls(
+            listener,
+            router,
+            std::sync::Arc::new(config),
+            shutdown,
+        ));
+        format!("https://localhost:{port}")
+    } else {
+        tokio::spawn(refbus_gateway::observe::serve_http(
+            listener, router, shutdown,
+        ));
+        format!("http://127.0.0.1:{port}")
+    }
 }

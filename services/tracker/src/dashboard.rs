@@ -26,7 +26,8 @@
 //!   dashboard's own stylesheet (`/dashboard.css`) and SVG: no script at
 //!   all, no inline style, no framing (`frame-ancestors 'none'`), forms
 //!   only to itself; and `X-Content-Type-Options: nosniff`,
-//!   `Referrer-Policy: no-referrer`, `Cache-Control: no-store`.
+//!   `Referrer-Policy: same-origin` (not `no-referrer`, under which a
+//!   browser sends `Origin: null` with the dashboard's own forms), `Cache-Control: no-store`.
 //!
 //! # What it shows
 //! Each page shows only what the gRPC queries would return to that agency:
@@ -52,6 +53,9 @@ use refbus_gateway::auth::{Authenticator, agency_of_certificate};
 use refbus_proto::v1::{ListObligationsRequest, Obligation, ObligationFilter, ObligationState};
 
 use crate::query::Queries;
+
+mod tls;
+pub use tls::{TlsError, serve_tls, tls_config};
 
 /// The cookie that carries the session id (never a token).
 pub const SESSION_COOKIE: &str = "refbus_session";
@@ -195,7 +199,7 @@ async fn security_headers(mut response: Response) -> Response {
     for (name, value) in [
         (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        (header::REFERRER_POLICY, "same-origin"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::CACHE_CONTROL, "no-store"),
     ] {
