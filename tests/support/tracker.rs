@@ -197,7 +197,7 @@ pub async fn dashboard_with(
         let config = refbus_tracker::dashboard::tls_config(
             &read("server.pem"),
             &read("server.key"),
-            &read("ca.pem"),
+            Some(&read("ca.pem")),
         )
         .unwrap();
         tokio::spawn(refbus_tracker::dashboard::serve_tls(

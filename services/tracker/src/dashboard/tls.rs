@@ -35,15 +35,17 @@ pub enum TlsError {
 }
 
 /// A server configuration from PEM: the server's certificate chain and
-/// key, and the CA whose client certificates name agencies. A client
-/// certificate is verified when presented, not required.
+/// key, and (with mutual TLS) the CA whose client certificates name
+/// agencies. A client certificate is verified when presented, not
+/// required; without a client CA none is asked for (bearer tokens over
+/// TLS).
 ///
 /// # Errors
 /// [`TlsError`] naming the PEM that does not parse, or the configuration.
 pub fn tls_config(
     cert_pem: &[u8],
     key_pem: &[u8],
-    client_ca_pem: &[u8],
+    client_ca_pem: Option<&[u8]>,
 ) -> Result<ServerConfig, TlsError> {
     let pem = |what| {
         move |e: tokio_rustls::rustls::pki_types::pem::Error| TlsError::Pem {
@@ -57,20 +59,26 @@ pub fn tls_config(
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem("certificate"))?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(pem("key"))?;
-    let mut roots = RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(client_ca_pem) {
-        roots
-            .add(ca.map_err(pem("client CA"))?)
-            .map_err(|e| config(&e))?;
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| config(&e))?;
-    let mut server = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| config(&e))?
-        .with_client_cert_verifier(verifier)
+        .map_err(|e| config(&e))?;
+    let builder = match client_ca_pem {
+        Some(client_ca_pem) => {
+            let mut roots = RootCertStore::empty();
+            for ca in CertificateDer::pem_slice_iter(client_ca_pem) {
+                roots
+                    .add(ca.map_err(pem("client CA"))?)
+                    .map_err(|e| config(&e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| config(&e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut server = builder
         .with_single_cert(chain, key)
         .map_err(|e| config(&e))?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
