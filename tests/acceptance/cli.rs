@@ -197,9 +197,13 @@ async fn every_subcommand_works_against_the_running_bus_with_script_exit_codes()
         4
     );
     assert_eq!(
-        up.refbus("tracker", CENTRE, &["status", "no-such-id"])
-            .await
-            .code,
+        up.refbus(
+            "tracker",
+            CENTRE,
+            &["status", "00000000-0000-0000-0000-000000000000"],
+        )
+        .await
+        .code,
         5
     );
     let unreachable = up

@@ -4,14 +4,22 @@
 //! and overdue: signing in with a bearer token, the overdue obligations
 //! per agency, one referral's timeline, the monthly compliance chart, and
 //! a screenshot of the chart whose colours the test counts.
+//!
+//! Issue 16: the dashboard secure outside a laptop: an opaque session in
+//! the cookie (never the token), CSRF tokens on every POST, a content
+//! security policy on every page, every value escaped.
 
 use std::time::Duration;
 
 use chrono::{Datelike, Utc};
 use fantoccini::{ClientBuilder, Locator};
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help_at, submit};
+use refbus_tests::tracker::{
+    Db, TestTracker, bearer_dashboard, dashboard_with, drop_ledger, ledger_settings,
+};
 use refbus_tests::up::{Up, eventually, http_get};
 use refbus_tests::{as_agency, take_and_acknowledge};
+use refbus_tracker::Clock;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -84,7 +92,9 @@ async fn the_dashboard_shows_overdue_timeline_and_monthly_chart_in_chromium() {
         .id;
     // The tracker has recorded all four, both acknowledgements and the
     // overdue notices about the unanswered one (to the centre and the bureau).
-    let dashboard = up.url("dashboard").to_owned();
+    // `localhost`: a browser keeps the session's Secure cookie over plain
+    // HTTP only there.
+    let dashboard = up.url("dashboard").replace("127.0.0.1", "localhost");
     let page = |id: &str| {
         http_get(
             &format!("{dashboard}/referrals/{id}"),
@@ -151,7 +161,8 @@ async fn the_dashboard_shows_overdue_timeline_and_monthly_chart_in_chromium() {
         .for_element(Locator::Id("error"))
         .await
         .unwrap();
-    assert!(error.text().await.unwrap().contains("names no agency"));
+    let text = error.text().await.unwrap();
+    assert!(text.contains("names no agency"), "{text}");
     // The Dazu justice bureau signs in: it supervises the centre's region.
     sign_in(&browser, "dev-dz-justice-bureau").await;
     let who = browser
@@ -270,8 +281,26 @@ async fn the_dashboard_shows_overdue_timeline_and_monthly_chart_in_chromium() {
         "the late card's background: {late_card} pixels"
     );
 
-    // Signing out forgets the token.
-    browser.goto(&format!("{dashboard}/logout")).await.unwrap();
+    // No cookie the browser holds carries the token (WebDriver does not
+    // list a Secure cookie on an http page; the attributes are checked in
+    // the_dashboard_session_is_opaque_and_its_forms_are_csrf_protected).
+    for cookie in browser.get_all_cookies().await.unwrap() {
+        assert!(!cookie.value().contains("dev-"), "{cookie:?}");
+    }
+    // Signing out (a POST with the session's CSRF token) ends the session.
+    browser.goto(&format!("{dashboard}/")).await.unwrap();
+    browser
+        .find(Locator::Id("sign-out"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser
+        .wait()
+        .for_element(Locator::Id("sign-in"))
+        .await
+        .unwrap();
     browser.goto(&format!("{dashboard}/")).await.unwrap();
     assert_eq!(browser.current_url().await.unwrap().path(), "/login");
 
@@ -315,4 +344,392 @@ async fn the_dashboard_refuses_what_the_api_refuses() {
     );
     assert_eq!(status, 400);
     up.stop().await;
+}
+
+/// A plain HTTP client that follows no redirect and keeps no cookie.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_redirects_will_error(false)
+        .build()
+        .into()
+}
+
+/// Status, `Set-Cookie` headers and body of a response.
+fn parts(mut response: ureq::http::Response<ureq::Body>) -> (u16, Vec<String>, String) {
+    let cookies = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let body = response.body_mut().read_to_string().unwrap();
+    (response.status().as_u16(), cookies, body)
+}
+
+/// The `name=value` pair of cookie `name` among `Set-Cookie` headers, and
+/// its whole header.
+fn set_cookie<'a>(cookies: &'a [String], name: &str) -> (String, &'a str) {
+    let header = cookies
+        .iter()
+        .find(|c| c.starts_with(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("no {name} cookie in {cookies:?}"));
+    (header.split(';').next().unwrap().to_owned(), header)
+}
+
+/// The value of the hidden `csrf` field of a page.
+fn csrf_of(page: &str) -> String {
+    page.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no csrf field in {page}"))
+        .to_owned()
+}
+
+/// Issue 16: the session cookie holds an opaque id (never the token) with
+/// HttpOnly, Secure, SameSite=Strict and Path=/; signing in and out
+/// without the form's CSRF token, or from another site, is refused (403)
+/// and changes nothing; every page carries the security policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_session_is_opaque_and_its_forms_are_csrf_protected() {
+    let bus = refbus_tests::TestBus::spawn().await;
+    let tracker = TestTracker::start(&bus, ledger_settings(Db::Sqlite), Clock::System).await;
+    let dashboard = bearer_dashboard(&bus, &tracker).await;
+    let http = agent();
+    let token = "dev-dz-detention-centre";
+
+    // The sign-in form binds its CSRF token to a cookie of its own.
+    let (status, cookies, form) = parts(http.get(&format!("{dashboard}/login")).call().unwrap());
+    assert_eq!(status, 200);
+    let (signin, header) = set_cookie(&cookies, "refbus_signin");
+    for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(header.contains(attribute), "{attribute}: {header}");
+    }
+    let csrf = csrf_of(&form);
+    assert_eq!(signin, format!("refbus_signin={csrf}"));
+
+    let sign_in = |cookie: Option<&str>, origin: Option<&str>, fields: &[(&str, &str)]| {
+        let mut request = http.post(&format!("{dashboard}/login"));
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie);
+        }
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        parts(request.send_form(fields.iter().copied()).unwrap())
+    };
+    // Without the token, with another's, without the cookie, from another
+    // site: 403, and no session.
+    let own_origin = dashboard.as_str();
+    for (cookie, origin, fields) in [
+        (Some(signin.as_str()), None, vec![("token", token)]),
+        (
+            Some(signin.as_str()),
+            None,
+            vec![("token", token), ("csrf", "0000")],
+        ),
+        (None, None, vec![("token", token), ("csrf", csrf.as_str())]),
+        (
+            Some(signin.as_str()),
+            Some("http://evil.example"),
+            vec![("token", token), ("csrf", csrf.as_str())],
+        ),
+    ] {
+        let (status, cookies, body) = sign_in(cookie, origin, &fields);
+        assert_eq!(status, 403, "{cookie:?} {origin:?} {fields:?}: {body}");
+        assert!(body.contains("CSRF"), "{body}");
+        assert!(
+            !cookies.iter().any(|c| c.starts_with("refbus_session=")),
+            "{cookies:?}"
+        );
+    }
+
+    // With it: a session whose cookie holds no token.
+    let (status, cookies, _) = sign_in(
+        Some(&signin),
+        Some(own_origin),
+        &[("token", token), ("csrf", &csrf)],
+    );
+    assert_eq!(status, 303);
+    let (session, header) = set_cookie(&cookies, "refbus_session");
+    for attribute in ["HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
+        assert!(header.contains(attribute), "{attribute}: {header}");
+    }
+    assert!(
+        !cookies
+            .iter()
+            .any(|c| c.contains(token) || c.contains("dev-")),
+        "no token in any cookie: {cookies:?}"
+    );
+    let value = session.trim_start_matches("refbus_session=");
+    assert_eq!(value.len(), 64, "{value}");
+    assert!(value.chars().all(|c| c.is_ascii_hexdigit()), "{value}");
+
+    let overview = || {
+        parts(
+            http.get(&format!("{dashboard}/"))
+                .header("cookie", &session)
+                .call()
+                .unwrap(),
+        )
+    };
+    let (status, _, page) = overview();
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("<b id=\"agency\">dz-detention-centre</b>"),
+        "{page}"
+    );
+    let session_csrf = csrf_of(&page);
+    assert_ne!(session_csrf, csrf);
+
+    // Every page and error carries the policy and the other headers.
+    for path in [
+        "/",
+        "/login",
+        "/report",
+        "/report.csv",
+        "/dashboard.css",
+        "/referrals/x",
+    ] {
+        let response = http
+            .get(&format!("{dashboard}{path}"))
+            .header("cookie", &session)
+            .call()
+            .unwrap();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        let csp = header("content-security-policy");
+        for directive in [
+            "default-src 'none'",
+            "style-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {directive} in {csp:?}");
+        }
+        assert!(
+            !csp.contains("unsafe-inline") && !csp.contains("script-src"),
+            "{csp}"
+        );
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(header("referrer-policy"), "same-origin", "{path}");
+    }
+    // No inline style or script is needed: the policy breaks nothing.
+    assert!(!page.contains("<style") && !page.contains("style=") && !page.contains("<script"));
+
+    // Signing out without the session's CSRF token: 403, still signed in.
+    let sign_out = |fields: &[(&str, &str)]| {
+        parts(
+            http.post(&format!("{dashboard}/logout"))
+                .header("cookie", &session)
+                .send_form(fields.iter().copied())
+                .unwrap(),
+        )
+    };
+    let (status, _, body) = sign_out(&[]);
+    assert_eq!(status, 403, "{body}");
+    let (status, _, body) = sign_out(&[("csrf", &csrf)]);
+    assert_eq!(
+        status, 403,
+        "the sign-in token is not the session's: {body}"
+    );
+    assert_eq!(overview().0, 200);
+    // A GET cannot sign out.
+    let (status, _, _) = parts(
+        http.get(&format!("{dashboard}/logout"))
+            .header("cookie", &session)
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(status, 405);
+    assert_eq!(overview().0, 200);
+    // With it: the session is over, its cookie worth nothing.
+    let (status, cookies, _) = sign_out(&[("csrf", &session_csrf)]);
+    assert_eq!(status, 303);
+    assert!(
+        cookies
+            .iter()
+            .any(|c| c.starts_with("refbus_session=;") && c.contains("Max-Age=0")),
+        "{cookies:?}"
+    );
+    let (status, _, _) = overview();
+    assert_eq!(status, 303, "to the sign-in page");
+
+    let (settings, _) = tracker.stop().await;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
+/// Issue 16: what the dashboard shows is escaped: a crafted id in the URL,
+/// a ledger value (an agency written into a hop behind the tracker's
+/// back) and the agencies' Chinese names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_escapes_every_value() {
+    let bus = refbus_tests::TestBus::spawn().await;
+    let tracker = TestTracker::start(&bus, ledger_settings(Db::Sqlite), Clock::System).await;
+    let dashboard = bearer_dashboard(&bus, &tracker).await;
+    let id = bus
+        .gateway_as("detention-centre", CENTRE)
+        .await
+        .submit(submit(legal_help_at("escaped", Utc::now())))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let page = format!("{dashboard}/referrals/{id}");
+    eventually("the referral in the ledger", || async {
+        (http_get(&page, Some("dev-dz-detention-centre")).0 == 200).then_some(())
+    })
+    .await;
+
+    // A crafted id in the URL.
+    let (status, body) = http_get(
+        &format!("{dashboard}/referrals/%3Cscript%3Ealert(1)%3C%2Fscript%3E"),
+        Some("dev-dz-detention-centre"),
+    );
+    assert_eq!(status, 400, "not a referral id: {body}");
+    assert!(
+        body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{body}"
+    );
+    assert!(!body.contains("<script"), "{body}");
+
+    // A ledger value.
+    let ledger = TestTracker::ledger(&tracker.settings).await;
+    sqlx::query(
+        "INSERT INTO hops (referral_id, hop, agency, at, message_id, meets)
+         VALUES ($1, 'delivered', $2, $3, 'forged', '')",
+    )
+    .bind(&id)
+    .bind("<script>alert(\"hop\")</script><img src=x>")
+    .bind(Utc::now().timestamp_millis())
+    .execute(&ledger.pool)
+    .await
+    .unwrap();
+    ledger.close().await;
+    let (status, body) = http_get(&page, Some("dev-dz-detention-centre"));
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("&lt;script&gt;alert(&quot;hop&quot;)&lt;/script&gt;&lt;img src=x&gt;"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("<script") && !body.contains("<img"),
+        "{body}"
+    );
+
+    // The Chinese names, as they are.
+    let (status, body) = http_get(&format!("{dashboard}/"), Some("dev-dz-justice-bureau"));
+    assert_eq!(status, 200);
+    assert!(body.contains("看守所"), "{body}");
+
+    let (settings, _) = tracker.stop().await;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
+/// `curl` over TLS with the development CA, as `agency`'s client
+/// certificate if given, keeping cookies in `jar`: status, headers, body.
+fn curl(agency: Option<&str>, jar: &std::path::Path, args: &[&str]) -> (u16, String, String) {
+    let dir = refbus_tests::tls_dir();
+    let mut command = std::process::Command::new("curl");
+    command
+        .args(["-s", "-i", "--cacert"])
+        .arg(dir.join("ca.pem"))
+        .arg("-c")
+        .arg(jar)
+        .arg("-b")
+        .arg(jar);
+    if let Some(agency) = agency {
+        command
+            .arg("--cert")
+            .arg(dir.join(format!("agencies/{agency}.pem")))
+            .arg("--key")
+            .arg(dir.join(format!("agencies/{agency}.key")));
+    }
+    let out = command.args(args).output().unwrap();
+    assert!(out.status.success(), "curl {args:?}: {out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// Issue 16: with the services under mutual TLS, the dashboard's port is
+/// served over TLS with the same CA: a browser with an agency's client
+/// certificate signs in as that agency (through the CSRF-protected form,
+/// into an opaque session); one without a certificate is asked to sign in
+/// and cannot with a certificate it does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_signs_in_with_a_client_certificate_over_tls() {
+    let bus = refbus_tests::TestBus::spawn().await;
+    let tracker = TestTracker::start(&bus, ledger_settings(Db::Sqlite), Clock::System).await;
+    let dashboard = dashboard_with(&bus, &tracker, bus.shared.auth.clone(), true).await;
+    let jars = tempdir_for("dashboard-tls");
+    let jar = jars.join("with-cert");
+
+    let (status, _, form) = curl(Some(CENTRE), &jar, &[&format!("{dashboard}/login")]);
+    assert_eq!(status, 200, "{form}");
+    assert!(
+        form.contains("id=\"sign-in-certificate\"")
+            && form.contains("Continue as dz-detention-centre"),
+        "{form}"
+    );
+    let csrf = csrf_of(&form);
+    // Without the form's token: refused.
+    let (status, _, _) = curl(
+        Some(CENTRE),
+        &jar,
+        &["-d", "csrf=0", &format!("{dashboard}/login")],
+    );
+    assert_eq!(status, 403);
+    let (status, head, _) = curl(
+        Some(CENTRE),
+        &jar,
+        &["-d", &format!("csrf={csrf}"), &format!("{dashboard}/login")],
+    );
+    assert_eq!(status, 303, "{head}");
+    assert!(head.contains("refbus_session="), "{head}");
+    let (status, _, page) = curl(Some(CENTRE), &jar, &[&format!("{dashboard}/")]);
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("<b id=\"agency\">dz-detention-centre</b>"),
+        "{page}"
+    );
+
+    // No certificate: to the sign-in page, which offers none, and a
+    // certificate sign-in without one names no agency.
+    let bare = jars.join("without-cert");
+    let (status, _, _) = curl(None, &bare, &[&format!("{dashboard}/")]);
+    assert_eq!(status, 303);
+    let (_, _, form) = curl(None, &bare, &[&format!("{dashboard}/login")]);
+    assert!(!form.contains("sign-in-certificate"), "{form}");
+    let (status, head, _) = curl(
+        None,
+        &bare,
+        &[
+            "-d",
+            &format!("csrf={}", csrf_of(&form)),
+            &format!("{dashboard}/login"),
+        ],
+    );
+    assert_eq!(status, 401, "{head}");
+    assert!(!head.contains("refbus_session="), "{head}");
+
+    let _ = std::fs::remove_dir_all(&jars);
+    let (settings, _) = tracker.stop().await;
+    bus.stop().await;
+    drop_ledger(&settings).await;
+}
+
+/// A fresh directory for one test's files.
+fn tempdir_for(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("refbus-{name}-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

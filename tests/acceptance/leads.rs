@@ -511,9 +511,10 @@ async fn dz_6_a_lead_cannot_be_read_off_its_route() {
         "dz-procuratorate",
         DZ_BAR,
     ] {
+        // DZ-6: not even its existence (issue 16): NOT_FOUND, as for an unknown id.
         let err = world.status(outsider, &receipt.id).await.unwrap_err();
-        assert_eq!(err.code(), Code::PermissionDenied, "{outsider}");
-        assert!(err.message().contains("DZ-6"), "{}", err.message());
+        assert_eq!(err.code(), Code::NotFound, "{outsider}");
+        assert!(err.message().contains("no referral"), "{}", err.message());
         assert_eq!(waiting(&world, &amqp, outsider).await, 0, "{outsider}");
     }
     amqp.close().await;

@@ -24,6 +24,8 @@
 //!   v1alpha, keepalives against half-open clients.
 //! - [`trust`]: issue 16, the tracker under misuse: replies only from
 //!   parties, poison isolated, no false overdue notice.
+//! - [`lead_visibility`]: issue 16, a lead shows nothing off its route,
+//!   whatever hops name (GetReferral, ListObligations, report, dashboard).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -36,6 +38,7 @@ mod dashboard;
 mod deployment;
 mod exactly_once;
 mod faults;
+mod lead_visibility;
 mod leads;
 mod misuse;
 mod observability;

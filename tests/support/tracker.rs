@@ -53,6 +53,8 @@ pub fn ledger_settings(db: Db) -> TrackerSettings {
 pub struct TestTracker {
     pub settings: TrackerSettings,
     pub addr: SocketAddr,
+    /// Where the dashboard and `/metrics` are served.
+    pub http: SocketAddr,
     pub clock: Clock,
     pub metrics: std::sync::Arc<refbus_tracker::record::Metrics>,
     shutdown: CancellationToken,
@@ -71,11 +73,13 @@ impl TestTracker {
             .await
             .expect("tracker starts");
         let addr = tracker.local_addr().unwrap();
+        let http = tracker.http_addr().unwrap();
         let metrics = tracker.metrics.clone();
         let task = tokio::spawn(async move { tracker.run().await.expect("tracker runs") });
         Self {
             settings,
             addr,
+            http,
             clock,
             metrics,
             shutdown,
@@ -152,4 +156,61 @@ where
 #[must_use]
 pub fn tracker_binary() -> PathBuf {
     crate::refbus_binary().with_file_name(format!("tracker{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// The tracker's dashboard on `tracker`'s ledger, served over plain HTTP
+/// with the development bearer tokens (`dev-<agency>`), for tests whose
+/// bus runs with mutual TLS (whose tracker's dashboard then has no
+/// tokens). Stops with `bus`'s shutdown.
+pub async fn bearer_dashboard(bus: &TestBus, tracker: &TestTracker) -> String {
+    let auth = refbus_gateway::auth::Authenticator::load(
+        &refbus_gateway::auth::AuthSettings::bearer(repo_root().join("deploy/local/tokens.toml")),
+        bus.shared.directory.clone(),
+    )
+    .unwrap();
+    dashboard_with(bus, tracker, std::sync::Arc::new(auth), false).await
+}
+
+/// The tracker's dashboard on `tracker`'s ledger with `auth`, over TLS
+/// with the development certificates of [`crate::tls_dir`] (client
+/// certificates optional) when `tls`, else plain HTTP; its base URL.
+pub async fn dashboard_with(
+    bus: &TestBus,
+    tracker: &TestTracker,
+    auth: std::sync::Arc<refbus_gateway::auth::Authenticator>,
+    tls: bool,
+) -> String {
+    let queries = refbus_tracker::query::Queries {
+        ledger: std::sync::Arc::new(TestTracker::ledger(&tracker.settings).await),
+        directory: bus.shared.directory.clone(),
+        clock: tracker.clock.clone(),
+    };
+    let listener = refbus_gateway::observe::bind_http("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = refbus_tracker::dashboard::router(queries, auth);
+    let shutdown = bus.shared.shutdown.child_token();
+    if tls {
+        let dir = crate::tls_dir();
+        let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        let config = refbus_tracker::dashboard::tls_config(
+            &read("server.pem"),
+            &read("server.key"),
+            Some(&read("ca.pem")),
+        )
+        .unwrap();
+        tokio::spawn(refbus_tracker::dashboard::serve_tls(
+            listener,
+            router,
+            std::sync::Arc::new(config),
+            shutdown,
+        ));
+        format!("https://localhost:{port}")
+    } else {
+        tokio::spawn(refbus_gateway::observe::serve_http(
+            listener, router, shutdown,
+        ));
+        format!("http://127.0.0.1:{port}")
+    }
 }

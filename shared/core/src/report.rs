@@ -20,6 +20,13 @@
 //!
 //! Rows are sorted by agency, then rule; [`ComplianceReport::totals`] gives
 //! one row per agency over all its rules (rule `"all"`), same definitions.
+//!
+//! Confidentiality (DZ-6): [`compile`] counts every outcome it is given, so
+//! the caller gives only what the viewer may see. The tracker
+//! (`refbus_tracker::query`) leaves out every obligation filed under a
+//! misconduct lead whose route the viewer is not on: no row, count, rate or
+//! percentile of any agency then includes it, and an organ that bears
+//! nothing else in the period has no row at all.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
