@@ -14,9 +14,7 @@ use std::time::Duration;
 use chrono::{Datelike, Utc};
 use fantoccini::{ClientBuilder, Locator};
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help_at, submit};
-use refbus_tests::tracker::{
-    Db, TestTracker, bearer_dashboard, dashboard_with, drop_ledger, ledger_settings,
-};
+use refbus_tests::tracker::{Db, TestTracker, bearer_dashboard, drop_ledger, ledger_settings};
 use refbus_tests::up::{Up, eventually, http_get};
 use refbus_tests::{as_agency, take_and_acknowledge};
 use refbus_tracker::Clock;
@@ -669,7 +667,9 @@ fn curl(agency: Option<&str>, jar: &std::path::Path, args: &[&str]) -> (u16, Str
 async fn the_dashboard_signs_in_with_a_client_certificate_over_tls() {
     let bus = refbus_tests::TestBus::spawn().await;
     let tracker = TestTracker::start(&bus, ledger_settings(Db::Sqlite), Clock::System).await;
-    let dashboard = dashboard_with(&bus, &tracker, bus.shared.auth.clone(), true).await;
+    // The tracker's own HTTP port: under mutual TLS it serves the
+    // dashboard over TLS with the gRPC certificate, asking for a client's.
+    let dashboard = format!("https://localhost:{}", tracker.http.port());
     let jars = tempdir_for("dashboard-tls");
     let jar = jars.join("with-cert");
 

@@ -182,6 +182,18 @@ pub struct Authenticator {
     mode: Mode,
     directory: Arc<Directory>,
     keepalive: Keepalive,
+    /// The PEM files the servers present (certificate, key, client CA),
+    /// for listeners that are not tonic's: the tracker's dashboard.
+    tls_pem: Option<TlsPem>,
+}
+
+/// A server's TLS files, read at start-up.
+#[derive(Clone, Debug)]
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    /// Present under mutual TLS: client certificates it issued are asked for.
+    pub client_ca: Option<Vec<u8>>,
 }
 
 enum Mode {
@@ -300,10 +312,22 @@ impl Authenticator {
                 }
             }
         };
+        let tls_pem = match (&settings.tls_cert, &settings.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsPem {
+                cert: read(cert)?,
+                key: read(key)?,
+                client_ca: match (&settings.mode, &settings.tls_client_ca) {
+                    (AuthMode::Mtls, Some(ca)) => Some(read(ca)?),
+                    _ => None,
+                },
+            }),
+            _ => None,
+        };
         Ok(Self {
             mode,
             directory,
             keepalive: settings.keepalive,
+            tls_pem,
         })
     }
 
@@ -326,6 +350,12 @@ impl Authenticator {
             Mode::Mtls { tls } | Mode::Bearer { tls: Some(tls), .. } => Some(tls.clone()),
             Mode::Bearer { tls: None, .. } => None,
         }
+    }
+
+    /// The TLS files the servers present, when they serve TLS.
+    #[must_use]
+    pub fn tls_pem(&self) -> Option<&TlsPem> {
+        self.server_tls().and(self.tls_pem.as_ref())
     }
 
     /// The keepalives of the gRPC servers ([`crate::server`]).

@@ -105,6 +105,8 @@ pub enum TrackerError {
     Signing(#[from] KeyError),
     #[error(transparent)]
     Exposed(#[from] Exposed),
+    #[error("the dashboard's TLS: {0}")]
+    DashboardTls(#[from] dashboard::TlsError),
 }
 
 /// The tracker, built and ready to run.
@@ -123,6 +125,9 @@ pub struct Tracker {
     shutdown: CancellationToken,
     queries: Queries,
     auth: Arc<Authenticator>,
+    /// The dashboard's TLS, when the gRPC servers serve TLS (the same
+    /// certificate; client certificates asked for under mutual TLS).
+    dashboard_tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     signing: Arc<SigningKeys>,
     /// This process's instance nonce: its recorded-through markers and its
     /// row in `tracker_watermarks`.
@@ -201,6 +206,14 @@ impl Tracker {
             shutdown: shared.shutdown.clone(),
             queries,
             auth: shared.auth.clone(),
+            dashboard_tls: match shared.auth.tls_pem() {
+                Some(pem) => Some(Arc::new(dashboard::tls_config(
+                    &pem.cert,
+                    &pem.key,
+                    pem.client_ca.as_deref(),
+                )?)),
+                None => None,
+            },
             signing: shared.signing.clone(),
             instance: uuid::Uuid::now_v7().to_string(),
             margin: shared.settings.confirm_timeout,
@@ -265,7 +278,17 @@ impl Tracker {
         ));
         let http = observe::metrics_router(self.telemetry.clone(), self.bus.clone())
             .merge(dashboard::router(self.queries.clone(), self.auth.clone()));
-        tokio::spawn(observe::serve_http(self.http, http, self.shutdown.clone()));
+        // Served like the gRPC port: over TLS when that is (the session
+        // cookie is Secure; under mutual TLS a client certificate signs in).
+        match self.dashboard_tls.clone() {
+            Some(tls) => tokio::spawn(dashboard::serve_tls(
+                self.http,
+                http,
+                tls,
+                self.shutdown.clone(),
+            )),
+            None => tokio::spawn(observe::serve_http(self.http, http, self.shutdown.clone())),
+        };
         let health = observe::health_service(
             self.bus.clone(),
             vec![<TrackerServer<Queries> as tonic::server::NamedService>::NAME],

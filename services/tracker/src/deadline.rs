@@ -335,11 +335,14 @@ pub async fn run(
         let now = clock.now();
         let outcome = async {
             let through = recorded_through(&ledger, &instance, now).await?;
+            // Marked at the time of marking, not of waking: what was
+            // recorded meanwhile must not look overdue before it arrived.
+            let marked_at = clock.now();
             let marked = match through {
-                Some(through) => scan(&ledger, now, from_millis(through), &metrics).await?,
+                Some(through) => scan(&ledger, marked_at, from_millis(through), &metrics).await?,
                 None => 0,
             };
-            let sent = publish_notices(&ledger, &bus, &signing, now).await?;
+            let sent = publish_notices(&ledger, &bus, &signing, clock.now()).await?;
             if marked + sent > 0 {
                 tracing::info!(marked, sent, "deadline scan");
             }
