@@ -570,15 +570,20 @@ impl GatewayCore {
         }))
         .await;
         if let Some(Err(e)) = recorded.into_iter().find(Result::is_err) {
+            for t in taken {
+                self.sessions.not_acknowledged(t);
+            }
             return Err(GatewayError::Bus(refbus_bus::BusError::Unavailable(
                 format!(
-                    "cannot record the acknowledgement ({e}); the deliveries will be delivered again"
+                    "cannot record the acknowledgement ({e}); the deliveries stay pending: acknowledge them again"
                 ),
             )));
         }
         self.metrics.acknowledged.inc_by(taken.len() as u64);
         let now = Utc::now();
-        for t in taken {
+        for mut t in taken {
+            // Copies that arrived while the record was being written.
+            t.ackers.extend(self.sessions.acknowledged(&t.token));
             for acker in t.ackers {
                 if let Err(e) = acker.ack(BasicAckOptions::default()).await {
                     // Recorded: the broker's redelivery is recognised and dropped.

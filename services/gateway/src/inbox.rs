@@ -52,6 +52,8 @@ pub struct Received {
 
 /// A pending delivery, taken to be acknowledged.
 pub struct Taken {
+    /// The token it was taken by.
+    pub token: String,
     /// Every delivery of the message held: the one handed over and copies.
     pub ackers: Vec<Acker>,
     /// The envelope's id.
@@ -69,6 +71,10 @@ struct Pending {
     received: Received,
     handed_at: DateTime<Utc>,
     ackers: Vec<Acker>,
+    /// Taken by an `Acknowledge` whose record is not yet on disk: still
+    /// pending for copies that arrive meanwhile (held, then acked with it),
+    /// no longer for a second `Acknowledge`.
+    acknowledging: bool,
 }
 
 #[derive(Default)]
@@ -79,7 +85,15 @@ struct State {
     pending: HashMap<String, Pending>,
     /// The token of each pending (agency, message id).
     by_message: HashMap<(String, String), String>,
+    /// Recently acknowledged (agency, message id), oldest first: a copy
+    /// that passed the on-disk check just before its twin's record landed
+    /// is still not handed over again.
+    recent: std::collections::VecDeque<(String, String)>,
+    recent_set: std::collections::HashSet<(String, String)>,
 }
+
+/// How many acknowledged ids [`State::recent`] keeps.
+const RECENT: usize = 65_536;
 
 /// The open streams of a service and what they hold.
 pub struct Sessions {
@@ -176,6 +190,14 @@ impl Sessions {
             pending.ackers.push(delivery.acker);
             return None;
         }
+        if state.recent_set.contains(&key) {
+            // Acknowledged a moment ago: ack this copy, hand nothing over.
+            let acker = delivery.acker;
+            tokio::spawn(async move {
+                let _ = acker.ack(lapin::options::BasicAckOptions::default()).await;
+            });
+            return None;
+        }
         let token = format!(
             "{:08x}-{session}-{}-{}",
             self.instance, delivery.channel, delivery.delivery_tag
@@ -190,6 +212,7 @@ impl Sessions {
                 received: delivery.received,
                 handed_at: Utc::now(),
                 ackers: vec![delivery.acker],
+                acknowledging: false,
             },
         );
         Some(token)
@@ -206,35 +229,77 @@ impl Sessions {
             .map(|p| p.received.clone())
     }
 
-    /// Takes a pending delivery of `agency` to acknowledge it.
+    /// Takes a pending delivery of `agency` to acknowledge it. The entry
+    /// stays, marked, until [`Sessions::acknowledged`] or
+    /// [`Sessions::not_acknowledged`]: a copy that arrives while the
+    /// acknowledgement is being recorded is held, not handed over again.
     ///
     /// # Errors
     /// [`GatewayError::DeliveryGone`] when the token is malformed, names
     /// another agency's stream, a stream that has ended, or a delivery
-    /// already acknowledged.
+    /// already acknowledged (or being acknowledged).
     pub fn take(&self, agency: &str, token: &str) -> Result<Taken, GatewayError> {
         let mut state = self.state();
-        let owned = state.pending.get(token).is_some_and(|p| p.agency == agency);
-        if !owned {
+        let pending = state
+            .pending
+            .get_mut(token)
+            .filter(|p| p.agency == agency && !p.acknowledging);
+        let Some(pending) = pending else {
             let shown: String = token.chars().take(80).collect();
             return Err(GatewayError::DeliveryGone(format!(
                 "`{shown}` is not pending on an open Inbox stream of `{agency}`: already acknowledged, or its stream ended (the message went back to the queue and will be delivered again)"
             )));
-        }
-        let Some(pending) = state.pending.remove(token) else {
-            return Err(GatewayError::DeliveryGone(format!(
-                "`{token}` is not pending"
-            )));
         };
-        state
-            .by_message
-            .remove(&(pending.agency.clone(), pending.message_id.clone()));
+        pending.acknowledging = true;
         Ok(Taken {
-            ackers: pending.ackers,
-            message_id: pending.message_id,
-            received: pending.received,
+            token: token.to_owned(),
+            ackers: std::mem::take(&mut pending.ackers),
+            message_id: pending.message_id.clone(),
+            received: pending.received.clone(),
             handed_at: pending.handed_at,
         })
+    }
+
+    /// The acknowledgement of `token` is on disk: forgets the entry and
+    /// returns the copies held with it meanwhile, to be acked too.
+    pub fn acknowledged(&self, token: &str) -> Vec<Acker> {
+        let mut state = self.state();
+        match state.pending.remove(token) {
+            Some(p) => {
+                let key = (p.agency, p.message_id);
+                state.by_message.remove(&key);
+                if state.recent_set.insert(key.clone()) {
+                    state.recent.push_back(key);
+                }
+                while state.recent.len() > RECENT {
+                    if let Some(old) = state.recent.pop_front() {
+                        state.recent_set.remove(&old);
+                    }
+                }
+                p.ackers
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// The acknowledgement of `taken` could not be recorded: its delivery
+    /// is pending again, so that the client may retry.
+    pub fn not_acknowledged(&self, taken: Taken) {
+        let mut returned = None;
+        {
+            let mut state = self.state();
+            match state.pending.get_mut(&taken.token) {
+                Some(p) => {
+                    p.acknowledging = false;
+                    p.ackers.extend(taken.ackers);
+                }
+                // The stream ended meanwhile: back to the queue.
+                None => returned = Some(taken.ackers),
+            }
+        }
+        if let Some(ackers) = returned {
+            nack_all(ackers);
+        }
     }
 
     /// Ends a stream: forgets its pending deliveries and returns every copy
@@ -257,25 +322,30 @@ impl Sessions {
                 }
             }
         }
-        if returned.is_empty() {
-            return;
-        }
         // Copies held from other streams' channels would stay unacknowledged
         // there until those streams end: return them now. The stream's own
         // deliveries go back when its channel closes, whether or not this
         // nack reaches the broker first.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                for acker in returned {
-                    let _ = acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        })
-                        .await;
-                }
-            });
-        }
+        nack_all(returned);
+    }
+}
+
+/// Returns deliveries to their queue (in the background).
+fn nack_all(ackers: Vec<Acker>) {
+    if ackers.is_empty() {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            for acker in ackers {
+                let _ = acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            }
+        });
     }
 }
 
