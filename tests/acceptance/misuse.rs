@@ -227,7 +227,11 @@ async fn forged_replies_to_a_lead_are_refused_at_the_gateway_whatever_rpc_carrie
         0,
         "no forged reply published"
     );
-    assert_eq!(ready(&amqp, &bus.inbox_queue(COURT)).await, 1, "only the lead");
+    assert_eq!(
+        ready(&amqp, &bus.inbox_queue(COURT)).await,
+        1,
+        "only the lead"
+    );
     // The tracker does not count yb-court a party: it reads nothing.
     let seen = tracker.status(OFF_ROUTE, &lead_id).await;
     assert!(seen.is_err(), "yb-court reads the lead: {seen:?}");
