@@ -30,22 +30,6 @@ const COURT: &str = "dz-court";
 /// supervises Dazu, and the bureau that supervises the forger.
 const OUTSIDERS: [&str; 3] = ["yb-court", "cq-justice-bureau", "yb-justice-bureau"];
 
-macro_rules! on_both_ledgers {
-    ($test:ident) => {
-        mod $test {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$test(super::Db::Sqlite).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$test(super::Db::Postgres).await;
-            }
-        }
-    };
-}
-
 fn lead() -> Envelope {
     Envelope {
         sender: BUREAU.into(),

@@ -29,6 +29,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+/// The tests of an `async fn test(db: Db)`, one per ledger backend:
+/// `test::sqlite` and `test::postgres` (the module imports `Db`).
+macro_rules! on_both_ledgers {
+    ($test:ident) => {
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$test(super::Db::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$test(super::Db::Postgres).await;
+            }
+        }
+    };
+}
+
 mod auth;
 mod bad_input;
 mod broker;

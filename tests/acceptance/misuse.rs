@@ -12,12 +12,12 @@ use refbus_core::envelope::envelope_id;
 use refbus_proto::v1::Outcome;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::gateway_client::GatewayClient;
-use refbus_proto::v1::misconduct_lead::Subject;
 use refbus_proto::v1::{
     AcknowledgeRequest, Delivery, Envelope, Feedback, FeedbackRequest, Hop, InboxRequest,
-    JudicialOfficer, MisconductLead, RelayRequest,
+    RelayRequest,
 };
 use refbus_tests::broker::BrokerNode;
+use refbus_tests::fixtures::dz_court_lead as lead;
 use refbus_tests::fixtures::{BUREAU, legal_help, submit};
 use refbus_tests::tracker::{Db, TestTracker, drop_ledger, eventually, ledger_settings};
 use refbus_tests::{Amqp, Inbox, TestBus, acknowledge, test_settings, within};
@@ -27,25 +27,6 @@ use tonic::transport::Channel;
 
 const COURT: &str = "dz-court";
 const OFF_ROUTE: &str = "yb-court";
-
-/// A lead found by the Dazu justice bureau on an officer of the Dazu court:
-/// DZ-7 (1), straight to the court.
-fn lead(key: &str) -> Envelope {
-    Envelope {
-        sender: BUREAU.into(),
-        idempotency_key: key.into(),
-        payload: Some(Payload::MisconductLead(MisconductLead {
-            subject: Some(Subject::Officer(JudicialOfficer {
-                name: "王某".into(),
-                organ: COURT.into(),
-                position: "审判员".into(),
-            })),
-            description: "与律师私下会面并收受财物".into(),
-            ..MisconductLead::default()
-        })),
-        ..Envelope::default()
-    }
-}
 
 fn feedback(outcome: Outcome) -> Option<Feedback> {
     Some(Feedback {

@@ -24,24 +24,6 @@ use refbus_tracker::Clock;
 use refbus_tracker::audit::{self, Verdict};
 use tonic::Code;
 
-/// The tests of an `async fn test(db: Db)`, one per ledger backend:
-/// `test::sqlite` and `test::postgres`.
-macro_rules! on_both_ledgers {
-    ($test:ident) => {
-        mod $test {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$test(super::Db::Sqlite).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$test(super::Db::Postgres).await;
-            }
-        }
-    };
-}
-
 async fn status(tracker: &TestTracker, asker: &str, id: &str) -> Option<ReferralStatus> {
     tracker.status(asker, id).await.ok()
 }

@@ -14,11 +14,10 @@ use refbus_core::envelope::timestamp;
 use refbus_core::signing::Signed;
 use refbus_gateway::forgery::alert_recipient;
 use refbus_proto::v1::envelope::Payload;
-use refbus_proto::v1::misconduct_lead::Subject;
 use refbus_proto::v1::{
-    Envelope, Feedback, ForgeryAlert, Hop, HopReport, JudicialOfficer, MessageKind, MisconductLead,
-    ObligationState, Outcome,
+    Envelope, Feedback, ForgeryAlert, Hop, HopReport, MessageKind, ObligationState, Outcome,
 };
+use refbus_tests::fixtures::dz_court_lead as lead;
 use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help_at, submit};
 use refbus_tests::proxy::Proxy;
 use refbus_tests::tracker::{Db, TestTracker, drop_ledger, eventually, ledger_settings};
@@ -28,24 +27,6 @@ use refbus_tracker::audit::{self, Verdict};
 use refbus_tracker::ledger::Ledger;
 use sqlx::Row;
 
-/// The tests of an `async fn test(db: Db)`, one per ledger backend:
-/// `test::sqlite` and `test::postgres`.
-macro_rules! on_both_ledgers {
-    ($test:ident) => {
-        mod $test {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$test(super::Db::Sqlite).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$test(super::Db::Postgres).await;
-            }
-        }
-    };
-}
-
 /// An agency of another district, on no Dazu lead's route.
 const YB_COURT: &str = "yb-court";
 /// The handling organ of a Dazu justice bureau's lead on a Dazu judge.
@@ -53,25 +34,6 @@ const DZ_COURT: &str = "dz-court";
 
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
-}
-
-/// DZ-7 (1): a lead the Dazu justice bureau found on a judge of the Dazu
-/// court, routed straight to the court.
-fn lead(key: &str) -> Envelope {
-    Envelope {
-        sender: BUREAU.into(),
-        idempotency_key: key.into(),
-        payload: Some(Payload::MisconductLead(MisconductLead {
-            subject: Some(Subject::Officer(JudicialOfficer {
-                name: "王某".into(),
-                organ: DZ_COURT.into(),
-                position: "审判员".into(),
-            })),
-            description: "与律师私下会面并收受财物".into(),
-            ..MisconductLead::default()
-        })),
-        ..Envelope::default()
-    }
 }
 
 /// A feedback envelope as an agency service would publish it.

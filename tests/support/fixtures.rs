@@ -3,8 +3,10 @@
 use chrono::{DateTime, TimeZone, Utc};
 use refbus_core::envelope::timestamp;
 use refbus_proto::v1::envelope::Payload;
+use refbus_proto::v1::misconduct_lead::Subject;
 use refbus_proto::v1::{
-    Detainee, Envelope, Lawyer, LawyerViolationNotice, LegalHelpRequest, SubmitRequest,
+    Detainee, Envelope, JudicialOfficer, Lawyer, LawyerViolationNotice, LegalHelpRequest,
+    MisconductLead, SubmitRequest,
 };
 
 pub const CENTRE: &str = "dz-detention-centre";
@@ -56,6 +58,26 @@ pub fn violation(key: &str) -> Envelope {
             occurred_at: None,
             description: "会见中违规传递物品".into(),
             measures_taken: "当即制止".into(),
+        })),
+        ..Envelope::default()
+    }
+}
+
+/// DZ-7 (1): a lead the Dazu justice bureau found on a judge of the Dazu
+/// court, routed straight to the court.
+#[must_use]
+pub fn dz_court_lead(key: &str) -> Envelope {
+    Envelope {
+        sender: BUREAU.into(),
+        idempotency_key: key.into(),
+        payload: Some(Payload::MisconductLead(MisconductLead {
+            subject: Some(Subject::Officer(JudicialOfficer {
+                name: "王某".into(),
+                organ: "dz-court".into(),
+                position: "审判员".into(),
+            })),
+            description: "与律师私下会面并收受财物".into(),
+            ..MisconductLead::default()
         })),
         ..Envelope::default()
     }
