@@ -19,7 +19,7 @@ use refbus_proto::v1::{
 use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help_at, submit, violation};
 use refbus_tests::signed_properties;
 use refbus_tests::tracker::{Db, TestTracker, drop_ledger, eventually, ledger_settings};
-use refbus_tests::{Amqp, Inbox, TestBus, acknowledge};
+use refbus_tests::{Amqp, Inbox, TestBus, acknowledge, publish_hop};
 use refbus_tracker::Clock;
 use refbus_tracker::audit::{self, Verdict};
 use tonic::Code;
@@ -513,27 +513,6 @@ async fn compliance_report_for_a_seeded_month_matches_independent_counts(db: Db)
     let settings = tracker.stop().await.0;
     bus.stop().await;
     drop_ledger(&settings).await;
-}
-
-async fn publish_hop(amqp: &Amqp, bus: &TestBus, report: &HopReport) {
-    use lapin::options::BasicPublishOptions;
-    amqp.channel
-        .basic_publish(
-            bus.shared
-                .bus
-                .topology()
-                .deliveries_exchange()
-                .as_str()
-                .into(),
-            "event.delivered".into(),
-            BasicPublishOptions::default(),
-            &report.encode_to_vec(),
-            signed_properties(&report.agency, Signed::HopReport, &report.encode_to_vec()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
 }
 
 on_both_ledgers!(compliance_report_for_a_seeded_month_matches_independent_counts);

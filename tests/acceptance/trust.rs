@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use prost::Message;
 use refbus_core::envelope::timestamp;
-use refbus_core::signing::Signed;
 use refbus_gateway::forgery::alert_recipient;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{
@@ -21,7 +20,7 @@ use refbus_tests::fixtures::dz_court_lead as lead;
 use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help_at, submit};
 use refbus_tests::proxy::Proxy;
 use refbus_tests::tracker::{Db, TestTracker, drop_ledger, eventually, ledger_settings};
-use refbus_tests::{Amqp, TestBus, signed_properties, within};
+use refbus_tests::{Amqp, TestBus, publish_hop, within};
 use refbus_tracker::Clock;
 use refbus_tracker::audit::{self, Verdict};
 use refbus_tracker::ledger::Ledger;
@@ -73,34 +72,6 @@ fn request(id: &str, asked: DateTime<Utc>) -> Envelope {
         submitted_at: Some(timestamp(asked)),
         ..legal_help_at(id, asked)
     }
-}
-
-/// Publishes a hop report the way a gateway does (deliveries exchange,
-/// `event.<hop>`), signed by the agency it names.
-async fn publish_hop(amqp: &Amqp, bus: &TestBus, report: &HopReport) {
-    use lapin::options::BasicPublishOptions;
-    let body = report.encode_to_vec();
-    let key = format!(
-        "event.{}",
-        refbus_core::kind::hop_code(Hop::try_from(report.hop).unwrap())
-    );
-    amqp.channel
-        .basic_publish(
-            bus.shared
-                .bus
-                .topology()
-                .deliveries_exchange()
-                .as_str()
-                .into(),
-            key.as_str().into(),
-            BasicPublishOptions::default(),
-            &body,
-            signed_properties(&report.agency, Signed::HopReport, &body),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
 }
 
 /// A raw AMQP connection whose publishes wait for the broker's confirm,

@@ -471,6 +471,34 @@ pub fn signed_properties(signer: &str, what: Signed, bytes: &[u8]) -> BasicPrope
         .with_headers(headers)
 }
 
+/// Publishes a hop report on the bus (as a gateway would, with broker
+/// credentials), signed by the agency it reports on, and waits for the
+/// broker to take it.
+pub async fn publish_hop(amqp: &Amqp, bus: &TestBus, report: &refbus_proto::v1::HopReport) {
+    use prost::Message;
+    let body = report.encode_to_vec();
+    let hop =
+        refbus_proto::v1::Hop::try_from(report.hop).unwrap_or(refbus_proto::v1::Hop::Delivered);
+    let key = format!("event.{}", refbus_core::kind::hop_code(hop));
+    amqp.channel
+        .basic_publish(
+            bus.shared
+                .bus
+                .topology()
+                .deliveries_exchange()
+                .as_str()
+                .into(),
+            key.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            signed_properties(&report.agency, Signed::HopReport, &body),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
 /// Acknowledges one delivery handed over to `agency`, which must succeed.
 pub async fn acknowledge(client: &mut GatewayClient<Channel>, agency: &str, token: String) {
     client

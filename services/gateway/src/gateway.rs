@@ -87,13 +87,29 @@ impl GatewayCore {
     /// # Errors
     /// Validation errors (nothing is published) or `Unavailable`.
     pub async fn submit(&self, envelope: Envelope) -> Result<Receipt, GatewayError> {
+        self.submit_with(envelope, None).await
+    }
+
+    /// [`GatewayCore::submit`], with what the sender received of the
+    /// referral the envelope replies to or relays, when the caller already
+    /// looked it up.
+    async fn submit_with(
+        &self,
+        envelope: Envelope,
+        mut known: Option<Received>,
+    ) -> Result<Receipt, GatewayError> {
         // Receipt before anything the client's copy of a lead could decide.
-        if !envelope.relay_of.is_empty() && self.served.contains(&envelope.sender) {
-            self.received("envelope.relay_of", &envelope.sender, &envelope.relay_of)
-                .await?;
+        if known.is_none()
+            && !envelope.relay_of.is_empty()
+            && self.served.contains(&envelope.sender)
+        {
+            known = Some(
+                self.received("envelope.relay_of", &envelope.sender, &envelope.relay_of)
+                    .await?,
+            );
         }
         let mut accepted = self.accept(envelope)?;
-        self.check_reply(&mut accepted).await?;
+        self.check_reply(&mut accepted, known).await?;
         self.publish(accepted.envelope, accepted.kind).await
     }
 
@@ -133,14 +149,31 @@ impl GatewayCore {
     /// (its sender, a lead's finder with its relays, DZ-8), and a relayed
     /// lead is the lead exactly as delivered (DZ-7).
     ///
+    /// `known` is what the sender received of that referral, when already
+    /// looked up (it counts only if it is the same referral).
+    ///
     /// # Errors
     /// `NotReceived` (NOT_FOUND) or a rule violation (PERMISSION_DENIED).
-    async fn check_reply(&self, accepted: &mut envelope::Accepted) -> Result<(), GatewayError> {
+    async fn check_reply(
+        &self,
+        accepted: &mut envelope::Accepted,
+        known: Option<Received>,
+    ) -> Result<(), GatewayError> {
         let envelope = &mut accepted.envelope;
+        let referral = if envelope.relay_of.is_empty() {
+            &envelope.in_reply_to
+        } else {
+            &envelope.relay_of
+        };
+        let known = known.filter(|r| r.referral == *referral);
         if !envelope.relay_of.is_empty() {
-            let received = self
-                .received("envelope.relay_of", &envelope.sender, &envelope.relay_of)
-                .await?;
+            let received = match known {
+                Some(received) => received,
+                None => {
+                    self.received("envelope.relay_of", &envelope.sender, &envelope.relay_of)
+                        .await?
+                }
+            };
             if envelope.payload.as_ref().map(payload_digest).as_deref()
                 != Some(received.payload_digest.as_str())
             {
@@ -161,13 +194,17 @@ impl GatewayCore {
         ) {
             return Ok(());
         }
-        let received = self
-            .received(
-                "envelope.in_reply_to",
-                &envelope.sender,
-                &envelope.in_reply_to,
-            )
-            .await?;
+        let received = match known {
+            Some(received) => received,
+            None => {
+                self.received(
+                    "envelope.in_reply_to",
+                    &envelope.sender,
+                    &envelope.in_reply_to,
+                )
+                .await?
+            }
+        };
         let rule = MessageKind::from_code(&received.kind).map_or("DZ-8", rules::rule_of);
         if accepted.kind == MessageKind::Feedback && !received.answers {
             return Err(RuleViolation {
@@ -290,7 +327,7 @@ impl GatewayCore {
             payload: Some(Payload::Feedback(feedback)),
             ..Envelope::default()
         })?;
-        self.check_reply(&mut accepted).await?;
+        self.check_reply(&mut accepted, Some(received)).await?;
         self.publish(accepted.envelope, accepted.kind).await
     }
 
@@ -321,21 +358,24 @@ impl GatewayCore {
         }
         let original = envelope::tracking_id(&lead).to_owned();
         // Only the agency the lead was delivered to passes it on, and the
-        // lead as delivered: `submit` checks both (DZ-7).
-        self.received("lead.id", &request.agency, &original).await?;
+        // lead as delivered (DZ-7): receipt here, the payload in `submit_with`.
+        let received = self.received("lead.id", &request.agency, &original).await?;
         let idempotency_key = if request.idempotency_key.is_empty() {
             format!("relay/{original}")
         } else {
             request.idempotency_key
         };
-        self.submit(Envelope {
-            sender: request.agency,
-            relay_of: original,
-            clock_started_at: lead.clock_started_at,
-            idempotency_key,
-            payload: Some(Payload::MisconductLead(payload)),
-            ..Envelope::default()
-        })
+        self.submit_with(
+            Envelope {
+                sender: request.agency,
+                relay_of: original,
+                clock_started_at: lead.clock_started_at,
+                idempotency_key,
+                payload: Some(Payload::MisconductLead(payload)),
+                ..Envelope::default()
+            },
+            Some(received),
+        )
         .await
     }
 
