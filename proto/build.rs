@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "refbus/v1/gateway.proto",
     "refbus/v1/agencies.proto",
     "refbus/v1/tracker.proto",
+    "refbus/v1/lawyer.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -307,6 +307,7 @@ async fn feedback_reaches_the_referrals_sender_correlated_to_it() {
             feedback: Some(Feedback {
                 outcome: Outcome::LawyerAssigned as i32,
                 summary: "值班律师已接待".into(),
+                ..Feedback::default()
             }),
             idempotency_key: "fb-1".into(),
         })

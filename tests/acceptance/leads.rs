@@ -159,6 +159,7 @@ fn feedback(outcome: Outcome, summary: &str) -> Option<Feedback> {
     Some(Feedback {
         outcome: outcome as i32,
         summary: summary.into(),
+        ..Feedback::default()
     })
 }
 
@@ -549,7 +550,7 @@ async fn cq_1_1c_a_letter_addressed_to_a_case_unit_is_rejected() {
         .submit(submit(letter(
             DZ_PSB,
             "letter-to-police",
-            Disposition::ForwardedContent(b"dear counsel".to_vec()),
+            Disposition::Content(b"dear counsel".to_vec()),
         )))
         .await
         .unwrap_err();
@@ -800,6 +801,7 @@ async fn cq_1_3d_a_verification_query_is_answered_and_closed() {
                 }),
                 case_reference: "大公刑2026-88".into(),
                 question: "临时寄押人员涉嫌罪名不明，请核实".into(),
+                ..VerificationQuery::default()
             })),
             ..Envelope::default()
         }))

@@ -32,6 +32,7 @@ fn feedback(outcome: Outcome) -> Option<Feedback> {
     Some(Feedback {
         outcome: outcome as i32,
         summary: "查实".into(),
+        ..Feedback::default()
     })
 }
 

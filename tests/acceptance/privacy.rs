@@ -104,7 +104,7 @@ async fn no_personal_data_reaches_the_logs() {
         payload: Some(Payload::Letter(Letter {
             detainee: Some(detainee()),
             addressee: Some(lawyer()),
-            disposition: Some(Disposition::ForwardedContent(SEEDED[3].as_bytes().to_vec())),
+            disposition: Some(Disposition::Content(SEEDED[3].as_bytes().to_vec())),
         })),
         ..Envelope::default()
     };
@@ -181,6 +181,7 @@ async fn no_personal_data_reaches_the_logs() {
             feedback: Some(Feedback {
                 outcome: Outcome::LawyerAssigned as i32,
                 summary: format!("{} {}", SEEDED[6], SEEDED[4]),
+                ..Feedback::default()
             }),
             idempotency_key: "pii-fb".into(),
         },

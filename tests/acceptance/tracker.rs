@@ -948,6 +948,7 @@ async fn answers_recorded_before_their_complaint_meet_what_they_answered(db: Db)
             Payload::Feedback(Feedback {
                 outcome: outcome as i32,
                 summary: "已处理".into(),
+                ..Feedback::default()
             }),
         )
     };

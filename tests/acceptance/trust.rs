@@ -48,6 +48,7 @@ fn feedback(sender: &str, recipient: &str, in_reply_to: &str) -> Envelope {
         payload: Some(Payload::Feedback(Feedback {
             outcome: Outcome::Substantiated as i32,
             summary: "查实".into(),
+            ..Feedback::default()
         })),
         ..Envelope::default()
     }

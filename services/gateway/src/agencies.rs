@@ -8,11 +8,14 @@ use refbus_core::SubmitError;
 use refbus_core::routing;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{
-    AnswerVerificationQueryRequest, AssignDutyLawyerRequest, Envelope, Feedback, FeedbackRequest,
-    FileRightsComplaintRequest, ForwardLegalHelpRequestRequest, LegalHelpRequest,
-    NotifyJointActionRequest, NotifyLawyerViolationRequest, Outcome, Receipt,
-    ReportHandlingResultRequest, bar_association_server, case_unit_server, detention_centre_server,
-    justice_bureau_server, legal_aid_server,
+    AnswerVerificationQueryRequest, ArrangeMeetingRequest, AssignDutyLawyerRequest,
+    ChangeLawyerStatusRequest, EnterRightsComplaintRequest, Envelope, Feedback, FeedbackRequest,
+    FileRightsComplaintRequest, ForwardLegalHelpRequestRequest, ForwardLetterRequest,
+    LegalHelpRequest, NotifyDetaineeUnavailableRequest, NotifyJointActionRequest,
+    NotifyLawyerViolationRequest, Outcome, Receipt, RecordHeldRequest, RefuseMeetingRequest,
+    RegisterLawyerRequest, RegisterLawyerResponse, ReportHandlingResultRequest,
+    RequestInterrogationRequest, VerifyOffenceRequest, bar_association_server, case_unit_server,
+    detention_centre_server, justice_bureau_server, legal_aid_server,
 };
 use tonic::{Request, Response, Status};
 
@@ -23,10 +26,11 @@ use crate::{GatewayCore, GatewayError};
 #[derive(Clone)]
 pub struct AgencyRpcs(pub Arc<GatewayCore>);
 
-type Reply = Result<Response<Receipt>, Status>;
+pub(crate) type Reply = Result<Response<Receipt>, Status>;
+type Registered = Result<Response<RegisterLawyerResponse>, Status>;
 
 impl AgencyRpcs {
-    async fn send(&self, envelope: Envelope) -> Reply {
+    pub(crate) async fn send(&self, envelope: Envelope) -> Reply {
         Ok(Response::new(self.0.submit(envelope).await?))
     }
 
@@ -44,13 +48,16 @@ impl AgencyRpcs {
             feedback: Some(Feedback {
                 outcome: outcome as i32,
                 summary,
+                ..Feedback::default()
             }),
             idempotency_key: key,
         };
         Ok(Response::new(self.0.feedback(feedback).await?))
     }
 
-    fn routed(result: Result<&refbus_core::Agency, routing::NoRoute>) -> Result<String, Status> {
+    pub(crate) fn routed(
+        result: Result<&refbus_core::Agency, routing::NoRoute>,
+    ) -> Result<String, Status> {
         result
             .map(|a| a.id.clone())
             .map_err(|e| Status::from(GatewayError::Submit(SubmitError::NoRoute(e))))
@@ -133,6 +140,33 @@ impl detention_centre_server::DetentionCentre for AgencyRpcs {
         })
         .await
     }
+
+    async fn forward_letter(&self, request: Request<ForwardLetterRequest>) -> Reply {
+        crate::letters::forward_letter(self, request).await
+    }
+
+    async fn arrange_meeting(&self, request: Request<ArrangeMeetingRequest>) -> Reply {
+        crate::meetings::arrange_meeting(self, request).await
+    }
+
+    async fn refuse_meeting(&self, request: Request<RefuseMeetingRequest>) -> Reply {
+        crate::meetings::refuse_meeting(self, request).await
+    }
+
+    async fn record_held(&self, request: Request<RecordHeldRequest>) -> Reply {
+        crate::meetings::record_held(self, request).await
+    }
+
+    async fn verify_offence(&self, request: Request<VerifyOffenceRequest>) -> Reply {
+        crate::meetings::verify_offence(self, request).await
+    }
+
+    async fn notify_detainee_unavailable(
+        &self,
+        request: Request<NotifyDetaineeUnavailableRequest>,
+    ) -> Reply {
+        crate::letters::notify_detainee_unavailable(self, request).await
+    }
 }
 
 #[tonic::async_trait]
@@ -155,6 +189,14 @@ impl case_unit_server::CaseUnit for AgencyRpcs {
             r.idempotency_key,
         )
         .await
+    }
+
+    async fn request_interrogation(&self, request: Request<RequestInterrogationRequest>) -> Reply {
+        crate::meetings::request_interrogation(self, request).await
+    }
+
+    async fn enter_rights_complaint(&self, request: Request<EnterRightsComplaintRequest>) -> Reply {
+        crate::registry::enter_rights_complaint(self, request).await
     }
 }
 
@@ -205,6 +247,22 @@ impl justice_bureau_server::JusticeBureau for AgencyRpcs {
         )
         .await
     }
+
+    async fn register_lawyer(&self, request: Request<RegisterLawyerRequest>) -> Registered {
+        crate::registry::register_lawyer(self, request).await
+    }
+
+    async fn suspend_lawyer(&self, request: Request<ChangeLawyerStatusRequest>) -> Reply {
+        crate::registry::change_status(self, request, false).await
+    }
+
+    async fn reinstate_lawyer(&self, request: Request<ChangeLawyerStatusRequest>) -> Reply {
+        crate::registry::change_status(self, request, true).await
+    }
+
+    async fn enter_rights_complaint(&self, request: Request<EnterRightsComplaintRequest>) -> Reply {
+        crate::registry::enter_rights_complaint(self, request).await
+    }
 }
 
 #[tonic::async_trait]
@@ -224,5 +282,17 @@ impl bar_association_server::BarAssociation for AgencyRpcs {
             ..Envelope::default()
         })
         .await
+    }
+
+    async fn register_lawyer(&self, request: Request<RegisterLawyerRequest>) -> Registered {
+        crate::registry::register_lawyer(self, request).await
+    }
+
+    async fn suspend_lawyer(&self, request: Request<ChangeLawyerStatusRequest>) -> Reply {
+        crate::registry::change_status(self, request, false).await
+    }
+
+    async fn reinstate_lawyer(&self, request: Request<ChangeLawyerStatusRequest>) -> Reply {
+        crate::registry::change_status(self, request, true).await
     }
 }

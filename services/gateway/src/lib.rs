@@ -20,6 +20,9 @@
 //!   misaddressed: an alert to the supervising justice bureau, then the
 //!   dead-letter queue.
 //! - [`agencies`]: the RPCs specific to each kind of agency.
+//! - [`letters`]: CQ-1.1c letters sealed to the lawyer (age), SH-2.5 notices to lawyers.
+//! - [`meetings`]: CQ-1.3a-e at the centre: arrange, refuse, record held, verify, interrogations.
+//! - [`registry`]: registering lawyers, and the lawyer service's public register.
 //! - [`app`]: build (bind) and run (serve until shutdown) an agency service.
 //! - [`server`]: how every gRPC port is served (the tracker's too): TLS,
 //!   keepalives, reflection v1 and v1alpha.
@@ -41,7 +44,10 @@ pub mod exposure;
 pub mod forgery;
 pub mod gateway;
 pub mod inbox;
+pub mod letters;
+pub mod meetings;
 pub mod observe;
+pub mod registry;
 pub mod server;
 pub mod settings;
 pub mod telemetry;

@@ -708,6 +708,7 @@ pub async fn feedback(args: FeedbackArgs) -> Result<()> {
             feedback: Some(Feedback {
                 outcome: Outcome::from(args.outcome) as i32,
                 summary: args.summary,
+                ..Feedback::default()
             }),
             idempotency_key: args
                 .key

@@ -514,6 +514,7 @@ impl Queries {
                 })
                 .collect(),
             rendered,
+            ..ComplianceReportResponse::default()
         })
     }
 

@@ -20,16 +20,20 @@ pub enum AgencyKind {
     JusticeBureau,
     /// 律师协会 and its district working committees (律工委).
     BarAssociation,
+    /// The lawyer service: lawyers' inboxes and submissions behind one
+    /// agency of the bus (DOMAIN.md, "Lawyers are participants too").
+    LawyerService,
 }
 
 impl AgencyKind {
-    pub const ALL: [AgencyKind; 6] = [
+    pub const ALL: [AgencyKind; 7] = [
         AgencyKind::DetentionCentre,
         AgencyKind::CaseUnit,
         AgencyKind::LegalAidOffice,
         AgencyKind::DutyLawyerDesk,
         AgencyKind::JusticeBureau,
         AgencyKind::BarAssociation,
+        AgencyKind::LawyerService,
     ];
 
     /// The code name used in the directory and in messages.
@@ -42,6 +46,7 @@ impl AgencyKind {
             AgencyKind::DutyLawyerDesk => "duty_lawyer_desk",
             AgencyKind::JusticeBureau => "justice_bureau",
             AgencyKind::BarAssociation => "bar_association",
+            AgencyKind::LawyerService => "lawyer_service",
         }
     }
 
@@ -58,7 +63,7 @@ impl AgencyKind {
             ],
             AgencyKind::LegalAidOffice | AgencyKind::DutyLawyerDesk => &[OrganSystem::LegalAid],
             AgencyKind::JusticeBureau => &[OrganSystem::Justice],
-            AgencyKind::BarAssociation => &[OrganSystem::Bar],
+            AgencyKind::BarAssociation | AgencyKind::LawyerService => &[OrganSystem::Bar],
         }
     }
 }

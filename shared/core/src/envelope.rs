@@ -23,6 +23,9 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 200;
 /// ids are far shorter; the limit keeps a hostile value out of indexes).
 pub const MAX_AGENCY_ID: usize = 128;
 
+/// How a sealed letter begins: the age format's header line.
+pub const AGE_MAGIC: &[u8] = b"age-encryption.org/v1\n";
+
 /// How far in the future a clock start may lie (clock skew between agencies).
 const CLOCK_SKEW: Duration = Duration::minutes(5);
 
@@ -206,6 +209,7 @@ pub fn accept(
         ));
     }
     check_also_to(&envelope, kind, sender, directory)?;
+    check_lawyers(&envelope, kind, sender, recipient)?;
 
     envelope.id = envelope_id(&envelope.sender, &envelope.idempotency_key);
     envelope.kind = kind as i32;
@@ -402,6 +406,66 @@ fn check_also_to(
     Ok(())
 }
 
+/// Lawyers are reached and heard through the lawyer service (DOMAIN.md,
+/// "Lawyers are participants too"): `to_lawyers` names registered licence
+/// numbers and only on a message to the lawyer service, which gets one on
+/// everything but a registry entry; `from_lawyer` only on a message from
+/// it, which always names its lawyer.
+fn check_lawyers(
+    envelope: &Envelope,
+    kind: MessageKind,
+    sender: &Agency,
+    recipient: &Agency,
+) -> Result<(), SubmitError> {
+    use crate::agency::AgencyKind::LawyerService;
+    for (i, licence) in envelope.to_lawyers.iter().enumerate() {
+        crate::lawyer::check_licence(&format!("envelope.to_lawyers[{i}]"), licence)?;
+        if envelope.to_lawyers[..i].contains(licence) {
+            return Err(SubmitError::invalid(
+                format!("envelope.to_lawyers[{i}]"),
+                format!("`{licence}` is named twice"),
+            ));
+        }
+    }
+    if recipient.kind == LawyerService {
+        if envelope.to_lawyers.is_empty() && kind != MessageKind::LawyerRegistration {
+            return Err(SubmitError::invalid(
+                "envelope.to_lawyers",
+                "required: a message to the lawyer service names the lawyers it is for, by licence number",
+            ));
+        }
+    } else if !envelope.to_lawyers.is_empty() {
+        return Err(SubmitError::invalid(
+            "envelope.to_lawyers",
+            format!(
+                "only a message to the lawyer service is addressed to lawyers; `{}` is a {}",
+                recipient.id, recipient.kind
+            ),
+        ));
+    }
+    if sender.kind == LawyerService {
+        crate::lawyer::check_licence("envelope.from_lawyer", &envelope.from_lawyer)?;
+    } else if !envelope.from_lawyer.is_empty() {
+        return Err(SubmitError::invalid(
+            "envelope.from_lawyer",
+            "set only by the lawyer service, for the lawyer it authenticated",
+        ));
+    }
+    if let Some(Payload::Letter(letter)) = &envelope.payload {
+        let licence = letter
+            .addressee
+            .as_ref()
+            .map_or("", |l| l.licence_number.as_str());
+        if envelope.to_lawyers.len() != 1 || envelope.to_lawyers[0] != licence {
+            return Err(SubmitError::invalid(
+                "envelope.to_lawyers",
+                "CQ-1.1c: a letter goes to its addressee alone: to_lawyers is [letter.addressee.licence_number]",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn agency<'d>(directory: &'d Directory, id: &str, field: &str) -> Result<&'d Agency, SubmitError> {
     directory.get(id).ok_or_else(|| SubmitError::UnknownAgency {
         field: field.into(),
@@ -459,17 +523,36 @@ fn validate_payload(payload: &Payload, envelope: &Envelope) -> Result<(), Submit
         }
         Payload::Letter(p) => {
             detainee(p.detainee.as_ref(), "letter.detainee")?;
-            lawyer(p.addressee.as_ref(), "letter.addressee")?;
-            match p.disposition {
+            let addressee = p
+                .addressee
+                .as_ref()
+                .ok_or_else(|| SubmitError::invalid("letter.addressee", "required"))?;
+            crate::lawyer::check_licence(
+                "letter.addressee.licence_number",
+                &addressee.licence_number,
+            )?;
+            match &p.disposition {
                 None => {
                     return Err(SubmitError::invalid(
                         "letter.disposition",
-                        "required: forwarded_content or withheld_on",
+                        "required: content (sealed by the centre's service) or withheld_on",
+                    ));
+                }
+                Some(Disposition::Content(_)) => {
+                    return Err(SubmitError::invalid(
+                        "letter.content",
+                        "CQ-1.1c: a letter travels only sealed to its lawyer's keys; the centre's own service seals it, nothing publishes it readable",
+                    ));
+                }
+                Some(Disposition::SealedContent(sealed)) if !sealed.starts_with(AGE_MAGIC) => {
+                    return Err(SubmitError::invalid(
+                        "letter.sealed_content",
+                        "CQ-1.1c: not sealed in the age format (age-encryption.org/v1)",
                     ));
                 }
                 Some(Disposition::WithheldOn(ground))
-                    if ground <= 0
-                        || refbus_proto::v1::WithholdingGround::try_from(ground).is_err() =>
+                    if *ground <= 0
+                        || refbus_proto::v1::WithholdingGround::try_from(*ground).is_err() =>
                 {
                     return Err(SubmitError::invalid(
                         "letter.withheld_on",
@@ -482,16 +565,59 @@ fn validate_payload(payload: &Payload, envelope: &Envelope) -> Result<(), Submit
         Payload::LawyerMeetingRequest(p) => {
             lawyer(p.lawyer.as_ref(), "lawyer_meeting_request.lawyer")?;
             detainee(p.detainee.as_ref(), "lawyer_meeting_request.detainee")?;
-            if p.role <= 0 {
+            crate::lawyer::check_meeting_request(p)?;
+            let licence = p.lawyer.as_ref().map_or("", |l| l.licence_number.as_str());
+            if licence != envelope.from_lawyer {
                 return Err(SubmitError::invalid(
-                    "lawyer_meeting_request.role",
-                    "required (CQ-1.2)",
+                    "lawyer_meeting_request.lawyer.licence_number",
+                    "must be the lawyer who asks (envelope.from_lawyer)",
                 ));
             }
+            if !p.detention_centre.is_empty() && p.detention_centre != envelope.recipient {
+                return Err(SubmitError::invalid(
+                    "lawyer_meeting_request.detention_centre",
+                    "must be the recipient",
+                ));
+            }
+        }
+        Payload::InterrogationRequest(p) => {
+            detainee(p.detainee.as_ref(), "interrogation_request.detainee")?;
         }
         Payload::VerificationQuery(p) => {
             detainee(p.detainee.as_ref(), "verification_query.detainee")?;
             required(&p.question, "verification_query.question")?;
+            if !p.meeting_request_id.is_empty() {
+                check_referral_id(
+                    "verification_query.meeting_request_id",
+                    &p.meeting_request_id,
+                )?;
+            }
+        }
+        Payload::LawyerRegistration(p) => {
+            let l = p
+                .lawyer
+                .as_ref()
+                .ok_or_else(|| SubmitError::invalid("lawyer_registration.lawyer", "required"))?;
+            crate::lawyer::check_licence(
+                "lawyer_registration.lawyer.licence_number",
+                &l.licence_number,
+            )?;
+            required(&l.name, "lawyer_registration.lawyer.name")?;
+            if p.status <= 0 || refbus_proto::v1::LawyerStatus::try_from(p.status).is_err() {
+                return Err(SubmitError::invalid(
+                    "lawyer_registration.status",
+                    "required: active or suspended",
+                ));
+            }
+        }
+        Payload::MeetingRating(p) => {
+            check_referral_id("meeting_rating.meeting_request_id", &p.meeting_request_id)?;
+            if !(1..=5).contains(&p.score) {
+                return Err(SubmitError::invalid(
+                    "meeting_rating.score",
+                    "CQ-3.11b: a score from 1 to 5",
+                ));
+            }
         }
         Payload::LawyerViolationNotice(p) => {
             lawyer(p.lawyer.as_ref(), "lawyer_violation_notice.lawyer")?;
@@ -500,6 +626,16 @@ fn validate_payload(payload: &Payload, envelope: &Envelope) -> Result<(), Submit
         Payload::RightsComplaint(p) => {
             lawyer(p.complainant.as_ref(), "rights_complaint.complainant")?;
             required(&p.description, "rights_complaint.description")?;
+            let licence = p
+                .complainant
+                .as_ref()
+                .map_or("", |l| l.licence_number.as_str());
+            if !envelope.from_lawyer.is_empty() && licence != envelope.from_lawyer {
+                return Err(SubmitError::invalid(
+                    "rights_complaint.complainant.licence_number",
+                    "must be the lawyer who complains (envelope.from_lawyer)",
+                ));
+            }
         }
         Payload::MisconductLead(p) => {
             present(p.subject.as_ref(), "misconduct_lead.subject")?;
@@ -522,6 +658,36 @@ fn validate_payload(payload: &Payload, envelope: &Envelope) -> Result<(), Submit
         Payload::Feedback(p) => {
             if p.outcome <= 0 {
                 return Err(SubmitError::invalid("feedback.outcome", "required"));
+            }
+            if let Some(refusal) = &p.refusal {
+                if p.outcome != refbus_proto::v1::Outcome::Refused as i32 {
+                    return Err(SubmitError::invalid(
+                        "feedback.refusal",
+                        "only with outcome refused (CQ-1.3a)",
+                    ));
+                }
+                if refusal.reason <= 0
+                    || refbus_proto::v1::RefusalReason::try_from(refusal.reason).is_err()
+                {
+                    return Err(SubmitError::invalid(
+                        "feedback.refusal.reason",
+                        "CQ-1.3a: a reason from the closed list (RefusalReason)",
+                    ));
+                }
+                if !refusal.written_refusal.is_empty() {
+                    return Err(SubmitError::invalid(
+                        "feedback.refusal.written_refusal",
+                        "CQ-1.3c: the written refusal travels only sealed to the lawyer's keys; the centre's own service seals it",
+                    ));
+                }
+                if !refusal.sealed_written_refusal.is_empty()
+                    && !refusal.sealed_written_refusal.starts_with(AGE_MAGIC)
+                {
+                    return Err(SubmitError::invalid(
+                        "feedback.refusal.sealed_written_refusal",
+                        "not sealed in the age format (age-encryption.org/v1)",
+                    ));
+                }
             }
         }
         Payload::OverdueNotice(_) | Payload::ForgeryAlert(_) => {}

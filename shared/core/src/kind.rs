@@ -75,7 +75,7 @@ pub trait KindExt: Sized {
     fn is_reply(&self) -> bool;
 }
 
-const KINDS: [(MessageKind, &str); 16] = [
+const KINDS: [(MessageKind, &str); 19] = [
     (MessageKind::LegalHelpRequest, "legal_help_request"),
     (
         MessageKind::DefenceCommissionRequest,
@@ -101,6 +101,9 @@ const KINDS: [(MessageKind, &str); 16] = [
     (MessageKind::OverdueNotice, "overdue_notice"),
     (MessageKind::JointNotice, "joint_notice"),
     (MessageKind::ForgeryAlert, "forgery_alert"),
+    (MessageKind::InterrogationRequest, "interrogation_request"),
+    (MessageKind::LawyerRegistration, "lawyer_registration"),
+    (MessageKind::MeetingRating, "meeting_rating"),
 ];
 
 impl KindExt for MessageKind {
@@ -133,6 +136,9 @@ impl KindExt for MessageKind {
             Payload::OverdueNotice(_) => MessageKind::OverdueNotice,
             Payload::JointNotice(_) => MessageKind::JointNotice,
             Payload::ForgeryAlert(_) => MessageKind::ForgeryAlert,
+            Payload::InterrogationRequest(_) => MessageKind::InterrogationRequest,
+            Payload::LawyerRegistration(_) => MessageKind::LawyerRegistration,
+            Payload::MeetingRating(_) => MessageKind::MeetingRating,
         }
     }
 
@@ -148,6 +154,7 @@ impl KindExt for MessageKind {
                 | MessageKind::LawyerViolationNotice
                 | MessageKind::RightsComplaint
                 | MessageKind::MisconductLead
+                | MessageKind::InterrogationRequest
         )
     }
 

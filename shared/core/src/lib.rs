@@ -9,6 +9,7 @@
 //! - [`agency`]: agency kinds, organ systems, levels and ids.
 //! - [`directory`]: the agency directory (`deploy/local/directory.toml`), validated on load.
 //! - [`kind`]: message kinds, their wire names and whether they are referrals.
+//! - [`lawyer`]: practice licence numbers and the credentials of a meeting request (CQ-1.2).
 //! - [`rules`]: which agency kind may send which kind of message to whom.
 //! - [`routing`]: statutory recipients (CQ-1.1b, CQ-3.14).
 //! - [`envelope`]: envelope ids and the validation of a submission.
@@ -24,6 +25,7 @@ pub mod calendar;
 pub mod directory;
 pub mod envelope;
 pub mod kind;
+pub mod lawyer;
 pub mod lead;
 pub mod policy;
 pub mod report;

@@ -18,7 +18,7 @@ pub struct RuleViolation {
 
 use AgencyKind::{
     BarAssociation as Bar, CaseUnit, DetentionCentre as Centre, DutyLawyerDesk as Desk,
-    JusticeBureau as Bureau, LegalAidOffice as LegalAid,
+    JusticeBureau as Bureau, LawyerService as Lawyers, LegalAidOffice as LegalAid,
 };
 
 /// (kind, rule, senders, recipients). Replies (acknowledgement, feedback)
@@ -42,16 +42,20 @@ const MATRIX: &[(MessageKind, &str, &[AgencyKind], &[AgencyKind])] = &[
         &[Centre],
         &[LegalAid, CaseUnit],
     ),
-    (
-        MessageKind::Letter,
-        "CQ-1.1c",
-        &[Centre],
-        &[LegalAid, Desk, Bar],
-    ),
+    // CQ-1.1c: to the addressed lawyer, whose inbox is behind the lawyer
+    // service; no intermediary holds the letter.
+    (MessageKind::Letter, "CQ-1.1c", &[Centre], &[Lawyers]),
+    // CQ-1.3a: the lawyer asks, through the lawyer service.
     (
         MessageKind::LawyerMeetingRequest,
         "CQ-1.3a",
-        &[Bar, LegalAid, Desk],
+        &[Lawyers],
+        &[Centre],
+    ),
+    (
+        MessageKind::InterrogationRequest,
+        "CQ-1.3b",
+        &[CaseUnit],
         &[Centre],
     ),
     (
@@ -66,10 +70,12 @@ const MATRIX: &[(MessageKind, &str, &[AgencyKind], &[AgencyKind])] = &[
         &[Centre],
         &[Bureau],
     ),
+    // CQ-3.13: from the lawyer, or entered by the body that took it at its
+    // own window (a police unit, a justice bureau, a bar association).
     (
         MessageKind::RightsComplaint,
         "CQ-3.13",
-        &[Bar],
+        &[Lawyers, Bar, Bureau, CaseUnit],
         &[CaseUnit, Bureau, Bar],
     ),
     (
@@ -78,11 +84,12 @@ const MATRIX: &[(MessageKind, &str, &[AgencyKind], &[AgencyKind])] = &[
         &[CaseUnit, Bureau, Bar],
         &[CaseUnit, Bureau, Bar],
     ),
+    // SH-2.5: to the lawyers concerned, by licence number.
     (
         MessageKind::DetaineeUnavailableNotice,
         "SH-2.5",
         &[Centre],
-        &[Bar, LegalAid, Desk],
+        &[Lawyers],
     ),
     (
         MessageKind::BookedSlotNotice,
@@ -95,6 +102,20 @@ const MATRIX: &[(MessageKind, &str, &[AgencyKind], &[AgencyKind])] = &[
         "CQ-3.15",
         &[Centre, CaseUnit, Bureau, Bar],
         &[CaseUnit, Bureau, Bar],
+    ),
+    // Lawyers are registered, suspended and reinstated by the bar
+    // association or justice bureau of their region.
+    (
+        MessageKind::LawyerRegistration,
+        "registry",
+        &[Bar, Bureau],
+        &[Lawyers],
+    ),
+    (
+        MessageKind::MeetingRating,
+        "CQ-3.11b",
+        &[Lawyers],
+        &[Centre],
     ),
 ];
 
@@ -160,12 +181,12 @@ pub fn check(kind: MessageKind, sender: &Agency, recipient: &Agency) -> Result<(
                 });
             }
             if kind == MessageKind::RightsComplaint
-                && recipient.kind == CaseUnit
-                && recipient.system != OrganSystem::Police
+                && ((recipient.kind == CaseUnit && recipient.system != OrganSystem::Police)
+                    || (sender.kind == CaseUnit && sender.system != OrganSystem::Police))
             {
                 return Err(RuleViolation {
                     rule: "CQ-3.13",
-                    reason: "a rights complaint goes to the police, the justice bureau or the bar association".into(),
+                    reason: "a rights complaint is taken by and goes to the police, the justice bureau or the bar association".into(),
                 });
             }
             Ok(())
