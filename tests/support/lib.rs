@@ -149,6 +149,8 @@ pub fn test_settings(amqp_url: String) -> BusSettings {
         signing_keys: "development".into(),
         amqp_ca: None,
         development: false,
+        policy: repo_root().join("deploy/policy"),
+        lawyer_service: refbus_gateway::settings::LawyerServiceSettings::default(),
     }
 }
 

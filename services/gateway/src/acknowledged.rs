@@ -54,8 +54,18 @@ const SCHEMA: [&str; 2] = [
         answers INTEGER NOT NULL,
         payload_digest TEXT NOT NULL,
         at BIGINT NOT NULL,
+        from_lawyer TEXT NOT NULL DEFAULT '',
+        complainant TEXT NOT NULL DEFAULT '',
         PRIMARY KEY (agency, referral)
     )",
+];
+
+/// Columns added to `received` since it was first shipped (issue 18: the
+/// lawyer an answer goes to), each added to a store made before it. A row
+/// from before holds no lawyer: its answers go to agencies only, as then.
+const ADDED_COLUMNS: [(&str, &str); 2] = [
+    ("from_lawyer", "TEXT NOT NULL DEFAULT ''"),
+    ("complainant", "TEXT NOT NULL DEFAULT ''"),
 ];
 
 /// Most acknowledgements recorded in one transaction.
@@ -105,6 +115,7 @@ impl Acknowledged {
                 .await
                 .map_err(|e| fail(e.to_string()))?;
         }
+        add_columns(&pool).await.map_err(|e| fail(e.to_string()))?;
         let (writer, queue) = mpsc::channel(4 * GROUP);
         tokio::spawn(write_groups(pool.clone(), queue));
         let store = Self { pool, writer };
@@ -142,7 +153,7 @@ impl Acknowledged {
     ) -> Result<Option<Received>, sqlx::Error> {
         use sqlx::Row;
         let row = sqlx::query(
-            "SELECT kind, reply_to, relays, answers, payload_digest FROM received WHERE agency = ? AND referral = ?",
+            "SELECT kind, reply_to, relays, answers, payload_digest, from_lawyer, complainant FROM received WHERE agency = ? AND referral = ?",
         )
         .bind(agency)
         .bind(referral)
@@ -161,6 +172,8 @@ impl Acknowledged {
                     .collect(),
                 answers: row.try_get::<i64, _>("answers")? != 0,
                 payload_digest: row.try_get("payload_digest")?,
+                from_lawyer: row.try_get("from_lawyer")?,
+                complainant: row.try_get("complainant")?,
             })
         })
         .transpose()
@@ -245,13 +258,13 @@ async fn write_group(pool: &SqlitePool, group: &[Pending]) -> Result<(), sqlx::E
         .collect();
     for chunk in received.chunks(100) {
         let mut sql = String::from(
-            "INSERT INTO received (agency, referral, kind, reply_to, relays, answers, payload_digest, at) VALUES ",
+            "INSERT INTO received (agency, referral, kind, reply_to, relays, answers, payload_digest, at, from_lawyer, complainant) VALUES ",
         );
         for i in 0..chunk.len() {
             sql.push_str(if i == 0 {
-                "(?, ?, ?, ?, ?, ?, ?, ?)"
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             } else {
-                ", (?, ?, ?, ?, ?, ?, ?, ?)"
+                ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             });
         }
         sql.push_str(" ON CONFLICT DO NOTHING");
@@ -265,13 +278,121 @@ async fn write_group(pool: &SqlitePool, group: &[Pending]) -> Result<(), sqlx::E
                 .bind(r.relays.join(","))
                 .bind(i64::from(r.answers))
                 .bind(&r.payload_digest)
-                .bind(at);
+                .bind(at)
+                .bind(&r.from_lawyer)
+                .bind(&r.complainant);
         }
         query.execute(&mut *tx).await?;
     }
     tx.commit().await
 }
 
+/// Adds each of [`ADDED_COLUMNS`] that a store made before it lacks.
+async fn add_columns(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    use sqlx::Row;
+    let present: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('received')")
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String, _>("name"))
+        .collect::<Result<_, _>>()?;
+    for (column, definition) in ADDED_COLUMNS {
+        if !present.iter().any(|name| name == column) {
+            sqlx::query(&format!(
+                "ALTER TABLE received ADD COLUMN {column} {definition}"
+            ))
+            .execute(pool)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn received(from_lawyer: &str) -> Received {
+        Received {
+            referral: "0193d5c8-0000-7000-8000-000000000001".into(),
+            kind: "rights_complaint".into(),
+            reply_to: "lawyer-service".into(),
+            relays: Vec::new(),
+            answers: true,
+            payload_digest: "00".into(),
+            from_lawyer: from_lawyer.into(),
+            complainant: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_made_before_lawyers_gains_their_columns_and_keeps_its_rows() {
+        let path = std::env::temp_dir().join(format!(
+            "refbus-ack-migration-{}.db",
+            uuid::Uuid::now_v7().simple()
+        ));
+        // The `received` table as it shipped before issue 18, with a row.
+        {
+            let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+                .unwrap()
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new()
+                .connect_with(options)
+                .await
+                .unwrap();
+            sqlx::query(
+                "CREATE TABLE received (agency TEXT NOT NULL, referral TEXT NOT NULL, kind TEXT NOT NULL, reply_to TEXT NOT NULL, relays TEXT NOT NULL, answers INTEGER NOT NULL, payload_digest TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (agency, referral))",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("INSERT INTO received VALUES ('dz-justice-bureau', 'old', 'lawyer_violation_notice', 'dz-detention-centre', '', 1, 'ab', 0)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = Acknowledged::open(&path).await.unwrap();
+        let old = store
+            .received("dz-justice-bureau", "old")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (old.from_lawyer.as_str(), old.complainant.as_str()),
+            ("", "")
+        );
+        store
+            .record(
+                "dz-justice-bureau",
+                "m1",
+                Some(received("15001201910123456")),
+            )
+            .await
+            .unwrap();
+        let new = store
+            .received("dz-justice-bureau", "0193d5c8-0000-7000-8000-000000000001")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(new, received("15001201910123456"));
+        store.close().await;
+        // Opened again: nothing to add, nothing lost.
+        let store = Acknowledged::open(&path).await.unwrap();
+        assert!(
+            store
+                .received("dz-justice-bureau", "old")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        store.close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
 }

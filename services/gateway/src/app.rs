@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use refbus_bus::{Bus, BusConfig, BusError, Topology};
+use refbus_core::policy::{PolicyCatalogue, PolicyError};
 use refbus_core::signing::{KeyError, SigningKeys};
 use refbus_core::{Directory, DirectoryError};
 use refbus_proto::v1::{
@@ -27,6 +28,7 @@ use crate::exposure::{self, Exposed, Listener};
 use crate::gateway::GatewayService;
 use crate::inbox::Sessions;
 use crate::observe::{self, GatewayMetrics, Telemetry};
+use crate::registry::LawyerRegister;
 use crate::server;
 use crate::{AgencyService, BusSettings, GatewayCore};
 
@@ -58,6 +60,10 @@ pub enum StartError {
     Exposed(#[from] Exposed),
     #[error("REFBUS_AMQP_CA ({path}): {reason}")]
     AmqpCa { path: String, reason: String },
+    #[error("REFBUS_POLICY: {0}")]
+    Policy(#[from] PolicyError),
+    #[error("REFBUS_LAWYER_SERVICE: {0}")]
+    LawyerService(String),
 }
 
 /// What the agency services of one process share.
@@ -73,6 +79,9 @@ pub struct Shared {
     /// What each agency's system acknowledged: opened by the first agency
     /// service built (the tracker, sharing this, never opens it).
     pub acknowledged: Arc<tokio::sync::OnceCell<Arc<Acknowledged>>>,
+    /// The policy catalogue (`settings.policy`): loaded and validated by
+    /// the first agency service built (the tracker loads its own).
+    pub policy: Arc<tokio::sync::OnceCell<Arc<PolicyCatalogue>>>,
     /// The process's Prometheus registry (bus, agency services, tracker).
     pub telemetry: Arc<Telemetry>,
     /// What the agency services of this process count.
@@ -120,6 +129,7 @@ impl Shared {
             auth,
             signing,
             acknowledged,
+            policy: Arc::new(tokio::sync::OnceCell::new()),
             telemetry,
             metrics,
             shutdown,
@@ -209,6 +219,15 @@ impl Application {
         for agency in &served {
             shared.signing.require(agency, &shared.directory)?;
         }
+        let policy = shared
+            .policy
+            .get_or_try_init(|| async {
+                PolicyCatalogue::load(&shared.settings.policy, &shared.directory).map(Arc::new)
+            })
+            .await?
+            .clone();
+        let lawyers = LawyerRegister::connect(&shared.settings.lawyer_service, &shared.directory)
+            .map_err(StartError::LawyerService)?;
         shared.refuse_exposure(Listener::Grpc, listen)?;
         let listener = TcpListener::bind(listen)
             .await
@@ -234,6 +253,8 @@ impl Application {
                 })
                 .await?
                 .clone(),
+            policy,
+            lawyers,
             shutdown: shared.shutdown.clone(),
         });
         Ok(Self {

@@ -30,6 +30,8 @@ pub struct ServiceArgs {
     /// agency of the service's kinds in the directory.
     #[arg(long, env = "REFBUS_AGENCIES", value_delimiter = ',')]
     pub agencies: Vec<String>,
+    #[command(flatten)]
+    pub policy: crate::settings::PolicySetting,
 }
 
 /// Runs one agency service until SIGINT or SIGTERM.
@@ -45,7 +47,8 @@ pub fn run(service: AgencyService) -> anyhow::Result<()> {
 ///
 /// # Errors
 /// As [`run`].
-pub fn serve(service: AgencyService, args: ServiceArgs) -> anyhow::Result<()> {
+pub fn serve(service: AgencyService, mut args: ServiceArgs) -> anyhow::Result<()> {
+    args.bus.policy.clone_from(&args.policy.policy);
     telemetry::init("info");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -33,6 +33,21 @@ pub enum GatewayError {
     /// This service holds no signing key for the agency (ruled out at start-up).
     #[error(transparent)]
     Signing(#[from] refbus_core::signing::KeyError),
+    /// A licence number nobody registered on the bus.
+    #[error("{field}: lawyer `{licence}` is not registered on the bus")]
+    LawyerNotRegistered {
+        field: &'static str,
+        licence: String,
+    },
+    /// The lawyer service's register cannot be asked.
+    #[error("the lawyer register cannot be reached ({0}); nothing was published")]
+    RegisterUnavailable(String),
+    /// The register's entry does not hold up against its registrar's
+    /// signature: its word alone decides nothing.
+    #[error(
+        "lawyer `{licence}`: the register's entry cannot be believed: {reason}; nothing was published"
+    )]
+    RegisterUntrusted { licence: String, reason: String },
 }
 
 impl From<RuleViolation> for GatewayError {
@@ -69,6 +84,9 @@ impl From<GatewayError> for Status {
             GatewayError::NotReceived { .. } => Status::not_found(message),
             GatewayError::Invalid { .. } => Status::invalid_argument(message),
             GatewayError::Signing(_) => Status::internal(message),
+            GatewayError::LawyerNotRegistered { .. } => Status::not_found(message),
+            GatewayError::RegisterUnavailable(_) => Status::unavailable(message),
+            GatewayError::RegisterUntrusted { .. } => Status::failed_precondition(message),
         }
     }
 }
@@ -95,5 +113,16 @@ mod tests {
         assert_eq!(s.code(), Code::NotFound);
         let s = Status::from(GatewayError::Bus(BusError::Unavailable("down".into())));
         assert_eq!(s.code(), Code::Unavailable);
+        let s = Status::from(GatewayError::LawyerNotRegistered {
+            field: "complaint.complainant.licence_number",
+            licence: "15001201910123456".into(),
+        });
+        assert_eq!(
+            (s.code(), s.message()),
+            (
+                Code::NotFound,
+                "complaint.complainant.licence_number: lawyer `15001201910123456` is not registered on the bus"
+            )
+        );
     }
 }

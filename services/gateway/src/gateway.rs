@@ -10,9 +10,10 @@ use prost::Message;
 use refbus_bus::{Bus, Incoming, Outgoing, Topology};
 use refbus_core::envelope::{self, timestamp};
 use refbus_core::kind::hop_code;
+use refbus_core::policy::PolicyCatalogue;
 use refbus_core::rules::{self, RuleViolation};
 use refbus_core::signing::{self, SIGNATURE_HEADER, Signed, SigningKeys};
-use refbus_core::{Directory, KindExt, MessageKind, SubmitError};
+use refbus_core::{AgencyKind, Directory, KindExt, MessageKind, SubmitError};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::gateway_server::Gateway;
 use refbus_proto::v1::{
@@ -30,6 +31,7 @@ use crate::auth::Caller;
 use crate::forgery::{self, Refusal};
 use crate::inbox::{Handed, Offer, Received, Sessions};
 use crate::observe::ServiceMetrics;
+use crate::registry::LawyerRegister;
 use crate::settings::AgencyService;
 
 /// What one agency service needs to serve its agencies.
@@ -47,6 +49,12 @@ pub struct GatewayCore {
     pub sessions: Arc<Sessions>,
     /// What each agency's system acknowledged: never handed over again.
     pub acknowledged: Arc<Acknowledged>,
+    /// The policy catalogue (`REFBUS_POLICY`), validated against the
+    /// directory at start-up: what each territory's rules say.
+    pub policy: Arc<PolicyCatalogue>,
+    /// The lawyer service's public register, checked against each
+    /// registrar's signature.
+    pub lawyers: LawyerRegister,
     pub shutdown: CancellationToken,
 }
 
@@ -98,6 +106,7 @@ impl GatewayCore {
         envelope: Envelope,
         mut known: Option<Received>,
     ) -> Result<Receipt, GatewayError> {
+        let mut envelope = envelope;
         // Receipt before anything the client's copy of a lead could decide.
         if known.is_none()
             && !envelope.relay_of.is_empty()
@@ -107,6 +116,24 @@ impl GatewayCore {
                 self.received("envelope.relay_of", &envelope.sender, &envelope.relay_of)
                     .await?,
             );
+        }
+        // A reply to the lawyer service is addressed to the lawyer who sent
+        // the referral: found from the delivery, before it is accepted.
+        if known.is_none()
+            && envelope.relay_of.is_empty()
+            && is_reply(&envelope)
+            && self.served.contains(&envelope.sender)
+            && self.is_lawyer_service(&envelope.recipient)
+        {
+            let received = self
+                .received(
+                    "envelope.in_reply_to",
+                    &envelope.sender,
+                    &envelope.in_reply_to,
+                )
+                .await?;
+            address_lawyer(&mut envelope, &received);
+            known = Some(received);
         }
         let mut accepted = self.accept(envelope)?;
         self.check_reply(&mut accepted, known).await?;
@@ -226,10 +253,83 @@ impl GatewayCore {
             }
             .into());
         }
+        if self.is_lawyer_service(&envelope.recipient)
+            && (received.from_lawyer.is_empty()
+                || envelope.to_lawyers != [received.from_lawyer.clone()])
+        {
+            return Err(RuleViolation {
+                rule,
+                reason: format!(
+                    "an answer to `{}` goes to the lawyer who sent it through `{}`: to_lawyers is [{}]",
+                    envelope.in_reply_to, envelope.recipient, received.from_lawyer
+                ),
+            }
+            .into());
+        }
         if accepted.kind == MessageKind::Feedback {
             envelope.also_to.clone_from(&received.relays);
+            self.feed_back_to_complainant(envelope, &received).await?;
         }
         Ok(())
+    }
+
+    /// CQ-3.13: the result of a rights complaint a body entered for a
+    /// registered lawyer is fed back to the lawyer too, through the lawyer
+    /// service (a further recipient, with the lawyer in `to_lawyers`). Set
+    /// once the feedback is accepted: addressed to the body, it would
+    /// otherwise name a lawyer on a message to an agency.
+    ///
+    /// # Errors
+    /// When the register cannot be asked (nothing is published: the lawyer
+    /// would miss the result).
+    async fn feed_back_to_complainant(
+        &self,
+        envelope: &mut Envelope,
+        received: &Received,
+    ) -> Result<(), GatewayError> {
+        if received.complainant.is_empty()
+            || received.kind != MessageKind::RightsComplaint.code()
+            || self.is_lawyer_service(&envelope.recipient)
+        {
+            return Ok(());
+        }
+        let Some(lawyer_service) = self.lawyer_service() else {
+            return Ok(());
+        };
+        match self
+            .lawyers
+            .get(
+                "rights_complaint.complainant.licence_number",
+                &received.complainant,
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Filed for a lawyer who is not on the bus: the body's answer only.
+            Err(GatewayError::LawyerNotRegistered { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if !envelope.also_to.iter().any(|a| a == lawyer_service) {
+            envelope.also_to.push(lawyer_service.to_owned());
+        }
+        envelope.to_lawyers = vec![received.complainant.clone()];
+        Ok(())
+    }
+
+    /// Whether `agency` is a lawyer service (where lawyers' inboxes are).
+    fn is_lawyer_service(&self, agency: &str) -> bool {
+        self.directory
+            .get(agency)
+            .is_some_and(|a| a.kind == AgencyKind::LawyerService)
+    }
+
+    /// The directory's lawyer service, if it has one.
+    #[must_use]
+    pub fn lawyer_service(&self) -> Option<&str> {
+        self.directory
+            .of_kind(AgencyKind::LawyerService)
+            .next()
+            .map(|a| a.id.as_str())
     }
 
     fn accept(&self, envelope: Envelope) -> Result<envelope::Accepted, GatewayError> {
@@ -319,14 +419,18 @@ impl GatewayCore {
         }
         // Where the answer goes comes from the delivery, not from the copy
         // the client passed back.
-        let mut accepted = self.accept(Envelope {
+        let mut envelope = Envelope {
             sender: agency,
             recipient: received.reply_to.clone(),
             in_reply_to: referral_id,
             idempotency_key: request.idempotency_key,
             payload: Some(Payload::Feedback(feedback)),
             ..Envelope::default()
-        })?;
+        };
+        if self.is_lawyer_service(&envelope.recipient) {
+            address_lawyer(&mut envelope, &received);
+        }
+        let mut accepted = self.accept(envelope)?;
         self.check_reply(&mut accepted, Some(received)).await?;
         self.publish(accepted.envelope, accepted.kind).await
     }
@@ -865,6 +969,17 @@ fn received_from(agency: &str, envelope: &Envelope) -> Received {
         }
         _ => (envelope.sender.clone(), Vec::new(), kind.is_referral()),
     };
+    // A complaint the lawyer service sent names its lawyer in from_lawyer
+    // (core checks that they are the complainant); one a body entered
+    // names the lawyer only as the complainant.
+    let complainant = match &envelope.payload {
+        Some(Payload::RightsComplaint(complaint)) if envelope.from_lawyer.is_empty() => complaint
+            .complainant
+            .as_ref()
+            .map(|l| l.licence_number.clone())
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
     Received {
         referral: envelope::tracking_id(envelope).to_owned(),
         kind: kind.code().to_owned(),
@@ -872,6 +987,25 @@ fn received_from(agency: &str, envelope: &Envelope) -> Received {
         relays,
         answers,
         payload_digest: digest,
+        from_lawyer: envelope.from_lawyer.clone(),
+        complainant,
+    }
+}
+
+/// Whether an envelope is an acknowledgement or feedback.
+fn is_reply(envelope: &Envelope) -> bool {
+    matches!(
+        envelope.payload,
+        Some(Payload::Acknowledgement(_) | Payload::Feedback(_))
+    )
+}
+
+/// Addresses a reply to the lawyer service to the lawyer who sent the
+/// referral, when the client named none (a different list is refused by
+/// `check_reply`).
+fn address_lawyer(envelope: &mut Envelope, received: &Received) {
+    if envelope.to_lawyers.is_empty() && !received.from_lawyer.is_empty() {
+        envelope.to_lawyers = vec![received.from_lawyer.clone()];
     }
 }
 

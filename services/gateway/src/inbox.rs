@@ -48,6 +48,14 @@ pub struct Received {
     /// SHA-256 (hex) of the payload as delivered: a relayed lead or the
     /// referral passed back with `Feedback` must be exactly this one.
     pub payload_digest: String,
+    /// The lawyer who submitted the referral through the lawyer service
+    /// (its `from_lawyer`): an answer to the lawyer service is addressed to
+    /// them (`to_lawyers`). Empty for a referral from an agency.
+    pub from_lawyer: String,
+    /// CQ-3.13: the complaining lawyer (licence number) of a rights
+    /// complaint a body entered, which no lawyer service sent: the result
+    /// is fed back to the lawyer as well. Empty otherwise.
+    pub complainant: String,
 }
 
 /// A pending delivery, taken to be acknowledged.

@@ -119,6 +119,66 @@ pub struct BusSettings {
     /// other than loopback (without it such a service refuses to start).
     #[arg(long, env = "REFBUS_DEVELOPMENT", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub development: bool,
+    /// The policy catalogue the agency services load (validated against
+    /// the directory at start-up). Not a flag of its own here: the tracker
+    /// has `--policy` (REFBUS_POLICY) already, so `refbus serve` takes it
+    /// from [`PolicySetting`] and `refbus up` passes the tracker's.
+    #[arg(skip = PathBuf::from(DEFAULT_POLICY))]
+    pub policy: PathBuf,
+    /// Where the lawyer service's public register is.
+    #[command(flatten)]
+    pub lawyer_service: LawyerServiceSettings,
+}
+
+/// The policy catalogue's default directory (the tracker's default too).
+pub const DEFAULT_POLICY: &str = "deploy/policy";
+
+/// `--policy` of an agency service (`refbus serve`, the service binaries):
+/// the same flag and variable as the tracker's.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PolicySetting {
+    /// The policy catalogue directory.
+    #[arg(long, env = "REFBUS_POLICY", default_value = DEFAULT_POLICY)]
+    pub policy: PathBuf,
+}
+
+/// The lawyer service's public register of lawyers (`LawyerRegistry`), which
+/// the agency services ask for a lawyer's region, status and letter keys.
+/// Connected lazily: a service starts while the lawyer service is away, and
+/// a call that needs the register then fails with UNAVAILABLE.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LawyerServiceSettings {
+    /// The lawyer service's gRPC address (`https://` for TLS).
+    #[arg(
+        long = "lawyer-service",
+        env = "REFBUS_LAWYER_SERVICE",
+        default_value = DEFAULT_LAWYER_SERVICE
+    )]
+    pub url: String,
+    /// With an `https://` address: the CA that issued the lawyer service's
+    /// certificate (PEM).
+    #[arg(long = "lawyer-service-ca", env = "REFBUS_LAWYER_SERVICE_CA")]
+    pub ca: Option<PathBuf>,
+    /// With an `https://` address: the name its certificate is issued to.
+    #[arg(
+        long = "lawyer-service-domain",
+        env = "REFBUS_LAWYER_SERVICE_DOMAIN",
+        default_value = "localhost"
+    )]
+    pub domain: String,
+}
+
+/// The lawyer service's default address.
+pub const DEFAULT_LAWYER_SERVICE: &str = "http://127.0.0.1:50056";
+
+impl Default for LawyerServiceSettings {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_LAWYER_SERVICE.into(),
+            ca: None,
+            domain: "localhost".into(),
+        }
+    }
 }
 
 /// Parses `250ms`, `5s`, `2m`.

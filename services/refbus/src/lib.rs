@@ -271,6 +271,8 @@ pub async fn up(mut args: Box<UpArgs>) -> anyhow::Result<()> {
     let url = redact_url(&args.bus.amqp_url);
     let namespace = args.bus.namespace.clone();
     let auth = args.bus.auth.clone();
+    // The agency services check against the tracker's policy catalogue.
+    args.bus.policy.clone_from(&args.tracker.policy);
     let shared = match Shared::connect(args.bus, shutdown.clone()).await {
         Ok(shared) => shared,
         Err(StartError::Bus(BusError::Connect { url, reason })) => {
