@@ -26,6 +26,9 @@
 //!   parties, poison isolated, no false overdue notice.
 //! - [`lead_visibility`]: issue 16, a lead shows nothing off its route,
 //!   whatever hops name (GetReferral, ListObligations, report, dashboard).
+//! - [`registry`]: issue 18, lawyers registered, suspended and reinstated by
+//!   their region's registrar (the token's hash only on the bus), register
+//!   entries believed only as signed, CQ-3.13 results back to the lawyer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -61,6 +64,7 @@ mod leads;
 mod misuse;
 mod observability;
 mod privacy;
+mod registry;
 mod secure;
 mod signatures;
 mod tracker;

@@ -8,6 +8,7 @@
 pub mod broker;
 pub mod fixtures;
 pub mod proxy;
+pub mod register;
 pub mod tracker;
 pub mod up;
 
