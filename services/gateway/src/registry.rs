@@ -216,9 +216,9 @@ pub fn verify_entry(
             envelope.sender, registrar.id
         ));
     }
-    if !directory
+    if directory
         .get(&envelope.recipient)
-        .is_some_and(|a| a.kind == AgencyKind::LawyerService)
+        .is_none_or(|a| a.kind != AgencyKind::LawyerService)
     {
         return Err(format!(
             "the signed registration went to `{}`, not to the lawyer service",
