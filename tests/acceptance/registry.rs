@@ -14,9 +14,9 @@ use refbus_proto::v1::bar_association_client::BarAssociationClient;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::justice_bureau_client::JusticeBureauClient;
 use refbus_proto::v1::{
-    Acknowledgement, ChangeLawyerStatusRequest, EnterRightsComplaintRequest, Envelope, Lawyer,
-    LawyerStatus, Outcome, RegisterLawyerRequest, ReportHandlingResultRequest, RightsComplaint,
-    SubmitRequest,
+    Acknowledgement, ChangeLawyerStatusRequest, EnterRightsComplaintRequest, Envelope,
+    FileRightsComplaintRequest, Lawyer, LawyerStatus, Outcome, RegisterLawyerRequest,
+    ReportHandlingResultRequest, RightsComplaint, SubmitRequest,
 };
 use refbus_tests::register::{PublishedRegister, entry_of, signature_of};
 use refbus_tests::{Amqp, Inbox, TestBus, acknowledge, free_port, repo_root, test_settings};
@@ -27,6 +27,7 @@ const BAR: &str = "dz-bar-committee";
 const BUREAU: &str = "dz-justice-bureau";
 const LAWYER_SERVICE: &str = "lawyer-service";
 const LICENCE: &str = "15001201910123456";
+const UNREGISTERED: &str = "15001201910999999";
 
 fn directory() -> Directory {
     Directory::load(repo_root().join("deploy/local/directory.toml")).unwrap()
@@ -294,7 +295,7 @@ async fn cq_3_13_the_result_of_a_lawyers_complaint_goes_back_to_the_lawyer() {
         }),
     };
     let e = gateway
-        .submit(ack("ack-other", vec!["15001201910999999".into()]))
+        .submit(ack("ack-other", vec![UNREGISTERED.into()]))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -420,8 +421,46 @@ async fn cq_3_13_a_complaint_taken_at_the_window_reaches_the_body_and_its_result
     assert_eq!(feedback.id, receipt.id);
     assert_eq!(feedback.to_lawyers, [LICENCE]);
     assert_eq!(feedback.in_reply_to, complaint.id);
-    let copy = inbox.next().await.envelope.unwrap();
-    assert_eq!(copy.id, receipt.id, "the body has the result too");
+    let copy = inbox.next().await;
+    assert_eq!(
+        copy.envelope.unwrap().id,
+        receipt.id,
+        "the body has the result too"
+    );
+    acknowledge(&mut gateway, BUREAU, copy.delivery_token).await;
+
+    // A complaint filed for a lawyer nobody registered: the body's answer only.
+    let filed = bar
+        .file_rights_complaint(FileRightsComplaintRequest {
+            bar_association: BAR.into(),
+            investigated_by: BUREAU.into(),
+            complaint: Some(RightsComplaint {
+                complainant: Some(lawyer(UNREGISTERED)),
+                respondent: "dz-detention-centre".into(),
+                description: "searched before a meeting".into(),
+                hearing_requested: false,
+            }),
+            idempotency_key: "filed-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let delivered = inbox.next().await.envelope.unwrap();
+    assert_eq!(delivered.id, filed.id);
+    let answer = bureau
+        .report_handling_result(ReportHandlingResultRequest {
+            justice_bureau: BUREAU.into(),
+            outcome: Outcome::Unsubstantiated as i32,
+            summary: "no search took place".into(),
+            idempotency_key: "filed-result".into(),
+            referral: Some(delivered),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.recipient, BAR);
+    assert!(answer.also_to.is_empty(), "{:?}", answer.also_to);
+    assert_eq!(amqp.counts(&bus.inbox_queue(LAWYER_SERVICE)).await.0, 0);
 
     register.stop();
     amqp.close().await;

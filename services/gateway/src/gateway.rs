@@ -268,7 +268,7 @@ impl GatewayCore {
         }
         if accepted.kind == MessageKind::Feedback {
             envelope.also_to.clone_from(&received.relays);
-            self.feed_back_to_complainant(envelope, &received).await?;
+            self.feed_back_to_complainant(envelope, &received).await;
         }
         Ok(())
     }
@@ -279,22 +279,20 @@ impl GatewayCore {
     /// once the feedback is accepted: addressed to the body, it would
     /// otherwise name a lawyer on a message to an agency.
     ///
-    /// # Errors
-    /// When the register cannot be asked (nothing is published: the lawyer
-    /// would miss the result).
-    async fn feed_back_to_complainant(
-        &self,
-        envelope: &mut Envelope,
-        received: &Received,
-    ) -> Result<(), GatewayError> {
+    /// Only a licence the register says nobody registered is left out.
+    /// When the register cannot be asked (or its entry not believed), the
+    /// result still goes to the lawyer service for the lawyer: the body's
+    /// answer does not wait on the lawyer service, and the lawyer's copy is
+    /// never lost; the lawyer service holds it for a registered lawyer only.
+    async fn feed_back_to_complainant(&self, envelope: &mut Envelope, received: &Received) {
         if received.complainant.is_empty()
             || received.kind != MessageKind::RightsComplaint.code()
             || self.is_lawyer_service(&envelope.recipient)
         {
-            return Ok(());
+            return;
         }
         let Some(lawyer_service) = self.lawyer_service() else {
-            return Ok(());
+            return;
         };
         match self
             .lawyers
@@ -306,14 +304,18 @@ impl GatewayCore {
         {
             Ok(_) => {}
             // Filed for a lawyer who is not on the bus: the body's answer only.
-            Err(GatewayError::LawyerNotRegistered { .. }) => return Ok(()),
-            Err(e) => return Err(e),
+            Err(GatewayError::LawyerNotRegistered { .. }) => return,
+            Err(GatewayError::RegisterUnavailable(reason)) => {
+                tracing::warn!(%reason, referral = %received.referral, "CQ-3.13: the register could not be asked for the complainant; the result goes to the lawyer service for them all the same");
+            }
+            Err(_) => {
+                tracing::warn!(referral = %received.referral, "CQ-3.13: the register's entry of the complainant cannot be believed; the result goes to the lawyer service for them all the same");
+            }
         }
         if !envelope.also_to.iter().any(|a| a == lawyer_service) {
             envelope.also_to.push(lawyer_service.to_owned());
         }
         envelope.to_lawyers = vec![received.complainant.clone()];
-        Ok(())
     }
 
     /// Whether `agency` is a lawyer service (where lawyers' inboxes are).
