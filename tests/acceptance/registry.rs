@@ -564,3 +564,41 @@ async fn registry_a_register_out_of_reach_is_unavailable_and_a_malformed_licence
     let e = register.get("licence_number", "x").await.unwrap_err();
     assert_eq!(tonic::Status::from(e).code(), Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agency_service_refuses_to_start_on_a_bad_policy_naming_the_file_and_line() {
+    let dir = std::env::temp_dir().join(format!("refbus-policy-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("defaults.toml");
+    std::fs::write(
+        &file,
+        "[durations]\npromptly = \"2 working days\"\nfast = \"soon\"\n",
+    )
+    .unwrap();
+    let mut settings = test_settings(refbus_tests::amqp_url());
+    settings.policy.clone_from(&dir);
+    let shared =
+        refbus_gateway::Shared::connect(settings, tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap();
+    let e = refbus_gateway::Application::build(
+        refbus_gateway::AgencyService::JusticeBureau,
+        &shared,
+        "127.0.0.1:0".parse().unwrap(),
+        &[],
+    )
+    .await
+    .err()
+    .expect("a bad policy stops start-up");
+    let message = e.to_string();
+    assert!(message.starts_with("REFBUS_POLICY: "), "{message}");
+    assert!(
+        message.contains(&format!("{}:3", file.display())),
+        "{message}"
+    );
+    shared.shutdown.cancel();
+    shared.bus.close().await;
+    refbus_tests::delete_namespace(shared.bus.topology()).await;
+    refbus_tests::remove_inbox_db(&shared.settings);
+    let _ = std::fs::remove_dir_all(&dir);
+}
