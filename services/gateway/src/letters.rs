@@ -136,7 +136,8 @@ pub(crate) async fn seal_submitted_letter(
     let Some(Disposition::Content(content)) = letter.disposition.take() else {
         return Ok(());
     };
-    let sealed = seal_to_lawyer(core, "letter.addressee.licence_number", &licence, &content).await?;
+    let sealed =
+        seal_to_lawyer(core, "letter.addressee.licence_number", &licence, &content).await?;
     letter.disposition = Some(Disposition::SealedContent(sealed));
     if envelope.to_lawyers.is_empty() {
         envelope.to_lawyers = vec![licence];
@@ -183,7 +184,10 @@ pub(crate) async fn forward_letter(
     };
     // The addressee as the register has them (also for a withheld letter:
     // the notice goes to a registered lawyer, NOT_FOUND otherwise).
-    let lawyer = core.lawyers.get("lawyer_licence", &r.lawyer_licence).await?;
+    let lawyer = core
+        .lawyers
+        .get("lawyer_licence", &r.lawyer_licence)
+        .await?;
     rpcs.send(Envelope {
         sender: r.detention_centre,
         recipient: lawyer_service(core)?,
@@ -257,7 +261,10 @@ mod tests {
         let laptop = age::x25519::Identity::generate();
         let phone = age::x25519::Identity::generate();
         let other = age::x25519::Identity::generate();
-        let keys = vec![laptop.to_public().to_string(), phone.to_public().to_string()];
+        let keys = vec![
+            laptop.to_public().to_string(),
+            phone.to_public().to_string(),
+        ];
         let letter = "律师您好，我想更换辩护人".as_bytes();
         let sealed = seal(&keys, letter).unwrap();
         assert!(sealed.starts_with(refbus_core::envelope::AGE_MAGIC));

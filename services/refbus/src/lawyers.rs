@@ -27,10 +27,9 @@ use refbus_proto::v1::letter::Disposition;
 use refbus_proto::v1::{
     ArrangeMeetingRequest, CaseType, ChangeLawyerStatusRequest, Companion, Credential, Detainee,
     Envelope, FileComplaintRequest, ForwardLetterRequest, GetReferralRequest,
-    LawyerAcknowledgeRequest, LawyerDelivery, LawyerInboxRequest, LawyerMeetingRequest,
-    LawyerRole, Outcome, ProceduralStage, RateMeetingRequest, Receipt, RecordHeldRequest,
-    RefusalReason, RefuseMeetingRequest, RegisterLawyerRequest, RequestMeetingRequest,
-    WithholdingGround,
+    LawyerAcknowledgeRequest, LawyerDelivery, LawyerInboxRequest, LawyerMeetingRequest, LawyerRole,
+    Outcome, ProceduralStage, RateMeetingRequest, Receipt, RecordHeldRequest, RefusalReason,
+    RefuseMeetingRequest, RegisterLawyerRequest, RequestMeetingRequest, WithholdingGround,
 };
 use tokio_stream::StreamExt;
 use tonic::Status;
@@ -67,13 +66,17 @@ pub struct LawyerConnection {
     pub output: Output,
 }
 
-type Authorised = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+type Authorised =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
 
 impl LawyerConnection {
     async fn client(&self) -> Result<LawyerServiceClient<Authorised>> {
         let mut endpoint =
             tonic::transport::Channel::from_shared(self.server.clone()).map_err(|e| {
-                Failure::new(ExitCode::Failed, format!("`{}` is not a URL: {e}", self.server))
+                Failure::new(
+                    ExitCode::Failed,
+                    format!("`{}` is not a URL: {e}", self.server),
+                )
             })?;
         if let Some(ca) = &self.ca {
             let pem = std::fs::read(ca)
@@ -89,7 +92,10 @@ impl LawyerConnection {
         let channel = endpoint.connect().await.map_err(|e| {
             Failure::new(
                 ExitCode::Unavailable,
-                format!("cannot reach {}: {e} (is `refbus up` running?)", self.server),
+                format!(
+                    "cannot reach {}: {e} (is `refbus up` running?)",
+                    self.server
+                ),
             )
         })?;
         let bearer = Bearer::token(&self.token)?;
@@ -107,7 +113,11 @@ fn print_receipt(output: Output, receipt: &Receipt, what: &str) {
     } else {
         let mut rows = Rows::new(vec!["id", "to", "what"]);
         rows.push(
-            vec![receipt.id.clone(), receipt.recipient.clone(), what.to_owned()],
+            vec![
+                receipt.id.clone(),
+                receipt.recipient.clone(),
+                what.to_owned(),
+            ],
             None,
         );
         rows.print(output);
@@ -295,12 +305,20 @@ fn companion(text: &str) -> std::result::Result<Companion, String> {
         "assistant" => LawyerRole::Assistant,
         "intern" => LawyerRole::Intern,
         "translator" => LawyerRole::Translator,
-        other => return Err(format!("`{other}`: a companion is an assistant, intern or translator")),
+        other => {
+            return Err(format!(
+                "`{other}`: a companion is an assistant, intern or translator"
+            ));
+        }
     };
     let credentials = parts
         .next()
         .filter(|c| !c.is_empty())
-        .map(|c| c.split(',').map(credential).collect::<std::result::Result<Vec<_>, _>>())
+        .map(|c| {
+            c.split(',')
+                .map(credential)
+                .collect::<std::result::Result<Vec<_>, _>>()
+        })
         .transpose()?
         .unwrap_or_default();
     Ok(Companion {
@@ -415,7 +433,10 @@ pub fn read_identity(path: &std::path::Path) -> Result<age::x25519::Identity> {
         .ok_or_else(|| {
             Failure::new(
                 ExitCode::Failed,
-                format!("{}: no age X25519 identity (AGE-SECRET-KEY-...)", path.display()),
+                format!(
+                    "{}: no age X25519 identity (AGE-SECRET-KEY-...)",
+                    path.display()
+                ),
             )
         })
 }
@@ -425,13 +446,20 @@ pub fn read_identity(path: &std::path::Path) -> Result<age::x25519::Identity> {
 /// # Errors
 /// A [`Failure`] when it is not sealed to this identity.
 pub fn open_sealed(sealed: &[u8], identity: &age::x25519::Identity) -> Result<Vec<u8>> {
-    let fail = |e: String| Failure::new(ExitCode::Denied, format!("cannot open the sealed text with this identity: {e}"));
+    let fail = |e: String| {
+        Failure::new(
+            ExitCode::Denied,
+            format!("cannot open the sealed text with this identity: {e}"),
+        )
+    };
     let decryptor = age::Decryptor::new(sealed).map_err(|e| fail(e.to_string()))?;
     let mut reader = decryptor
         .decrypt(std::iter::once(identity as &dyn age::Identity))
         .map_err(|e| fail(e.to_string()))?;
     let mut out = Vec::new();
-    reader.read_to_end(&mut out).map_err(|e| fail(e.to_string()))?;
+    reader
+        .read_to_end(&mut out)
+        .map_err(|e| fail(e.to_string()))?;
     Ok(out)
 }
 
@@ -566,12 +594,14 @@ fn describe(envelope: &Envelope, identity: Option<&age::x25519::Identity>) -> Re
             Some(Disposition::SealedContent(sealed)) => format!("letter: {}", open(sealed)?),
             Some(Disposition::WithheldOn(ground)) => format!(
                 "letter withheld (CQ-1.1c) on {}",
-                WithholdingGround::try_from(*ground).map_or("an unknown ground", |g| g.as_str_name())
+                WithholdingGround::try_from(*ground)
+                    .map_or("an unknown ground", |g| g.as_str_name())
             ),
             _ => "letter".into(),
         },
         Some(Payload::Feedback(feedback)) => {
-            let outcome = Outcome::try_from(feedback.outcome).map_or("unknown", |o| o.as_str_name());
+            let outcome =
+                Outcome::try_from(feedback.outcome).map_or("unknown", |o| o.as_str_name());
             let mut text = format!("answer to {}: {outcome}", envelope.in_reply_to);
             if let Some(at) = &feedback.arranged_for {
                 text.push_str(&format!(" for {}", crate::client::when(Some(at))));
@@ -606,7 +636,9 @@ async fn inbox(args: LawyerInboxArgs) -> Result<()> {
     let mut stream = client
         .inbox(LawyerInboxRequest {
             licence_number: c.licence.clone(),
-            window: args.count.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+            window: args
+                .count
+                .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
         })
         .await
         .map_err(status("inbox"))?
@@ -791,7 +823,12 @@ async fn delivered(c: &Connection, id: &str) -> Result<Envelope> {
         .map_err(status("reading the request"))?
         .into_inner()
         .envelope
-        .ok_or_else(|| Failure::new(ExitCode::Denied, format!("{} may see only the metadata of {id}", c.agency)))
+        .ok_or_else(|| {
+            Failure::new(
+                ExitCode::Denied,
+                format!("{} may see only the metadata of {id}", c.agency),
+            )
+        })
 }
 
 /// Runs `refbus meeting ...`.
@@ -800,7 +837,12 @@ async fn delivered(c: &Connection, id: &str) -> Result<Envelope> {
 /// A [`Failure`] with the exit code the refusal means.
 pub async fn meeting(action: MeetingAction) -> Result<()> {
     let (c, receipt, what) = match action {
-        MeetingAction::Arrange { connection, request, at, note } => {
+        MeetingAction::Arrange {
+            connection,
+            request,
+            at,
+            note,
+        } => {
             let envelope = delivered(&connection, &request).await?;
             let (channel, bearer) = connection.service_channel().await?;
             let receipt = DetentionCentreClient::with_interceptor(channel, bearer)
@@ -816,7 +858,13 @@ pub async fn meeting(action: MeetingAction) -> Result<()> {
                 .into_inner();
             (connection, receipt, "arranged")
         }
-        MeetingAction::Refuse { connection, request, reason, explanation, written_refusal } => {
+        MeetingAction::Refuse {
+            connection,
+            request,
+            reason,
+            explanation,
+            written_refusal,
+        } => {
             let written_refusal = written_refusal
                 .map(|path| {
                     std::fs::read(&path).map_err(|e| {
@@ -841,7 +889,11 @@ pub async fn meeting(action: MeetingAction) -> Result<()> {
                 .into_inner();
             (connection, receipt, "refused")
         }
-        MeetingAction::Held { connection, request, note } => {
+        MeetingAction::Held {
+            connection,
+            request,
+            note,
+        } => {
             let envelope = delivered(&connection, &request).await?;
             let (channel, bearer) = connection.service_channel().await?;
             let receipt = DetentionCentreClient::with_interceptor(channel, bearer)
@@ -887,7 +939,11 @@ pub struct ForwardLetterArgs {
     #[arg(long, default_value = "")]
     pub custody_number: String,
     /// The letter (any bytes), read from this file.
-    #[arg(long, conflicts_with = "withheld_on", required_unless_present = "withheld_on")]
+    #[arg(
+        long,
+        conflicts_with = "withheld_on",
+        required_unless_present = "withheld_on"
+    )]
     pub file: Option<PathBuf>,
     /// The ground it was withheld on (CQ-1.1c).
     #[arg(long, value_enum)]
@@ -915,9 +971,10 @@ pub async fn letter(action: LetterAction) -> Result<()> {
     let LetterAction::Forward(args) = action;
     let c = &args.connection;
     let disposition = match (&args.file, args.withheld_on) {
-        (Some(path), _) => Requested::Content(std::fs::read(path).map_err(|e| {
-            Failure::new(ExitCode::Failed, format!("{}: {e}", path.display()))
-        })?),
+        (Some(path), _) => Requested::Content(
+            std::fs::read(path)
+                .map_err(|e| Failure::new(ExitCode::Failed, format!("{}: {e}", path.display())))?,
+        ),
         (None, Some(ground)) => Requested::WithheldOn(match ground {
             GroundArg::NationalSecurity => WithholdingGround::NationalSecurity,
             GroundArg::PublicSafety => WithholdingGround::PublicSafety,
@@ -927,7 +984,10 @@ pub async fn letter(action: LetterAction) -> Result<()> {
             }
         } as i32),
         (None, None) => {
-            return Err(Failure::new(ExitCode::Refused, "--file or --withheld-on: one is required"));
+            return Err(Failure::new(
+                ExitCode::Refused,
+                "--file or --withheld-on: one is required",
+            ));
         }
     };
     let (channel, bearer) = c.service_channel().await?;
@@ -947,7 +1007,11 @@ pub async fn letter(action: LetterAction) -> Result<()> {
         .await
         .map_err(status("letter forward"))?
         .into_inner();
-    print_receipt(c.output.resolved(), &receipt, "letter (sealed to the lawyer)");
+    print_receipt(
+        c.output.resolved(),
+        &receipt,
+        "letter (sealed to the lawyer)",
+    );
     Ok(())
 }
 
@@ -974,7 +1038,8 @@ mod tests {
         keygen(&path).unwrap();
         assert!(keygen(&path).is_err(), "never overwritten");
         let identity = read_identity(&path).unwrap();
-        let sealed = refbus_gateway::letters::seal(&[identity.to_public().to_string()], b"hi").unwrap();
+        let sealed =
+            refbus_gateway::letters::seal(&[identity.to_public().to_string()], b"hi").unwrap();
         assert_eq!(open_sealed(&sealed, &identity).unwrap(), b"hi");
         let other = age::x25519::Identity::generate();
         assert!(open_sealed(&sealed, &other).is_err());
