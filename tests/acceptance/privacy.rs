@@ -8,13 +8,18 @@ use std::process::Stdio;
 
 use chrono::Utc;
 use refbus_core::envelope::timestamp;
+use refbus_proto::v1::bar_association_client::BarAssociationClient;
+use refbus_proto::v1::detention_centre_client::DetentionCentreClient;
 use refbus_proto::v1::envelope::Payload;
+use refbus_proto::v1::forward_letter_request::Disposition as Requested;
 use refbus_proto::v1::gateway_client::GatewayClient;
-use refbus_proto::v1::letter::Disposition;
+use refbus_proto::v1::lawyer_registry_client::LawyerRegistryClient;
+use refbus_proto::v1::lawyer_service_client::LawyerServiceClient;
 use refbus_proto::v1::tracker_client::TrackerClient;
 use refbus_proto::v1::{
-    AcknowledgeRequest, Detainee, Envelope, Feedback, FeedbackRequest, GetReferralRequest,
-    InboxRequest, Lawyer, LegalHelpRequest, Letter, Outcome,
+    AcknowledgeRequest, Detainee, Envelope, Feedback, FeedbackRequest, ForwardLetterRequest,
+    GetLawyerRequest, GetReferralRequest, InboxRequest, Lawyer, LawyerAcknowledgeRequest,
+    LawyerInboxRequest, LegalHelpRequest, Outcome, RegisterLawyerRequest,
 };
 use refbus_tests::fixtures::{CENTRE, DESK, submit};
 use refbus_tests::{Amqp, as_agency, test_settings, within};
@@ -97,28 +102,64 @@ async fn no_personal_data_reaches_the_logs() {
         })),
         ..Envelope::default()
     };
-    let letter = Envelope {
-        sender: CENTRE.into(),
-        recipient: DESK.into(),
-        idempotency_key: "pii-2".into(),
-        payload: Some(Payload::Letter(Letter {
-            detainee: Some(detainee()),
-            addressee: Some(lawyer()),
-            disposition: Some(Disposition::Content(SEEDED[3].as_bytes().to_vec())),
-        })),
-        ..Envelope::default()
-    };
+    // The lawyer is registered; the letter goes to them through the
+    // centre's ForwardLetter, sealed (CQ-1.1c).
+    let identity = age::x25519::Identity::generate();
+    let token = BarAssociationClient::new(channel("bar-association"))
+        .register_lawyer(as_agency(
+            "dz-bar-committee",
+            RegisterLawyerRequest {
+                registrar: "dz-bar-committee".into(),
+                lawyer: Some(lawyer()),
+                region: "500111".into(),
+                letter_keys: vec![identity.to_public().to_string()],
+                idempotency_key: "pii-register".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut registry = LawyerRegistryClient::new(channel("lawyer"));
+    within("the registration to apply", async {
+        while registry
+            .get_lawyer(GetLawyerRequest {
+                licence_number: SEEDED[5].into(),
+            })
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     let mut sent = Vec::new();
-    for envelope in [request.clone(), letter] {
-        sent.push(
-            centre
-                .submit(as_agency(CENTRE, submit(envelope)))
-                .await
-                .unwrap()
-                .into_inner()
-                .id,
-        );
-    }
+    sent.push(
+        centre
+            .submit(as_agency(CENTRE, submit(request.clone())))
+            .await
+            .unwrap()
+            .into_inner()
+            .id,
+    );
+    sent.push(
+        DetentionCentreClient::new(channel("detention-centre"))
+            .forward_letter(as_agency(
+                CENTRE,
+                ForwardLetterRequest {
+                    detention_centre: CENTRE.into(),
+                    detainee: Some(detainee()),
+                    lawyer_licence: SEEDED[5].into(),
+                    disposition: Some(Requested::Content(SEEDED[3].as_bytes().to_vec())),
+                    handed_over_at: Some(timestamp(Utc::now())),
+                    idempotency_key: "pii-2".into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .id,
+    );
     // Refused submissions with the same data: the errors go to the caller.
     let mut bad = request.clone();
     bad.recipient = "dz-court".into();
@@ -142,7 +183,7 @@ async fn no_personal_data_reaches_the_logs() {
     )
     .await;
 
-    // The desk receives both, acknowledges them, and answers the request.
+    // The desk receives the request, acknowledges it, and answers it.
     let mut stream = desk
         .inbox(as_agency(
             DESK,
@@ -155,7 +196,7 @@ async fn no_personal_data_reaches_the_logs() {
         .unwrap()
         .into_inner();
     let mut received = Vec::new();
-    while received.len() < 2 {
+    while received.is_empty() {
         let delivery = within("a delivery", stream.message())
             .await
             .unwrap()
@@ -173,6 +214,37 @@ async fn no_personal_data_reaches_the_logs() {
         received.push(delivery.envelope.unwrap());
     }
     let referral = received.into_iter().find(|e| e.id == sent[0]).unwrap();
+    // The lawyer takes the letter and acknowledges it (the lawyer service's
+    // paths are in the scan too).
+    let mut lawyers = LawyerServiceClient::new(channel("lawyer"));
+    let bearer = |message| {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let mut letters = lawyers
+        .inbox(bearer(LawyerInboxRequest {
+            licence_number: SEEDED[5].into(),
+            window: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let letter = within("the letter", letters.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ack = tonic::Request::new(LawyerAcknowledgeRequest {
+        licence_number: SEEDED[5].into(),
+        delivery_token: letter.delivery_token,
+        ..Default::default()
+    });
+    ack.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    lawyers.acknowledge(ack).await.unwrap();
+    drop(letters);
     desk.feedback(as_agency(
         DESK,
         FeedbackRequest {

@@ -577,3 +577,18 @@ pub fn refbus_binary() -> PathBuf {
         .map(|dir| dir.join(format!("refbus{}", std::env::consts::EXE_SUFFIX)))
         .expect("target directory")
 }
+
+/// Opens what the bus sealed to a lawyer (CQ-1.1c: the age format) with
+/// their identity, as the lawyer's own client does; `None` when it is not
+/// sealed to this identity.
+#[must_use]
+pub fn open_sealed(sealed: &[u8], identity: &age::x25519::Identity) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let decryptor = age::Decryptor::new(sealed).ok()?;
+    let mut reader = decryptor
+        .decrypt(std::iter::once(identity as &dyn age::Identity))
+        .ok()?;
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out).ok()?;
+    Some(out)
+}

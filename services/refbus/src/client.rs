@@ -161,6 +161,16 @@ type Authorised = InterceptedService<Channel, Bearer>;
 #[derive(Clone)]
 pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
+impl Bearer {
+    /// `authorization: Bearer <token>` on every call.
+    pub(crate) fn token(token: &str) -> Result<Self> {
+        format!("Bearer {token}")
+            .parse()
+            .map(|v| Bearer(Some(v)))
+            .map_err(|_| Failure::new(ExitCode::Failed, "--token: not a valid header value"))
+    }
+}
+
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
         if let Some(value) = &self.0 {
@@ -234,6 +244,29 @@ impl Connection {
 
     /// The agency service serving `--agency`.
     async fn gateway(&self) -> Result<GatewayClient<Authorised>> {
+        let (channel, bearer) = self.service_channel().await?;
+        Ok(GatewayClient::with_interceptor(channel, bearer))
+    }
+
+    /// The kind of `--agency`, from the directory.
+    pub(crate) fn agency_kind(&self) -> Result<refbus_core::AgencyKind> {
+        let directory = Directory::load(&self.directory)
+            .map_err(|e| Failure::new(ExitCode::Failed, e.to_string()))?;
+        directory.get(&self.agency).map(|a| a.kind).ok_or_else(|| {
+            Failure::new(
+                ExitCode::NotFound,
+                format!(
+                    "--agency: `{}` is not in {}",
+                    self.agency,
+                    self.directory.display()
+                ),
+            )
+        })
+    }
+
+    /// A channel to the agency service serving `--agency`, and the
+    /// credentials to call it with (for its agency-specific services).
+    pub(crate) async fn service_channel(&self) -> Result<(Channel, Bearer)> {
         let url = match &self.server {
             Some(url) => url.clone(),
             None => {
@@ -259,10 +292,12 @@ impl Connection {
                 format!("{scheme}://127.0.0.1:{}", service.default_port())
             }
         };
-        Ok(GatewayClient::with_interceptor(
-            self.channel(&url).await?,
-            self.bearer()?,
-        ))
+        Ok((self.channel(&url).await?, self.bearer()?))
+    }
+
+    /// The tracker, for the commands of other modules.
+    pub(crate) async fn tracker_client(&self) -> Result<TrackerClient<Authorised>> {
+        self.tracker().await
     }
 
     async fn tracker(&self) -> Result<TrackerClient<Authorised>> {
@@ -301,7 +336,7 @@ fn pool() -> &'static DescriptorPool {
 }
 
 /// A refbus message as JSON (field names as in the .proto files).
-fn to_json<M: Message>(message: &M, name: &str) -> serde_json::Value {
+pub(crate) fn to_json<M: Message>(message: &M, name: &str) -> serde_json::Value {
     let Some(descriptor) = pool().get_message_by_name(&format!("refbus.v1.{name}")) else {
         return serde_json::Value::Null;
     };
@@ -343,7 +378,7 @@ fn envelope_from_file(path: &std::path::Path) -> Result<Envelope> {
     Envelope::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| bad(&e))
 }
 
-fn when(t: Option<&prost_types::Timestamp>) -> String {
+pub(crate) fn when(t: Option<&prost_types::Timestamp>) -> String {
     t.and_then(from_timestamp)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
         .unwrap_or_default()

@@ -19,6 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 
 pub mod client;
 pub mod dead_letter;
+pub mod lawyers;
 
 use clap::{Parser, Subcommand};
 use refbus_bus::{BusError, Topology, redact_url};
@@ -130,6 +131,32 @@ pub enum Command {
     DeadLetter {
         #[command(subcommand)]
         action: dead_letter::DeadLetterAction,
+    },
+    /// Lawyers on the bus: letter keys, meeting requests, the inbox (sealed
+    /// letters opened locally), complaints, ratings; and, for a bar
+    /// association or justice bureau, registering and suspending lawyers.
+    ///
+    /// Example: refbus lawyer keygen --out letters.key
+    /// Example: refbus lawyer inbox -l 15001201910000001 --token $T --identity letters.key --idle 5s
+    Lawyer {
+        #[command(subcommand)]
+        action: lawyers::LawyerAction,
+    },
+    /// A detention centre answers a lawyer's meeting request: arrange,
+    /// refuse (with a reason from the closed list), record held (CQ-1.3a).
+    ///
+    /// Example: refbus meeting held -a dz-detention-centre 0193...
+    Meeting {
+        #[command(subcommand)]
+        action: lawyers::MeetingAction,
+    },
+    /// A detention centre forwards a detainee's letter, sealed to the
+    /// lawyer (CQ-1.1c).
+    ///
+    /// Example: refbus letter forward -a dz-detention-centre --lawyer 15001201910000001 --detainee 张三 --file letter.txt --key l-1
+    Letter {
+        #[command(subcommand)]
+        action: lawyers::LetterAction,
     },
     /// Signing keys (Ed25519) of the agencies and the tracker.
     Keys {
@@ -440,6 +467,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inbox(args) => client_command(client::inbox(args)),
         Command::Ack(args) => client_command(client::ack(args)),
         Command::Feedback(args) => client_command(client::feedback(args)),
+        Command::Lawyer { action } => client_command(lawyers::lawyer(action)),
+        Command::Meeting { action } => client_command(lawyers::meeting(action)),
+        Command::Letter { action } => client_command(lawyers::letter(action)),
         Command::Status(args) => client_command(client::status(args)),
         Command::Overdue(args) => client_command(client::overdue(args)),
         Command::Report(args) => client_command(client::report(args)),
