@@ -375,6 +375,20 @@ impl GatewayCore {
     /// As [`GatewayCore::submit`]; `Forbidden` naming the rule when `agency`
     /// was not asked.
     pub async fn feedback(&self, request: FeedbackRequest) -> Result<Receipt, GatewayError> {
+        self.feedback_also_to(request, Vec::new()).await
+    }
+
+    /// [`GatewayCore::feedback`], with further recipients of the same
+    /// answer (a meeting refusal's copy to the centre's supervisor,
+    /// CQ-1.3a), each once.
+    ///
+    /// # Errors
+    /// As [`GatewayCore::feedback`].
+    pub async fn feedback_also_to(
+        &self,
+        request: FeedbackRequest,
+        also_to: Vec<String>,
+    ) -> Result<Receipt, GatewayError> {
         self.own_agency("agency", &request.agency)?;
         let Some(referral) = request.referral else {
             return Err(GatewayError::Invalid {
@@ -434,7 +448,42 @@ impl GatewayCore {
         }
         let mut accepted = self.accept(envelope)?;
         self.check_reply(&mut accepted, Some(received)).await?;
+        for agency in also_to {
+            if agency != accepted.envelope.recipient && !accepted.envelope.also_to.contains(&agency)
+            {
+                accepted.envelope.also_to.push(agency);
+            }
+        }
         self.publish(accepted.envelope, accepted.kind).await
+    }
+
+    /// Checks that `agency` received `referral` as `delivered` carries it
+    /// (its payload unchanged): what a centre's request about a referral
+    /// it holds (a CQ-1.3d verification) needs.
+    ///
+    /// # Errors
+    /// `NotReceived` (NOT_FOUND, as for an unknown id) or a rule violation
+    /// when the payload passed back is not the one delivered.
+    pub async fn check_received(
+        &self,
+        field: &'static str,
+        agency: &str,
+        referral: &str,
+        delivered: &Envelope,
+    ) -> Result<(), GatewayError> {
+        let received = self.received(field, agency, referral).await?;
+        let digest = delivered.payload.as_ref().map(payload_digest);
+        if digest.as_deref() != Some(received.payload_digest.as_str()) {
+            let kind = MessageKind::from_code(&received.kind).unwrap_or(MessageKind::Unspecified);
+            return Err(RuleViolation {
+                rule: rules::rule_of(kind),
+                reason: format!(
+                    "the referral passed back is not `{referral}` as it was delivered to `{agency}`"
+                ),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Passes a misconduct lead on to the next organ of its route (DZ-7).
@@ -867,6 +916,12 @@ impl Gateway for GatewayService {
                     return Err(Status::invalid_argument("envelope: required"));
                 };
                 caller.acts_as("envelope.sender", &envelope.sender)?;
+                let mut envelope = envelope;
+                // CQ-1.1c: a letter submitted with its content is sealed
+                // here, as ForwardLetter seals it; lawyers are addressed
+                // only as registered (NOT_FOUND otherwise).
+                crate::letters::seal_submitted_letter(&self.0, &mut envelope).await?;
+                crate::letters::check_registered(&self.0, &envelope).await?;
                 Ok(self.0.submit(envelope).await?)
             })
             .await;

@@ -145,6 +145,25 @@ pub(crate) async fn seal_submitted_letter(
     Ok(())
 }
 
+/// Checks that every lawyer an envelope is addressed to is registered: the
+/// agencies' systems address lawyers by licence number, and a licence
+/// nobody registered is NOT_FOUND before anything is published.
+///
+/// # Errors
+/// NOT_FOUND naming the licence; UNAVAILABLE when the register cannot be
+/// reached.
+pub(crate) async fn check_registered(
+    core: &GatewayCore,
+    envelope: &Envelope,
+) -> Result<(), Status> {
+    for (i, licence) in envelope.to_lawyers.iter().enumerate() {
+        refbus_core::lawyer::check_licence(&format!("envelope.to_lawyers[{i}]"), licence)
+            .map_err(GatewayError::from)?;
+        core.lawyers.get("envelope.to_lawyers", licence).await?;
+    }
+    Ok(())
+}
+
 /// `DetentionCentre.ForwardLetter` (CQ-1.1c).
 pub(crate) async fn forward_letter(
     rpcs: &AgencyRpcs,

@@ -226,10 +226,10 @@ pub(crate) async fn verify_offence(
     rpcs: &AgencyRpcs,
     request: Request<VerifyOffenceRequest>,
 ) -> Reply {
-    let r = request.get_ref();
-    acting_centre(rpcs, &request, &r.detention_centre)?;
+    acting_centre(rpcs, &request, &request.get_ref().detention_centre)?;
+    let r = request.into_inner();
     let core = &rpcs.0;
-    let meeting = meeting_request("meeting_request", r.meeting_request.as_ref())?;
+    let meeting = meeting_request("meeting_request", r.meeting_request.as_ref())?.clone();
     let Some(delivered) = r.meeting_request.as_ref() else {
         return Err(Status::invalid_argument("meeting_request: required"));
     };
@@ -242,9 +242,9 @@ pub(crate) async fn verify_offence(
     )
     .await?;
     let case_unit = if r.case_unit.is_empty() {
-        meeting.case_unit.clone()
+        meeting.case_unit
     } else {
-        r.case_unit.clone()
+        r.case_unit
     };
     if case_unit.is_empty() {
         return Err(Status::invalid_argument(
@@ -254,14 +254,12 @@ pub(crate) async fn verify_offence(
     if r.question.trim().is_empty() {
         return Err(Status::invalid_argument("question: required (CQ-1.3d)"));
     }
-    let r = request.into_inner();
-    let detainee = meeting.detainee.clone();
     rpcs.send(Envelope {
         sender: r.detention_centre,
         recipient: case_unit,
         idempotency_key: r.idempotency_key,
         payload: Some(Payload::VerificationQuery(VerificationQuery {
-            detainee,
+            detainee: meeting.detainee,
             case_reference: r.case_reference,
             question: r.question,
             meeting_request_id: meeting_id,
