@@ -26,6 +26,11 @@
 //!   parties, poison isolated, no false overdue notice.
 //! - [`lead_visibility`]: issue 16, a lead shows nothing off its route,
 //!   whatever hops name (GetReferral, ListObligations, report, dashboard).
+//! - [`scoping`]: issue 18, who binds where (a rule only in its territory)
+//!   and who supervises whom (overdue duties told to the supervisor).
+//! - [`meetings_ledger`]: issue 18, the ledger of lawyers' meetings: CQ-1.3a's
+//!   two duties, lawful refusals, CQ-1.3e, CQ-1.3b order, CQ-1.1c withheld
+//!   letters, CQ-3.11b ratings, the CQ-1.3d link.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -58,9 +63,11 @@ mod exactly_once;
 mod faults;
 mod lead_visibility;
 mod leads;
+mod meetings_ledger;
 mod misuse;
 mod observability;
 mod privacy;
+mod scoping;
 mod secure;
 mod signatures;
 mod tracker;
