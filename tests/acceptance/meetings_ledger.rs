@@ -666,9 +666,9 @@ async fn cq_1_3d_a_verification_query_is_linked_to_the_meeting_request_it_holds_
         (!s.verification_queries.is_empty()).then_some(s)
     })
     .await;
-    assert_eq!(status.verification_queries, [verification.id.clone()]);
+    assert_eq!(status.verification_queries, [verification.id.as_str()]);
     let own = world.tracker.status(CENTRE, &request.id).await.unwrap();
-    assert_eq!(own.verification_queries, [verification.id.clone()]);
+    assert_eq!(own.verification_queries, [verification.id.as_str()]);
     world.stop().await;
 }
 

@@ -631,15 +631,7 @@ impl Queries {
         from: DateTime<Utc>,
         to: DateTime<Utc>,
     ) -> Result<Vec<OutOfOrder>, Status> {
-        let rows: Vec<(
-            String,
-            String,
-            String,
-            i64,
-            String,
-            Option<i64>,
-            Option<i64>,
-        )> = sqlx::query_as(
+        let rows: Vec<QueueRow> = sqlx::query_as(
             "SELECT q.request_id, q.centre, q.kind, q.accepted_at, q.rule,
                     (SELECT MIN(s.at) FROM centre_services s WHERE s.request_id = q.request_id
                         AND s.centre = q.centre AND s.outcome = 'held') AS served_at,
@@ -734,6 +726,18 @@ impl Queries {
         Ok(by_centre.into_values().collect())
     }
 }
+
+/// A `centre_requests` row with its service and closing times: (id,
+/// centre, kind, accepted_at, rule, served_at, closed_at).
+type QueueRow = (
+    String,
+    String,
+    String,
+    i64,
+    String,
+    Option<i64>,
+    Option<i64>,
+);
 
 /// A request in a centre's queue (CQ-1.3b), times in epoch ms.
 struct Queued {
