@@ -29,6 +29,17 @@
 //! - [`registry`]: issue 18, lawyers registered, suspended and reinstated by
 //!   their region's registrar (the token's hash only on the bus), register
 //!   entries believed only as signed, CQ-3.13 results back to the lawyer.
+//! - [`scoping`]: issue 18, who binds where (a rule only in its territory)
+//!   and who supervises whom (overdue duties told to the supervisor).
+//! - [`letters`]: issue 18, CQ-1.1c: a letter sealed to its lawyer, no
+//!   readable copy on the broker, in the ledger, the dead-letter queue or
+//!   the logs.
+//! - [`meetings`]: issue 18, a lawyer's meeting end to end (refusals and
+//!   their reasons, the written refusal, interrogations, CQ-1.3d, SH-2.5,
+//!   the `refbus` command).
+//! - [`meetings_ledger`]: issue 18, the ledger of lawyers' meetings: CQ-1.3a's
+//!   two duties, lawful refusals, CQ-1.3e, CQ-1.3b order, CQ-1.1c withheld
+//!   letters, CQ-3.11b ratings, the CQ-1.3d link.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -61,10 +72,14 @@ mod exactly_once;
 mod faults;
 mod lead_visibility;
 mod leads;
+mod letters;
+mod meetings;
+mod meetings_ledger;
 mod misuse;
 mod observability;
 mod privacy;
 mod registry;
+mod scoping;
 mod secure;
 mod signatures;
 mod tracker;

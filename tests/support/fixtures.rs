@@ -5,8 +5,9 @@ use refbus_core::envelope::timestamp;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::misconduct_lead::Subject;
 use refbus_proto::v1::{
-    Detainee, Envelope, JudicialOfficer, Lawyer, LawyerViolationNotice, LegalHelpRequest,
-    MisconductLead, SubmitRequest,
+    CaseType, Credential, Detainee, Envelope, Feedback, JudicialOfficer, Lawyer,
+    LawyerMeetingRequest, LawyerRole, LawyerViolationNotice, LegalHelpRequest, MeetingRefusal,
+    MessageKind, MisconductLead, Outcome, RefusalReason, SubmitRequest,
 };
 
 pub const CENTRE: &str = "dz-detention-centre";
@@ -88,4 +89,114 @@ pub fn submit(envelope: Envelope) -> SubmitRequest {
     SubmitRequest {
         envelope: Some(envelope),
     }
+}
+
+/// The lawyer service's agency id (DOMAIN.md, "Lawyers are participants too").
+pub const LAWYER_SERVICE: &str = "lawyer-service";
+/// A lawyer's practice licence number (seeded).
+pub const LICENCE: &str = "15001201810000001";
+
+/// A fresh referral id, as the bus makes them (a canonical UUID).
+#[must_use]
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// An envelope as it travels on the bus (id, kind, times set), for tests
+/// that seed the tracker's tap directly.
+#[must_use]
+pub fn on_bus(
+    kind: MessageKind,
+    sender: &str,
+    recipient: &str,
+    at: DateTime<Utc>,
+    payload: Payload,
+) -> Envelope {
+    let id = new_id();
+    Envelope {
+        idempotency_key: id.clone(),
+        id,
+        kind: kind as i32,
+        sender: sender.into(),
+        recipient: recipient.into(),
+        clock_started_at: Some(timestamp(at)),
+        submitted_at: Some(timestamp(at)),
+        payload: Some(payload),
+        ..Envelope::default()
+    }
+}
+
+/// CQ-1.3a: a defence lawyer's meeting request to `centre`, as the lawyer
+/// service submits it (signed by the service, `from_lawyer` set, accepted
+/// at `at`); CQ-1.3e when `temporarily_held`.
+#[must_use]
+pub fn meeting_request(
+    centre: &str,
+    at: DateTime<Utc>,
+    temporarily_held: bool,
+    case_type: CaseType,
+) -> Envelope {
+    let mut envelope = on_bus(
+        MessageKind::LawyerMeetingRequest,
+        LAWYER_SERVICE,
+        centre,
+        at,
+        Payload::LawyerMeetingRequest(LawyerMeetingRequest {
+            lawyer: Some(Lawyer {
+                name: "赵律师".into(),
+                licence_number: LICENCE.into(),
+                law_firm: "某律师事务所".into(),
+            }),
+            role: LawyerRole::DefenceLawyer as i32,
+            detainee: Some(Detainee {
+                name: "李四".into(),
+                id_number: "500225199001011234".into(),
+                custody_number: "DZ-2026-0417".into(),
+            }),
+            credentials: vec![
+                Credential::PracticeLicence as i32,
+                Credential::LawFirmLetter as i32,
+                Credential::CommissionOrAidLetter as i32,
+            ],
+            case_type: case_type as i32,
+            temporarily_held,
+            detention_centre: centre.into(),
+            ..LawyerMeetingRequest::default()
+        }),
+    );
+    envelope.from_lawyer = LICENCE.into();
+    envelope
+}
+
+/// The centre's answer to `request` at `at` (a feedback in reply, to the
+/// lawyer service for the lawyer, or to a case unit's interrogation's
+/// sender), with a refusal's reason when `outcome` is refused.
+#[must_use]
+pub fn centre_answer(
+    request: &Envelope,
+    at: DateTime<Utc>,
+    outcome: Outcome,
+    reason: Option<RefusalReason>,
+) -> Envelope {
+    let mut envelope = on_bus(
+        MessageKind::Feedback,
+        &request.recipient,
+        &request.sender,
+        at,
+        Payload::Feedback(Feedback {
+            outcome: outcome as i32,
+            summary: "会见安排情况".into(),
+            refusal: reason.map(|r| MeetingRefusal {
+                reason: r as i32,
+                explanation: "见说明".into(),
+                ..MeetingRefusal::default()
+            }),
+            ..Feedback::default()
+        }),
+    );
+    envelope.in_reply_to = request.id.clone();
+    if request.sender == LAWYER_SERVICE {
+        envelope.to_lawyers = vec![LICENCE.into()];
+    }
+    envelope
 }

@@ -11,7 +11,7 @@ use refbus_bus::{Bus, Incoming};
 
 use crate::gateway::publish_signed;
 use refbus_core::envelope::{forgery_alert_id, timestamp};
-use refbus_core::policy::supervisor_of;
+use refbus_core::policy::justice_bureau_of;
 use refbus_core::signing::SigningKeys;
 use refbus_core::{Directory, MessageKind};
 use refbus_proto::v1::envelope::Payload;
@@ -39,7 +39,7 @@ pub struct Refusal {
 #[must_use]
 pub fn alert_recipient<'d>(directory: &'d Directory, addressed_to: &str) -> Option<&'d str> {
     let agency = directory.get(addressed_to)?;
-    Some(supervisor_of(agency, directory).map_or(agency.id.as_str(), |a| a.id.as_str()))
+    Some(justice_bureau_of(agency, directory).map_or(agency.id.as_str(), |a| a.id.as_str()))
 }
 
 /// Alerts the supervising justice bureau, then dead-letters the delivery

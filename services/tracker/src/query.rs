@@ -29,6 +29,16 @@
 //! An obligation filed under a referral the ledger does not hold (a relay
 //! recorded before its lead) has no known route, so it is shown to nobody
 //! until the lead is recorded.
+//!
+//! # Meetings (issue 18)
+//! The compliance report also lists, for the centres the asker may see (the
+//! agencies whose rows it sees), the services out of order of acceptance
+//! (CQ-1.3b, SH-2.7: a request served in the period while an earlier one of
+//! the same centre's queue was still waiting, neither served nor refused)
+//! and the lawyers' ratings of each centre's meetings rated in the period
+//! (CQ-3.11b; a rating counts for the centre its meeting request was
+//! addressed to). A meeting request's status lists the verification queries
+//! its centre linked to it (CQ-1.3d).
 
 use refbus_gateway::auth::Caller;
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,14 +48,15 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use prost::Message;
 use refbus_core::envelope::{from_timestamp, timestamp};
-use refbus_core::report::{self, ObligationOutcome};
+use refbus_core::report::{self, CentreRatings, ObligationOutcome, OutOfOrder};
 use refbus_core::{AgencyKind, Directory, KindExt, Level, MessageKind};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::tracker_server::Tracker;
 use refbus_proto::v1::{
-    ComplianceReportRequest, ComplianceReportResponse, ComplianceRow, Envelope, GetReferralRequest,
-    ListObligationsRequest, ListObligationsResponse, Obligation, ObligationFilter, ObligationState,
-    ReferralStatus, ReportFormat, TimelineEntry,
+    CentreRating, ComplianceReportRequest, ComplianceReportResponse, ComplianceRow, Envelope,
+    GetReferralRequest, ListObligationsRequest, ListObligationsResponse, Obligation,
+    ObligationFilter, ObligationState, OutOfOrderService, ReferralStatus, ReportFormat,
+    TimelineEntry,
 };
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -296,6 +307,21 @@ impl Queries {
                 .await
                 .map_err(internal)?;
 
+        // CQ-1.3d: the verification queries its centre linked to it.
+        let verification_queries: Vec<String> = if kind == MessageKind::LawyerMeetingRequest.code()
+        {
+            sqlx::query_scalar(
+                "SELECT query_id FROM verification_links
+                 WHERE meeting_request_id = $1 AND centre = $2 ORDER BY asked_at, query_id",
+            )
+            .bind(id)
+            .bind(&recipient)
+            .fetch_all(&self.ledger.pool)
+            .await
+            .map_err(internal)?
+        } else {
+            Vec::new()
+        };
         let now = self.clock.now();
         let envelope = if sight == Sight::Whole {
             stored_envelope(&row).map_err(internal)?
@@ -334,6 +360,7 @@ impl Queries {
             envelope,
             payload_withheld: sight == Sight::MetadataOnly,
             kind_known: row.try_get::<i32, _>("kind_known").map_err(internal)? != 0,
+            verification_queries,
         })
     }
 
@@ -514,7 +541,30 @@ impl Queries {
                 })
                 .collect(),
             rendered,
-            ..ComplianceReportResponse::default()
+            out_of_order: report
+                .out_of_order
+                .iter()
+                .map(|o| OutOfOrderService {
+                    detention_centre: o.detention_centre.clone(),
+                    served_id: o.served_id.clone(),
+                    served_kind: kind_number(&o.served_kind),
+                    served_accepted_at: Some(timestamp(o.served_accepted_at)),
+                    served_at: Some(timestamp(o.served_at)),
+                    overtaken_id: o.overtaken_id.clone(),
+                    overtaken_kind: kind_number(&o.overtaken_kind),
+                    overtaken_accepted_at: Some(timestamp(o.overtaken_accepted_at)),
+                })
+                .collect(),
+            ratings: report
+                .ratings
+                .iter()
+                .map(|r| CentreRating {
+                    detention_centre: r.detention_centre.clone(),
+                    ratings: r.count(),
+                    mean_score: r.mean(),
+                    by_score: r.by_score.to_vec(),
+                })
+                .collect(),
         })
     }
 
@@ -565,8 +615,144 @@ impl Queries {
                     .map(from_millis),
             });
         }
-        Ok(report::compile(outcomes, from, to, self.clock.now()))
+        let out_of_order = self.out_of_order(&visible, from, to).await?;
+        let ratings = self.ratings(&visible, from, to).await?;
+        Ok(report::compile(outcomes, from, to, self.clock.now())
+            .with_meetings(out_of_order, ratings))
     }
+
+    /// CQ-1.3b: the services of `[from, to)` out of order of acceptance at
+    /// the `visible` centres (module docs): for each request served in the
+    /// period, every earlier-accepted request of the same centre's queue
+    /// (the same order rule) still waiting when it was served.
+    async fn out_of_order(
+        &self,
+        visible: &BTreeSet<String>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<OutOfOrder>, Status> {
+        let rows: Vec<QueueRow> = sqlx::query_as(
+            "SELECT q.request_id, q.centre, q.kind, q.accepted_at, q.rule,
+                    (SELECT MIN(s.at) FROM centre_services s WHERE s.request_id = q.request_id
+                        AND s.centre = q.centre AND s.outcome = 'held') AS served_at,
+                    (SELECT MIN(s.at) FROM centre_services s WHERE s.request_id = q.request_id
+                        AND s.centre = q.centre) AS closed_at
+                 FROM centre_requests q
+                 WHERE q.rule <> '' AND q.accepted_at < $1
+                 ORDER BY q.centre, q.accepted_at, q.request_id",
+        )
+        .bind(millis(to))
+        .fetch_all(&self.ledger.pool)
+        .await
+        .map_err(internal)?;
+        // (centre, rule) -> the queue in order of acceptance.
+        let mut queues: BTreeMap<(String, String), Vec<Queued>> = BTreeMap::new();
+        for (id, centre, kind, accepted, rule, served, closed) in rows {
+            if !visible.contains(&centre) {
+                continue;
+            }
+            queues.entry((centre, rule)).or_default().push(Queued {
+                id,
+                kind,
+                accepted,
+                served,
+                closed,
+            });
+        }
+        let (from, to) = (millis(from), millis(to));
+        let mut found = Vec::new();
+        for ((centre, rule), queue) in &queues {
+            for s in queue {
+                let Some(served) = s.served.filter(|at| (from..to).contains(at)) else {
+                    continue;
+                };
+                for e in queue.iter().take_while(|e| e.accepted < s.accepted) {
+                    if e.closed.is_none_or(|closed| closed > served) {
+                        found.push(OutOfOrder {
+                            detention_centre: centre.clone(),
+                            rule: rule.clone(),
+                            served_id: s.id.clone(),
+                            served_kind: s.kind.clone(),
+                            served_accepted_at: from_millis(s.accepted),
+                            served_at: from_millis(served),
+                            overtaken_id: e.id.clone(),
+                            overtaken_kind: e.kind.clone(),
+                            overtaken_accepted_at: from_millis(e.accepted),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// CQ-3.11b: the ratings given in `[from, to)` of the `visible`
+    /// centres' meetings, each counted for the centre its meeting request
+    /// was addressed to.
+    async fn ratings(
+        &self,
+        visible: &BTreeSet<String>,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<CentreRatings>, Status> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT m.centre, m.score FROM meeting_ratings m
+             JOIN referrals r ON r.id = m.meeting_request_id
+             WHERE m.rated_at >= $1 AND m.rated_at < $2
+               AND r.recipient = m.centre AND r.kind = $3",
+        )
+        .bind(millis(from))
+        .bind(millis(to))
+        .bind(MessageKind::LawyerMeetingRequest.code())
+        .fetch_all(&self.ledger.pool)
+        .await
+        .map_err(internal)?;
+        let mut by_centre: BTreeMap<String, CentreRatings> = BTreeMap::new();
+        for (centre, score) in rows {
+            let Some(slot) = usize::try_from(score - 1).ok().filter(|s| *s < 5) else {
+                continue;
+            };
+            if !visible.contains(&centre) {
+                continue;
+            }
+            by_centre
+                .entry(centre.clone())
+                .or_insert_with(|| CentreRatings {
+                    detention_centre: centre,
+                    ..CentreRatings::default()
+                })
+                .by_score[slot] += 1;
+        }
+        Ok(by_centre.into_values().collect())
+    }
+}
+
+/// A `centre_requests` row with its service and closing times: (id,
+/// centre, kind, accepted_at, rule, served_at, closed_at).
+type QueueRow = (
+    String,
+    String,
+    String,
+    i64,
+    String,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// A request in a centre's queue (CQ-1.3b), times in epoch ms.
+struct Queued {
+    id: String,
+    kind: String,
+    accepted: i64,
+    /// When the centre served it (its first feedback "held").
+    served: Option<i64>,
+    /// When it left the queue (served or refused).
+    closed: Option<i64>,
+}
+
+/// The wire number of a kind code (unspecified when unknown).
+fn kind_number(code: &str) -> i32 {
+    MessageKind::from_code(code).unwrap_or(MessageKind::Unspecified) as i32
 }
 
 #[tonic::async_trait]

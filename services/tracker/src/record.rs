@@ -8,6 +8,20 @@
 //! keeps up with the broker. A message already in the ledger changes
 //! nothing.
 //!
+//! Obligations arise only where their policy entry binds the region of the
+//! message's matter (`refbus_core::policy::region_of_matter`, DOMAIN.md
+//! "Who binds where"). Beside them the recorder files, for the meeting
+//! rules of issue 18 (`migrations/0004_meetings.sql`): each meeting or
+//! interrogation request a centre is asked to serve and the centre's answer
+//! that served or refused it (CQ-1.3b); each lawyer's rating of a meeting
+//! (CQ-3.11b); each verification query linked to the meeting request it
+//! holds up (CQ-1.3d). A centre's feedback with `OUTCOME_HELD` meets both
+//! CQ-1.3a duties; a refusal meets the 48-hour one only when its reason is
+//! lawful in the centre's region (`PolicyCatalogue::refusal`). A withheld
+//! letter's CQ-1.1c duty is met by nothing: the notice the lawyer gets is no
+//! forwarding. A sealed letter's event records the SHA-256 of the sealed
+//! bytes, never anything readable.
+//!
 //! Who may reply to a referral ([`rights_of`], stored in `reply_rights`)
 //! comes from its addressees and, for a misconduct lead, its route, never
 //! from its hops. Ingest refuses a reply without the right before it is
@@ -24,13 +38,15 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use refbus_core::envelope::from_timestamp;
 use refbus_core::kind::hop_code;
-use refbus_core::policy::{ClockStart, Condition, MetBy, Party, PolicyCatalogue};
+use refbus_core::policy::{ClockStart, MetBy, Party, PolicyCatalogue, region_of_matter};
 use refbus_core::signing::{Claim, Signed, TRACKER_ID};
-use refbus_core::{Directory, KindExt, MessageKind};
+use refbus_core::{AgencyKind, Directory, KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::letter::Disposition;
 use refbus_proto::v1::route_hop::Duty;
-use refbus_proto::v1::{Envelope, Hop, HopReport, Letter, Outcome, WithholdingGround};
+use refbus_proto::v1::{
+    Envelope, Feedback, Hop, HopReport, Letter, Outcome, RefusalReason, WithholdingGround,
+};
 use serde_json::json;
 
 use prometheus_client::collector::Collector;
@@ -535,6 +551,14 @@ pub struct Prepared {
     /// Referrals whose replies to check once the batch's rows are in:
     /// those given rights, and those the batch's replies name.
     checked: Tagged<String>,
+    /// CQ-1.3b: (request, centre, kind, accepted_at, order rule).
+    centre_requests: Tagged<[Value; 5]>,
+    /// CQ-1.3b: (request, centre, outcome, at, message).
+    centre_services: Tagged<[Value; 5]>,
+    /// CQ-3.11b: (rating, centre, meeting request, score, rated_at).
+    ratings: Tagged<[Value; 5]>,
+    /// CQ-1.3d: (query, meeting request, centre, asked_at).
+    links: Tagged<[Value; 4]>,
 }
 
 /// Rows, each with the index of the message it came from.
@@ -596,9 +620,9 @@ impl Prepared {
         self.len() == 0
     }
 
-    /// A hop, and what it meets (an obligation's `met_by`), if anything:
-    /// stored with the hop, so that a hop recorded before its referral
-    /// meets what it met when the referral's obligations come.
+    /// A hop, and what it meets (obligations' `met_by`), if anything:
+    /// stored with the hop (comma-separated), so that a hop recorded before
+    /// its referral meets what it met when the referral's obligations come.
     fn hop(
         &mut self,
         referral: &str,
@@ -606,8 +630,9 @@ impl Prepared {
         agency: &str,
         at: i64,
         message_id: &str,
-        meets: Option<MetBy>,
+        meets: &[MetBy],
     ) {
+        let codes: Vec<&str> = meets.iter().map(MetBy::code).collect();
         self.hops.push(
             self.owner,
             [
@@ -616,13 +641,13 @@ impl Prepared {
                 agency.into(),
                 Value::Int(at),
                 message_id.into(),
-                meets.map_or("", |m| m.code()).into(),
+                codes.join(",").into(),
             ],
         );
-        if let Some(met_by) = meets {
+        for met_by in meets {
             self.meets.push(
                 self.owner,
-                ((referral.to_owned(), met_by, agency.to_owned()), at),
+                ((referral.to_owned(), *met_by, agency.to_owned()), at),
             );
         }
     }
@@ -765,6 +790,30 @@ impl Recorder {
             &prepared.rights.kept(&new),
         )
         .await?;
+        conn.insert_rows(
+            "INSERT INTO centre_requests (request_id, centre, kind, accepted_at, rule)",
+            "ON CONFLICT DO NOTHING",
+            &prepared.centre_requests.kept(&new),
+        )
+        .await?;
+        conn.insert_rows(
+            "INSERT INTO centre_services (request_id, centre, outcome, at, message_id)",
+            "ON CONFLICT DO NOTHING",
+            &prepared.centre_services.kept(&new),
+        )
+        .await?;
+        conn.insert_rows(
+            "INSERT INTO meeting_ratings (rating_id, centre, meeting_request_id, score, rated_at)",
+            "ON CONFLICT DO NOTHING",
+            &prepared.ratings.kept(&new),
+        )
+        .await?;
+        conn.insert_rows(
+            "INSERT INTO verification_links (query_id, meeting_request_id, centre, asked_at)",
+            "ON CONFLICT DO NOTHING",
+            &prepared.links.kept(&new),
+        )
+        .await?;
         Ok(new)
     }
 
@@ -835,10 +884,10 @@ impl Recorder {
                 &obligated,
             )
             .await?;
-        for (referral, meets_code, agency, at) in earlier {
-            if let Some(met_by) = MetBy::from_code(&meets_code) {
+        for (referral, meets_codes, agency, at) in earlier {
+            for met_by in meets_codes.split(',').filter_map(MetBy::from_code) {
                 meets
-                    .entry((referral, met_by, agency))
+                    .entry((referral.clone(), met_by, agency.clone()))
                     .and_modify(|t| *t = (*t).min(at))
                     .or_insert(at);
             }
@@ -901,6 +950,15 @@ impl Recorder {
             body["withheld_on"] =
                 json!(WithholdingGround::try_from(*ground).map_or("unknown", |g| g.as_str_name()));
         }
+        // CQ-1.1c: a sealed letter is recorded by the digest of the sealed
+        // bytes; the tracker never sees (or stores readably) its plaintext.
+        if let Some(Payload::Letter(Letter {
+            disposition: Some(Disposition::SealedContent(sealed)),
+            ..
+        })) = &envelope.payload
+        {
+            body["letter_sha256"] = json!(sha256_hex(sealed));
+        }
         let referral_id = refbus_core::envelope::tracking_id(envelope).to_owned();
         rows.events.push(
             rows.owner,
@@ -920,7 +978,7 @@ impl Recorder {
                 &envelope.sender,
                 at,
                 &envelope.id,
-                Some(MetBy::Relayed),
+                &[MetBy::Relayed],
             );
             if known {
                 self.obligation_rows(envelope, &referral_id, kind, clock, submitted, rows);
@@ -971,19 +1029,16 @@ impl Recorder {
             &envelope.sender,
             at,
             &envelope.id,
-            None,
+            &[],
         );
+        self.meeting_rows(envelope, kind, at, rows);
         match &envelope.payload {
             Some(Payload::Feedback(_) | Payload::Acknowledgement(_))
                 if !envelope.in_reply_to.is_empty() =>
             {
-                let (hop, met_by) = match &envelope.payload {
-                    // CQ-3.13: hearing the lawyer in person meets an obligation of its own.
-                    Some(Payload::Feedback(f)) if f.outcome == Outcome::Heard as i32 => {
-                        ("answered", MetBy::Hearing)
-                    }
-                    Some(Payload::Feedback(_)) => ("answered", MetBy::Feedback),
-                    _ => ("acknowledged", MetBy::Acknowledged),
+                let (hop, meets): (&str, &[MetBy]) = match &envelope.payload {
+                    Some(Payload::Feedback(f)) => ("answered", self.feedback_meets(envelope, f)),
+                    _ => ("acknowledged", &[MetBy::Acknowledged]),
                 };
                 rows.hop(
                     &envelope.in_reply_to,
@@ -991,7 +1046,7 @@ impl Recorder {
                     &envelope.sender,
                     at,
                     &envelope.id,
-                    Some(met_by),
+                    meets,
                 );
             }
             Some(Payload::OverdueNotice(notice)) => {
@@ -1001,11 +1056,117 @@ impl Recorder {
                     &envelope.recipient,
                     at,
                     &envelope.id,
-                    None,
+                    &[],
                 );
             }
             _ if known => {
                 self.obligation_rows(envelope, &envelope.id, kind, clock, submitted, rows);
+            }
+            _ => {}
+        }
+    }
+
+    /// What a feedback meets. CQ-3.13: hearing the lawyer in person meets
+    /// an obligation of its own. CQ-1.3a: any answer meets "arrange at once
+    /// or tell why"; the meeting held, or a refusal whose reason is lawful
+    /// in the answering centre's region, also meets "within 48 hours"
+    /// (and CQ-1.3e).
+    fn feedback_meets(&self, envelope: &Envelope, feedback: &Feedback) -> &'static [MetBy] {
+        const ANSWERED: &[MetBy] = &[MetBy::Feedback];
+        const HELD: &[MetBy] = &[MetBy::Feedback, MetBy::Held];
+        match Outcome::try_from(feedback.outcome) {
+            Ok(Outcome::Heard) => &[MetBy::Hearing],
+            Ok(Outcome::Held) => HELD,
+            Ok(Outcome::Refused) => {
+                let reason = feedback
+                    .refusal
+                    .as_ref()
+                    .and_then(|r| RefusalReason::try_from(r.reason).ok())
+                    .unwrap_or(RefusalReason::Unspecified);
+                let lawful = self.directory.get(&envelope.sender).is_some_and(|centre| {
+                    self.policy
+                        .refusal(reason, &centre.region, &self.directory)
+                        .is_ok_and(|r| r.lawful)
+                });
+                if lawful { HELD } else { ANSWERED }
+            }
+            _ => ANSWERED,
+        }
+    }
+
+    /// The meeting rows of issue 18 (module docs): a request a centre is
+    /// asked to serve, a centre's answer that serves or refuses one
+    /// (CQ-1.3b), a lawyer's rating (CQ-3.11b), a verification query's
+    /// link to the meeting request it holds up (CQ-1.3d).
+    fn meeting_rows(&self, envelope: &Envelope, kind: MessageKind, at: i64, rows: &mut Prepared) {
+        let kind_of = |id: &str| self.directory.get(id).map(|a| a.kind);
+        let to_centre = kind_of(&envelope.recipient) == Some(AgencyKind::DetentionCentre);
+        match &envelope.payload {
+            Some(Payload::LawyerMeetingRequest(_) | Payload::InterrogationRequest(_))
+                if to_centre && envelope.relay_of.is_empty() =>
+            {
+                let rule = self
+                    .directory
+                    .get(&envelope.recipient)
+                    .and_then(|centre| self.policy.order_for(&centre.region, &self.directory))
+                    .filter(|order| order.kinds.contains(&kind))
+                    .map_or("", |order| order.rule.as_str());
+                rows.centre_requests.push(
+                    rows.owner,
+                    [
+                        envelope.id.as_str().into(),
+                        envelope.recipient.as_str().into(),
+                        kind.code().into(),
+                        Value::Int(at),
+                        rule.into(),
+                    ],
+                );
+            }
+            Some(Payload::Feedback(f)) if !envelope.in_reply_to.is_empty() => {
+                let outcome = match Outcome::try_from(f.outcome) {
+                    Ok(Outcome::Held) => "held",
+                    Ok(Outcome::Refused) => "refused",
+                    _ => return,
+                };
+                if kind_of(&envelope.sender) == Some(AgencyKind::DetentionCentre) {
+                    rows.centre_services.push(
+                        rows.owner,
+                        [
+                            envelope.in_reply_to.as_str().into(),
+                            envelope.sender.as_str().into(),
+                            outcome.into(),
+                            Value::Int(at),
+                            envelope.id.as_str().into(),
+                        ],
+                    );
+                }
+            }
+            Some(Payload::MeetingRating(rating))
+                if to_centre
+                    && kind_of(&envelope.sender) == Some(AgencyKind::LawyerService)
+                    && (1..=5).contains(&rating.score) =>
+            {
+                rows.ratings.push(
+                    rows.owner,
+                    [
+                        envelope.id.as_str().into(),
+                        envelope.recipient.as_str().into(),
+                        rating.meeting_request_id.as_str().into(),
+                        Value::Int(i64::from(rating.score)),
+                        Value::Int(at),
+                    ],
+                );
+            }
+            Some(Payload::VerificationQuery(query)) if !query.meeting_request_id.is_empty() => {
+                rows.links.push(
+                    rows.owner,
+                    [
+                        envelope.id.as_str().into(),
+                        query.meeting_request_id.as_str().into(),
+                        envelope.sender.as_str().into(),
+                        Value::Int(at),
+                    ],
+                );
             }
             _ => {}
         }
@@ -1053,14 +1214,30 @@ impl Recorder {
                 .find(|hop| hop.agency == envelope.recipient)
                 .is_some_and(|hop| hop.duty != Duty::Handle as i32)
         });
-        let hearing =
-            matches!(&envelope.payload, Some(Payload::RightsComplaint(c)) if c.hearing_requested);
+        // Who binds where: only the entries whose territory holds the
+        // region of the matter.
+        let Some(region) = region_of_matter(envelope, &self.directory) else {
+            tracing::warn!(id = %envelope.id, "the region of the referral's matter is unknown: no obligations created");
+            return;
+        };
+        // CQ-1.1c: a withheld letter is not forwarded; the notice that
+        // reaches the lawyer meets nothing.
+        let withheld = matches!(
+            &envelope.payload,
+            Some(Payload::Letter(Letter {
+                disposition: Some(Disposition::WithheldOn(_)),
+                ..
+            }))
+        );
         let mut created = 0;
-        for rule in self.policy.rules_for(kind) {
+        for rule in self.policy.rules_binding(kind, region, &self.directory) {
             if lead.is_some() && (rule.met_by == MetBy::Relayed) != relays {
                 continue;
             }
-            if rule.when == Some(Condition::HearingRequested) && !hearing {
+            if rule
+                .when
+                .is_some_and(|when| !when.holds(envelope.payload.as_ref()))
+            {
                 continue;
             }
             let met_by = rule.met_by.code();
@@ -1095,7 +1272,11 @@ impl Recorder {
                         kind.code().into(),
                         rule.duty.as_str().into(),
                         bearer.id.as_str().into(),
-                        recipient.id.as_str().into(),
+                        if withheld && rule.met_by == MetBy::Delivered {
+                            "".into()
+                        } else {
+                            recipient.id.as_str().into()
+                        },
                         met_by.into(),
                         Value::Int(millis(start)),
                         Value::Int(millis(due)),
@@ -1132,7 +1313,7 @@ impl Recorder {
             &report.agency,
             at,
             &report.id,
-            met_by_for(hop),
+            met_by_for(hop).as_slice(),
         );
     }
 }

@@ -49,7 +49,7 @@ fn a_bad_policy_file_stops_start_up_naming_file_and_line() {
     let policy = temp_dir("policy");
     std::fs::write(
         policy.join("bad.toml"),
-        "[[obligation]]\nrule = \"CQ-1.1b\"\nkind = \"legal_help_request\"\nduty = \"x\"\nbearer = \"sender\"\nclock = \"requested\"\ndeadline = \"24 hours\"\nmet_by = \"delivered\"\nnotify = [\"sender\"]\n",
+        "[[obligation]]\nrule = \"CQ-1.1b\"\nkind = \"legal_help_request\"\nduty = \"x\"\nbearer = \"sender\"\nclock = \"requested\"\ndeadline = \"24 hours\"\nmet_by = \"delivered\"\nnotify = [\"sender\"]\nterritory = \"500000\"\n",
     )
     .unwrap();
     let out = tracker(

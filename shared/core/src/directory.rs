@@ -16,6 +16,8 @@
 //! level = "district"
 //! region = "500111"
 //! public_key = "…"   # Ed25519, base64 (crate::signing)
+//! supervised_by = "dz-psb"   # optional: the body told of its overdue duties
+//!                            # (crate::policy::supervisor_of), when not the default
 //!
 //! [tracker]
 //! public_key = "…"   # signs overdue notices and forgery alerts
@@ -88,6 +90,12 @@ pub struct Agency {
     /// believed.
     #[serde(default)]
     pub public_key: Option<String>,
+    /// The agency that supervises this one, when it is not the one the
+    /// rules give ([`crate::policy::supervisor_of`], DOMAIN.md "Who
+    /// supervises whom"): its overdue duties are told there. Checked to be
+    /// another agency of the directory.
+    #[serde(default)]
+    pub supervised_by: Option<String>,
 }
 
 /// The tracker's entry: the key its overdue notices and alerts are verified with.
@@ -334,6 +342,24 @@ impl Directory {
                     ));
                 }
             }
+            if let Some(supervisor) = &agency.supervised_by {
+                let problem = if supervisor == &agency.id {
+                    Some("supervised_by names the agency itself".to_owned())
+                } else if !by_id.contains_key(supervisor) {
+                    Some(format!(
+                        "supervised_by `{supervisor}` is not an agency in this directory"
+                    ))
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    return Err(invalid(
+                        spanned.span().start,
+                        format!("agency `{}`", agency.id),
+                        problem,
+                    ));
+                }
+            }
         }
         Ok(Self {
             regions,
@@ -379,6 +405,20 @@ impl Directory {
             let parent = self.regions.get(region)?.parent.as_deref()?;
             self.of_kind(kind).find(|a| a.region == parent)
         })
+    }
+
+    /// The head organ (`organ = true`) of `system` in `region`.
+    #[must_use]
+    pub fn organ_of(&self, system: OrganSystem, region: &str) -> Option<&Agency> {
+        self.agencies
+            .iter()
+            .find(|a| a.organ && a.system == system && a.region == region)
+    }
+
+    /// The municipal region `region` belongs to (`None` for a municipal one).
+    #[must_use]
+    pub fn parent_of(&self, region: &str) -> Option<&str> {
+        self.regions.get(region)?.parent.as_deref()
     }
 
     /// The duty lawyer desk stationed at a detention centre, if it has one.
@@ -488,6 +528,27 @@ region = "500111"
             e.contains("level `municipal` does not match region `500111`"),
             "{e}"
         );
+        let e = parse(&format!(
+            "{}supervised_by = \"nobody\"\n",
+            base("500111", "a")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("agency `a`: supervised_by `nobody` is not an agency in this directory"),
+            "{e}"
+        );
+        let e = parse(&format!("{}supervised_by = \"a\"\n", base("500111", "a")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("supervised_by names the agency itself"), "{e}");
+        let d = parse(&format!(
+            "{}{}supervised_by = \"a\"\n",
+            base("500111", "a"),
+            base("500111", "b")
+        ))
+        .unwrap();
+        assert_eq!(d.get("b").unwrap().supervised_by.as_deref(), Some("a"));
         let e = parse("[[agency]]\nid = \"d\"\nkind = \"justice_bureau\"\n")
             .unwrap_err()
             .to_string();

@@ -13,6 +13,13 @@
 //! - DZ-14: judicial personnel are staff of courts, procuratorates, police and
 //!   justice administration.
 //!
+//! DZ-2021 binds Dazu District only (arts. 2-3; DOMAIN.md, "Who binds
+//! where"): statutory routes exist only for a finder inside
+//! [`DZ_2021_TERRITORY`]. A finder elsewhere (Yubei, the municipality,
+//! Shanghai) gets [`LeadError::NoStatutoryRoute`] citing DZ-2021, and may
+//! still name a route; no DZ-2021 obligation then arises in the tracker,
+//! since the lead's matter (its finder's region) lies outside the territory.
+//!
 //! Where the rules give no route the bus says so ([`LeadError::NoStatutoryRoute`])
 //! and a person names one, which [`check_explicit_route`] checks. It never
 //! guesses. [`resolve_route`] is what a gateway calls.
@@ -29,6 +36,11 @@ use refbus_proto::v1::route_hop::Duty;
 
 use crate::agency::{AgencyKind, Level, OrganSystem};
 use crate::directory::{Agency, Directory};
+
+/// The territory DZ-2021 binds: Dazu District (and the districts of it,
+/// which it has none of). Must equal `territory` of `deploy/policy/dz-2021.toml`
+/// (a unit test checks).
+pub const DZ_2021_TERRITORY: &str = "500111";
 
 /// Who a lead is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -424,6 +436,26 @@ pub fn statutory_routes(
     subject: &Subject,
 ) -> Result<Vec<Route>, LeadError> {
     let finder = finder_in(directory, finder)?;
+    // Bad input is bad input anywhere; a route exists only in the territory.
+    match routes_anywhere(directory, finder, subject) {
+        Err(e @ LeadError::Invalid { .. }) => Err(e),
+        _ if !in_dz_2021_territory(directory, finder) => Err(no_route(
+            "DZ-2021",
+            format!(
+                "DZ-2021 binds Dazu District ({DZ_2021_TERRITORY}) only, and the finder `{}` is in region {}",
+                finder.id, finder.region
+            ),
+        )),
+        routes => routes,
+    }
+}
+
+/// The statutory routes as if DZ-2021 bound the finder's region.
+fn routes_anywhere(
+    directory: &Directory,
+    finder: &Agency,
+    subject: &Subject,
+) -> Result<Vec<Route>, LeadError> {
     match *subject {
         Subject::Lawyer => lawyer_routes(directory, finder),
         Subject::Officer { organ } => {
@@ -439,6 +471,13 @@ pub fn statutory_routes(
             Ok(vec![route])
         }
     }
+}
+
+/// Whether `finder` is inside [`DZ_2021_TERRITORY`] (the region or one of its
+/// districts).
+fn in_dz_2021_territory(directory: &Directory, finder: &Agency) -> bool {
+    finder.region == DZ_2021_TERRITORY
+        || directory.parent_of(&finder.region) == Some(DZ_2021_TERRITORY)
 }
 
 /// Checks a route a person named (DZ-6): at least one hop; every hop in the
@@ -598,6 +637,11 @@ mod tests {
         Directory::parse(&text, Path::new("small.toml")).unwrap()
     }
 
+    /// The routes as DZ-7 and DZ-8 read, as if DZ-2021 bound `finder`'s region.
+    fn anywhere(d: &Directory, finder: &str, subject: &Subject) -> Result<Vec<Route>, LeadError> {
+        routes_anywhere(d, finder_in(d, finder)?, subject)
+    }
+
     fn h(agency: &str, duty: Duty) -> RouteHop {
         RouteHop {
             agency: agency.into(),
@@ -637,11 +681,68 @@ mod tests {
         assert_eq!(r.hops, vec![h("dz-court", Duty::Handle)]);
         assert_eq!(r.first(), r.handler());
         assert_eq!(r.relays().count(), 0);
-        let r = only_route(&d, "cq-justice-bureau", &officer("cq-procuratorate"));
+        let r = only_route(&d, "dz-bar-committee", &officer("dz-court"));
         assert_eq!(
             (r.rule, r.hops),
-            ("DZ-7(1)", vec![h("cq-procuratorate", Duty::Handle)])
+            ("DZ-8/DZ-7(1)", vec![h("dz-court", Duty::Handle)])
         );
+        // The municipal bureau is outside DZ-2021's territory.
+        let e =
+            statutory_routes(&d, "cq-justice-bureau", &officer("cq-procuratorate")).unwrap_err();
+        assert_eq!(no_route_rule(&e), Some("DZ-2021"), "{e}");
+    }
+
+    #[test]
+    fn dz_2021_binds_dazu_district_only() {
+        let d = directory();
+        // The same kind of lead as Dazu's DZ-7 (2), found in Yubei.
+        let e = statutory_routes(&d, "yb-justice-bureau", &officer("cq-high-court")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "DZ-2021: no statutory route: DZ-2021 binds Dazu District (500111) only, and the finder `yb-justice-bureau` is in region 500112; name the route explicitly"
+        );
+        for (finder, subject) in [
+            ("yb-justice-bureau", officer("dz-justice-bureau")),
+            ("cq-bar-association", officer("cq-high-court")),
+            ("sh-psb", Subject::Lawyer),
+            ("yb-court", Subject::Lawyer),
+        ] {
+            let e = statutory_routes(&d, finder, &subject).unwrap_err();
+            assert_eq!(no_route_rule(&e), Some("DZ-2021"), "{finder}: {e}");
+            assert_eq!(resolve_route(&d, finder, &subject, &[]).unwrap_err(), e);
+        }
+        // A route a person names is still taken (DZ-6).
+        let named = [
+            h("yb-court", Duty::RelayUp),
+            h("cq-high-court", Duty::Handle),
+        ];
+        let (route, by_person) =
+            resolve_route(&d, "yb-justice-bureau", &officer("cq-high-court"), &named).unwrap();
+        assert!(by_person);
+        assert_eq!(route.hops, named);
+        // Bad input stays bad input outside the territory.
+        let e =
+            statutory_routes(&d, "yb-justice-bureau", &officer("cq-state-security")).unwrap_err();
+        assert_eq!(invalid_rule(&e), Some("DZ-14"), "{e}");
+    }
+
+    #[test]
+    fn dz_2021_territory_is_the_policy_files() {
+        let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policy");
+        let read = |file: &str| {
+            let path = Path::new(policy).join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            (path, text)
+        };
+        let catalogue = crate::policy::PolicyCatalogue::parse(
+            vec![read("defaults.toml"), read("dz-2021.toml")],
+            &directory(),
+        )
+        .unwrap();
+        assert!(!catalogue.rules().is_empty());
+        for rule in catalogue.rules() {
+            assert_eq!(rule.territory, DZ_2021_TERRITORY, "{}", rule.rule);
+        }
     }
 
     #[test]
@@ -691,13 +792,13 @@ mod tests {
             r.relays().collect::<Vec<_>>(),
             vec![&h("dz-psb", Duty::RelayUp)]
         );
-        let r = only_route(&d, "yb-justice-bureau", &officer("cq-high-court"));
+        let r = only_route(&d, "dz-justice-bureau", &officer("cq-high-court"));
         assert_eq!(
             (r.rule, r.hops),
             (
                 "DZ-7(2)",
                 vec![
-                    h("yb-court", Duty::RelayUp),
+                    h("dz-court", Duty::RelayUp),
                     h("cq-high-court", Duty::Handle)
                 ]
             )
@@ -741,10 +842,10 @@ mod tests {
             vec![h("dz-court", Duty::Transfer), h("yb-court", Duty::Handle)]
         );
         assert_eq!(r.to_string(), "dz-court (transfer) → yb-court (handle)");
-        let r = only_route(&d, "yb-justice-bureau", &officer("dz-justice-bureau"));
+        let r = only_route(&d, "dz-justice-bureau", &officer("yb-justice-bureau"));
         assert_eq!(
             (r.rule, r.hops),
-            ("DZ-7(3)", vec![h("dz-justice-bureau", Duty::Handle)])
+            ("DZ-7(3)", vec![h("yb-justice-bureau", Duty::Handle)])
         );
     }
 
@@ -757,14 +858,15 @@ mod tests {
             ("dz-justice-bureau", "sh-psb"),
             ("cq-justice-bureau", "sh-psb"),
         ] {
-            let e = statutory_routes(&d, finder, &officer(organ)).unwrap_err();
+            // As DZ-7 reads; outside Dazu, DZ-2021 binds nothing anyway.
+            let e = anywhere(&d, finder, &officer(organ)).unwrap_err();
             assert_eq!(no_route_rule(&e), Some("DZ-7"), "{finder} {organ}: {e}");
             assert!(
                 e.to_string().ends_with("; name the route explicitly"),
                 "{e}"
             );
         }
-        let e = statutory_routes(&d, "cq-justice-bureau", &officer("dz-court")).unwrap_err();
+        let e = anywhere(&d, "cq-justice-bureau", &officer("dz-court")).unwrap_err();
         assert!(e.to_string().contains("is municipal"), "{e}");
         let e = statutory_routes(&d, "dz-justice-bureau", &officer("sh-psb")).unwrap_err();
         assert!(e.to_string().contains("outside the municipality"), "{e}");
@@ -786,8 +888,8 @@ mod tests {
                 vec![h("dz-psb", Duty::Transfer), h("yb-psb", Duty::Handle)]
             )
         );
-        let r = only_route(&d, "cq-bar-association", &officer("cq-high-court"));
-        assert_eq!(r.rule, "DZ-8/DZ-7(1)");
+        let e = statutory_routes(&d, "cq-bar-association", &officer("cq-high-court")).unwrap_err();
+        assert_eq!(no_route_rule(&e), Some("DZ-2021"), "{e}");
     }
 
     #[test]
@@ -821,7 +923,7 @@ mod tests {
         let e = statutory_routes(&d, "dz-bar-committee", &officer("sh-psb")).unwrap_err();
         assert_eq!(no_route_rule(&e), Some("DZ-8"));
         // A municipal bar association and a district officer: no rule either.
-        let e = statutory_routes(&d, "cq-bar-association", &officer("dz-court")).unwrap_err();
+        let e = anywhere(&d, "cq-bar-association", &officer("dz-court")).unwrap_err();
         assert_eq!(no_route_rule(&e), Some("DZ-8"), "{e}");
     }
 
@@ -858,8 +960,8 @@ mod tests {
         // A unit, not an organ, finds leads too.
         let r = &statutory_routes(&d, "dz-psb-investigation", &Subject::Lawyer).unwrap()[0];
         assert_eq!(r.hops, vec![h("dz-justice-bureau", Duty::Handle)]);
-        let r = &statutory_routes(&d, "sh-psb", &Subject::Lawyer).unwrap()[1];
-        assert_eq!(r.first().agency, "sh-bar-association");
+        let e = statutory_routes(&d, "sh-psb", &Subject::Lawyer).unwrap_err();
+        assert_eq!(no_route_rule(&e), Some("DZ-2021"), "{e}");
     }
 
     #[test]
@@ -898,7 +1000,11 @@ mod tests {
         let r = only_route(&d, "dz-court", &Subject::Lawyer);
         assert_eq!(r.hops, vec![h("dz-jb", Duty::Handle)]);
         // The municipal bureau is not the same level as a district court.
-        let e = statutory_routes(&d, "yb-court", &Subject::Lawyer).unwrap_err();
+        let d = small_directory(&[
+            ("dz-court", "case_unit", "court", "500111", true),
+            ("cq-jb", "justice_bureau", "justice", "500000", true),
+        ]);
+        let e = statutory_routes(&d, "dz-court", &Subject::Lawyer).unwrap_err();
         assert_eq!(no_route_rule(&e), Some("DZ-8"), "{e}");
     }
 
@@ -1145,6 +1251,15 @@ mod tests {
     }
 
     fn expected(d: &Directory, finder: &Agency, subject: Option<&Agency>) -> Expect {
+        match expected_anywhere(d, finder, subject) {
+            Expect::Invalid(rule) => Expect::Invalid(rule),
+            _ if finder.region != "500111" => Expect::NoRoute("DZ-2021"),
+            other => other,
+        }
+    }
+
+    /// [`expected`] as if DZ-2021 bound every region.
+    fn expected_anywhere(d: &Directory, finder: &Agency, subject: Option<&Agency>) -> Expect {
         if finder.system == OrganSystem::StateSecurity {
             return Expect::Invalid("DZ-6");
         }
@@ -1312,6 +1427,7 @@ mod tests {
             "no route DZ-6",
             "no route DZ-7",
             "no route DZ-8",
+            "no route DZ-2021",
             "invalid DZ-7(1)",
             "invalid DZ-8",
             "invalid DZ-14",

@@ -21,6 +21,13 @@
 //! Rows are sorted by agency, then rule; [`ComplianceReport::totals`] gives
 //! one row per agency over all its rules (rule `"all"`), same definitions.
 //!
+//! Two sections follow the rows when the caller gives them
+//! ([`ComplianceReport::with_meetings`]): the services out of order of
+//! acceptance (CQ-1.3b, [`OutOfOrder`]), each a request a centre served while
+//! an earlier-accepted one of its queue was still waiting, naming both; and
+//! the lawyers' ratings of each centre's meetings (CQ-3.11b,
+//! [`CentreRatings`]). Both only for the centres the viewer may see.
+//!
 //! Confidentiality (DZ-6): [`compile`] counts every outcome it is given, so
 //! the caller gives only what the viewer may see. The tracker
 //! (`refbus_tracker::query`) leaves out every obligation filed under a
@@ -75,15 +82,69 @@ pub struct ComplianceRow {
     pub p95_to_meet: Option<Duration>,
 }
 
+/// CQ-1.3b: a request a centre served (in the period) while one it had
+/// accepted earlier was still waiting (neither served nor refused).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutOfOrder {
+    pub detention_centre: String,
+    /// The rule that orders the centre's queue, e.g. "CQ-1.3b" or "SH-2.7".
+    pub rule: String,
+    /// The request served out of order: id, kind code, accepted, served.
+    pub served_id: String,
+    pub served_kind: String,
+    pub served_accepted_at: DateTime<Utc>,
+    pub served_at: DateTime<Utc>,
+    /// The earlier request it overtook: id, kind code, accepted.
+    pub overtaken_id: String,
+    pub overtaken_kind: String,
+    pub overtaken_accepted_at: DateTime<Utc>,
+}
+
+/// CQ-3.11b: the lawyers' ratings of one centre's meetings in the period.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct CentreRatings {
+    pub detention_centre: String,
+    /// How many ratings gave each score, 1 to 5.
+    pub by_score: [u64; 5],
+}
+
+impl CentreRatings {
+    /// How many ratings.
+    #[must_use]
+    pub fn count(&self) -> u64 {
+        self.by_score.iter().sum()
+    }
+
+    /// The mean score, 1 to 5; 0 when there are none.
+    #[must_use]
+    pub fn mean(&self) -> f64 {
+        let count = self.count();
+        if count == 0 {
+            return 0.0;
+        }
+        let total: u64 = self
+            .by_score
+            .iter()
+            .zip(1_u64..)
+            .map(|(n, score)| n * score)
+            .sum();
+        total as f64 / count as f64
+    }
+}
+
 /// The report for the obligations whose clock started in `[from, to)`,
 /// judged as of `as_of`. Built by [`compile`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ComplianceReport {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub as_of: DateTime<Utc>,
     /// Sorted by agency, then rule.
     pub rows: Vec<ComplianceRow>,
+    /// CQ-1.3b: services out of order, by centre then service time.
+    pub out_of_order: Vec<OutOfOrder>,
+    /// CQ-3.11b: ratings per centre, by centre.
+    pub ratings: Vec<CentreRatings>,
     /// Per agency, the sorted times to meet over all its rules: what
     /// [`ComplianceReport::totals`] takes its percentiles from.
     times_by_agency: BTreeMap<String, Vec<Duration>>,
@@ -185,6 +246,8 @@ pub fn compile(
         to,
         as_of,
         rows,
+        out_of_order: Vec::new(),
+        ratings: Vec::new(),
         times_by_agency,
     }
 }
@@ -294,7 +357,128 @@ fn cells(r: &ComplianceRow) -> [String; 10] {
     ]
 }
 
+/// The time as the sections show it.
+fn minute(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M").to_string()
+}
+
+/// The cells of an out-of-order service, in column order.
+fn out_of_order_cells(o: &OutOfOrder) -> [String; 9] {
+    [
+        o.detention_centre.clone(),
+        o.rule.clone(),
+        o.served_id.clone(),
+        o.served_kind.clone(),
+        minute(o.served_accepted_at),
+        minute(o.served_at),
+        o.overtaken_id.clone(),
+        o.overtaken_kind.clone(),
+        minute(o.overtaken_accepted_at),
+    ]
+}
+
+const OUT_OF_ORDER_HEADER: [&str; 9] = [
+    "detention_centre",
+    "rule",
+    "served",
+    "served_kind",
+    "served_accepted_at",
+    "served_at",
+    "overtaken",
+    "overtaken_kind",
+    "overtaken_accepted_at",
+];
+
+/// The cells of a centre's ratings, in column order.
+fn rating_cells(r: &CentreRatings) -> [String; 8] {
+    let [one, two, three, four, five] = r.by_score.map(|n| n.to_string());
+    [
+        r.detention_centre.clone(),
+        r.count().to_string(),
+        format!("{:.2}", r.mean()),
+        one,
+        two,
+        three,
+        four,
+        five,
+    ]
+}
+
+const RATINGS_HEADER: [&str; 8] = [
+    "detention_centre",
+    "ratings",
+    "mean_score",
+    "score_1",
+    "score_2",
+    "score_3",
+    "score_4",
+    "score_5",
+];
+
+/// A plain-text table: header, dashes, rows; left-aligned, control
+/// characters escaped, wide characters counted two columns.
+fn text_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let body: Vec<[String; N]> = rows
+        .iter()
+        .map(|r| r.clone().map(|c| terminal_text(&c)))
+        .collect();
+    let mut widths = header.map(display_width);
+    for row in &body {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(display_width(c));
+        }
+    }
+    let mut out = String::new();
+    let mut line = |row: &[String]| {
+        let mut text = String::new();
+        for (i, (c, w)) in row.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            text.push_str(c);
+            text.push_str(&" ".repeat(w.saturating_sub(display_width(c))));
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header.map(str::to_owned));
+    line(&widths.map(|w| "-".repeat(w)));
+    for row in &body {
+        line(row);
+    }
+    out
+}
+
 impl ComplianceReport {
+    /// The report with its meeting sections (module docs): the services
+    /// out of order (CQ-1.3b) and the ratings per centre (CQ-3.11b), each
+    /// sorted by centre.
+    #[must_use]
+    pub fn with_meetings(
+        mut self,
+        mut out_of_order: Vec<OutOfOrder>,
+        mut ratings: Vec<CentreRatings>,
+    ) -> Self {
+        out_of_order.sort_by(|a, b| {
+            (
+                &a.detention_centre,
+                a.served_at,
+                &a.served_id,
+                a.overtaken_accepted_at,
+            )
+                .cmp(&(
+                    &b.detention_centre,
+                    b.served_at,
+                    &b.served_id,
+                    b.overtaken_accepted_at,
+                ))
+        });
+        ratings.sort_by(|a, b| a.detention_centre.cmp(&b.detention_centre));
+        self.out_of_order = out_of_order;
+        self.ratings = ratings;
+        self
+    }
+
     /// One row per agency over all its rules (rule [`ALL_RULES`]), with the
     /// same definitions: the counts are the sums of the agency's rows, the
     /// median and 95th percentile are taken over all its met obligations.
@@ -344,6 +528,37 @@ impl ComplianceReport {
             out.push_str(&fields.join(","));
             out.push('\n');
         }
+        let mut section = |title: &str, header: &[&str], rows: Vec<Vec<String>>| {
+            if rows.is_empty() {
+                return;
+            }
+            out.push('\n');
+            out.push_str(title);
+            out.push('\n');
+            out.push_str(&header.join(","));
+            out.push('\n');
+            for row in rows {
+                let fields: Vec<String> = row.iter().map(|c| csv_field(c)).collect();
+                out.push_str(&fields.join(","));
+                out.push('\n');
+            }
+        };
+        section(
+            "# out of order (CQ-1.3b)",
+            &OUT_OF_ORDER_HEADER,
+            self.out_of_order
+                .iter()
+                .map(|o| out_of_order_cells(o).to_vec())
+                .collect(),
+        );
+        section(
+            "# ratings (CQ-3.11b)",
+            &RATINGS_HEADER,
+            self.ratings
+                .iter()
+                .map(|r| rating_cells(r).to_vec())
+                .collect(),
+        );
         out
     }
 
@@ -412,6 +627,16 @@ impl ComplianceReport {
         line(&widths.map(|w| "-".repeat(w)));
         for row in &body {
             line(row);
+        }
+        if !self.out_of_order.is_empty() {
+            out.push_str("\nServed out of order of acceptance (CQ-1.3b)\n");
+            let rows: Vec<[String; 9]> = self.out_of_order.iter().map(out_of_order_cells).collect();
+            out.push_str(&text_table(OUT_OF_ORDER_HEADER, &rows));
+        }
+        if !self.ratings.is_empty() {
+            out.push_str("\nMeeting ratings per centre (CQ-3.11b)\n");
+            let rows: Vec<[String; 8]> = self.ratings.iter().map(rating_cells).collect();
+            out.push_str(&text_table(RATINGS_HEADER, &rows));
         }
         out
     }
@@ -531,6 +756,46 @@ impl ComplianceReport {
             out.push_str("</tr>\n");
         }
         out.push_str("</table>\n");
+        let mut section = |id: &str, title: &str, header: &[&str], rows: Vec<Vec<String>>| {
+            if rows.is_empty() {
+                return;
+            }
+            let _ = write!(
+                out,
+                "<h2 id=\"{id}\">{}</h2>\n<table class=\"{id}\">\n<tr>",
+                html_escape(title)
+            );
+            for h in header {
+                let _ = write!(out, "<th>{}</th>", html_escape(&h.replace('_', " ")));
+            }
+            out.push_str("</tr>\n");
+            for row in rows {
+                out.push_str("<tr class=\"section\">");
+                for c in row {
+                    let _ = write!(out, "<td>{}</td>", html_escape(&c));
+                }
+                out.push_str("</tr>\n");
+            }
+            out.push_str("</table>\n");
+        };
+        section(
+            "out-of-order",
+            "Served out of order of acceptance (CQ-1.3b)",
+            &OUT_OF_ORDER_HEADER,
+            self.out_of_order
+                .iter()
+                .map(|o| out_of_order_cells(o).to_vec())
+                .collect(),
+        );
+        section(
+            "ratings",
+            "Meeting ratings per centre (CQ-3.11b)",
+            &RATINGS_HEADER,
+            self.ratings
+                .iter()
+                .map(|r| rating_cells(r).to_vec())
+                .collect(),
+        );
         out
     }
 }
@@ -884,5 +1149,64 @@ mod tests {
             assert!(html.contains(name), "{name}");
         }
         assert_eq!(html.matches("<tr><td>").count(), report.rows.len());
+    }
+
+    #[test]
+    fn cq_1_3b_and_cq_3_11b_sections_in_every_format() {
+        let report = compile(
+            vec![o("dz-detention-centre", at(1, 0), 24, Some(2))],
+            at(1, 0),
+            at(2, 0),
+            at(3, 0),
+        )
+        .with_meetings(
+            vec![OutOfOrder {
+                detention_centre: "dz-detention-centre".into(),
+                rule: "CQ-1.3b".into(),
+                served_id: "s".into(),
+                served_kind: "interrogation_request".into(),
+                served_accepted_at: at(1, 2),
+                served_at: at(1, 3),
+                overtaken_id: "<e>".into(),
+                overtaken_kind: "lawyer_meeting_request".into(),
+                overtaken_accepted_at: at(1, 1),
+            }],
+            vec![CentreRatings {
+                detention_centre: "dz-detention-centre".into(),
+                by_score: [0, 0, 1, 0, 2],
+            }],
+        );
+        assert_eq!(report.ratings[0].count(), 3);
+        assert!((report.ratings[0].mean() - 13.0 / 3.0).abs() < 1e-9);
+        assert_eq!(CentreRatings::default().mean(), 0.0);
+        let csv = report.to_csv();
+        assert!(
+            csv.contains("\n# out of order (CQ-1.3b)\ndetention_centre,rule,served,"),
+            "{csv}"
+        );
+        assert!(csv.contains("dz-detention-centre,CQ-1.3b,s,interrogation_request,2026-10-01 02:00,2026-10-01 03:00,<e>,lawyer_meeting_request,2026-10-01 01:00\n"), "{csv}");
+        assert!(csv.contains("# ratings (CQ-3.11b)\ndetention_centre,ratings,mean_score,score_1,score_2,score_3,score_4,score_5\ndz-detention-centre,3,4.33,0,0,1,0,2\n"), "{csv}");
+        let table = report.to_table();
+        assert!(
+            table.contains("Served out of order of acceptance (CQ-1.3b)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("Meeting ratings per centre (CQ-3.11b)"),
+            "{table}"
+        );
+        let html = report.to_html();
+        assert!(
+            html.contains("<h2 id=\"out-of-order\">") && html.contains("<td>&lt;e&gt;</td>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<h2 id=\"ratings\">") && html.contains("<td>4.33</td>"),
+            "{html}"
+        );
+        assert!(!html.contains("http"));
+        // Without them, no section.
+        let plain = compile(Vec::new(), at(1, 0), at(2, 0), at(3, 0));
+        assert!(!plain.to_csv().contains('#') && !plain.to_html().contains("<h2"));
     }
 }

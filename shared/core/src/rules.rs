@@ -231,6 +231,7 @@ mod tests {
             organ: false,
             stationed_at: None,
             public_key: None,
+            supervised_by: None,
         }
     }
 
