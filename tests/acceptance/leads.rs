@@ -17,7 +17,7 @@ use refbus_proto::v1::{
     FeedbackRequest, Hop, JointNotice, JudicialOfficer, Lawyer, Letter, MessageKind,
     MisconductLead, NotifyJointActionRequest, NotifyLawyerViolationRequest, ObligationState,
     Outcome, ReferralStatus, RelayRequest, ReportHandlingResultRequest, RightsComplaint, RouteHop,
-    VerificationQuery, WithholdingGround,
+    VerificationQuery,
 };
 use refbus_tests::fixtures::{BUREAU, CENTRE, submit};
 use refbus_tests::tracker::{Db, TestTracker, eventually, ledger_settings};

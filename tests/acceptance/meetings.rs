@@ -530,6 +530,13 @@ async fn sh_2_5_an_unavailable_detainee_is_told_to_the_lawyers_concerned_by_lice
     up.stop().await;
 }
 
+/// `refbus ARGS` as the centre's desk would run it (lawyer commands carry
+/// their own `--server`).
+async fn run(up: &Up, args: Vec<String>) -> refbus_tests::up::Ran {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    up.refbus("detention-centre", CENTRE, &args).await
+}
+
 /// The README's flow, with the `refbus` command: keygen, register,
 /// request, arrange, held, a letter, the lawyer's inbox opening it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,12 +595,8 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
         ]);
         all
     };
-    let run = |args: Vec<String>| async move {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        up.refbus("detention-centre", CENTRE, &args).await
-    };
     // A request missing a credential its role needs: refused, exit 3.
-    let missing = run(lawyer_args(&[
+    let missing = run(&up, lawyer_args(&[
         "lawyer", "request-meeting", "--centre", CENTRE, "--role", "defence-lawyer",
         "--case-type", "ordinary", "--detainee", "张三", "--key", "cli-m-0",
         "--credential", "practice-licence", "--credential", "law-firm-letter",
@@ -601,7 +604,7 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
     .await;
     assert_eq!(missing.code, 3, "{missing:?}");
     assert!(missing.stderr.contains("CREDENTIAL_COMMISSION_OR_AID_LETTER"), "{missing:?}");
-    let asked = run(lawyer_args(&[
+    let asked = run(&up, lawyer_args(&[
         "lawyer", "request-meeting", "--centre", CENTRE, "--role", "defence-lawyer",
         "--case-type", "ordinary", "--detainee", "张三", "--key", "cli-m-1",
         "--credential", "practice-licence", "--credential", "law-firm-letter",
@@ -654,7 +657,7 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
         )
         .await;
     assert_eq!(forwarded.code, 0, "{forwarded:?}");
-    let read = run(lawyer_args(&[
+    let read = run(&up, lawyer_args(&[
         "lawyer", "inbox", "--identity", key_file.to_str().unwrap(), "--count", "3", "--idle", "20s",
     ]))
     .await;
@@ -665,7 +668,7 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
         read.stdout.contains("letter: 律师您好，请尽快来见我。"),
         "the letter opened with the lawyer's key: {read:?}"
     );
-    let rated = run(lawyer_args(&["lawyer", "rate", id.as_str(), "--score", "5"])).await;
+    let rated = run(&up, lawyer_args(&["lawyer", "rate", id.as_str(), "--score", "5"])).await;
     assert_eq!(rated.code, 0, "{rated:?}");
     let status = up.refbus("detention-centre", CENTRE, &["status", id.as_str()]).await;
     assert_eq!(status.code, 0, "{status:?}");
