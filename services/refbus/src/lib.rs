@@ -1,8 +1,9 @@
 //! The `refbus` command.
 //!
 //! - `refbus serve SERVICE` and `refbus tracker` run one service each.
-//! - `refbus up` runs every agency service in one process, for a
-//!   single-machine deployment, against the RabbitMQ at `AMQP_URL`.
+//! - `refbus up` runs every agency service, the lawyer service and the
+//!   tracker in one process, for a single-machine deployment, against the
+//!   RabbitMQ at `AMQP_URL`.
 //! - `refbus topology` prints the bus topology as RabbitMQ definitions
 //!   (the source of `deploy/rabbitmq/definitions.json`).
 //! - `refbus directory check` validates an agency directory.
@@ -246,8 +247,9 @@ pub struct UpArgs {
     /// The address the agency services listen on.
     #[arg(long, env = "REFBUS_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,
-    /// The first of five consecutive ports (detention-centre, case-unit,
-    /// legal-aid, justice-bureau, bar-association); 0 picks free ports.
+    /// The first of seven consecutive ports (detention-centre, case-unit,
+    /// legal-aid, justice-bureau, bar-association, tracker, lawyer-service);
+    /// 0 picks free ports.
     #[arg(long, env = "REFBUS_PORT_BASE", default_value_t = 50051)]
     pub port_base: u16,
     #[command(flatten)]
@@ -279,11 +281,14 @@ pub async fn up(mut args: Box<UpArgs>) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let mut apps = Vec::new();
-    for (i, service) in AgencyService::ALL.into_iter().enumerate() {
+    for service in AgencyService::ALL {
+        // Each service at its usual offset from the first (the lawyer
+        // service after the tracker's port).
         let port = if args.port_base == 0 {
             0
         } else {
-            args.port_base + u16::try_from(i)?
+            args.port_base
+                + (service.default_port() - AgencyService::DetentionCentre.default_port())
         };
         apps.push(
             Application::build(service, &shared, SocketAddr::new(args.host, port), &[]).await?,
