@@ -5,7 +5,7 @@
 #
 #   python3 deploy/service-keys.py KEYS OUT [DIRECTORY]
 #
-# OUT/<service>/<agency>.key for the five agency services (the agency kinds
+# OUT/<service>/<agency>.key for the five agency services and the lawyer service (the agency kinds
 # each serves, as `refbus serve` does), OUT/tracker/refbus-tracker.key for the
 # tracker; files copied with mode 0600. DIRECTORY defaults to
 # deploy/local/directory.toml. Then, with systemd, OUT/<service> becomes
@@ -26,6 +26,7 @@ SERVICES = {
     "legal-aid": {"legal_aid_office", "duty_lawyer_desk"},
     "justice-bureau": {"justice_bureau"},
     "bar-association": {"bar_association"},
+    "lawyer-service": {"lawyer_service"},
 }
 TRACKER_ID = "refbus-tracker"
 

@@ -34,7 +34,7 @@ use crate::{AgencyService, BusSettings, GatewayCore};
 
 /// Largest gRPC message accepted: room for a 1 MiB envelope to be refused
 /// with a clear INVALID_ARGUMENT rather than a transport error.
-const MAX_GRPC_MESSAGE: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_GRPC_MESSAGE: usize = 4 * 1024 * 1024;
 
 /// Why a service could not start.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,8 @@ pub enum StartError {
     Policy(#[from] PolicyError),
     #[error("REFBUS_LAWYER_SERVICE: {0}")]
     LawyerService(String),
+    #[error(transparent)]
+    Lawyers(#[from] crate::lawyers::OpenError),
 }
 
 /// What the agency services of one process share.
@@ -183,6 +185,8 @@ pub struct Application {
     auth: Arc<Authenticator>,
     /// The process's settings, for the HTTP listener's exposure check.
     settings: BusSettings,
+    /// The lawyer service's register and inboxes (for [`AgencyService::Lawyer`] only).
+    lawyers: Option<Arc<crate::lawyers::LawyerCore>>,
 }
 
 impl Application {
@@ -257,6 +261,11 @@ impl Application {
             lawyers,
             shutdown: shared.shutdown.clone(),
         });
+        let lawyers = if service == AgencyService::Lawyer {
+            Some(crate::lawyers::LawyerCore::open(core.clone(), &shared.settings.inbox_db).await?)
+        } else {
+            None
+        };
         Ok(Self {
             service,
             listener,
@@ -265,6 +274,7 @@ impl Application {
             core,
             auth: shared.auth.clone(),
             settings: shared.settings.clone(),
+            lawyers,
         })
     }
 
@@ -320,6 +330,19 @@ impl Application {
         // none); every refbus service authenticates each call.
         let auth = &self.auth;
         let router = server::grpc_server(auth)?;
+        if let Some(lawyers) = self.lawyers {
+            // The lawyer service authenticates lawyers itself (against its
+            // register), serves no agency Gateway and consumes its inbox.
+            tokio::spawn(lawyers.clone().consume());
+            let served = crate::lawyers::service::routes(router, &lawyers)
+                .serve_with_incoming_shutdown(
+                    server::incoming(self.listener, auth),
+                    shutdown.cancelled_owned(),
+                )
+                .await;
+            lawyers.store.close().await;
+            return served;
+        }
         // The agency-specific service, authenticated, and its gRPC name.
         macro_rules! agency_rpcs {
             ($server:ident) => {
@@ -335,6 +358,11 @@ impl Application {
             AgencyService::LegalAid => agency_rpcs!(LegalAidServer),
             AgencyService::JusticeBureau => agency_rpcs!(JusticeBureauServer),
             AgencyService::BarAssociation => agency_rpcs!(BarAssociationServer),
+            AgencyService::Lawyer => {
+                // Built with its lawyers' store (above); never reached.
+                tracing::error!("the lawyer service has no lawyers' store; not serving");
+                return Ok(());
+            }
         };
         let health = observe::health_service(
             self.core.bus.clone(),

@@ -1,4 +1,4 @@
-//! The `main` of the five agency-service binaries: flags and environment,
+//! The `main` of the five agency-service binaries and the lawyer service's: flags and environment,
 //! telemetry, build, serve until a signal, report how it ended.
 
 use std::net::SocketAddr;
@@ -14,12 +14,12 @@ use crate::{AgencyService, BusSettings, observe, telemetry};
 #[derive(Debug, Parser)]
 #[command(
     version,
-    about = "A refbus agency service: the gateway for the agencies of one kind."
+    about = "A refbus agency service: the gateway for the agencies of one kind (or the lawyer service)."
 )]
 pub struct ServiceArgs {
     #[command(flatten)]
     pub bus: BusSettings,
-    /// Where to serve gRPC (default: 127.0.0.1 and the service's port, 50051-50055).
+    /// Where to serve gRPC (default: 127.0.0.1 and the service's port, 50051-50055; the lawyer service 50057).
     #[arg(long, env = "REFBUS_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Where to serve `/metrics` and `/healthz` over HTTP (default: the

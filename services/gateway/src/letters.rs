@@ -15,7 +15,6 @@
 use std::io::Write;
 use std::str::FromStr;
 
-use refbus_core::AgencyKind;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::forward_letter_request::Disposition as Requested;
 use refbus_proto::v1::letter::Disposition;
@@ -98,16 +97,12 @@ pub(crate) async fn seal_to_lawyer(
 ///
 /// # Errors
 /// FAILED_PRECONDITION when the directory has no lawyer service.
-pub(crate) fn lawyer_service(core: &GatewayCore) -> Result<String, Status> {
-    core.directory
-        .of_kind(AgencyKind::LawyerService)
-        .next()
-        .map(|a| a.id.clone())
-        .ok_or_else(|| {
-            Status::failed_precondition(
-                "the agency directory has no lawyer service (kind lawyer_service): lawyers cannot be reached",
-            )
-        })
+fn lawyer_service(core: &GatewayCore) -> Result<String, Status> {
+    core.lawyer_service().map(str::to_owned).ok_or_else(|| {
+        Status::failed_precondition(
+            "the agency directory has no lawyer service (kind lawyer_service): lawyers cannot be reached",
+        )
+    })
 }
 
 /// Seals a letter submitted with its content (`Submit` from a centre's own

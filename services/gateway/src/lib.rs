@@ -23,6 +23,8 @@
 //! - [`letters`]: CQ-1.1c letters sealed to the lawyer (age), SH-2.5 notices to lawyers.
 //! - [`meetings`]: CQ-1.3a-e at the centre: arrange, refuse, record held, verify, interrogations.
 //! - [`registry`]: registering lawyers, and the lawyer service's public register.
+//! - [`lawyers`]: the lawyer service: the register, lawyers' inboxes behind
+//!   `lawyer-service`, and what lawyers submit (`LawyerService`, `LawyerRegistry`).
 //! - [`app`]: build (bind) and run (serve until shutdown) an agency service.
 //! - [`server`]: how every gRPC port is served (the tracker's too): TLS,
 //!   keepalives, reflection v1 and v1alpha.
@@ -44,6 +46,7 @@ pub mod exposure;
 pub mod forgery;
 pub mod gateway;
 pub mod inbox;
+pub mod lawyers;
 pub mod letters;
 pub mod meetings;
 pub mod observe;

@@ -8,7 +8,8 @@ use refbus_core::AgencyKind;
 
 use crate::auth::AuthSettings;
 
-/// The five agency services.
+/// The five agency services, and the lawyer service (lawyers' inboxes and
+/// submissions behind the agency `lawyer-service`, [`crate::lawyers`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AgencyService {
     DetentionCentre,
@@ -16,15 +17,20 @@ pub enum AgencyService {
     LegalAid,
     JusticeBureau,
     BarAssociation,
+    /// Serves `LawyerService` and `LawyerRegistry` instead of the agency
+    /// `Gateway` (`refbus serve lawyer-service`, or `lawyer`).
+    #[value(name = "lawyer-service", alias = "lawyer")]
+    Lawyer,
 }
 
 impl AgencyService {
-    pub const ALL: [AgencyService; 5] = [
+    pub const ALL: [AgencyService; 6] = [
         AgencyService::DetentionCentre,
         AgencyService::CaseUnit,
         AgencyService::LegalAid,
         AgencyService::JusticeBureau,
         AgencyService::BarAssociation,
+        AgencyService::Lawyer,
     ];
 
     /// The binary and service name.
@@ -36,6 +42,7 @@ impl AgencyService {
             AgencyService::LegalAid => "legal-aid",
             AgencyService::JusticeBureau => "justice-bureau",
             AgencyService::BarAssociation => "bar-association",
+            AgencyService::Lawyer => "lawyer-service",
         }
     }
 
@@ -48,10 +55,12 @@ impl AgencyService {
             AgencyService::LegalAid => &[AgencyKind::LegalAidOffice, AgencyKind::DutyLawyerDesk],
             AgencyService::JusticeBureau => &[AgencyKind::JusticeBureau],
             AgencyService::BarAssociation => &[AgencyKind::BarAssociation],
+            AgencyService::Lawyer => &[AgencyKind::LawyerService],
         }
     }
 
-    /// The default gRPC port of this service under `refbus up`.
+    /// The default gRPC port of this service under `refbus up` (50056 is
+    /// the tracker's, so the lawyer service follows it).
     #[must_use]
     pub fn default_port(self) -> u16 {
         match self {
@@ -60,6 +69,7 @@ impl AgencyService {
             AgencyService::LegalAid => 50053,
             AgencyService::JusticeBureau => 50054,
             AgencyService::BarAssociation => 50055,
+            AgencyService::Lawyer => 50057,
         }
     }
 }
@@ -169,7 +179,7 @@ pub struct LawyerServiceSettings {
 }
 
 /// The lawyer service's default address.
-pub const DEFAULT_LAWYER_SERVICE: &str = "http://127.0.0.1:50056";
+pub const DEFAULT_LAWYER_SERVICE: &str = "http://127.0.0.1:50057";
 
 impl Default for LawyerServiceSettings {
     fn default() -> Self {

@@ -1,8 +1,9 @@
 //! The `refbus` command.
 //!
 //! - `refbus serve SERVICE` and `refbus tracker` run one service each.
-//! - `refbus up` runs every agency service in one process, for a
-//!   single-machine deployment, against the RabbitMQ at `AMQP_URL`.
+//! - `refbus up` runs every agency service, the lawyer service and the
+//!   tracker in one process, for a single-machine deployment, against the
+//!   RabbitMQ at `AMQP_URL`.
 //! - `refbus topology` prints the bus topology as RabbitMQ definitions
 //!   (the source of `deploy/rabbitmq/definitions.json`).
 //! - `refbus directory check` validates an agency directory.
@@ -273,8 +274,9 @@ pub struct UpArgs {
     /// The address the agency services listen on.
     #[arg(long, env = "REFBUS_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,
-    /// The first of five consecutive ports (detention-centre, case-unit,
-    /// legal-aid, justice-bureau, bar-association); 0 picks free ports.
+    /// The first of seven consecutive ports (detention-centre, case-unit,
+    /// legal-aid, justice-bureau, bar-association, tracker, lawyer-service);
+    /// 0 picks free ports.
     #[arg(long, env = "REFBUS_PORT_BASE", default_value_t = 50051)]
     pub port_base: u16,
     #[command(flatten)]
@@ -300,7 +302,7 @@ pub async fn up(mut args: Box<UpArgs>) -> anyhow::Result<()> {
     let auth = args.bus.auth.clone();
     // The agency services check against the tracker's policy catalogue.
     args.bus.policy.clone_from(&args.tracker.policy);
-    let shared = match Shared::connect(args.bus, shutdown.clone()).await {
+    let mut shared = match Shared::connect(args.bus, shutdown.clone()).await {
         Ok(shared) => shared,
         Err(StartError::Bus(BusError::Connect { url, reason })) => {
             anyhow::bail!(broker_unreachable(&url, &reason))
@@ -308,16 +310,36 @@ pub async fn up(mut args: Box<UpArgs>) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let mut apps = Vec::new();
-    for (i, service) in AgencyService::ALL.into_iter().enumerate() {
+    // The lawyer service first: the others look lawyers up in its
+    // register, at the address it is bound to (a free port too).
+    let mut services = AgencyService::ALL.to_vec();
+    services.sort_by_key(|s| *s != AgencyService::Lawyer);
+    for service in services {
+        // Each service at its usual offset from the first (the lawyer
+        // service after the tracker's port).
         let port = if args.port_base == 0 {
             0
         } else {
-            args.port_base + u16::try_from(i)?
+            args.port_base
+                + (service.default_port() - AgencyService::DetentionCentre.default_port())
         };
-        apps.push(
-            Application::build(service, &shared, SocketAddr::new(args.host, port), &[]).await?,
-        );
+        let app = Application::build(service, &shared, SocketAddr::new(args.host, port), &[]).await?;
+        if service == AgencyService::Lawyer
+            && shared.settings.lawyer_service.url
+                == refbus_gateway::settings::DEFAULT_LAWYER_SERVICE
+        {
+            shared.settings.lawyer_service.url =
+                format!("{}://{}", shared.auth.scheme(), app.local_addr()?);
+        }
+        apps.push(app);
     }
+    // Printed in the usual order.
+    apps.sort_by_key(|app| {
+        AgencyService::ALL
+            .iter()
+            .position(|s| *s == app.service())
+            .unwrap_or(usize::MAX)
+    });
     if args.tracker.listen.is_none() {
         let port = if args.port_base == 0 {
             0
