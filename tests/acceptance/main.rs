@@ -26,6 +26,9 @@
 //!   parties, poison isolated, no false overdue notice.
 //! - [`lead_visibility`]: issue 16, a lead shows nothing off its route,
 //!   whatever hops name (GetReferral, ListObligations, report, dashboard).
+//! - [`lawyers`]: issue 18, the lawyer service: registration, suspension and
+//!   reinstatement, CQ-1.2 credentials, lawyers' inboxes, meeting requests,
+//!   complaints and ratings.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -56,6 +59,7 @@ mod dashboard;
 mod deployment;
 mod exactly_once;
 mod faults;
+mod lawyers;
 mod lead_visibility;
 mod leads;
 mod misuse;
