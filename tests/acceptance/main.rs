@@ -40,6 +40,9 @@
 //! - [`meetings_ledger`]: issue 18, the ledger of lawyers' meetings: CQ-1.3a's
 //!   two duties, lawful refusals, CQ-1.3e, CQ-1.3b order, CQ-1.1c withheld
 //!   letters, CQ-3.11b ratings, the CQ-1.3d link.
+//! - [`lawyers`]: issue 18, the lawyer service: registration, suspension and
+//!   reinstatement, CQ-1.2 credentials, lawyers' inboxes, meeting requests,
+//!   complaints and ratings.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -70,6 +73,7 @@ mod dashboard;
 mod deployment;
 mod exactly_once;
 mod faults;
+mod lawyers;
 mod lead_visibility;
 mod leads;
 mod letters;

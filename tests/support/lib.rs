@@ -7,6 +7,7 @@
 
 pub mod broker;
 pub mod fixtures;
+pub mod lawyers;
 pub mod proxy;
 pub mod register;
 pub mod tracker;
@@ -155,7 +156,7 @@ pub fn test_settings(amqp_url: String) -> BusSettings {
     }
 }
 
-/// The five agency services running in this process on free ports, in a
+/// The agency services and the lawyer service running in this process on free ports, in a
 /// namespace of their own.
 pub struct TestBus {
     pub shared: Shared,
@@ -171,13 +172,19 @@ impl TestBus {
     }
 
     pub async fn spawn_with(settings: BusSettings) -> Self {
+        Self::spawn_services(settings, &AgencyService::ALL).await
+    }
+
+    /// As [`TestBus::spawn_with`], with only `services` (e.g. the five
+    /// agency services, the lawyer service being run apart to restart it).
+    pub async fn spawn_services(settings: BusSettings, services: &[AgencyService]) -> Self {
         let shutdown = CancellationToken::new();
         let shared = Shared::connect(settings, shutdown.clone())
             .await
             .expect("bus connects");
         let mut apps = Vec::new();
         let mut addrs = HashMap::new();
-        for service in AgencyService::ALL {
+        for &service in services {
             let app = Application::build(service, &shared, "127.0.0.1:0".parse().unwrap(), &[])
                 .await
                 .unwrap();
@@ -291,11 +298,15 @@ pub fn refbus_up(
     command
 }
 
-/// Removes a test's inbox state (the SQLite file and its journal).
+/// Removes a test's inbox state (the SQLite files and their journals:
+/// the agencies' and the lawyer service's beside it).
 pub fn remove_inbox_db(settings: &BusSettings) {
-    let db = settings.inbox_db.display().to_string();
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{db}{suffix}"));
+    let lawyers = refbus_gateway::lawyers::store::path_beside(&settings.inbox_db);
+    for db in [&settings.inbox_db, &lawyers] {
+        let db = db.display().to_string();
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{db}{suffix}"));
+        }
     }
 }
 

@@ -541,12 +541,21 @@ impl LawyerCore {
                             this.streams.release(&token);
                             continue;
                         };
-                        if let Err(e) = this
+                        // Read before an acknowledgement of it (on an
+                        // earlier stream) landed: not handed over again.
+                        match this
                             .store
                             .handed(&licence, &delivery.envelope_id, now_ms())
                             .await
                         {
-                            tracing::warn!(error = %e, "hand-over time not recorded");
+                            Ok(true) => {}
+                            Ok(false) => {
+                                this.streams.release(&token);
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "hand-over time not recorded; handing over");
+                            }
                         }
                         let submitted_at = envelope
                             .submitted_at

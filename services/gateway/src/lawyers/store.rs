@@ -337,7 +337,9 @@ impl LawyerStore {
             .collect()
     }
 
-    /// Records that a delivery was handed over (the first time is kept).
+    /// Records that a delivery is being handed over (the first time is
+    /// kept); false when it was acknowledged meanwhile (it is not handed
+    /// over then).
     ///
     /// # Errors
     /// A database error.
@@ -346,8 +348,8 @@ impl LawyerStore {
         licence: &str,
         envelope_id: &str,
         at_ms: i64,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
             "UPDATE lawyer_inbox SET handed_at = COALESCE(handed_at, ?), state = 'handed'
              WHERE licence = ? AND envelope_id = ? AND state <> 'acknowledged'",
         )
@@ -356,7 +358,7 @@ impl LawyerStore {
         .bind(envelope_id)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
     }
 
     /// Marks deliveries of `licence` acknowledged, in one transaction; once
