@@ -40,6 +40,7 @@ fn make_users(namespace: &str) -> Vec<String> {
         "LEGAL_AID",
         "JUSTICE_BUREAU",
         "BAR_ASSOCIATION",
+        "LAWYER_SERVICE",
         "TRACKER",
     ];
     for user in users {
