@@ -183,7 +183,7 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
         .unwrap();
 
     let mut bar = BarAssociationClient::new(channel("bar-association"));
-    let mut registry = LawyerRegistryClient::new(channel("lawyer"));
+    let mut registry = LawyerRegistryClient::new(channel("lawyer-service"));
     let addressee = age::x25519::Identity::generate();
     let other = age::x25519::Identity::generate();
     let token = register(&mut bar, &mut registry, ADDRESSEE, &addressee).await;
@@ -241,7 +241,7 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
         .id;
 
     // Only the addressee reads it.
-    let mut lawyers = LawyerServiceClient::new(channel("lawyer"));
+    let mut lawyers = LawyerServiceClient::new(channel("lawyer-service"));
     let err = lawyers
         .inbox(lawyer_request(
             &other_token,

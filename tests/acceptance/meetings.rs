@@ -75,7 +75,7 @@ async fn register(up: &Up, registrar: &str, region: &str, licence: &str) -> Regi
         .unwrap()
         .into_inner()
         .token;
-    let mut registry = LawyerRegistryClient::new(channel(up, "lawyer"));
+    let mut registry = LawyerRegistryClient::new(channel(up, "lawyer-service"));
     within("the registration to apply", async {
         while registry
             .get_lawyer(GetLawyerRequest {
@@ -117,7 +117,7 @@ fn defence_request(centre: &str) -> LawyerMeetingRequest {
 }
 
 async fn request_meeting(up: &Up, lawyer: &Registered, meeting: LawyerMeetingRequest, key: &str) {
-    LawyerServiceClient::new(channel(up, "lawyer"))
+    LawyerServiceClient::new(channel(up, "lawyer-service"))
         .request_meeting(with_token(
             &lawyer.token,
             RequestMeetingRequest {
@@ -155,7 +155,7 @@ async fn agency_takes(up: &Up, service: &str, agency: &str) -> Envelope {
 /// The next delivery to a lawyer, acknowledged; `None` if nothing comes
 /// within `wait`.
 async fn lawyer_takes(up: &Up, lawyer: &Registered, wait: Duration) -> Option<Envelope> {
-    let mut client = LawyerServiceClient::new(channel(up, "lawyer"));
+    let mut client = LawyerServiceClient::new(channel(up, "lawyer-service"));
     let mut inbox = client
         .inbox(with_token(
             &lawyer.token,
@@ -570,7 +570,7 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
         .find_map(|l| l.strip_prefix("token\t"))
         .unwrap()
         .to_owned();
-    let mut registry = LawyerRegistryClient::new(channel(&up, "lawyer"));
+    let mut registry = LawyerRegistryClient::new(channel(&up, "lawyer-service"));
     within("the registration to apply", async {
         while registry
             .get_lawyer(GetLawyerRequest {
@@ -591,7 +591,7 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
             "--token".into(),
             token.clone(),
             "--server".into(),
-            up.url("lawyer").to_owned(),
+            up.url("lawyer-service").to_owned(),
         ]);
         all
     };

@@ -120,7 +120,7 @@ async fn no_personal_data_reaches_the_logs() {
         .unwrap()
         .into_inner()
         .token;
-    let mut registry = LawyerRegistryClient::new(channel("lawyer"));
+    let mut registry = LawyerRegistryClient::new(channel("lawyer-service"));
     within("the registration to apply", async {
         while registry
             .get_lawyer(GetLawyerRequest {
@@ -216,7 +216,7 @@ async fn no_personal_data_reaches_the_logs() {
     let referral = received.into_iter().find(|e| e.id == sent[0]).unwrap();
     // The lawyer takes the letter and acknowledges it (the lawyer service's
     // paths are in the scan too).
-    let mut lawyers = LawyerServiceClient::new(channel("lawyer"));
+    let mut lawyers = LawyerServiceClient::new(channel("lawyer-service"));
     let bearer = |message| {
         let mut request = tonic::Request::new(message);
         request
