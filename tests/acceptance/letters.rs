@@ -168,7 +168,11 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
     let mut arguments = FieldTable::default();
     arguments.insert("x-expires".into(), AMQPValue::LongInt(120_000));
     amqp.channel
-        .queue_declare(spy.as_str().into(), QueueDeclareOptions::default(), arguments)
+        .queue_declare(
+            spy.as_str().into(),
+            QueueDeclareOptions::default(),
+            arguments,
+        )
         .await
         .unwrap();
     amqp.channel
@@ -297,7 +301,11 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
         Some(LETTER.as_bytes()),
         "the addressee opens it with their own identity"
     );
-    assert_eq!(refbus_tests::open_sealed(&sealed, &other), None, "another lawyer cannot open it");
+    assert_eq!(
+        refbus_tests::open_sealed(&sealed, &other),
+        None,
+        "another lawyer cannot open it"
+    );
     assert_eq!(
         letter(&withheld_id).disposition,
         Some(Disposition::WithheldOn(
@@ -330,7 +338,12 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
     let spied = within("the spy queue to hold the letter", async {
         loop {
             if let Some(message) = amqp.get(&spy).await {
-                if message.delivery.data.windows(sealed.len()).any(|w| w == sealed.as_slice()) {
+                if message
+                    .delivery
+                    .data
+                    .windows(sealed.len())
+                    .any(|w| w == sealed.as_slice())
+                {
                     return message.delivery.data.clone();
                 }
                 amqp.publish_raw(&spy, &message.delivery.data).await;
@@ -368,9 +381,11 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
                 ))
                 .await;
             if let Ok(status) = status
-                && status.get_ref().obligations.iter().any(|o| {
-                    o.rule == "CQ-1.1c" && o.state == ObligationState::MetOnTime as i32
-                })
+                && status
+                    .get_ref()
+                    .obligations
+                    .iter()
+                    .any(|o| o.rule == "CQ-1.1c" && o.state == ObligationState::MetOnTime as i32)
             {
                 return;
             }
@@ -427,7 +442,10 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
             "a readable copy went over the broker"
         );
     }
-    assert!(published >= 3, "the spy saw the bus's traffic ({published})");
+    assert!(
+        published >= 3,
+        "the spy saw the bus's traffic ({published})"
+    );
     let mut dead = 0;
     while let Some(message) = amqp.get(&topology.dead_letter()).await {
         dead += 1;
@@ -441,7 +459,10 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
     files_under(&data_dir, &mut files);
     for db in [&settings.inbox_db] {
         for suffix in ["", "-wal", "-shm"] {
-            files.push(std::path::PathBuf::from(format!("{}{suffix}", db.display())));
+            files.push(std::path::PathBuf::from(format!(
+                "{}{suffix}",
+                db.display()
+            )));
         }
     }
     let mut searched = 0;
@@ -450,16 +471,26 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
             continue;
         };
         searched += 1;
-        assert!(!holds(&bytes, &forms), "a readable copy in {}", file.display());
+        assert!(
+            !holds(&bytes, &forms),
+            "a readable copy in {}",
+            file.display()
+        );
     }
-    assert!(searched >= 2, "the ledger and the lawyer service's store: {files:?}");
+    assert!(
+        searched >= 2,
+        "the ledger and the lawyer service's store: {files:?}"
+    );
     let logs = format!(
         "{}\n{}",
         stdout.join("\n"),
         std::fs::read_to_string(&log_path).unwrap()
     );
     assert!(logs.contains(&sealed_id), "the logs saw the letter's id");
-    assert!(!holds(logs.as_bytes(), &forms), "a readable copy in the logs");
+    assert!(
+        !holds(logs.as_bytes(), &forms),
+        "a readable copy in the logs"
+    );
 
     amqp.close().await;
     refbus_tests::delete_namespace(&topology).await;

@@ -5,7 +5,8 @@
 //! (CQ-1.3a, CQ-2.5), a detainee's written refusal sealed to them (CQ-1.3c),
 //! the unavailability notice by licence (SH-2.5); interrogations queue at
 //! the centre (CQ-1.3b) and a verification query names the meeting it holds
-//! up (CQ-1.3d). The `refbus` command drives the flow the README shows.
+//! up (CQ-1.3d); a lawyer's complaint is answered in their inbox (CQ-3.13).
+//! The `refbus` command drives the flow the README shows.
 
 use std::time::Duration;
 
@@ -13,16 +14,17 @@ use refbus_proto::v1::bar_association_client::BarAssociationClient;
 use refbus_proto::v1::case_unit_client::CaseUnitClient;
 use refbus_proto::v1::detention_centre_client::DetentionCentreClient;
 use refbus_proto::v1::envelope::Payload;
+use refbus_proto::v1::justice_bureau_client::JusticeBureauClient;
 use refbus_proto::v1::lawyer_registry_client::LawyerRegistryClient;
 use refbus_proto::v1::lawyer_service_client::LawyerServiceClient;
 use refbus_proto::v1::tracker_client::TrackerClient;
 use refbus_proto::v1::{
     ArrangeMeetingRequest, CaseType, Credential, Detainee, DetaineeUnavailableNotice, Envelope,
-    GetLawyerRequest, GetReferralRequest, InboxRequest, InterrogationRequest, Lawyer,
-    LawyerAcknowledgeRequest, LawyerInboxRequest, LawyerMeetingRequest, LawyerRole,
+    FileComplaintRequest, GetLawyerRequest, GetReferralRequest, InboxRequest, InterrogationRequest,
+    Lawyer, LawyerAcknowledgeRequest, LawyerInboxRequest, LawyerMeetingRequest, LawyerRole,
     NotifyDetaineeUnavailableRequest, ObligationState, Outcome, ProceduralStage, RecordHeldRequest,
-    RefusalReason, RefuseMeetingRequest, RegisterLawyerRequest, RequestInterrogationRequest,
-    RequestMeetingRequest, UnavailabilityReason, VerifyOffenceRequest,
+    RefusalReason, RefuseMeetingRequest, RegisterLawyerRequest, ReportHandlingResultRequest,
+    RequestInterrogationRequest, RequestMeetingRequest, UnavailabilityReason, VerifyOffenceRequest,
 };
 use refbus_tests::fixtures::CENTRE;
 use refbus_tests::up::Up;
@@ -167,7 +169,10 @@ async fn lawyer_takes(up: &Up, lawyer: &Registered, wait: Duration) -> Option<En
         .await
         .unwrap()
         .into_inner();
-    let delivery = tokio::time::timeout(wait, inbox.next()).await.ok()??.unwrap();
+    let delivery = tokio::time::timeout(wait, inbox.next())
+        .await
+        .ok()??
+        .unwrap();
     client
         .acknowledge(with_token(
             &lawyer.token,
@@ -189,7 +194,11 @@ fn feedback(envelope: &Envelope) -> &refbus_proto::v1::Feedback {
     }
 }
 
-fn refuse(request: &Envelope, reason: RefusalReason, key: &str) -> tonic::Request<RefuseMeetingRequest> {
+fn refuse(
+    request: &Envelope,
+    reason: RefusalReason,
+    key: &str,
+) -> tonic::Request<RefuseMeetingRequest> {
     as_agency(
         CENTRE,
         RefuseMeetingRequest {
@@ -234,7 +243,11 @@ async fn cq_1_3a_a_refusal_reaches_the_lawyer_with_its_reason_and_the_centres_su
     }
     // A reason the territory allows: the lawyer is told why.
     centre
-        .refuse_meeting(refuse(&request, RefusalReason::NoRoomAvailable, "refuse-room"))
+        .refuse_meeting(refuse(
+            &request,
+            RefusalReason::NoRoomAvailable,
+            "refuse-room",
+        ))
         .await
         .unwrap();
     let told = lawyer_takes(&up, &lawyer, Duration::from_secs(20))
@@ -290,11 +303,17 @@ async fn cq_1_3c_the_written_refusal_reaches_the_lawyers_inbox() {
         .await
         .expect("the written refusal reaches the lawyer");
     let refusal = feedback(&told).refusal.clone().unwrap();
-    assert_eq!(refusal.reason, RefusalReason::DetaineeRefusesInWriting as i32);
+    assert_eq!(
+        refusal.reason,
+        RefusalReason::DetaineeRefusesInWriting as i32
+    );
     assert!(refusal.written_refusal.is_empty(), "never in the clear");
     let opened =
         refbus_tests::open_sealed(&refusal.sealed_written_refusal, &lawyer.identity).unwrap();
-    assert_eq!(opened, scan, "the lawyer opens the detainee's written refusal");
+    assert_eq!(
+        opened, scan,
+        "the lawyer opens the detainee's written refusal"
+    );
     up.stop().await;
 }
 
@@ -320,7 +339,9 @@ async fn cq_1_3a_arranged_then_held_meets_both_duties_and_the_lawyer_is_told() {
         ))
         .await
         .unwrap();
-    let arranged = lawyer_takes(&up, &lawyer, Duration::from_secs(20)).await.unwrap();
+    let arranged = lawyer_takes(&up, &lawyer, Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_eq!(feedback(&arranged).outcome, Outcome::Arranged as i32);
     assert!(feedback(&arranged).arranged_for.is_some());
     centre
@@ -335,7 +356,9 @@ async fn cq_1_3a_arranged_then_held_meets_both_duties_and_the_lawyer_is_told() {
         ))
         .await
         .unwrap();
-    let held = lawyer_takes(&up, &lawyer, Duration::from_secs(20)).await.unwrap();
+    let held = lawyer_takes(&up, &lawyer, Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_eq!(feedback(&held).outcome, Outcome::Held as i32);
     let mut tracker = TrackerClient::new(channel(&up, "tracker"));
     within("both CQ-1.3a duties met on time", async {
@@ -411,7 +434,10 @@ async fn cq_1_3b_an_interrogation_is_requested_queued_and_served() {
         .await
         .unwrap();
     let request = agency_takes(&up, "detention-centre", CENTRE).await;
-    assert!(matches!(request.payload, Some(Payload::InterrogationRequest(_))));
+    assert!(matches!(
+        request.payload,
+        Some(Payload::InterrogationRequest(_))
+    ));
     DetentionCentreClient::new(channel(&up, "detention-centre"))
         .record_held(as_agency(
             CENTRE,
@@ -456,7 +482,10 @@ async fn cq_1_3d_a_verification_query_names_the_meeting_it_holds_up() {
     // A meeting request the centre never received: NOT_FOUND.
     let mut forged = request.clone();
     forged.id = "01a233bc-4bdf-7330-982c-01e2e29d356a".into();
-    let err = centre.verify_offence(verify(forged, "v-0")).await.unwrap_err();
+    let err = centre
+        .verify_offence(verify(forged, "v-0"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     centre
         .verify_offence(verify(request.clone(), "v-1"))
@@ -530,6 +559,48 @@ async fn sh_2_5_an_unavailable_detainee_is_told_to_the_lawyers_concerned_by_lice
     up.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cq_3_13_a_lawyers_complaint_to_the_justice_bureau_is_answered_back_to_the_lawyer() {
+    let up = Up::start().await;
+    let lawyer = register(&up, "dz-bar-committee", "500111", LAWYER).await;
+    LawyerServiceClient::new(channel(&up, "lawyer-service"))
+        .file_complaint(with_token(
+            &lawyer.token,
+            FileComplaintRequest {
+                licence_number: lawyer.licence.clone(),
+                investigated_by: "dz-justice-bureau".into(),
+                respondent: CENTRE.into(),
+                description: "会见申请被拖延三日".into(),
+                hearing_requested: false,
+                idempotency_key: "complaint-1".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let complaint = agency_takes(&up, "justice-bureau", "dz-justice-bureau").await;
+    assert_eq!(complaint.from_lawyer, LAWYER);
+    JusticeBureauClient::new(channel(&up, "justice-bureau"))
+        .report_handling_result(as_agency(
+            "dz-justice-bureau",
+            ReportHandlingResultRequest {
+                justice_bureau: "dz-justice-bureau".into(),
+                outcome: Outcome::Substantiated as i32,
+                summary: "已责令看守所整改".into(),
+                idempotency_key: "result-1".into(),
+                referral: Some(complaint.clone()),
+            },
+        ))
+        .await
+        .unwrap();
+    let result = lawyer_takes(&up, &lawyer, Duration::from_secs(20))
+        .await
+        .expect("the result reaches the complaining lawyer");
+    assert_eq!(result.in_reply_to, complaint.id);
+    assert_eq!(feedback(&result).outcome, Outcome::Substantiated as i32);
+    assert_eq!(feedback(&result).summary, "已责令看守所整改");
+    up.stop().await;
+}
+
 /// `refbus ARGS` as the centre's desk would run it (lawyer commands carry
 /// their own `--server`).
 async fn run(up: &Up, args: Vec<String>) -> refbus_tests::up::Ran {
@@ -558,8 +629,18 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
             "bar-association",
             "dz-bar-committee",
             &[
-                "lawyer", "register", "--licence", LAWYER, "--name", "王律师", "--firm",
-                "重庆某某律师事务所", "--region", "500111", "--key", &public,
+                "lawyer",
+                "register",
+                "--licence",
+                LAWYER,
+                "--name",
+                "王律师",
+                "--firm",
+                "重庆某某律师事务所",
+                "--region",
+                "500111",
+                "--key",
+                &public,
             ],
         )
         .await;
@@ -596,27 +677,77 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
         all
     };
     // A request missing a credential its role needs: refused, exit 3.
-    let missing = run(&up, lawyer_args(&[
-        "lawyer", "request-meeting", "--centre", CENTRE, "--role", "defence-lawyer",
-        "--case-type", "ordinary", "--detainee", "张三", "--key", "cli-m-0",
-        "--credential", "practice-licence", "--credential", "law-firm-letter",
-    ]))
+    let missing = run(
+        &up,
+        lawyer_args(&[
+            "lawyer",
+            "request-meeting",
+            "--centre",
+            CENTRE,
+            "--role",
+            "defence-lawyer",
+            "--case-type",
+            "ordinary",
+            "--detainee",
+            "张三",
+            "--key",
+            "cli-m-0",
+            "--credential",
+            "practice-licence",
+            "--credential",
+            "law-firm-letter",
+        ]),
+    )
     .await;
     assert_eq!(missing.code, 3, "{missing:?}");
-    assert!(missing.stderr.contains("CREDENTIAL_COMMISSION_OR_AID_LETTER"), "{missing:?}");
-    let asked = run(&up, lawyer_args(&[
-        "lawyer", "request-meeting", "--centre", CENTRE, "--role", "defence-lawyer",
-        "--case-type", "ordinary", "--detainee", "张三", "--key", "cli-m-1",
-        "--credential", "practice-licence", "--credential", "law-firm-letter",
-        "--credential", "commission-or-aid-letter",
-    ]))
+    assert!(
+        missing
+            .stderr
+            .contains("CREDENTIAL_COMMISSION_OR_AID_LETTER"),
+        "{missing:?}"
+    );
+    let asked = run(
+        &up,
+        lawyer_args(&[
+            "lawyer",
+            "request-meeting",
+            "--centre",
+            CENTRE,
+            "--role",
+            "defence-lawyer",
+            "--case-type",
+            "ordinary",
+            "--detainee",
+            "张三",
+            "--key",
+            "cli-m-1",
+            "--credential",
+            "practice-licence",
+            "--credential",
+            "law-firm-letter",
+            "--credential",
+            "commission-or-aid-letter",
+        ]),
+    )
     .await;
     assert_eq!(asked.code, 0, "{asked:?}");
     let inbox = up
-        .refbus("detention-centre", CENTRE, &["inbox", "--count", "1", "--idle", "20s"])
+        .refbus(
+            "detention-centre",
+            CENTRE,
+            &["inbox", "--count", "1", "--idle", "20s"],
+        )
         .await;
     assert_eq!(inbox.code, 0, "{inbox:?}");
-    let id = inbox.stdout.lines().nth(1).unwrap().split('\t').nth(1).unwrap().to_owned();
+    let id = inbox
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split('\t')
+        .nth(1)
+        .unwrap()
+        .to_owned();
     let tracker_knows = || async {
         let mut tracker = TrackerClient::new(channel(&up, "tracker"));
         within("the tracker to record the request", async {
@@ -638,7 +769,13 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
     };
     tracker_knows().await;
     for args in [
-        vec!["meeting", "arrange", id.as_str(), "--at", "2030-01-01T01:00:00Z"],
+        vec![
+            "meeting",
+            "arrange",
+            id.as_str(),
+            "--at",
+            "2030-01-01T01:00:00Z",
+        ],
         vec!["meeting", "held", id.as_str()],
     ] {
         let done = up.refbus("detention-centre", CENTRE, &args).await;
@@ -651,15 +788,33 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
             "detention-centre",
             CENTRE,
             &[
-                "letter", "forward", "--lawyer", LAWYER, "--detainee", "张三", "--file",
-                letter_file.to_str().unwrap(), "--key", "cli-l-1",
+                "letter",
+                "forward",
+                "--lawyer",
+                LAWYER,
+                "--detainee",
+                "张三",
+                "--file",
+                letter_file.to_str().unwrap(),
+                "--key",
+                "cli-l-1",
             ],
         )
         .await;
     assert_eq!(forwarded.code, 0, "{forwarded:?}");
-    let read = run(&up, lawyer_args(&[
-        "lawyer", "inbox", "--identity", key_file.to_str().unwrap(), "--count", "3", "--idle", "20s",
-    ]))
+    let read = run(
+        &up,
+        lawyer_args(&[
+            "lawyer",
+            "inbox",
+            "--identity",
+            key_file.to_str().unwrap(),
+            "--count",
+            "3",
+            "--idle",
+            "20s",
+        ]),
+    )
     .await;
     assert_eq!(read.code, 0, "{read:?}");
     assert!(read.stdout.contains("OUTCOME_ARRANGED"), "{read:?}");
@@ -668,12 +823,20 @@ async fn the_meeting_flow_end_to_end_with_the_refbus_command() {
         read.stdout.contains("letter: 律师您好，请尽快来见我。"),
         "the letter opened with the lawyer's key: {read:?}"
     );
-    let rated = run(&up, lawyer_args(&["lawyer", "rate", id.as_str(), "--score", "5"])).await;
+    let rated = run(
+        &up,
+        lawyer_args(&["lawyer", "rate", id.as_str(), "--score", "5"]),
+    )
+    .await;
     assert_eq!(rated.code, 0, "{rated:?}");
-    let status = up.refbus("detention-centre", CENTRE, &["status", id.as_str()]).await;
+    let status = up
+        .refbus("detention-centre", CENTRE, &["status", id.as_str()])
+        .await;
     assert_eq!(status.code, 0, "{status:?}");
     assert!(status.stdout.contains("CQ-1.3a"), "{status:?}");
-    let help = up.refbus("detention-centre", CENTRE, &["lawyer", "--help"]).await;
+    let help = up
+        .refbus("detention-centre", CENTRE, &["lawyer", "--help"])
+        .await;
     assert!(help.stdout.contains("Example: refbus lawyer"), "{help:?}");
     up.stop().await;
 }

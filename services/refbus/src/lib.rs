@@ -323,7 +323,8 @@ pub async fn up(mut args: Box<UpArgs>) -> anyhow::Result<()> {
             args.port_base
                 + (service.default_port() - AgencyService::DetentionCentre.default_port())
         };
-        let app = Application::build(service, &shared, SocketAddr::new(args.host, port), &[]).await?;
+        let app =
+            Application::build(service, &shared, SocketAddr::new(args.host, port), &[]).await?;
         if service == AgencyService::Lawyer
             && shared.settings.lawyer_service.url
                 == refbus_gateway::settings::DEFAULT_LAWYER_SERVICE

@@ -94,8 +94,18 @@ fn keys_generate_makes_private_files_and_prints_the_directory_lines() {
         String::from_utf8_lossy(&out.stderr)
     );
     let printed = String::from_utf8_lossy(&out.stdout).into_owned();
-    // 29 agencies and the tracker, each with a private file of its own.
-    assert_eq!(printed.lines().count(), 30, "{printed}");
+    // Every agency of the directory and the tracker, each with a private
+    // file of its own.
+    let directory = refbus_core::Directory::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../deploy/local/directory.toml"
+    ))
+    .unwrap();
+    assert_eq!(
+        printed.lines().count(),
+        directory.agencies().len() + 1,
+        "{printed}"
+    );
     assert!(printed.contains("refbus-tracker\tpublic_key = \""));
     let file = out_dir.join("dz-duty-desk.key");
     #[cfg(unix)]
