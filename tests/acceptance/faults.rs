@@ -70,6 +70,7 @@ async fn spawn_centre(bus: &TestBus, port: u16) -> tokio::process::Child {
         .env("AMQP_URL", &settings.amqp_url)
         .env("REFBUS_NAMESPACE", &settings.namespace)
         .env("REFBUS_DIRECTORY", &settings.directory)
+        .env("REFBUS_POLICY", &settings.policy)
         .env("REFBUS_QUEUE_EXPIRES", "60s")
         .env("REFBUS_LISTEN", format!("127.0.0.1:{port}"))
         // Any free port for /metrics: port + 1000 may be another test's.

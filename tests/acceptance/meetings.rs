@@ -150,7 +150,17 @@ async fn agency_takes(up: &Up, service: &str, agency: &str) -> Envelope {
         .await
         .unwrap()
         .unwrap();
-    refbus_tests::acknowledge(&mut client, agency, delivery.delivery_token).await;
+    client
+        .acknowledge(as_agency(
+            agency,
+            refbus_proto::v1::AcknowledgeRequest {
+                agency: agency.into(),
+                delivery_token: delivery.delivery_token,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
     delivery.envelope.unwrap()
 }
 
