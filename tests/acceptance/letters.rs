@@ -457,14 +457,35 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
     assert!(dead >= 1);
     let mut files = Vec::new();
     files_under(&data_dir, &mut files);
-    for db in [&settings.inbox_db] {
-        for suffix in ["", "-wal", "-shm"] {
-            files.push(std::path::PathBuf::from(format!(
-                "{}{suffix}",
-                db.display()
-            )));
+    // The inbox state and, beside it, the lawyer service's store.
+    let stem = settings
+        .inbox_db
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    for entry in std::fs::read_dir(settings.inbox_db.parent().unwrap())
+        .unwrap()
+        .flatten()
+    {
+        if entry.file_name().to_string_lossy().starts_with(&stem) {
+            files.push(entry.path());
         }
     }
+    assert!(
+        files
+            .iter()
+            .any(|f| f.to_string_lossy().ends_with("-lawyers.db")),
+        "the lawyer service's store is searched: {files:?}"
+    );
+    // The search is of the right files: the sealed letter is in them.
+    let sealed_form = [sealed.clone()];
+    assert!(
+        files
+            .iter()
+            .any(|f| std::fs::read(f).is_ok_and(|bytes| holds(&bytes, &sealed_form))),
+        "the sealed letter is stored somewhere searched: {files:?}"
+    );
     let mut searched = 0;
     for file in &files {
         let Ok(bytes) = std::fs::read(file) else {
@@ -478,8 +499,8 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
         );
     }
     assert!(
-        searched >= 2,
-        "the ledger and the lawyer service's store: {files:?}"
+        searched >= 3,
+        "the ledger, the inbox state and the lawyer service's store: {files:?}"
     );
     let logs = format!(
         "{}\n{}",
