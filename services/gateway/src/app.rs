@@ -329,7 +329,7 @@ impl Application {
         // Health and reflection answer without credentials (probes carry
         // none); every refbus service authenticates each call.
         let auth = &self.auth;
-        let router = server::grpc_server(auth)?;
+        let router = server::grpc_server_for(auth, self.lawyers.is_some())?;
         if let Some(lawyers) = self.lawyers {
             // The lawyer service authenticates lawyers itself (against its
             // register), serves no agency Gateway and consumes its inbox.

@@ -107,9 +107,23 @@ impl Keepalive {
 /// A TLS configuration tonic refuses (checked at start-up already, by
 /// [`Authenticator::load`]).
 pub fn grpc_server(auth: &Authenticator) -> Result<Router, tonic::transport::Error> {
+    grpc_server_for(auth, false)
+}
+
+/// [`grpc_server`]; with `public`, a client certificate is optional under
+/// mutual TLS: the lawyer service's public register (`LawyerRegistry`) is
+/// asked by the agency services, which hold no client certificate, while
+/// its lawyers' calls are authenticated per call (certificate or token).
+///
+/// # Errors
+/// As [`grpc_server`].
+pub fn grpc_server_for(
+    auth: &Authenticator,
+    public: bool,
+) -> Result<Router, tonic::transport::Error> {
     let mut server = auth.keepalive().apply(Server::builder());
     if let Some(tls) = auth.server_tls() {
-        server = server.tls_config(tls)?;
+        server = server.tls_config(tls.client_auth_optional(public))?;
     }
     // Reflection answers without credentials, as health does: it describes
     // the contract, which is public (proto/), and carries no data.

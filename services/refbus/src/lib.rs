@@ -331,6 +331,15 @@ pub async fn up(mut args: Box<UpArgs>) -> anyhow::Result<()> {
         {
             shared.settings.lawyer_service.url =
                 format!("{}://{}", shared.auth.scheme(), app.local_addr()?);
+            // Under mutual TLS, one CA issues the services' certificates
+            // and the callers' (deploy/dev-certs.sh): the register's too.
+            if shared.settings.lawyer_service.ca.is_none() {
+                shared
+                    .settings
+                    .lawyer_service
+                    .ca
+                    .clone_from(&shared.settings.auth.tls_client_ca);
+            }
         }
         apps.push(app);
     }
