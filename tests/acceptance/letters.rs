@@ -519,3 +519,61 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
     let _ = std::fs::remove_file(&log_path);
     refbus_tests::remove_inbox_db(&settings);
 }
+
+/// A hostile publisher with broker credentials and a valid key of its own
+/// still cannot put a letter in a lawyer's inbox unless it is the centre,
+/// nor a readable one even then: both dead-lettered, the inbox empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cq_1_1c_a_published_letter_from_no_centre_or_unsealed_never_reaches_the_lawyer() {
+    use refbus_tests::lawyers::{LawyerInbox, LawyerWorld};
+    let world = LawyerWorld::start().await;
+    let lawyer = world.register(REGISTRAR, ADDRESSEE, "500111").await;
+    let letter = |sender: &str, key: &str, disposition: Disposition| refbus_proto::v1::Envelope {
+        sender: sender.into(),
+        to_lawyers: vec![ADDRESSEE.into()],
+        idempotency_key: key.into(),
+        payload: Some(Payload::Letter(refbus_proto::v1::Letter {
+            detainee: Some(Detainee {
+                name: "隐私甲乙丙".into(),
+                ..Detainee::default()
+            }),
+            addressee: Some(lawyer.lawyer()),
+            disposition: Some(disposition),
+        })),
+        ..refbus_proto::v1::Envelope::default()
+    };
+    let sealed = refbus_gateway::letters::seal(
+        &[lawyer.identity.to_public().to_string()],
+        LETTER.as_bytes(),
+    )
+    .unwrap();
+    let from_court = world
+        .publish_to_lawyer_service(letter(
+            "dz-court",
+            "hostile-1",
+            Disposition::SealedContent(sealed),
+        ))
+        .await;
+    let unsealed = world
+        .publish_to_lawyer_service(letter(
+            CENTRE,
+            "hostile-2",
+            Disposition::Content(LETTER.as_bytes().to_vec()),
+        ))
+        .await;
+    let reason = world.dead_letter_reason(&from_court).await;
+    assert!(reason.contains("CQ-1.1c"), "{reason}");
+    let reason = world.dead_letter_reason(&unsealed).await;
+    assert!(reason.contains("only sealed"), "{reason}");
+    let mut client = world.lawyers().await;
+    let mut inbox = LawyerInbox::open(&mut client, &lawyer).await;
+    assert!(
+        inbox
+            .next_within(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "nothing reached the lawyer"
+    );
+    drop(inbox);
+    world.stop().await;
+}

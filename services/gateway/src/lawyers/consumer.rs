@@ -212,6 +212,45 @@ impl LawyerCore {
     }
 
     /// Files an envelope in the inbox of each lawyer it names.
+    /// What a publisher with a valid key of its own still may not put in
+    /// a lawyer's inbox: a kind its sender may not send to lawyers (a
+    /// letter from anything but a detention centre, CQ-1.1c), or a letter
+    /// or written refusal that is not sealed.
+    fn may_reach_lawyers(&self, envelope: &Envelope, kind: MessageKind) -> Result<(), String> {
+        use refbus_proto::v1::letter::Disposition;
+        let (Some(sender), Some(lawyers)) = (
+            self.core.directory.get(&envelope.sender),
+            self.core.directory.get(&self.agency),
+        ) else {
+            return Err(format!(
+                "envelope.sender: `{}` is not in the agency directory",
+                envelope.sender
+            ));
+        };
+        if !kind.is_reply() {
+            refbus_core::rules::check(kind, sender, lawyers).map_err(|e| e.to_string())?;
+        }
+        let sealed =
+            |bytes: &[u8]| bytes.is_empty() || bytes.starts_with(refbus_core::envelope::AGE_MAGIC);
+        match &envelope.payload {
+            Some(Payload::Letter(letter)) => match &letter.disposition {
+                Some(Disposition::SealedContent(bytes)) if sealed(bytes) => Ok(()),
+                Some(Disposition::WithheldOn(_)) => Ok(()),
+                _ => Err("CQ-1.1c: a letter reaches a lawyer only sealed to their keys (age) or as a withholding notice".into()),
+            },
+            Some(Payload::Feedback(feedback)) => match &feedback.refusal {
+                Some(refusal)
+                    if !refusal.written_refusal.is_empty()
+                        || !sealed(&refusal.sealed_written_refusal) =>
+                {
+                    Err("CQ-1.3c: a written refusal reaches a lawyer only sealed to their keys (age)".into())
+                }
+                _ => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
     async fn file(&self, envelope: &Envelope, bytes: &[u8]) -> Outcome {
         if envelope.to_lawyers.is_empty() {
             return Outcome::Refused(
@@ -229,6 +268,9 @@ impl LawyerCore {
             .filter(|k| *k != MessageKind::Unspecified)
             .or_else(|| envelope.payload.as_ref().map(MessageKind::of_payload))
             .unwrap_or(MessageKind::Unspecified);
+        if let Err(reason) = self.may_reach_lawyers(envelope, kind) {
+            return Outcome::Refused(reason);
+        }
         let rows: Vec<InboxRow> = envelope
             .to_lawyers
             .iter()
