@@ -4,6 +4,8 @@
 //! by publishing signed `LawyerRegistration` envelopes from a registrar
 //! (development keys) onto the lawyer service's inbox queue, as the
 //! registrar's service would; and clients with a lawyer's bearer token.
+//! The agency services ask this world's lawyer service for lawyers (their
+//! register client is set to its address, which a restart keeps).
 
 use std::net::SocketAddr;
 
@@ -112,8 +114,11 @@ impl LawyerWorld {
             .into_iter()
             .filter(|s| *s != AgencyService::Lawyer)
             .collect();
-        let bus = TestBus::spawn_services(settings.clone(), &agencies).await;
+        // The lawyer service first, so that the agency services' register
+        // client asks this lawyer service (it is connected lazily).
         let lawyer_service = ServiceInstance::start(settings.clone(), AgencyService::Lawyer).await;
+        settings.lawyer_service.url = format!("http://{}", lawyer_service.addr);
+        let bus = TestBus::spawn_services(settings.clone(), &agencies).await;
         Self {
             bus,
             lawyer_service: Some(lawyer_service),
@@ -147,13 +152,16 @@ impl LawyerWorld {
         GatewayClient::new(plain_channel(self.bus.addr(service)).await)
     }
 
-    /// Stops the lawyer service and starts it again on the same state.
+    /// Stops the lawyer service and starts it again on the same state and
+    /// address (where the agency services' register client finds it).
     pub async fn restart_lawyer_service(&mut self) {
+        let addr = self.lawyer_addr();
         if let Some(running) = self.lawyer_service.take() {
             running.stop().await;
         }
-        self.lawyer_service =
-            Some(ServiceInstance::start(self.settings.clone(), AgencyService::Lawyer).await);
+        self.lawyer_service = Some(
+            ServiceInstance::start_on(self.settings.clone(), AgencyService::Lawyer, addr).await,
+        );
     }
 
     /// The lawyer service's broker inbox queue.

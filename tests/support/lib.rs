@@ -9,7 +9,6 @@ pub mod broker;
 pub mod fixtures;
 pub mod lawyers;
 pub mod proxy;
-pub mod register;
 pub mod tracker;
 pub mod up;
 
@@ -249,9 +248,19 @@ pub struct ServiceInstance {
 
 impl ServiceInstance {
     pub async fn start(settings: BusSettings, service: AgencyService) -> Self {
+        Self::start_on(settings, service, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// As [`ServiceInstance::start`], listening on `listen` (an address a
+    /// stopped instance had, so that its clients find it again).
+    pub async fn start_on(
+        settings: BusSettings,
+        service: AgencyService,
+        listen: SocketAddr,
+    ) -> Self {
         let shutdown = CancellationToken::new();
         let shared = Shared::connect(settings, shutdown.clone()).await.unwrap();
-        let app = Application::build(service, &shared, "127.0.0.1:0".parse().unwrap(), &[])
+        let app = Application::build(service, &shared, listen, &[])
             .await
             .unwrap();
         let addr = app.local_addr().unwrap();
