@@ -239,6 +239,25 @@ async fn cq_1_3a_a_refusal_reaches_the_lawyer_with_its_reason_and_the_centres_su
     );
     let mut centre = DetentionCentreClient::new(channel(&up, "detention-centre"));
 
+    // Only the centre the request was delivered to answers it: another
+    // centre of the same service gets NOT_FOUND, as for an unknown id;
+    // acting as another centre is PERMISSION_DENIED.
+    let mut elsewhere = refuse(&request, RefusalReason::NoRoomAvailable, "refuse-yb");
+    elsewhere.get_mut().detention_centre = "yb-detention-centre".into();
+    let mut as_yubei = tonic::Request::new(elsewhere.into_inner());
+    as_yubei.metadata_mut().insert(
+        "authorization",
+        "Bearer dev-yb-detention-centre".parse().unwrap(),
+    );
+    let err = centre.refuse_meeting(as_yubei).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let mut impostor = refuse(&request, RefusalReason::NoRoomAvailable, "refuse-impostor");
+    impostor.metadata_mut().insert(
+        "authorization",
+        "Bearer dev-yb-detention-centre".parse().unwrap(),
+    );
+    let err = centre.refuse_meeting(impostor).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // CQ-2.5: "no booking" is no reason in Chongqing; nor is none at all.
     for (reason, names) in [
         (RefusalReason::NoBooking, "CQ-2.5"),
