@@ -1,5 +1,11 @@
 //! `Submit`, `Inbox`, `Acknowledge` and `Feedback`: the gateway every agency
 //! service serves.
+//!
+//! `SubmitBatch` is `Submit` for many envelopes in one call: each envelope
+//! goes the whole of `Submit`'s way on its own (checks, sealing, signing,
+//! its own publish and its own confirm), all of them at once, so that the
+//! publishes go out back to back on the publishing channel and the confirms
+//! are awaited together instead of one round trip each.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,7 +24,8 @@ use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::gateway_server::Gateway;
 use refbus_proto::v1::{
     AcknowledgeRequest, AcknowledgeResponse, Delivery, Envelope, FeedbackRequest, Hop, HopReport,
-    InboxRequest, Receipt, RelayRequest, SubmitRequest,
+    InboxRequest, Receipt, RelayRequest, SubmitBatchRequest, SubmitBatchResponse, SubmitRequest,
+    SubmitResult, submit_result,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -886,11 +893,27 @@ pub async fn publish_signed(
     Ok(routing_key)
 }
 
+/// The most envelopes one `SubmitBatch` call carries; a larger batch is
+/// refused whole (INVALID_ARGUMENT), nothing published.
+pub const MAX_BATCH: usize = 500;
+
 /// The tonic face of [`GatewayCore`].
 #[derive(Clone)]
 pub struct GatewayService(pub Arc<GatewayCore>);
 
 impl GatewayService {
+    /// What `Submit` does with one envelope from `caller`, and
+    /// `SubmitBatch` with each of its envelopes: the sender must be the
+    /// caller; CQ-1.1c: a letter submitted with its content is sealed here,
+    /// as ForwardLetter seals it; lawyers are addressed only as registered
+    /// (NOT_FOUND otherwise); then validated, published and confirmed.
+    async fn submit_as(&self, caller: &Caller, mut envelope: Envelope) -> Result<Receipt, Status> {
+        caller.acts_as("envelope.sender", &envelope.sender)?;
+        crate::letters::seal_submitted_letter(&self.0, &mut envelope).await?;
+        crate::letters::check_registered(&self.0, &envelope).await?;
+        Ok(self.0.submit(envelope).await?)
+    }
+
     /// Runs one call, counting it in `rejected` if it fails.
     async fn counted<T>(
         &self,
@@ -915,20 +938,65 @@ impl Gateway for GatewayService {
                 let Some(envelope) = request.into_inner().envelope else {
                     return Err(Status::invalid_argument("envelope: required"));
                 };
-                caller.acts_as("envelope.sender", &envelope.sender)?;
-                let mut envelope = envelope;
-                // CQ-1.1c: a letter submitted with its content is sealed
-                // here, as ForwardLetter seals it; lawyers are addressed
-                // only as registered (NOT_FOUND otherwise).
-                crate::letters::seal_submitted_letter(&self.0, &mut envelope).await?;
-                crate::letters::check_registered(&self.0, &envelope).await?;
-                Ok(self.0.submit(envelope).await?)
+                self.submit_as(&caller, envelope).await
             })
             .await;
         self.0
             .metrics
             .submit_seconds
             .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn submit_batch(
+        &self,
+        request: Request<SubmitBatchRequest>,
+    ) -> Result<Response<SubmitBatchResponse>, Status> {
+        let started = std::time::Instant::now();
+        let mut count = 0;
+        let result = self
+            .counted("SubmitBatch", async {
+                let caller = Caller::of(&request)?;
+                let envelopes = request.into_inner().envelopes;
+                if envelopes.len() > MAX_BATCH {
+                    return Err(Status::invalid_argument(format!(
+                        "envelopes: {} envelopes, over the limit of {MAX_BATCH} per call; nothing was published",
+                        envelopes.len()
+                    )));
+                }
+                count = envelopes.len();
+                // Every envelope on Submit's own path, all at once: each
+                // publish goes out without waiting for the confirms of the
+                // others, and each receipt waits for its own confirm.
+                let outcomes = futures_util::future::join_all(
+                    envelopes.into_iter().map(|e| self.submit_as(&caller, e)),
+                )
+                .await;
+                let results = outcomes
+                    .into_iter()
+                    .map(|outcome| match outcome {
+                        Ok(receipt) => submit_result::Result::Receipt(receipt),
+                        Err(status) => {
+                            self.0.metrics.reject("SubmitBatch", &status);
+                            submit_result::Result::Error(refbus_proto::v1::SubmitError {
+                                code: status.code() as i32,
+                                message: status.message().to_owned(),
+                            })
+                        }
+                    })
+                    .map(|result| SubmitResult {
+                        result: Some(result),
+                    })
+                    .collect();
+                Ok(SubmitBatchResponse { results })
+            })
+            .await;
+        // Each envelope's receipt (or refusal) came after the whole call:
+        // its submit latency, as a Submit of its own would have observed.
+        let seconds = started.elapsed().as_secs_f64();
+        for _ in 0..count {
+            self.0.metrics.submit_seconds.observe(seconds);
+        }
         result
     }
 
