@@ -40,6 +40,8 @@
 //! - [`meetings_ledger`]: issue 18, the ledger of lawyers' meetings: CQ-1.3a's
 //!   two duties, lawful refusals, CQ-1.3e, CQ-1.3b order, CQ-1.1c withheld
 //!   letters, CQ-3.11b ratings, the CQ-1.3d link.
+//! - [`submit_batch`]: issue 17, many referrals in one call, each answered
+//!   as Submit would, its own receipt after its own confirm.
 //! - [`lawyers`]: issue 18, the lawyer service: registration, suspension and
 //!   reinstatement, CQ-1.2 credentials, lawyers' inboxes, meeting requests,
 //!   complaints and ratings.
@@ -86,5 +88,6 @@ mod registry;
 mod scoping;
 mod secure;
 mod signatures;
+mod submit_batch;
 mod tracker;
 mod trust;
