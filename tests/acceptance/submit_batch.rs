@@ -529,3 +529,95 @@ async fn timing_one_batch_of_200_against_200_submits() {
     amqp.close().await;
     bus.stop().await;
 }
+
+/// A legal-help request file (protobuf JSON) under key `key`, to `recipient`.
+fn request_file(dir: &std::path::Path, key: &str, recipient: &str) -> String {
+    let path = dir.join(format!("{key}.json"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"{{
+  "recipient": "{recipient}",
+  "idempotency_key": "{key}",
+  "clock_started_at": "{}",
+  "legal_help_request": {{
+    "detention_centre": "{CENTRE}",
+    "detainee": {{"name": "王五", "id_number": "500225199202021234", "custody_number": "DZ-CLI-1"}},
+    "matter": "cli"
+  }}
+}}"#,
+            chrono::Utc::now().to_rfc3339()
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// `refbus send` with several files: one SubmitBatch, one line per file in
+/// order, the refused one with its code and message, and the exit code of
+/// the first refusal; the others sent all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refbus_send_with_several_files_sends_them_in_one_batch() {
+    let up = refbus_tests::up::Up::start().await;
+    let dir = up.data_dir.join("files");
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = request_file(&dir, "cli-batch-1", DESK);
+    let court = request_file(&dir, "cli-batch-2", "dz-court");
+    let last = request_file(&dir, "cli-batch-3", DESK);
+    let sent = up
+        .refbus("detention-centre", CENTRE, &["send", &first, &court, &last])
+        .await;
+    assert_eq!(sent.code, 4, "the refusal's exit code: {sent:?}");
+    assert!(sent.stderr.contains("1 of 3 not sent"), "{sent:?}");
+    let lines: Vec<Vec<&str>> = sent
+        .stdout
+        .lines()
+        .map(|l| l.split('\t').collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["file", "id", "recipient", "also to", "submitted", "error"],
+        "{sent:?}"
+    );
+    assert_eq!(lines.len(), 4, "{sent:?}");
+    let id = |key: &str| refbus_core::envelope::envelope_id(CENTRE, key);
+    assert_eq!(
+        (lines[1][0], lines[1][1], lines[1][2]),
+        (first.as_str(), id("cli-batch-1").as_str(), DESK)
+    );
+    assert_eq!(lines[2][0], court);
+    assert!(
+        lines[2][5].starts_with("PermissionDenied: CQ-1.1b"),
+        "{sent:?}"
+    );
+    assert_eq!(lines[3][1], id("cli-batch-3"));
+
+    // The same files again, as JSON: the same ids.
+    let again = up
+        .refbus(
+            "detention-centre",
+            CENTRE,
+            &["send", &first, &last, "-o", "json"],
+        )
+        .await;
+    assert_eq!(again.code, 0, "{again:?}");
+    let ids: Vec<String> = again
+        .stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["receipt"]["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids, [id("cli-batch-1"), id("cli-batch-3")]);
+    // --key names one message.
+    let keyed = up
+        .refbus(
+            "detention-centre",
+            CENTRE,
+            &["send", &first, &last, "--key", "k"],
+        )
+        .await;
+    assert_eq!(keyed.code, 3, "{keyed:?}");
+    up.stop().await;
+}

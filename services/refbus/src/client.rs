@@ -462,7 +462,10 @@ pub struct SendArgs {
     pub connection: Connection,
     /// The envelope, as JSON or TOML (protobuf's JSON mapping, field names
     /// as in proto/refbus/v1/envelope.proto); `sender` defaults to --agency.
-    pub file: PathBuf,
+    /// Several files are sent in one `SubmitBatch` call (500 a call), each
+    /// answered on its own: one line per file, in order.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
     /// The recipient (overrides the file's).
     #[arg(long)]
     pub to: Option<String>,
@@ -476,22 +479,44 @@ pub struct SendArgs {
     pub clock_started: Option<DateTime<Utc>>,
 }
 
-/// Submits one envelope; prints its receipt.
+/// Submits one envelope and prints its receipt; several, with
+/// `SubmitBatch`, printing each one's receipt or refusal.
+///
+/// # Errors
+/// A file that is not an envelope (nothing sent); with one file, its
+/// refusal; with several, after every result is printed, the first
+/// refusal's exit code (the others were sent).
 pub async fn send(args: SendArgs) -> Result<()> {
     let c = &args.connection;
-    let mut envelope = envelope_from_file(&args.file)?;
-    if envelope.sender.is_empty() {
-        envelope.sender.clone_from(&c.agency);
+    if args.files.len() > 1 && args.key.is_some() {
+        return Err(Failure::new(
+            ExitCode::Refused,
+            "--key names one message: with several files, each file's idempotency_key names its own",
+        ));
     }
-    if let Some(to) = args.to {
-        envelope.recipient = to;
+    let mut envelopes = Vec::with_capacity(args.files.len());
+    for file in &args.files {
+        let mut envelope = envelope_from_file(file)?;
+        if envelope.sender.is_empty() {
+            envelope.sender.clone_from(&c.agency);
+        }
+        if let Some(to) = &args.to {
+            envelope.recipient.clone_from(to);
+        }
+        if let Some(key) = &args.key {
+            envelope.idempotency_key.clone_from(key);
+        }
+        if let Some(at) = args.clock_started {
+            envelope.clock_started_at = Some(timestamp(at));
+        }
+        envelopes.push(envelope);
     }
-    if let Some(key) = args.key {
-        envelope.idempotency_key = key;
+    if envelopes.len() > 1 {
+        return send_batch(c, &args.files, envelopes).await;
     }
-    if let Some(at) = args.clock_started {
-        envelope.clock_started_at = Some(timestamp(at));
-    }
+    let Some(envelope) = envelopes.pop() else {
+        return Err(Failure::new(ExitCode::Refused, "send: no file given"));
+    };
     let receipt = c
         .gateway()
         .await?
@@ -515,6 +540,111 @@ pub async fn send(args: SendArgs) -> Result<()> {
         },
     );
     Ok(())
+}
+
+/// Sends several envelopes with `SubmitBatch`, at most
+/// [`refbus_gateway::gateway::MAX_BATCH`] a call; prints one line (or JSON
+/// object) per file, in order: its receipt, or the code and message it
+/// was refused with.
+async fn send_batch(c: &Connection, files: &[PathBuf], envelopes: Vec<Envelope>) -> Result<()> {
+    use refbus_proto::v1::{SubmitBatchRequest, submit_result};
+    let output = c.output();
+    let mut client = c.gateway().await?;
+    let mut results = Vec::with_capacity(envelopes.len());
+    let mut envelopes = envelopes.into_iter().peekable();
+    while envelopes.peek().is_some() {
+        let chunk: Vec<Envelope> = envelopes
+            .by_ref()
+            .take(refbus_gateway::gateway::MAX_BATCH)
+            .collect();
+        let answered = client
+            .submit_batch(SubmitBatchRequest { envelopes: chunk })
+            .await
+            .map_err(|s| Failure::from_status("send", &s))?
+            .into_inner()
+            .results;
+        results.extend(answered);
+    }
+    let mut rows = Rows::new(vec![
+        "file",
+        "id",
+        "recipient",
+        "also to",
+        "submitted",
+        "error",
+    ]);
+    let mut first_refusal = None;
+    let mut refused = 0;
+    for (file, result) in files.iter().zip(&results) {
+        let file = file.display().to_string();
+        if output == Output::Json {
+            let mut value = to_json(result, "SubmitResult");
+            if let Some(object) = value.as_object_mut() {
+                object.insert("file".into(), serde_json::Value::String(file.clone()));
+            }
+            print_json(&value);
+        }
+        match &result.result {
+            Some(submit_result::Result::Receipt(receipt)) => rows.push(
+                vec![
+                    file,
+                    receipt.id.clone(),
+                    receipt.recipient.clone(),
+                    receipt.also_to.join(", "),
+                    when(receipt.submitted_at.as_ref()),
+                    String::new(),
+                ],
+                None,
+            ),
+            refusal => {
+                let status = match refusal {
+                    Some(submit_result::Result::Error(e)) => {
+                        Status::new(Code::from(e.code), e.message.clone())
+                    }
+                    _ => Status::internal("the service gave no result for this envelope"),
+                };
+                refused += 1;
+                let error = format!("{:?}: {}", status.code(), status.message());
+                first_refusal.get_or_insert_with(|| (file.clone(), status));
+                rows.push(
+                    vec![
+                        file,
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                        String::new(),
+                        error,
+                    ],
+                    Some(Color::Red),
+                );
+            }
+        }
+    }
+    if output != Output::Json {
+        rows.print(output);
+    }
+    match first_refusal {
+        None if results.len() == files.len() => Ok(()),
+        None => Err(Failure::new(
+            ExitCode::Failed,
+            format!(
+                "send: the service answered {} of {} envelopes",
+                results.len(),
+                files.len()
+            ),
+        )),
+        Some((file, status)) => {
+            let failure = Failure::from_status(&format!("send {file}"), &status);
+            Err(Failure::new(
+                failure.code,
+                format!(
+                    "{refused} of {} not sent (the others were); first: {}",
+                    files.len(),
+                    failure.message
+                ),
+            ))
+        }
+    }
 }
 
 /// `refbus inbox`.

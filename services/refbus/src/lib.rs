@@ -79,9 +79,11 @@ pub enum Command {
     ///
     /// Example: refbus broker-users > deploy/rabbitmq/users.sh
     BrokerUsers(BusNames),
-    /// Send a referral or notice from a JSON or TOML envelope file.
+    /// Send a referral or notice from a JSON or TOML envelope file (several
+    /// files: in one SubmitBatch call, each answered on its own).
     ///
     /// Example: refbus send -a dz-detention-centre request.json --key req-17 --clock-started 2026-11-23T08:00:00Z
+    /// Example: refbus send -a dz-detention-centre requests/*.json
     #[command(after_help = SEND_HELP)]
     Send(client::SendArgs),
     /// Follow an agency's inbox, acknowledging each delivery as it is printed.
