@@ -40,6 +40,10 @@
 //! - [`meetings_ledger`]: issue 18, the ledger of lawyers' meetings: CQ-1.3a's
 //!   two duties, lawful refusals, CQ-1.3e, CQ-1.3b order, CQ-1.1c withheld
 //!   letters, CQ-3.11b ratings, the CQ-1.3d link.
+//! - [`hop_batches`]: issue 17, hop reports batched: a burst of
+//!   acknowledgements costs few publishes, every hop recorded with its own
+//!   time; a batch naming another agency's hop refused whole; a batch
+//!   delivered twice recorded once.
 //! - [`lawyers`]: issue 18, the lawyer service: registration, suspension and
 //!   reinstatement, CQ-1.2 credentials, lawyers' inboxes, meeting requests,
 //!   complaints and ratings.
@@ -73,6 +77,7 @@ mod dashboard;
 mod deployment;
 mod exactly_once;
 mod faults;
+mod hop_batches;
 mod lawyers;
 mod lead_visibility;
 mod leads;
