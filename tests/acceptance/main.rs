@@ -42,6 +42,10 @@
 //!   letters, CQ-3.11b ratings, the CQ-1.3d link.
 //! - [`submit_batch`]: issue 17, many referrals in one call, each answered
 //!   as Submit would, its own receipt after its own confirm.
+//! - [`hop_batches`]: issue 17, hop reports batched: a burst of
+//!   acknowledgements costs few publishes, every hop recorded with its own
+//!   time; a batch naming another agency's hop refused whole; a batch
+//!   delivered twice recorded once.
 //! - [`lawyers`]: issue 18, the lawyer service: registration, suspension and
 //!   reinstatement, CQ-1.2 credentials, lawyers' inboxes, meeting requests,
 //!   complaints and ratings.
@@ -75,6 +79,7 @@ mod dashboard;
 mod deployment;
 mod exactly_once;
 mod faults;
+mod hop_batches;
 mod lawyers;
 mod lead_visibility;
 mod leads;

@@ -152,6 +152,7 @@ pub fn test_settings(amqp_url: String) -> BusSettings {
         development: false,
         policy: repo_root().join("deploy/policy"),
         lawyer_service: refbus_gateway::settings::LawyerServiceSettings::default(),
+        hop_batch: refbus_gateway::settings::HopBatchSettings::default(),
     }
 }
 

@@ -26,6 +26,7 @@ use crate::agencies::AgencyRpcs;
 use crate::auth::{AuthError, Authenticator};
 use crate::exposure::{self, Exposed, Listener};
 use crate::gateway::GatewayService;
+use crate::hops::HopBatcher;
 use crate::inbox::Sessions;
 use crate::observe::{self, GatewayMetrics, Telemetry};
 use crate::registry::LawyerRegister;
@@ -88,6 +89,8 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
     /// What the agency services of this process count.
     pub metrics: GatewayMetrics,
+    /// Batches the hops the agency services of this process report.
+    pub hops: HopBatcher,
     /// Cancelled to shut everything down.
     pub shutdown: CancellationToken,
 }
@@ -124,12 +127,19 @@ impl Shared {
             bus.metrics().register(registry);
             metrics.register(registry);
         });
+        let hops = HopBatcher::start(
+            bus.clone(),
+            signing.clone(),
+            &settings.hop_batch,
+            shutdown.clone(),
+        );
         Ok(Self {
             directory,
             bus,
             settings,
             auth,
             signing,
+            hops,
             acknowledged,
             policy: Arc::new(tokio::sync::OnceCell::new()),
             telemetry,
@@ -259,6 +269,7 @@ impl Application {
                 .clone(),
             policy,
             lawyers,
+            hops: shared.hops.clone(),
             shutdown: shared.shutdown.clone(),
         });
         let lawyers = if service == AgencyService::Lawyer {

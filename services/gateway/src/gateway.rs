@@ -36,6 +36,7 @@ use crate::GatewayError;
 use crate::acknowledged::Acknowledged;
 use crate::auth::Caller;
 use crate::forgery::{self, Refusal};
+use crate::hops::HopBatcher;
 use crate::inbox::{Handed, Offer, Received, Sessions};
 use crate::observe::ServiceMetrics;
 use crate::registry::LawyerRegister;
@@ -62,6 +63,8 @@ pub struct GatewayCore {
     /// The lawyer service's public register, checked against each
     /// registrar's signature.
     pub lawyers: LawyerRegister,
+    /// The process's hop batcher: what [`GatewayCore::report_hop`] feeds.
+    pub hops: HopBatcher,
     pub shutdown: CancellationToken,
 }
 
@@ -807,55 +810,18 @@ impl GatewayCore {
         Ok(not_pending)
     }
 
-    /// Reports a hop to the tracker on the bus, in the background: retried
-    /// with backoff while the broker is away, given up only at shutdown.
-    /// The report's id is derived from (referral, hop, agency), so a retry
-    /// or a redelivery is recorded once.
+    /// Reports a hop to the tracker: queued for the next signed batch of
+    /// `agency`'s hops (see [`crate::hops`]), published in the background
+    /// and retried while the broker is away. The report's id is derived
+    /// from (referral, hop, agency), so a retry or a redelivery is
+    /// recorded once.
     pub fn report_hop(&self, referral_id: String, hop: Hop, agency: String, at: DateTime<Utc>) {
-        let bus = self.bus.clone();
-        let shutdown = self.shutdown.clone();
-        let signing = self.signing.clone();
-        tokio::spawn(async move {
-            let name = hop_code(hop);
-            let report = HopReport {
-                id: envelope::hop_report_id(&referral_id, name, &agency),
-                referral_id,
-                hop: hop as i32,
-                agency,
-                at: Some(timestamp(at)),
-            };
-            let body = report.encode_to_vec();
-            let signature = match signing.sign(&report.agency, Signed::HopReport, &body) {
-                Ok(signature) => signature,
-                Err(e) => {
-                    tracing::error!(error = %e, hop = name, "hop report not signed; not published");
-                    return;
-                }
-            };
-            let exchange = bus.topology().deliveries_exchange();
-            let routing_key = format!("{}.{name}", refbus_bus::topology::EVENT_PREFIX);
-            let mut backoff = std::time::Duration::from_millis(100);
-            loop {
-                let mut message = Outgoing::new(&exchange, &routing_key, &body);
-                message.message_id = Some(&report.id);
-                message.kind = Some("hop_report");
-                message.content_type = "application/x-protobuf; proto=refbus.v1.HopReport";
-                message.headers = vec![(SIGNATURE_HEADER, signature.clone())];
-                match bus.publish(message).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::debug!(error = %e, hop = name, "hop report not published yet; retrying")
-                    }
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => {
-                        tracing::warn!(hop = name, referral = %report.referral_id, "shutting down before a hop report was published");
-                        return;
-                    }
-                    () = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-            }
+        self.hops.report(HopReport {
+            id: envelope::hop_report_id(&referral_id, hop_code(hop), &agency),
+            referral_id,
+            hop: hop as i32,
+            agency,
+            at: Some(timestamp(at)),
         });
     }
 }

@@ -13,6 +13,8 @@
 //!   only as one's own agency.
 //! - [`error`]: the gateway's errors and their one mapping to `tonic::Status`.
 //! - [`gateway`]: `Submit`, `Inbox`, `Acknowledge`, `Feedback`.
+//! - [`hops`]: the hops the services report (delivered, acknowledged),
+//!   published to the tracker as one signed batch per agency.
 //! - [`inbox`]: open `Inbox` streams and their unacknowledged deliveries.
 //! - [`acknowledged`]: the ids each agency's system acknowledged (on disk),
 //!   so that an `Inbox` never hands one over twice.
@@ -45,6 +47,7 @@ pub mod error;
 pub mod exposure;
 pub mod forgery;
 pub mod gateway;
+pub mod hops;
 pub mod inbox;
 pub mod lawyers;
 pub mod letters;

@@ -138,6 +138,9 @@ pub struct BusSettings {
     /// Where the lawyer service's public register is.
     #[command(flatten)]
     pub lawyer_service: LawyerServiceSettings,
+    /// How the agency services batch the hops they report.
+    #[command(flatten)]
+    pub hop_batch: HopBatchSettings,
 }
 
 /// The policy catalogue's default directory (the tracker's default too).
@@ -150,6 +153,28 @@ pub struct PolicySetting {
     /// The policy catalogue directory.
     #[arg(long, env = "REFBUS_POLICY", default_value = DEFAULT_POLICY)]
     pub policy: PathBuf,
+}
+
+/// How a process's agency services batch the hops they report (delivered,
+/// acknowledged): one signed `HopBatch` per agency when the window closes
+/// or the batch is full, instead of one publish per hop.
+#[derive(Clone, Debug, clap::Args)]
+pub struct HopBatchSettings {
+    /// How long a hop waits for others before its batch is published.
+    #[arg(long = "hop-batch-window", env = "REFBUS_HOP_BATCH_WINDOW", default_value = "10ms", value_parser = parse_duration)]
+    pub window: Duration,
+    /// Hops per batch at most: a full batch is published at once.
+    #[arg(long = "hop-batch-size", env = "REFBUS_HOP_BATCH_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    pub size: u16,
+}
+
+impl Default for HopBatchSettings {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_millis(10),
+            size: 256,
+        }
+    }
 }
 
 /// The lawyer service's public register of lawyers (`LawyerRegistry`), which

@@ -309,6 +309,7 @@ async fn ingest_rate(name: &str, bodies: &[Vec<u8>], tracker: &TrackerSettings) 
         development: false,
         policy: concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/policy").into(),
         lawyer_service: refbus_gateway::settings::LawyerServiceSettings::default(),
+        hop_batch: refbus_gateway::settings::HopBatchSettings::default(),
     };
     let shared = Shared::connect(settings, shutdown.clone()).await.unwrap();
     let (conn, channel) = confirming_channel().await;

@@ -5,7 +5,10 @@
 //! Before it records, ingest refuses on its own what it must not believe:
 //! bad signatures, malformed ids (dead-lettered as invalid), and replies
 //! from an agency that is not a party to the referral (dead-lettered and
-//! alerted like a forgery). A batch the database refuses is split until
+//! alerted like a forgery). The unit of all of this is the delivery: a
+//! batch of hop reports is verified once and refused whole (a hop of it
+//! malformed or unentitled taints what its signer claimed), and acked only
+//! when every hop of it is recorded, in the same transaction. A batch the database refuses is split until
 //! the culprit stands alone, which is dead-lettered with the database's
 //! reason; a database that is down is waited for. Every second the tracker
 //! publishes a signed recorded-through marker on the tap, so that the
@@ -360,11 +363,7 @@ impl Batch {
     ) -> Self {
         let refs: Vec<&Observed> = observed.iter().collect();
         let prepared = recorder.prepare(&refs, now);
-        let on_bus = observed
-            .iter()
-            .filter(|o| !matches!(o, Observed::Marker(_)))
-            .filter_map(Observed::on_bus_millis)
-            .collect();
+        let on_bus = observed.iter().flat_map(Observed::on_bus_millis).collect();
         let through = observed
             .iter()
             .filter_map(Observed::marker_at)
@@ -829,7 +828,7 @@ impl Ingest {
     ) -> Option<(Vec<Incoming>, Vec<Observed>)> {
         let mut wanted: Vec<&str> = observed
             .iter()
-            .filter_map(Observed::reply)
+            .flat_map(Observed::replies)
             .map(|r| r.referral)
             .filter(|r| !recent.knows(r))
             .collect();
@@ -842,7 +841,9 @@ impl Ingest {
             Vec::with_capacity(incomings.len()),
         );
         for (incoming, o) in incomings.into_iter().zip(observed) {
-            let refusal = o.reply().and_then(|reply| {
+            // A batch of hops is refused whole when one of them is: its
+            // signer claimed them all.
+            let refusal = o.replies().find_map(|reply| {
                 let rights = given
                     .get(reply.referral)
                     .or_else(|| recent.get(reply.referral))

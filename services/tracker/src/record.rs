@@ -1,6 +1,9 @@
 //! Recording what the bus carried: each envelope and hop report becomes a
 //! chained ledger event, a referral row, hops, and the obligations the
 //! policy catalogue says it creates; hops and feedback meet obligations.
+//! A gateway's batch of hop reports (`HopBatch`, one delivery, one
+//! signature) yields one message per hop, each under its own id and time,
+//! exactly as if it had come alone.
 //!
 //! A batch is recorded in the caller's transaction with a handful of
 //! statements whatever its size (one look-up of what is already recorded,
@@ -26,7 +29,7 @@
 //! comes from its addressees and, for a misconduct lead, its route, never
 //! from its hops. Ingest refuses a reply without the right before it is
 //! recorded; a reply recorded before its referral is refused here, in the
-//! ledger, when the referral comes ([`Observed::reply`], `refused_replies`).
+//! ledger, when the referral comes ([`Observed::replies`], `refused_replies`).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -36,6 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use prost::Message;
+use refbus_bus::topology::HOP_BATCH_KEY;
 use refbus_core::envelope::from_timestamp;
 use refbus_core::kind::hop_code;
 use refbus_core::policy::{ClockStart, MetBy, Party, PolicyCatalogue, region_of_matter};
@@ -45,7 +49,7 @@ use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::letter::Disposition;
 use refbus_proto::v1::route_hop::Duty;
 use refbus_proto::v1::{
-    Envelope, Feedback, Hop, HopReport, Letter, Outcome, RefusalReason, WithholdingGround,
+    Envelope, Feedback, Hop, HopBatch, HopReport, Letter, Outcome, RefusalReason, WithholdingGround,
 };
 use serde_json::json;
 
@@ -233,11 +237,18 @@ impl Metrics {
 /// through the `event.#` binding; see `app.rs`).
 pub const MARKER_ROUTING_KEY: &str = "event.recorded_through";
 
-/// A message from the tap, decoded.
+/// A delivery from the tap, decoded.
 #[derive(Debug, Clone)]
 pub enum Observed {
     Envelope(Box<Envelope>),
     Hop(HopReport),
+    /// A gateway's batch of hop reports ([`HOP_BATCH_KEY`]), all by
+    /// `agency`, which signed the batch once. Each hop is recorded as a
+    /// single [`Observed::Hop`] is, under its own id and time.
+    Hops {
+        agency: String,
+        hops: Vec<HopReport>,
+    },
     /// A tracker's recorded-through marker: a hop report by
     /// [`TRACKER_ID`] whose `referral_id` is the publishing instance and
     /// whose `at` is when it was published. Not a ledger event.
@@ -324,19 +335,34 @@ pub fn rights_of(envelope: &Envelope) -> Vec<(&str, Right)> {
 }
 
 impl Observed {
-    /// When the message went on the bus (epoch ms): an envelope's
-    /// `submitted_at`, a hop report's `at`.
+    /// The hop reports the delivery carries: one, a batch's, or none (an
+    /// envelope, a marker).
     #[must_use]
-    pub fn on_bus_millis(&self) -> Option<i64> {
-        let at = match self {
-            Observed::Envelope(e) => e.submitted_at.as_ref(),
-            Observed::Hop(h) | Observed::Marker(h) => h.at.as_ref(),
-        };
-        ts(at).map(|t| t.timestamp_millis())
+    pub fn hop_reports(&self) -> &[HopReport] {
+        match self {
+            Observed::Hop(h) => std::slice::from_ref(h),
+            Observed::Hops { hops, .. } => hops,
+            Observed::Envelope(_) | Observed::Marker(_) => &[],
+        }
     }
 
-    /// Decodes a tap delivery: hop reports come on `event.*` routing keys,
-    /// everything else is an envelope.
+    /// When the messages the delivery carries went on the bus (epoch ms):
+    /// an envelope's `submitted_at`, each hop report's `at`; nothing for a
+    /// marker.
+    pub fn on_bus_millis(&self) -> impl Iterator<Item = i64> + '_ {
+        let envelope = match self {
+            Observed::Envelope(e) => e.submitted_at.as_ref(),
+            _ => None,
+        };
+        std::iter::once(envelope)
+            .chain(self.hop_reports().iter().map(|h| h.at.as_ref()))
+            .filter_map(|at| ts(at).map(|t| t.timestamp_millis()))
+    }
+
+    /// Decodes a tap delivery: a batch of hop reports on [`HOP_BATCH_KEY`],
+    /// a single hop report on the other `event.*` routing keys, everything
+    /// else an envelope. A batch must name one agency, its signer: one
+    /// whose hops name several, or none, is refused here.
     ///
     /// # Errors
     /// A reason, for the dead-letter header.
@@ -351,6 +377,9 @@ impl Observed {
                 );
             }
             return Ok(Observed::Marker(marker));
+        }
+        if routing_key == HOP_BATCH_KEY {
+            return Self::decode_batch(data);
         }
         if routing_key.starts_with("event.") {
             let report =
@@ -368,6 +397,35 @@ impl Observed {
             Ok(Observed::Envelope(Box::new(envelope)))
         }
     }
+
+    fn decode_batch(data: &[u8]) -> Result<Self, String> {
+        let batch = HopBatch::decode(data).map_err(|e| format!("not a refbus.v1.HopBatch: {e}"))?;
+        if batch.hops.is_empty() {
+            return Err("hop batch without hops".into());
+        }
+        if let Some(i) = batch
+            .hops
+            .iter()
+            .position(|h| h.id.is_empty() || h.referral_id.is_empty())
+        {
+            return Err(format!("hop batch: hop {i} has no id or referral"));
+        }
+        let agency = batch.hops[0].agency.clone();
+        if agency.is_empty() {
+            return Err(
+                "hop batch names no agency: all its hops name the one agency that signed it".into(),
+            );
+        }
+        if let Some(i) = batch.hops.iter().position(|h| h.agency != agency) {
+            return Err(format!(
+                "hop batch names more than one agency (hop {i} names another than hop 0): all its hops name the one agency that signed it"
+            ));
+        }
+        Ok(Observed::Hops {
+            agency,
+            hops: batch.hops,
+        })
+    }
 }
 
 /// What the tracker records with.
@@ -382,12 +440,14 @@ fn ts(t: Option<&prost_types::Timestamp>) -> Option<DateTime<Utc>> {
 
 impl Observed {
     /// What to check the delivered bytes against: an envelope is signed
-    /// by its sender, a hop report by the agency it reports on.
+    /// by its sender, a hop report by the agency it reports on, a batch
+    /// (once, over its bytes) by the one agency all its hops name.
     #[must_use]
     pub fn claim<'a>(&'a self, data: &'a [u8], signature: Option<&'a str>) -> Claim<'a> {
         let (signer, what) = match self {
             Observed::Envelope(e) => (e.sender.as_str(), Signed::Envelope),
             Observed::Hop(h) | Observed::Marker(h) => (h.agency.as_str(), Signed::HopReport),
+            Observed::Hops { agency, .. } => (agency.as_str(), Signed::HopBatch),
         };
         Claim {
             signer,
@@ -403,6 +463,7 @@ impl Observed {
         match self {
             Observed::Envelope(e) => &e.sender,
             Observed::Hop(h) | Observed::Marker(h) => &h.agency,
+            Observed::Hops { agency, .. } => agency,
         }
     }
 
@@ -413,30 +474,36 @@ impl Observed {
         match self {
             Observed::Envelope(_) => routing_key.split('.').next().unwrap_or_default(),
             Observed::Hop(h) | Observed::Marker(h) => &h.agency,
+            Observed::Hops { agency, .. } => agency,
         }
     }
 
-    /// The id that identifies the message in the ledger.
+    /// The id that identifies the message in the ledger; for a batch,
+    /// its first hop's (each hop is recorded under its own).
     #[must_use]
     pub fn message_id(&self) -> &str {
         match self {
             Observed::Envelope(e) => &e.id,
             Observed::Hop(h) | Observed::Marker(h) => &h.id,
+            Observed::Hops { hops, .. } => hops.first().map_or("", |h| h.id.as_str()),
         }
     }
 
-    /// The reply this message makes, if it is one: a hop report on its
-    /// referral; an envelope `in_reply_to` one (feedback answers, anything
-    /// else, such as an acknowledgement, receives); a relayed lead. The
-    /// tracker's own overdue notices are no reply.
+    /// The replies the delivery makes: each hop report's on its referral;
+    /// an envelope's, if it is one (see [`Observed::envelope_reply`]).
+    pub fn replies(&self) -> impl Iterator<Item = Reply<'_>> + '_ {
+        self.envelope_reply()
+            .into_iter()
+            .chain(self.hop_reports().iter().map(hop_reply))
+    }
+
+    /// The reply an envelope makes, if it is one: `in_reply_to` a referral
+    /// (feedback answers, anything else, such as an acknowledgement,
+    /// receives); a relayed lead. The tracker's own overdue notices are no
+    /// reply.
     #[must_use]
-    pub fn reply(&self) -> Option<Reply<'_>> {
+    pub fn envelope_reply(&self) -> Option<Reply<'_>> {
         match self {
-            Observed::Hop(h) => Some(Reply {
-                referral: &h.referral_id,
-                agency: &h.agency,
-                right: Right::for_hop(hop_code(Hop::try_from(h.hop).unwrap_or(Hop::Unspecified))),
-            }),
             Observed::Envelope(e) if e.sender == TRACKER_ID => None,
             Observed::Envelope(e) if !e.relay_of.is_empty() => Some(Reply {
                 referral: &e.relay_of,
@@ -452,7 +519,10 @@ impl Observed {
                     Right::Receive
                 },
             }),
-            Observed::Envelope(_) | Observed::Marker(_) => None,
+            Observed::Envelope(_)
+            | Observed::Hop(_)
+            | Observed::Hops { .. }
+            | Observed::Marker(_) => None,
         }
     }
 
@@ -476,18 +546,10 @@ impl Observed {
         use refbus_core::envelope::{check_agency_id, check_referral_id};
         match self {
             Observed::Marker(_) => Ok(()),
-            Observed::Hop(h) => {
-                check_referral_id("hop_report.referral_id", &h.referral_id)
-                    .and_then(|()| check_agency_id("hop_report.agency", &h.agency))
-                    .map_err(|e| e.to_string())?;
-                match Hop::try_from(h.hop) {
-                    Ok(Hop::Delivered | Hop::Acknowledged | Hop::Relayed | Hop::Answered) => Ok(()),
-                    _ => Err(format!(
-                        "hop_report.hop: `{}` is not a hop an agency reports (delivered, acknowledged, relayed, answered)",
-                        hop_code(Hop::try_from(h.hop).unwrap_or(Hop::Unspecified))
-                    )),
-                }
-            }
+            Observed::Hop(h) => check_hop(h),
+            Observed::Hops { hops, .. } => hops.iter().enumerate().try_for_each(|(i, h)| {
+                check_hop(h).map_err(|e| format!("hop batch, hop {i}: {e}"))
+            }),
             Observed::Envelope(e) => {
                 let mut checks = vec![check_agency_id("envelope.sender", &e.sender)];
                 if !e.recipient.is_empty() {
@@ -521,6 +583,30 @@ impl Observed {
                     .map_err(|e| e.to_string())
             }
         }
+    }
+}
+
+/// The reply a hop report makes on its referral, with the right its hop needs.
+fn hop_reply(h: &HopReport) -> Reply<'_> {
+    Reply {
+        referral: &h.referral_id,
+        agency: &h.agency,
+        right: Right::for_hop(hop_code(Hop::try_from(h.hop).unwrap_or(Hop::Unspecified))),
+    }
+}
+
+/// A hop report's ids and hop, checked before anything is stored.
+fn check_hop(h: &HopReport) -> Result<(), String> {
+    use refbus_core::envelope::{check_agency_id, check_referral_id};
+    check_referral_id("hop_report.referral_id", &h.referral_id)
+        .and_then(|()| check_agency_id("hop_report.agency", &h.agency))
+        .map_err(|e| e.to_string())?;
+    match Hop::try_from(h.hop) {
+        Ok(Hop::Delivered | Hop::Acknowledged | Hop::Relayed | Hop::Answered) => Ok(()),
+        _ => Err(format!(
+            "hop_report.hop: `{}` is not a hop an agency reports (delivered, acknowledged, relayed, answered)",
+            hop_code(Hop::try_from(h.hop).unwrap_or(Hop::Unspecified))
+        )),
     }
 }
 
@@ -620,6 +706,22 @@ impl Prepared {
         self.len() == 0
     }
 
+    /// Starts the rows of message `id`, unless it came earlier in the
+    /// batch (then it is counted as repeated): true when it is new.
+    fn first<'a>(&mut self, id: &'a str, seen: &mut HashSet<&'a str>) -> bool {
+        if !seen.insert(id) {
+            self.repeated += 1;
+            return false;
+        }
+        self.owner = self.messages.len();
+        self.messages.push(PreparedMessage {
+            id: id.to_owned(),
+            unknown_kind: None,
+            obligations: 0,
+        });
+        true
+    }
+
     /// A hop, and what it meets (obligations' `met_by`), if anything:
     /// stored with the hop (comma-separated), so that a hop recorded before
     /// its referral meets what it met when the referral's obligations come.
@@ -668,29 +770,24 @@ impl Recorder {
         let mut prepared = Prepared::default();
         let mut seen = HashSet::with_capacity(batch.len());
         for observed in batch {
-            let id = observed.message_id();
-            if matches!(observed, Observed::Marker(_)) {
-                continue;
+            if let Observed::Envelope(envelope) = observed
+                && prepared.first(&envelope.id, &mut seen)
+            {
+                self.envelope_rows(envelope, now, &mut prepared);
+                if let Some(reply) = observed.envelope_reply() {
+                    prepared
+                        .checked
+                        .push(prepared.owner, reply.referral.to_owned());
+                }
             }
-            if !seen.insert(id) {
-                prepared.repeated += 1;
-                continue;
-            }
-            prepared.owner = prepared.messages.len();
-            prepared.messages.push(PreparedMessage {
-                id: id.to_owned(),
-                unknown_kind: None,
-                obligations: 0,
-            });
-            match observed {
-                Observed::Envelope(envelope) => self.envelope_rows(envelope, now, &mut prepared),
-                Observed::Hop(report) => Self::hop_rows(report, now, &mut prepared),
-                Observed::Marker(_) => {}
-            }
-            if let Some(reply) = observed.reply() {
-                prepared
-                    .checked
-                    .push(prepared.owner, reply.referral.to_owned());
+            // A hop alone or in a batch: each its own message.
+            for report in observed.hop_reports() {
+                if prepared.first(&report.id, &mut seen) {
+                    Self::hop_rows(report, now, &mut prepared);
+                    prepared
+                        .checked
+                        .push(prepared.owner, report.referral_id.clone());
+                }
             }
         }
         prepared
@@ -1522,7 +1619,7 @@ mod tests {
             payload: Some(Payload::Feedback(Default::default())),
             ..Envelope::default()
         }));
-        let reply = feedback.reply().unwrap();
+        let reply = feedback.replies().next().unwrap();
         assert_eq!(
             (reply.referral, reply.agency, reply.right),
             ("r", "yb-court", Right::Answer)
@@ -1532,20 +1629,23 @@ mod tests {
             relay_of: "r".into(),
             ..Envelope::default()
         }));
-        assert_eq!(relay.reply().unwrap().right, Right::Relay);
+        assert_eq!(relay.replies().next().unwrap().right, Right::Relay);
         let notice = Observed::Envelope(Box::new(Envelope {
             sender: TRACKER_ID.into(),
             in_reply_to: "r".into(),
             ..Envelope::default()
         }));
-        assert!(notice.reply().is_none(), "the tracker's overdue notices");
+        assert!(
+            notice.replies().next().is_none(),
+            "the tracker's overdue notices"
+        );
         let acknowledged = Observed::Hop(HopReport {
             referral_id: "r".into(),
             agency: "dz-court".into(),
             hop: Hop::Acknowledged as i32,
             ..HopReport::default()
         });
-        assert_eq!(acknowledged.reply().unwrap().right, Right::Receive);
+        assert_eq!(acknowledged.replies().next().unwrap().right, Right::Receive);
     }
 
     #[test]
@@ -1584,5 +1684,57 @@ mod tests {
         });
         let err = submitted.check_ids().unwrap_err();
         assert!(err.starts_with("hop_report.hop: `submitted`"), "{err}");
+    }
+
+    fn report(id: &str, agency: &str, hop: Hop) -> HopReport {
+        HopReport {
+            id: id.into(),
+            referral_id: "01a233bc-4bdf-7330-982c-01e2e29d356a".into(),
+            hop: hop as i32,
+            agency: agency.into(),
+            at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+        }
+    }
+
+    fn batch(hops: Vec<HopReport>) -> Result<Observed, String> {
+        Observed::decode(HOP_BATCH_KEY, &HopBatch { hops }.encode_to_vec())
+    }
+
+    #[test]
+    fn a_hop_batch_names_one_agency_its_signer() {
+        let both = batch(vec![
+            report("a", "dz-duty-desk", Hop::Delivered),
+            report("b", "dz-court", Hop::Delivered),
+        ])
+        .unwrap_err();
+        assert!(both.contains("more than one agency"), "{both}");
+        let none = batch(vec![report("a", "", Hop::Delivered)]).unwrap_err();
+        assert!(none.contains("names no agency"), "{none}");
+        let empty = batch(Vec::new()).unwrap_err();
+        assert!(empty.contains("without hops"), "{empty}");
+
+        let one = batch(vec![
+            report("a", "dz-duty-desk", Hop::Delivered),
+            report("b", "dz-duty-desk", Hop::Acknowledged),
+        ])
+        .unwrap();
+        let claim = one.claim(b"bytes", None);
+        assert_eq!(
+            (claim.signer, claim.what),
+            ("dz-duty-desk", Signed::HopBatch),
+            "one signature, by the agency its hops name"
+        );
+        assert_eq!(one.replies().count(), 2, "each hop a reply of its own");
+        assert_eq!(one.on_bus_millis().count(), 2, "each hop its own time");
+        let submitted = batch(vec![
+            report("a", "dz-duty-desk", Hop::Delivered),
+            report("b", "dz-duty-desk", Hop::Submitted),
+        ])
+        .unwrap();
+        let err = submitted.check_ids().unwrap_err();
+        assert!(err.starts_with("hop batch, hop 1: hop_report.hop"), "{err}");
     }
 }

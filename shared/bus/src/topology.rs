@@ -32,6 +32,10 @@ use crate::BusError;
 /// reported for the tracker).
 pub const EVENT_PREFIX: &str = "event";
 
+/// The routing key of a gateway's batch of hop reports (`refbus.v1.HopBatch`),
+/// on the tap through the `event.#` binding.
+pub const HOP_BATCH_KEY: &str = "event.batch";
+
 /// One queue: its name, whether it dead-letters, and its (exchange, key) bindings.
 struct QueueSpec {
     name: String,

@@ -91,6 +91,18 @@ pub fn hop_report_id(referral_id: &str, hop: &str, agency: &str) -> String {
     Uuid::new_v5(&ID_NAMESPACE, name.as_bytes()).to_string()
 }
 
+/// The AMQP message id of a batch of hop reports, derived from its hops'
+/// ids (the tracker records each hop under its own id, never this one).
+#[must_use]
+pub fn hop_batch_id<'a>(hop_ids: impl IntoIterator<Item = &'a str>) -> String {
+    let mut name = String::from("hop-batch");
+    for id in hop_ids {
+        name.push('\u{1f}');
+        name.push_str(id);
+    }
+    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes()).to_string()
+}
+
 /// The id of the forgery alert about the refused bytes whose SHA-256 is
 /// `body_sha256`, reached at `addressed_to`: the recipient's service and the
 /// tracker, refusing the same message, raise the same alert.

@@ -6,7 +6,8 @@
 //!   are ([`Signed`]), so that a hop report's signature never passes for an
 //!   envelope's. The signature travels base64 in the AMQP header
 //!   [`SIGNATURE_HEADER`].
-//! - **Who signs**: the envelope's `sender`, or the hop report's `agency`.
+//! - **Who signs**: the envelope's `sender`, or the hop report's `agency`
+//!   (for a hop batch, the one agency all its hops name).
 //!   The tracker signs its overdue notices and forgery alerts as
 //!   [`TRACKER_ID`], with the key under `[tracker]` in the directory.
 //! - **Keys**: [`SigningKeys::development`] derives each signer's key from
@@ -49,6 +50,8 @@ pub enum Signed {
     Envelope,
     /// A `refbus.v1.HopReport`, signed by the agency it reports on.
     HopReport,
+    /// A `refbus.v1.HopBatch`, signed by the one agency all its hops name.
+    HopBatch,
 }
 
 impl Signed {
@@ -56,6 +59,7 @@ impl Signed {
         match self {
             Signed::Envelope => b"refbus.v1.Envelope\0",
             Signed::HopReport => b"refbus.v1.HopReport\0",
+            Signed::HopBatch => b"refbus.v1.HopBatch\0",
         }
     }
 }
