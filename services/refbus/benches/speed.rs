@@ -957,6 +957,43 @@ impl Refbus {
         }
     }
 
+    /// Submits `keys` in one `SubmitBatch` call: each its own receipt
+    /// after its own confirm (issue 17).
+    async fn submit_batch(&self, keys: Vec<String>) {
+        for key in &keys {
+            self.clocking.sent(key.clone());
+        }
+        let envelopes = keys
+            .iter()
+            .map(|key| {
+                submit(legal_help_at(key, chrono::Utc::now()))
+                    .envelope
+                    .unwrap()
+            })
+            .collect();
+        let results = self
+            .centre
+            .clone()
+            .submit_batch(refbus_proto::v1::SubmitBatchRequest { envelopes })
+            .await
+            .map(|r| r.into_inner().results);
+        for (i, key) in keys.iter().enumerate() {
+            let ok = results.as_ref().is_ok_and(|results| {
+                matches!(
+                    results.get(i).and_then(|r| r.result.as_ref()),
+                    Some(refbus_proto::v1::submit_result::Result::Receipt(_))
+                )
+            });
+            if !ok {
+                self.clocking.sent.lock().unwrap().remove(key);
+                self.failed_total.fetch_add(1, Ordering::AcqRel);
+                self.clocking.failed.fetch_add(1, Ordering::AcqRel);
+                self.clocking.received.fetch_add(1, Ordering::AcqRel);
+                self.clocking.done.notify_one();
+            }
+        }
+    }
+
     fn key(&self) -> String {
         format!("k{}", self.next_key.fetch_add(1, Ordering::Relaxed))
     }
@@ -1024,7 +1061,24 @@ where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
-    clocking.expect(n);
+    saturate_by(n, 1, in_flight, clocking, send).await
+}
+
+/// [`saturate`] with `per_send` messages in each send (a `SubmitBatch`):
+/// `n` sends, `n * per_send` messages.
+async fn saturate_by<F, Fut>(
+    n: usize,
+    per_send: usize,
+    in_flight: usize,
+    clocking: &Clocking,
+    send: F,
+) -> f64
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let messages = n * per_send;
+    clocking.expect(messages);
     let counter = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut senders = Vec::new();
@@ -1058,11 +1112,11 @@ where
     }
     let took = start.elapsed();
     println!(
-        "  saturation: {n} sent (confirmed) at {:.0} msg/s, received at {:.0} msg/s",
-        rate(n, sent),
-        rate(n, took)
+        "  saturation: {messages} sent (confirmed) at {:.0} msg/s, received at {:.0} msg/s",
+        rate(messages, sent),
+        rate(messages, took)
     );
-    rate(n, took)
+    rate(messages, took)
 }
 
 /// Offers `per_second` messages a second for `seconds`, each sent on its
@@ -1324,6 +1378,40 @@ async fn run() {
     let (lag_at_stop, lag_cleared) = refbus.settle().await;
     let refbus_cpu = CpuUse::between(&refbus_side, &before, &cpu_snapshot(&refbus_side), n);
     refbus_cpu.print("refbus");
+
+    // The same, the agency system submitting `BENCH_SUBMIT_BATCH` referrals
+    // per SubmitBatch call (issue 17): each still its own receipt after its
+    // own confirm.
+    let per_call = env_usize("BENCH_SUBMIT_BATCH", 50).max(1);
+    let batching = refbus.clone();
+    let before = cpu_snapshot(&refbus_side);
+    println!("refbus, SubmitBatch of {per_call}:");
+    let batched_rate = saturate_by(
+        n / per_call,
+        per_call,
+        (in_flight / per_call).max(2),
+        &refbus.clocking,
+        move |_| {
+            let r = batching.clone();
+            async move {
+                let keys = (0..per_call).map(|_| r.key()).collect();
+                r.submit_batch(keys).await;
+            }
+        },
+    )
+    .await;
+    let _ = refbus.clocking.take();
+    refbus.settle().await;
+    let batched_cpu = CpuUse::between(
+        &refbus_side,
+        &before,
+        &cpu_snapshot(&refbus_side),
+        n / per_call * per_call,
+    );
+    batched_cpu.print("refbus (SubmitBatch)");
+    #[allow(clippy::cast_precision_loss)]
+    let batched_ratio = batched_rate / raw_rate;
+    println!("  SubmitBatch of {per_call}: {batched_rate:.0} msg/s, {batched_ratio:.2}x raw");
 
     // The same fixed offered loads for every side.
     let loads = [500.0, refbus_rate / 2.0];
