@@ -9,7 +9,6 @@
 //! the inbox state) and the logs at debug level.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine;
@@ -31,8 +30,8 @@ use refbus_proto::v1::{
     RegisterLawyerRequest, WithholdingGround,
 };
 use refbus_tests::fixtures::CENTRE;
+use refbus_tests::up::LoggedUp;
 use refbus_tests::{Amqp, as_agency, test_settings, within};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -131,35 +130,8 @@ async fn register(
 async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhere() {
     let settings = test_settings(refbus_tests::amqp_url());
     let data_dir = std::env::temp_dir().join(format!("refbus-letter-{}", settings.namespace));
-    let log_path = data_dir.with_extension("log");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = refbus_tests::refbus_up(&settings, &data_dir, "debug")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut stdout = Vec::new();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addrs = HashMap::new();
-    within("refbus up to print its addresses", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            stdout.push(line.clone());
-            let words: Vec<&str> = line.split_whitespace().collect();
-            if words.len() >= 2 && words[1].starts_with("http://") {
-                addrs.insert(words[0].to_owned(), words[1].to_owned());
-            }
-            if words.first() == Some(&"tracker") {
-                break;
-            }
-        }
-    })
-    .await;
-    let channel = |service: &str| {
-        Channel::from_shared(addrs[service].clone())
-            .unwrap()
-            .connect_lazy()
-    };
+    let up = LoggedUp::start(&settings, &data_dir, "debug").await;
+    let channel = |service: &str| up.channel(service);
 
     // A copy of everything published on the bus's exchange.
     let amqp = Amqp::connect().await;
@@ -419,20 +391,7 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
     );
 
     // Stop the bus, then search everything it carried and wrote.
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        stdout.push(line);
-    }
-    assert!(
-        within("refbus up to exit", child.wait())
-            .await
-            .unwrap()
-            .success()
-    );
+    let (stdout, stderr) = up.stop().await;
     let forms = forms(LETTER.as_bytes());
     let mut published = 0;
     while let Some(message) = amqp.get(&spy).await {
@@ -502,11 +461,7 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
         searched >= 3,
         "the ledger, the inbox state and the lawyer service's store: {files:?}"
     );
-    let logs = format!(
-        "{}\n{}",
-        stdout.join("\n"),
-        std::fs::read_to_string(&log_path).unwrap()
-    );
+    let logs = format!("{}\n{stderr}", stdout.join("\n"));
     assert!(logs.contains(&sealed_id), "the logs saw the letter's id");
     assert!(
         !holds(logs.as_bytes(), &forms),
@@ -516,7 +471,6 @@ async fn cq_1_1c_a_letter_reaches_only_its_lawyer_and_no_readable_copy_is_anywhe
     amqp.close().await;
     refbus_tests::delete_namespace(&topology).await;
     let _ = std::fs::remove_dir_all(&data_dir);
-    let _ = std::fs::remove_file(&log_path);
     refbus_tests::remove_inbox_db(&settings);
 }
 

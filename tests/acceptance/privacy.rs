@@ -3,9 +3,6 @@
 //! names, ID numbers, letter text and lawyer details at `debug` level; its
 //! whole output is then scanned for them.
 
-use std::collections::HashMap;
-use std::process::Stdio;
-
 use chrono::Utc;
 use refbus_core::envelope::timestamp;
 use refbus_proto::v1::bar_association_client::BarAssociationClient;
@@ -22,9 +19,8 @@ use refbus_proto::v1::{
     LawyerInboxRequest, LegalHelpRequest, Outcome, RegisterLawyerRequest,
 };
 use refbus_tests::fixtures::{CENTRE, DESK, submit};
+use refbus_tests::up::LoggedUp;
 use refbus_tests::{Amqp, as_agency, test_settings, within};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tonic::transport::Channel;
 
 /// What must never reach a log line.
 const SEEDED: [&str; 7] = [
@@ -57,35 +53,8 @@ fn lawyer() -> Lawyer {
 async fn no_personal_data_reaches_the_logs() {
     let settings = test_settings(refbus_tests::amqp_url());
     let data_dir = std::env::temp_dir().join(format!("refbus-pii-{}", settings.namespace));
-    let log_path = data_dir.with_extension("log");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = refbus_tests::refbus_up(&settings, &data_dir, "debug")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut stdout = Vec::new();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addrs = HashMap::new();
-    within("refbus up to print its addresses", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            stdout.push(line.clone());
-            let words: Vec<&str> = line.split_whitespace().collect();
-            if words.len() >= 2 && words[1].starts_with("http://") {
-                addrs.insert(words[0].to_owned(), words[1].to_owned());
-            }
-            if words.first() == Some(&"tracker") {
-                break;
-            }
-        }
-    })
-    .await;
-    let channel = |service: &str| {
-        Channel::from_shared(addrs[service].clone())
-            .unwrap()
-            .connect_lazy()
-    };
+    let up = LoggedUp::start(&settings, &data_dir, "debug").await;
+    let channel = |service: &str| up.channel(service);
     let mut centre = GatewayClient::new(channel("detention-centre"));
     let mut desk = GatewayClient::new(channel("legal-aid"));
 
@@ -288,29 +257,11 @@ async fn no_personal_data_reaches_the_logs() {
     .await;
     drop(stream);
 
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    while let Some(line) = lines.next_line().await.unwrap() {
-        stdout.push(line);
-    }
-    assert!(
-        within("refbus up to exit", child.wait())
-            .await
-            .unwrap()
-            .success()
-    );
-    let logs = format!(
-        "{}\n{}",
-        stdout.join("\n"),
-        std::fs::read_to_string(&log_path).unwrap()
-    );
+    let (stdout, stderr) = up.stop().await;
+    let logs = format!("{}\n{stderr}", stdout.join("\n"));
 
     // Standard error is a file, not a terminal: every log line is a JSON
     // object with its level and message (issue 7, structured logs).
-    let stderr = std::fs::read_to_string(&log_path).unwrap();
     assert!(stderr.lines().count() > 10, "{stderr}");
     for line in stderr.lines() {
         let event: serde_json::Value = serde_json::from_str(line)
@@ -345,6 +296,5 @@ async fn no_personal_data_reaches_the_logs() {
     amqp.close().await;
     refbus_tests::delete_namespace(&refbus_tests::topology_of(&settings.namespace)).await;
     let _ = std::fs::remove_dir_all(&data_dir);
-    let _ = std::fs::remove_file(&log_path);
     refbus_tests::remove_inbox_db(&settings);
 }

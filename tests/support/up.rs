@@ -149,3 +149,84 @@ pub fn http_get(url: &str, bearer: Option<&str>) -> (u16, String) {
     let body = response.body_mut().read_to_string().unwrap();
     (status, body)
 }
+
+/// `refbus up` at a log level of the test's choosing, its standard error
+/// (JSON log lines) in a file and everything it prints kept: for the tests
+/// that search what the bus logged (issue 5, CQ-1.1c).
+pub struct LoggedUp {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    /// What it printed on standard output so far.
+    pub stdout: Vec<String>,
+    /// Service name to URL, as it printed them.
+    pub addrs: HashMap<String, String>,
+    /// Where its standard error goes.
+    pub log_path: PathBuf,
+}
+
+impl LoggedUp {
+    /// Starts `refbus up` on `settings`, its ledger under `data_dir`, at
+    /// `rust_log`, and waits for its addresses.
+    pub async fn start(settings: &BusSettings, data_dir: &std::path::Path, rust_log: &str) -> Self {
+        let log_path = data_dir.with_extension("log");
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = crate::refbus_up(settings, data_dir, rust_log)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut stdout = Vec::new();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addrs = HashMap::new();
+        within("refbus up to print its addresses", async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                stdout.push(line.clone());
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if words.len() >= 2 && words[1].starts_with("http://") {
+                    addrs.insert(words[0].to_owned(), words[1].to_owned());
+                }
+                if words.first() == Some(&"tracker") {
+                    break;
+                }
+            }
+        })
+        .await;
+        Self {
+            child,
+            lines,
+            stdout,
+            addrs,
+            log_path,
+        }
+    }
+
+    /// A lazily connected channel to a service it printed.
+    pub fn channel(&self, service: &str) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(self.addrs[service].clone())
+            .unwrap()
+            .connect_lazy()
+    }
+
+    /// Stops it with SIGINT, checks it exited cleanly, and returns all it
+    /// printed on standard output and all it logged on standard error.
+    pub async fn stop(mut self) -> (Vec<String>, String) {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap();
+        while let Some(line) = self.lines.next_line().await.unwrap() {
+            self.stdout.push(line);
+        }
+        assert!(
+            within("refbus up to exit", self.child.wait())
+                .await
+                .unwrap()
+                .success()
+        );
+        let stderr = std::fs::read_to_string(&self.log_path).unwrap();
+        let _ = std::fs::remove_file(&self.log_path);
+        (self.stdout, stderr)
+    }
+}
