@@ -701,17 +701,8 @@ pub async fn inbox(args: InboxArgs) -> Result<()> {
         if args.count.is_some_and(|n| seen >= n) {
             break;
         }
-        let next = match args.idle {
-            Some(idle) => match tokio::time::timeout(idle, stream.next()).await {
-                Ok(next) => next,
-                Err(_) => break,
-            },
-            None => stream.next().await,
-        };
-        let delivery: Delivery = match next {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(status)) => return Err(Failure::from_status("inbox", &status)),
-            None => break,
+        let Some(delivery): Option<Delivery> = next_delivery(&mut stream, args.idle).await? else {
+            break;
         };
         seen += 1;
         let acknowledged = if args.no_ack {
@@ -751,6 +742,26 @@ pub async fn inbox(args: InboxArgs) -> Result<()> {
         eprintln!("{seen} deliveries");
     }
     Ok(())
+}
+
+/// The next delivery of an inbox stream; `None` when it ends, or when
+/// nothing comes for `idle`.
+///
+/// # Errors
+/// The stream's refusal, with its exit code.
+pub(crate) async fn next_delivery<T>(
+    stream: &mut tonic::Streaming<T>,
+    idle: Option<std::time::Duration>,
+) -> Result<Option<T>> {
+    let next = match idle {
+        Some(idle) => match tokio::time::timeout(idle, stream.next()).await {
+            Ok(next) => next,
+            Err(_) => return Ok(None),
+        },
+        None => stream.next().await,
+    };
+    next.transpose()
+        .map_err(|status| Failure::from_status("inbox", &status))
 }
 
 /// `refbus ack`.

@@ -31,7 +31,6 @@ use refbus_proto::v1::{
     Outcome, ProceduralStage, RateMeetingRequest, Receipt, RecordHeldRequest, RefusalReason,
     RefuseMeetingRequest, RegisterLawyerRequest, RequestMeetingRequest, WithholdingGround,
 };
-use tokio_stream::StreamExt;
 use tonic::Status;
 
 use crate::client::{Bearer, Connection, ExitCode, Failure, Output, Rows};
@@ -649,17 +648,10 @@ async fn inbox(args: LawyerInboxArgs) -> Result<()> {
         if args.count.is_some_and(|n| seen >= n) {
             break;
         }
-        let next = match args.idle {
-            Some(idle) => match tokio::time::timeout(idle, stream.next()).await {
-                Ok(next) => next,
-                Err(_) => break,
-            },
-            None => stream.next().await,
-        };
-        let delivery: LawyerDelivery = match next {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(s)) => return Err(Failure::from_status("inbox", &s)),
-            None => break,
+        let Some(delivery): Option<LawyerDelivery> =
+            crate::client::next_delivery(&mut stream, args.idle).await?
+        else {
+            break;
         };
         seen += 1;
         let envelope = delivery.envelope.clone().unwrap_or_default();
