@@ -43,10 +43,11 @@ impl Up {
         let settings = test_settings(crate::amqp_url());
         let data_dir = std::env::temp_dir().join(format!("refbus-up-{}", settings.namespace));
         std::fs::create_dir_all(&data_dir).unwrap();
+        let stderr_path = data_dir.with_extension("stderr");
         let mut child = crate::refbus_up(&settings, &data_dir, "warn")
             .envs(env)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -66,6 +67,14 @@ impl Up {
             }
         })
         .await;
+        // Everything it prints before the tracker's line: a service missing
+        // means it stopped at start-up, and its standard error says why.
+        assert!(
+            addrs.contains_key("tracker"),
+            "refbus up stopped before serving (printed {addrs:?}): {}",
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        );
+        let _ = std::fs::remove_file(&stderr_path);
         // Keep reading what it prints, so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self {

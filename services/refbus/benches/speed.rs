@@ -16,9 +16,10 @@
 //!    after): the same envelope published to `NS.deliveries` with routing
 //!    key `RECIPIENT.KIND` (mandatory, persistent, confirmed), routed to the
 //!    desk's inbox quorum queue and to the tap; a consumer on the inbox acks
-//!    each delivery and publishes the two hop reports refbus publishes
-//!    (`event.delivered`, `event.acknowledged`, pre-signed bytes of their
-//!    size, confirmed) into the tap; a consumer on the tap acks everything.
+//!    each delivery, and its two hops (delivered, acknowledged) go out as
+//!    refbus sends them (issue 17): one `event.batch` message every 10 ms
+//!    carrying the hops gathered since, pre-signed bytes of their size,
+//!    confirmed, into the tap; a consumer on the tap acks everything.
 //!    Three connections, as refbus's three processes have.
 //! 3. **refbus**: legal-help requests submitted over gRPC to a real
 //!    `refbus serve detention-centre` process, received on the duty desk's
@@ -514,8 +515,11 @@ struct Layout {
     clocking: Arc<Clocking>,
     /// Deliveries acknowledged on the tap (three per referral).
     tapped: Arc<AtomicUsize>,
-    /// Hop reports not confirmed (none expected).
+    /// Hop batches not confirmed (none expected).
     hop_failures: Arc<AtomicUsize>,
+    /// Hops gathered and not yet sent, and hop batches sent.
+    pending_hops: Arc<AtomicUsize>,
+    batches: Arc<AtomicUsize>,
     /// Envelopes published so far.
     published: AtomicUsize,
 }
@@ -571,28 +575,17 @@ impl Layout {
             )
             .await
             .unwrap();
-        let hop_messages: Arc<Vec<(String, Vec<u8>, BasicProperties)>> = Arc::new(
-            [Hop::Delivered, Hop::Acknowledged]
-                .into_iter()
-                .map(|hop| {
-                    let (body, signature) = sample_hop(hop);
-                    let key = format!(
-                        "{}.{}",
-                        refbus_bus::topology::EVENT_PREFIX,
-                        refbus_core::kind::hop_code(hop)
-                    );
-                    let properties = signed_properties(
-                        &signature,
-                        "application/x-protobuf; proto=refbus.v1.HopReport",
-                        "hop_report",
-                    );
-                    (key, body, properties)
-                })
-                .collect(),
+        // The hops gathered since the last batch, and the batches sent.
+        let pending_hops = Arc::new(AtomicUsize::new(0));
+        let batches = Arc::new(AtomicUsize::new(0));
+        let (hop_body, hop_signature) = sample_hop(Hop::Delivered);
+        let hop_properties = signed_properties(
+            &hop_signature,
+            "application/x-protobuf; proto=refbus.v1.HopBatch",
+            "hop_batch",
         );
         let receiving = clocking.clone();
-        let hop_exchange = exchange.clone();
-        let failures = hop_failures.clone();
+        let counting_hops = pending_hops.clone();
         tokio::spawn(async move {
             let _channel = inbox;
             while let Some(Ok(delivery)) = deliveries.next().await {
@@ -606,38 +599,48 @@ impl Layout {
                 if delivery.ack(BasicAckOptions::default()).await.is_err() {
                     break;
                 }
-                // As the gateway does: each hop report on its own task,
-                // confirmed, on the connection the inbox is consumed on.
-                for n in 0..hop_messages.len() {
-                    let hops = hops.clone();
-                    let exchange = hop_exchange.clone();
-                    let messages = hop_messages.clone();
-                    let failures = failures.clone();
-                    let message_id = format!("{id}.{n}");
-                    tokio::spawn(async move {
-                        let (key, body, properties) = &messages[n];
-                        let properties = properties
-                            .clone()
-                            .with_message_id(message_id.as_str().into());
-                        let confirmed = match hops
-                            .basic_publish(
-                                exchange.as_str().into(),
-                                key.as_str().into(),
-                                MANDATORY,
-                                body,
-                                properties,
-                            )
-                            .await
-                        {
-                            Ok(confirm) => {
-                                matches!(confirm.await, Ok(lapin::Confirmation::Ack(None)))
-                            }
-                            Err(_) => false,
-                        };
-                        if !confirmed {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    });
+                counting_hops.fetch_add(2, Ordering::AcqRel);
+            }
+        });
+        // As the gateway's batcher does: every 10 ms, what was gathered in
+        // one confirmed message (a HopBatch is its hop reports, each framed).
+        let hop_exchange = exchange.clone();
+        let failures = hop_failures.clone();
+        let flushing = pending_hops.clone();
+        let sent_batches = batches.clone();
+        tokio::spawn(async move {
+            let key = refbus_bus::topology::HOP_BATCH_KEY;
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let n = flushing.swap(0, Ordering::AcqRel);
+                if n == 0 {
+                    continue;
+                }
+                let mut body = Vec::with_capacity(n * (hop_body.len() + 2));
+                let framed = u8::try_from(hop_body.len()).unwrap();
+                for _ in 0..n {
+                    body.extend_from_slice(&[0x0a, framed]);
+                    body.extend_from_slice(&hop_body);
+                }
+                let batch = sent_batches.fetch_add(1, Ordering::AcqRel);
+                let properties = hop_properties
+                    .clone()
+                    .with_message_id(format!("batch-{batch}").as_str().into());
+                let confirmed = match hops
+                    .basic_publish(
+                        hop_exchange.as_str().into(),
+                        key.into(),
+                        MANDATORY,
+                        &body,
+                        properties,
+                    )
+                    .await
+                {
+                    Ok(confirm) => matches!(confirm.await, Ok(lapin::Confirmation::Ack(None))),
+                    Err(_) => false,
+                };
+                if !confirmed {
+                    failures.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
@@ -680,6 +683,8 @@ impl Layout {
             clocking,
             tapped,
             hop_failures,
+            pending_hops,
+            batches,
             published: AtomicUsize::new(0),
         }
     }
@@ -708,14 +713,19 @@ impl Layout {
     }
 
     /// Waits until the tap consumer has acknowledged every copy of what was
-    /// published (the envelope and its two hop reports). Returns how long
+    /// published (the envelopes and the hop batches). Returns how long
     /// that took.
     async fn tap_drained(&self) -> Duration {
-        let copies = 3 * self.published.load(Ordering::Relaxed);
         let start = Instant::now();
-        while self.tapped.load(Ordering::Acquire) < copies
-            && start.elapsed() < Duration::from_secs(60)
-        {
+        while start.elapsed() < Duration::from_secs(60) {
+            // Every envelope's copy, and every hop batch once none waits.
+            let copies =
+                self.published.load(Ordering::Relaxed) + self.batches.load(Ordering::Acquire);
+            if self.pending_hops.load(Ordering::Acquire) == 0
+                && self.tapped.load(Ordering::Acquire) >= copies
+            {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         start.elapsed()

@@ -163,14 +163,12 @@ impl Tracker {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| TrackerError::Bind { addr, source })?;
-        let http_addr = match settings.http_listen {
-            Some(http) => http,
-            None => default_http_addr(
-                listener
-                    .local_addr()
-                    .map_err(|source| TrackerError::Bind { addr, source })?,
-            ),
-        };
+        // From the address asked for, not the one bound: a gRPC port of 0
+        // gives any free HTTP port, never the bound port + 1000, which may
+        // be another process's.
+        let http_addr = settings
+            .http_listen
+            .unwrap_or_else(|| default_http_addr(addr));
         let http = TcpListener::bind(http_addr)
             .await
             .map_err(|source| TrackerError::Bind {
