@@ -465,7 +465,7 @@ async fn purge(amqp: &Amqp, queue: &str) {
 /// same service and broker. `cargo test -p refbus-tests --release --test
 /// acceptance -- submit_batch::timing --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a test: run with --ignored --nocapture"]
+#[ignore = "a measurement, not a test: run with --ignored --nocapture; figures in BENCHMARKS.md, issue 17"]
 async fn timing_one_batch_of_200_against_200_submits() {
     const N: usize = 200;
     const ROUNDS: usize = 5;

@@ -85,6 +85,39 @@ pub struct Acknowledged {
     writer: mpsc::Sender<Pending>,
 }
 
+/// Opens (creating it and its directory if needed) a service's SQLite file
+/// at `path` in WAL mode, and runs `schema`'s statements: what the
+/// acknowledged store and the lawyer service's store share.
+///
+/// # Errors
+/// The reason, for the caller's error naming the file.
+pub(crate) async fn open_sqlite(
+    path: &Path,
+    max_connections: u32,
+    schema: &[&str],
+) -> Result<SqlitePool, String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    }
+    let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+        .map_err(|e| e.to_string())?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(max_connections)
+        .connect_with(options)
+        .await
+        .map_err(|e| e.to_string())?;
+    for statement in schema {
+        sqlx::query(statement)
+            .execute(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(pool)
+}
+
 impl Acknowledged {
     /// Opens (creating if needed) the store at `path` and forgets ids older
     /// than [`RETENTION`].
@@ -96,25 +129,7 @@ impl Acknowledged {
             path: path.display().to_string(),
             reason,
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
-        }
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .map_err(|e| fail(e.to_string()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(options)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        for table in SCHEMA {
-            sqlx::query(table)
-                .execute(&pool)
-                .await
-                .map_err(|e| fail(e.to_string()))?;
-        }
+        let pool = open_sqlite(path, 2, &SCHEMA).await.map_err(fail)?;
         add_columns(&pool).await.map_err(|e| fail(e.to_string()))?;
         let (writer, queue) = mpsc::channel(4 * GROUP);
         tokio::spawn(write_groups(pool.clone(), queue));
