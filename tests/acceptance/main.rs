@@ -46,6 +46,8 @@
 //!   acknowledgements costs few publishes, every hop recorded with its own
 //!   time; a batch naming another agency's hop refused whole; a batch
 //!   delivered twice recorded once.
+//! - [`inbox_batches`]: issue 17, an inbox stream's batches (one signature
+//!   check, one id look-up) keep every verdict of one by one.
 //! - [`lawyers`]: issue 18, the lawyer service: registration, suspension and
 //!   reinstatement, CQ-1.2 credentials, lawyers' inboxes, meeting requests,
 //!   complaints and ratings.
@@ -80,6 +82,7 @@ mod deployment;
 mod exactly_once;
 mod faults;
 mod hop_batches;
+mod inbox_batches;
 mod lawyers;
 mod lead_visibility;
 mod leads;

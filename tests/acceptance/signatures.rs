@@ -13,24 +13,15 @@ use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use prost::Message;
 use refbus_bus::subscription::header_text;
-use refbus_core::envelope::{envelope_id, timestamp};
+use refbus_core::envelope::timestamp;
 use refbus_core::signing::Signed;
 use refbus_core::{KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{Envelope, Hop, HopReport};
-use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help_at, submit};
+use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help_at, published_legal_help, submit};
 use refbus_tests::tracker::{Db, TestTracker, eventually, ledger_settings};
 use refbus_tests::{Amqp, Inbox, TestBus, acknowledge, signed_properties, within};
 use refbus_tracker::Clock;
-
-/// A legal-help request as the detention centre's service would publish it.
-fn request(key: &str) -> Envelope {
-    let mut envelope = legal_help_at(key, Utc::now());
-    envelope.id = envelope_id(CENTRE, key);
-    envelope.kind = MessageKind::LegalHelpRequest as i32;
-    envelope.submitted_at = Some(timestamp(Utc::now()));
-    envelope
-}
 
 async fn publish(
     amqp: &Amqp,
@@ -66,7 +57,7 @@ async fn forged_altered_and_unsigned_messages_are_refused_dead_lettered_and_repo
     let to_desk = format!("{DESK}.{}", MessageKind::LegalHelpRequest.code());
 
     // Forged: claims the detention centre, signed with another agency's key.
-    let forged = request("forged");
+    let forged = published_legal_help("forged");
     let body = forged.encode_to_vec();
     publish(
         &amqp,
@@ -77,7 +68,7 @@ async fn forged_altered_and_unsigned_messages_are_refused_dead_lettered_and_repo
     )
     .await;
     // Altered: signed by the detention centre, then its matter changed.
-    let altered = request("altered");
+    let altered = published_legal_help("altered");
     let signed_body = altered.encode_to_vec();
     let mut changed = altered.clone();
     if let Some(Payload::LegalHelpRequest(p)) = &mut changed.payload {
@@ -93,7 +84,7 @@ async fn forged_altered_and_unsigned_messages_are_refused_dead_lettered_and_repo
     )
     .await;
     // Unsigned.
-    let unsigned = request("unsigned");
+    let unsigned = published_legal_help("unsigned");
     publish(
         &amqp,
         &bus,
@@ -105,7 +96,7 @@ async fn forged_altered_and_unsigned_messages_are_refused_dead_lettered_and_repo
     // Validly signed, but addressed to another desk: replayed onto this
     // desk's routing key. The desk refuses it; the tracker, for which it is
     // a genuine message of the centre, records it.
-    let mut elsewhere = request("misaddressed");
+    let mut elsewhere = published_legal_help("misaddressed");
     elsewhere.recipient = "yb-duty-desk".into();
     let body = elsewhere.encode_to_vec();
     publish(

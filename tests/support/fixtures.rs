@@ -42,6 +42,18 @@ pub fn legal_help(key: &str) -> Envelope {
     legal_help_at(key, Utc.with_ymd_and_hms(2026, 11, 20, 8, 30, 0).unwrap())
 }
 
+/// A legal-help request asked now, as the detention centre's service
+/// publishes it (id, kind and submission time filled in), for tests that
+/// publish on the broker behind the services' backs.
+#[must_use]
+pub fn published_legal_help(key: &str) -> Envelope {
+    let mut envelope = legal_help_at(key, Utc::now());
+    envelope.id = refbus_core::envelope::envelope_id(CENTRE, key);
+    envelope.kind = refbus_proto::v1::MessageKind::LegalHelpRequest as i32;
+    envelope.submitted_at = Some(timestamp(Utc::now()));
+    envelope
+}
+
 /// A lawyer-violation notice (CQ-3.14) from the Dazu detention centre to
 /// the Dazu justice bureau.
 #[must_use]

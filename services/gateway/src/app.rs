@@ -346,6 +346,7 @@ impl Application {
             // register), serves no agency Gateway and consumes its inbox.
             tokio::spawn(lawyers.clone().consume());
             let served = crate::lawyers::service::routes(router, &lawyers)
+                .await
                 .serve_with_incoming_shutdown(
                     server::incoming(self.listener, auth),
                     shutdown.cancelled_owned(),
@@ -382,7 +383,8 @@ impl Application {
                 agency_service,
             ],
             shutdown.clone(),
-        );
+        )
+        .await;
         let router = router
             .add_service(health)
             .add_service(auth.intercept(gateway));

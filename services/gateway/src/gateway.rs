@@ -548,11 +548,17 @@ impl GatewayCore {
     /// shuts down; then every unacknowledged delivery returns to the queue.
     ///
     /// The stream holds at most `window` deliveries unacknowledged (the
-    /// channel's prefetch) and hands the next one over only when the
-    /// client's transport takes the one before: nothing waits in a buffer
-    /// of the service's own. Closing the stream costs the messages nothing
-    /// (the queue has no delivery limit); only what cannot be decoded or
-    /// believed is dead-lettered.
+    /// channel's prefetch). Deliveries are taken from the broker as they
+    /// arrive, in batches of whatever is already there (at most `window`):
+    /// a batch is decoded, its signatures checked with one batch
+    /// verification and its ids looked up in the acknowledged store with
+    /// one query, then handed over one by one as the client's transport
+    /// takes them (issue 17). The next batch is taken only once the
+    /// transport took the last of this one, so what waits in the service is
+    /// never more than the window the client asked for, and all of it is
+    /// still unacknowledged on the broker. Closing the stream costs the
+    /// messages nothing (the queue has no delivery limit); only what cannot
+    /// be decoded or believed is dead-lettered.
     ///
     /// # Errors
     /// When `agency` is not one of this service's agencies.
@@ -567,17 +573,20 @@ impl GatewayCore {
             Ok(w) => w.min(self.prefetch.max(1)),
             Err(_) => self.prefetch.max(1),
         };
-        // One slot: the next delivery is taken from the broker only once
-        // the transport took the last.
+        // One slot: the next delivery goes to the transport only once it
+        // took the last.
         let (tx, rx) = mpsc::channel(1);
         let core = self.clone();
         tokio::spawn(async move {
             let guard = core.sessions.open(&agency);
             let queue = core.bus.topology().inbox_queue(&agency);
-            let mut subscription = core.bus.subscribe_with_buffer(queue.clone(), window, 1);
+            let batch_max = usize::from(window);
+            let mut subscription = core
+                .bus
+                .subscribe_with_buffer(queue.clone(), window, batch_max);
             tracing::debug!(%agency, session = guard.id, window, "inbox stream opened");
-            loop {
-                let incoming = tokio::select! {
+            'stream: loop {
+                let first = tokio::select! {
                     () = core.shutdown.cancelled() => break,
                     () = tx.closed() => break,
                     incoming = subscription.next() => match incoming {
@@ -585,62 +594,78 @@ impl GatewayCore {
                         None => break,
                     },
                 };
-                let Some(delivery) = core.hand_over(guard.id, &agency, &queue, incoming).await
-                else {
-                    continue;
-                };
-                let submitted_at = delivery
-                    .envelope
-                    .as_ref()
-                    .and_then(|e| e.submitted_at.as_ref())
-                    .and_then(envelope::from_timestamp);
-                if tx.send(Ok(delivery)).await.is_err() {
-                    break;
+                let mut incomings = vec![first];
+                while incomings.len() < batch_max
+                    && let Some(incoming) = subscription.try_next()
+                {
+                    incomings.push(incoming);
                 }
-                core.metrics.handed_over(submitted_at);
+                #[allow(clippy::cast_precision_loss)]
+                core.metrics
+                    .inbox_batch_deliveries
+                    .observe(incomings.len() as f64);
+                for delivery in core.hand_over(guard.id, &agency, &queue, incomings).await {
+                    let submitted_at = delivery
+                        .envelope
+                        .as_ref()
+                        .and_then(|e| e.submitted_at.as_ref())
+                        .and_then(envelope::from_timestamp);
+                    if tx.send(Ok(delivery)).await.is_err() {
+                        break 'stream;
+                    }
+                    core.metrics.handed_over(submitted_at);
+                }
             }
             tracing::debug!(%agency, session = guard.id, "inbox stream closed");
             // Ending the session returns copies held from other channels;
             // dropping the subscription closes its channel, and the broker
-            // returns every unacknowledged delivery to the queue.
+            // returns every unacknowledged delivery to the queue (with any
+            // of the last batch the transport never took).
             drop(guard);
             drop(subscription);
         });
         Ok(ReceiverStream::new(rx))
     }
 
-    /// Decodes a delivery for the client, or dead-letters it with the
-    /// reason. A copy of a message the agency already acknowledged (a
-    /// second publish of a retried submission, a redelivery whose broker ack
-    /// was lost) is acked to the broker and not handed over. A copy of one
-    /// pending on an open stream is held with it, unacknowledged, and acked
-    /// when the client acknowledges the pending one.
+    /// Decodes a batch of deliveries for the client, dead-lettering with
+    /// the reason what does not decode or cannot be believed. A copy of a
+    /// message the agency already acknowledged (a second publish of a
+    /// retried submission, a redelivery whose broker ack was lost) is acked
+    /// to the broker and not handed over. A copy of one pending on an open
+    /// stream is held with it, unacknowledged, and acked when the client
+    /// acknowledges the pending one. Returns what is handed over, in order.
     async fn hand_over(
         &self,
         session: u64,
         agency: &str,
         queue: &str,
-        incoming: Incoming,
-    ) -> Option<Delivery> {
-        let decoded = Envelope::decode(incoming.data.as_slice())
-            .map_err(|e| format!("not a refbus.v1.Envelope: {e}"))
-            .and_then(|envelope| {
-                if envelope.payload.is_none() {
-                    Err("envelope has no payload".to_owned())
-                } else if envelope.id.is_empty() {
-                    Err("envelope has no id".to_owned())
-                } else {
-                    Ok(envelope)
-                }
-            });
-        let envelope = match decoded {
-            Ok(envelope) => envelope,
-            Err(reason) => {
-                self.bus.dead_letter(queue, incoming, reason).await;
-                return None;
+        incomings: Vec<Incoming>,
+    ) -> Vec<Delivery> {
+        let mut decoded = Vec::with_capacity(incomings.len());
+        for incoming in incomings {
+            let envelope = Envelope::decode(incoming.data.as_slice())
+                .map_err(|e| format!("not a refbus.v1.Envelope: {e}"))
+                .and_then(|envelope| {
+                    if envelope.payload.is_none() {
+                        Err("envelope has no payload".to_owned())
+                    } else if envelope.id.is_empty() {
+                        Err("envelope has no id".to_owned())
+                    } else {
+                        Ok(envelope)
+                    }
+                });
+            match envelope {
+                Ok(envelope) => decoded.push((incoming, envelope)),
+                Err(reason) => self.bus.dead_letter(queue, incoming, reason).await,
             }
-        };
-        if let Err(reason) = self.believe(agency, &envelope, &incoming) {
+        }
+        let verdicts = self.believe(agency, &decoded);
+        let mut believed = Vec::with_capacity(decoded.len());
+        for ((incoming, envelope), verdict) in decoded.into_iter().zip(verdicts) {
+            let Err(reason) = verdict else {
+                believed.push((incoming, envelope));
+                continue;
+            };
             self.metrics.refused.inc();
             let refusal = Refusal {
                 queue: queue.to_owned(),
@@ -651,80 +676,99 @@ impl GatewayCore {
                 reason,
             };
             forgery::refuse(&self.bus, &self.signing, &self.directory, incoming, refusal).await;
-            return None;
         }
-        let Incoming {
-            acker,
-            channel,
-            delivery_tag,
-            redelivered,
-            ..
-        } = incoming;
-        let acker = match self.sessions.offer(agency, &envelope.id, acker) {
-            Offer::Held => {
-                tracing::debug!(%agency, id = %envelope.id, "pending on an open stream; held with it, not handed over again");
-                return None;
+        // Copies of what is pending on an open stream are held with it.
+        let mut fresh = Vec::with_capacity(believed.len());
+        for (incoming, envelope) in believed {
+            let Incoming {
+                acker,
+                channel,
+                delivery_tag,
+                redelivered,
+                ..
+            } = incoming;
+            match self.sessions.offer(agency, &envelope.id, acker) {
+                Offer::Held => {
+                    tracing::debug!(%agency, id = %envelope.id, "pending on an open stream; held with it, not handed over again");
+                }
+                Offer::New(acker) => {
+                    fresh.push((acker, channel, delivery_tag, redelivered, envelope))
+                }
             }
-            Offer::New(acker) => acker,
+        }
+        let ids: Vec<&str> = fresh.iter().map(|f| f.4.id.as_str()).collect();
+        let acknowledged = match self.acknowledged.contains_any(agency, &ids).await {
+            Ok(acknowledged) => acknowledged,
+            // Unsure: hand them over (at least once) rather than lose them.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the acknowledged ids; handing the deliveries over");
+                std::collections::HashSet::new()
+            }
         };
-        match self.acknowledged.contains(agency, &envelope.id).await {
-            Ok(true) => {
+        let mut handed = Vec::with_capacity(fresh.len());
+        for (acker, channel, delivery_tag, redelivered, envelope) in fresh {
+            if acknowledged.contains(envelope.id.as_str()) {
                 tracing::debug!(%agency, id = %envelope.id, "already acknowledged; not handed over again");
                 if let Err(e) = acker.ack(BasicAckOptions::default()).await {
                     tracing::debug!(error = %e, "ack of a duplicate failed; it comes again and is dropped again");
                 }
-                return None;
+                continue;
             }
-            Ok(false) => {}
-            // Unsure: hand it over (at least once) rather than lose it.
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the acknowledged ids; handing the delivery over");
-            }
+            let Some(token) = self.sessions.register(
+                session,
+                Handed {
+                    channel,
+                    delivery_tag,
+                    acker,
+                    message_id: envelope.id.clone(),
+                    received: received_from(agency, &envelope),
+                },
+            ) else {
+                continue;
+            };
+            handed.push(Delivery {
+                delivery_token: token,
+                envelope: Some(envelope),
+                redelivered,
+            });
         }
-        let token = self.sessions.register(
-            session,
-            Handed {
-                channel,
-                delivery_tag,
-                acker,
-                message_id: envelope.id.clone(),
-                received: received_from(agency, &envelope),
-            },
-        )?;
-        Some(Delivery {
-            delivery_token: token,
-            envelope: Some(envelope),
-            redelivered,
-        })
+        handed
     }
 
-    /// Whether a decoded delivery can be believed: signed by its sender
-    /// with the key the directory publishes, over the exact bytes received,
-    /// and addressed to the agency whose inbox it reached.
-    ///
-    /// # Errors
-    /// The reason it is refused.
-    fn believe(
-        &self,
-        agency: &str,
-        envelope: &Envelope,
-        incoming: &Incoming,
-    ) -> Result<(), String> {
-        signing::verify(
-            &self.directory,
-            &envelope.sender,
-            Signed::Envelope,
-            &incoming.data,
-            incoming.header(SIGNATURE_HEADER).as_deref(),
-        )
-        .map_err(|e| e.to_string())?;
-        if envelope.recipient != agency && !envelope.also_to.iter().any(|a| a == agency) {
-            return Err(format!(
-                "misaddressed: the envelope is addressed to `{}`, not to `{agency}`, whose inbox it reached",
-                envelope.recipient
-            ));
-        }
-        Ok(())
+    /// Whether each decoded delivery can be believed: signed by its sender
+    /// with the key the directory publishes, over the exact bytes received
+    /// (one batch verification for them all), and addressed to the agency
+    /// whose inbox it reached. One verdict per delivery, in order: the
+    /// reason it is refused, if it is.
+    fn believe(&self, agency: &str, decoded: &[(Incoming, Envelope)]) -> Vec<Result<(), String>> {
+        let headers: Vec<Option<String>> = decoded
+            .iter()
+            .map(|(incoming, _)| incoming.header(SIGNATURE_HEADER))
+            .collect();
+        let claims: Vec<signing::Claim<'_>> = decoded
+            .iter()
+            .zip(&headers)
+            .map(|((incoming, envelope), header)| signing::Claim {
+                signer: &envelope.sender,
+                what: Signed::Envelope,
+                body: &incoming.data,
+                signature: header.as_deref(),
+            })
+            .collect();
+        signing::verify_many(&self.directory, &claims)
+            .into_iter()
+            .zip(decoded)
+            .map(|(verdict, (_, envelope))| {
+                verdict.map_err(|e| e.to_string())?;
+                if envelope.recipient != agency && !envelope.also_to.iter().any(|a| a == agency) {
+                    return Err(format!(
+                        "misaddressed: the envelope is addressed to `{}`, not to `{agency}`, whose inbox it reached",
+                        envelope.recipient
+                    ));
+                }
+                Ok(())
+            })
+            .collect()
     }
 
     /// Acknowledges deliveries of an open stream: `delivery_token` and
@@ -786,15 +830,11 @@ impl GatewayCore {
         }
         self.metrics.acknowledged.inc_by(taken.len() as u64);
         let now = Utc::now();
+        let mut ackers = Vec::with_capacity(taken.len());
         for mut t in taken {
             // Copies that arrived while the record was being written.
             t.ackers.extend(self.sessions.acknowledged(&t.token));
-            for acker in t.ackers {
-                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
-                    // Recorded: the broker's redelivery is recognised and dropped.
-                    tracing::debug!(error = %e, "broker ack failed after the acknowledgement was recorded");
-                }
-            }
+            ackers.append(&mut t.ackers);
             self.metrics.delivered(&t.received.kind);
             // "Delivered" means the agency's system has it: reported only
             // now, never for a delivery that went back to the queue, at the
@@ -806,6 +846,18 @@ impl GatewayCore {
                 t.handed_at,
             );
             self.report_hop(t.received.referral, Hop::Acknowledged, agency.clone(), now);
+        }
+        // Every broker ack at once: they go out together instead of one
+        // round trip of the connection's I/O loop each.
+        let acks = futures_util::future::join_all(
+            ackers
+                .iter()
+                .map(|acker| acker.ack(BasicAckOptions::default())),
+        )
+        .await;
+        if let Some(Err(e)) = acks.into_iter().find(Result::is_err) {
+            // Recorded: the broker's redelivery is recognised and dropped.
+            tracing::debug!(error = %e, "broker ack failed after the acknowledgement was recorded");
         }
         Ok(not_pending)
     }

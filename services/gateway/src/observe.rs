@@ -22,7 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use refbus_bus::Bus;
+use refbus_bus::{Bus, ConnectionWatch};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
@@ -92,6 +92,11 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 17))
 }
 
+fn batch_histogram() -> Histogram {
+    // 1 to 4,096 deliveries.
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
 /// What the agency services count. Cheap to clone (shared handles).
 #[derive(Clone, Debug)]
 pub struct GatewayMetrics {
@@ -111,6 +116,9 @@ pub struct GatewayMetrics {
     /// From an envelope's `submitted_at` to its hand-over on an `Inbox`
     /// stream: the bus's end-to-end latency.
     pub delivery_seconds: Seconds,
+    /// How many deliveries each batch an `Inbox` stream took from the
+    /// broker held (one signature check and one id look-up per batch).
+    pub inbox_batch_deliveries: Family<ServiceLabel, Histogram, fn() -> Histogram>,
 }
 
 impl Default for GatewayMetrics {
@@ -123,6 +131,7 @@ impl Default for GatewayMetrics {
             refused: Family::default(),
             submit_seconds: Family::new_with_constructor(latency_histogram),
             delivery_seconds: Family::new_with_constructor(latency_histogram),
+            inbox_batch_deliveries: Family::new_with_constructor(batch_histogram),
         }
     }
 }
@@ -166,6 +175,11 @@ impl GatewayMetrics {
             "From an envelope's submitted_at to its hand-over on an Inbox stream",
             self.delivery_seconds.clone(),
         );
+        r.register(
+            "inbox_batch_deliveries",
+            "Deliveries in each batch an Inbox stream took from the broker",
+            self.inbox_batch_deliveries.clone(),
+        );
     }
 
     /// The metrics of one agency service, its service-labelled series
@@ -182,6 +196,7 @@ impl GatewayMetrics {
             refused: self.refused.get_or_create_owned(&label),
             submit_seconds: self.submit_seconds.get_or_create_owned(&label),
             delivery_seconds: self.delivery_seconds.get_or_create_owned(&label),
+            inbox_batch_deliveries: self.inbox_batch_deliveries.get_or_create_owned(&label),
         }
     }
 }
@@ -195,6 +210,7 @@ pub struct ServiceMetrics {
     pub refused: Counter,
     pub submit_seconds: Histogram,
     pub delivery_seconds: Histogram,
+    pub inbox_batch_deliveries: Histogram,
 }
 
 impl ServiceMetrics {
@@ -308,39 +324,47 @@ pub fn default_http_addr(grpc: SocketAddr) -> SocketAddr {
 
 /// The gRPC health service, kept in step with the broker connection: every
 /// service in `names` (and the server as a whole, "") is SERVING while the
-/// bus is connected, NOT_SERVING while it is not.
-#[must_use]
-pub fn health_service(
+/// bus is connected, NOT_SERVING while it is not. Every status is set
+/// before this returns, so that a probe of a named service right after
+/// start-up never finds it unregistered (NOT_FOUND).
+pub async fn health_service(
     bus: Bus,
     names: Vec<&'static str>,
     shutdown: CancellationToken,
 ) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
     let (reporter, service) = tonic_health::server::health_reporter();
-    tokio::spawn(follow_bus(reporter, bus, names, shutdown));
+    let connection = bus.connection();
+    report(&reporter, &names, connection.is_up()).await;
+    tokio::spawn(follow_bus(reporter, connection, names, shutdown));
     service
+}
+
+/// Sets every one of `names` and the server as a whole ("") to SERVING
+/// when `up`, else NOT_SERVING.
+async fn report(reporter: &HealthReporter, names: &[&'static str], up: bool) {
+    let status = if up {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for name in names {
+        reporter.set_service_status(*name, status).await;
+    }
+    reporter.set_service_status("", status).await;
 }
 
 async fn follow_bus(
     reporter: HealthReporter,
-    bus: Bus,
+    mut connection: ConnectionWatch,
     names: Vec<&'static str>,
     shutdown: CancellationToken,
 ) {
-    let mut connection = bus.connection();
     loop {
-        let status = if connection.is_up() {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        reporter.set_service_status("", status).await;
-        for name in &names {
-            reporter.set_service_status(*name, status).await;
-        }
         tokio::select! {
             () = shutdown.cancelled() => break,
             changed = connection.changed() => if !changed { break },
         }
+        report(&reporter, &names, connection.is_up()).await;
     }
     reporter
         .set_service_status("", ServingStatus::NotServing)

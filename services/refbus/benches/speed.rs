@@ -21,6 +21,12 @@
 //!    carrying the hops gathered since, pre-signed bytes of their size,
 //!    confirmed, into the tap; a consumer on the tap acks everything.
 //!    Three connections, as refbus's three processes have.
+//!    **raw-batched-copy**: the same with the tracker's copy batched by the
+//!    sender (a layout issue 17 may take): each envelope published to the
+//!    desk's inbox alone, and its copy in the sender's next batch to the
+//!    tap (one batch in flight, taking whatever waited: group commit, no
+//!    timer); a publish counts once its own confirm and its batch's confirm
+//!    both came.
 //! 3. **refbus**: legal-help requests submitted over gRPC to a real
 //!    `refbus serve detention-centre` process, received on the duty desk's
 //!    `Inbox` stream from a `refbus serve legal-aid` process and acknowledged,
@@ -522,10 +528,27 @@ struct Layout {
     batches: Arc<AtomicUsize>,
     /// Envelopes published so far.
     published: AtomicUsize,
+    /// The batched-copy variant: the tracker's copy goes in the sender's
+    /// batches, not by fan-out (see [`Copies`]).
+    copies: Option<Arc<Copies>>,
+}
+
+/// The tracker's copies gathered by the sender (the "batched-copy" layout,
+/// a design issue 17 may take): the envelope is published to the inbox
+/// alone, and its copy waits here for the next batch to the tap. One batch
+/// is in flight at a time and takes everything that waited meanwhile
+/// (group commit, no timer); a publish is confirmed once its own publish
+/// and its copy's batch both are.
+#[derive(Default)]
+struct Copies {
+    waiting: Mutex<Vec<tokio::sync::oneshot::Sender<bool>>>,
+    wake: tokio::sync::Notify,
+    /// Copy batches sent.
+    batches: AtomicUsize,
 }
 
 impl Layout {
-    async fn start(namespace: &str) -> Self {
+    async fn start(namespace: &str, batched_copy: bool) -> Self {
         let directory =
             refbus_core::Directory::load(repo_root().join("deploy/local/directory.toml")).unwrap();
         let mut topology = Topology::new(
@@ -645,6 +668,63 @@ impl Layout {
             }
         });
 
+        let copy_batcher = batched_copy.then(|| Arc::new(Copies::default()));
+        if let Some(copies) = copy_batcher.clone() {
+            let channel = publish_conn.create_channel().await.unwrap();
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            let exchange = exchange.clone();
+            let envelope = body.clone();
+            let properties = signed_properties(
+                &signature,
+                "application/x-protobuf; proto=refbus.v1.EnvelopeBatch",
+                "envelope_batch",
+            );
+            tokio::spawn(async move {
+                loop {
+                    let waiting = std::mem::take(&mut *copies.waiting.lock().unwrap());
+                    if waiting.is_empty() {
+                        copies.wake.notified().await;
+                        continue;
+                    }
+                    // Each copy framed as a repeated field, as a batch
+                    // message of envelopes would carry them.
+                    let mut batch = Vec::with_capacity(waiting.len() * (envelope.len() + 3));
+                    for _ in &waiting {
+                        batch.push(0x0a);
+                        let mut len = envelope.len();
+                        while len >= 0x80 {
+                            batch.push(u8::try_from(len & 0x7f).unwrap() | 0x80);
+                            len >>= 7;
+                        }
+                        batch.push(u8::try_from(len).unwrap());
+                        batch.extend_from_slice(&envelope);
+                    }
+                    let n = copies.batches.fetch_add(1, Ordering::AcqRel);
+                    let confirmed = match channel
+                        .basic_publish(
+                            exchange.as_str().into(),
+                            refbus_bus::topology::HOP_BATCH_KEY.into(),
+                            MANDATORY,
+                            &batch,
+                            properties
+                                .clone()
+                                .with_message_id(format!("copies-{n}").as_str().into()),
+                        )
+                        .await
+                    {
+                        Ok(confirm) => matches!(confirm.await, Ok(lapin::Confirmation::Ack(None))),
+                        Err(_) => false,
+                    };
+                    for done in waiting {
+                        let _ = done.send(confirmed);
+                    }
+                }
+            });
+        }
+
         // The tracker's side: ack everything on the tap.
         let tap_conn = connect().await.unwrap();
         let tap = tap_conn.create_channel().await.unwrap();
@@ -686,6 +766,7 @@ impl Layout {
             pending_hops,
             batches,
             published: AtomicUsize::new(0),
+            copies: copy_batcher,
         }
     }
 
@@ -693,11 +774,22 @@ impl Layout {
         self.published.fetch_add(1, Ordering::Relaxed);
         let id = refbus_core::envelope_id(CENTRE, key);
         self.clocking.sent(id.clone());
+        // Batched copy: to the inbox alone (the default exchange routes by
+        // queue name), the copy in the sender's next batch to the tap.
+        let (exchange, routing_key, copied) = match &self.copies {
+            Some(copies) => {
+                let (done, copied) = tokio::sync::oneshot::channel();
+                copies.waiting.lock().unwrap().push(done);
+                copies.wake.notify_one();
+                (String::new(), self.topology.inbox_queue(DESK), Some(copied))
+            }
+            None => (self.exchange.clone(), self.routing_key.clone(), None),
+        };
         let confirmation = self
             .publisher
             .basic_publish(
-                self.exchange.as_str().into(),
-                self.routing_key.as_str().into(),
+                exchange.as_str().into(),
+                routing_key.as_str().into(),
                 MANDATORY,
                 &self.body,
                 self.properties.clone().with_message_id(id.as_str().into()),
@@ -710,6 +802,12 @@ impl Layout {
             matches!(confirmation, lapin::Confirmation::Ack(None)),
             "the layout's publish was not routed: {confirmation:?}"
         );
+        if let Some(copied) = copied {
+            assert!(
+                copied.await.unwrap_or(false),
+                "the layout's copy batch was not confirmed"
+            );
+        }
     }
 
     /// Waits until the tap consumer has acknowledged every copy of what was
@@ -719,8 +817,11 @@ impl Layout {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {
             // Every envelope's copy, and every hop batch once none waits.
-            let copies =
-                self.published.load(Ordering::Relaxed) + self.batches.load(Ordering::Acquire);
+            let envelopes = match &self.copies {
+                Some(copies) => copies.batches.load(Ordering::Acquire),
+                None => self.published.load(Ordering::Relaxed),
+            };
+            let copies = envelopes + self.batches.load(Ordering::Acquire);
             if self.pending_hops.load(Ordering::Acquire) == 0
                 && self.tapped.load(Ordering::Acquire) >= copies
             {
@@ -1297,6 +1398,7 @@ async fn run() {
     };
     let broker_side = vec![bench.clone(), beam.clone()];
 
+    let only_refbus = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "refbus");
     // The raw limit: one queue.
     println!("raw:");
     let raw = Arc::new(Raw::start().await);
@@ -1309,41 +1411,63 @@ async fn run() {
     let _ = raw.clocking.take();
     let publishing = raw.clone();
     let before = cpu_snapshot(&broker_side);
-    let raw_rate = saturate(n, in_flight, &raw.clocking, move |i| {
+    // A profiling run measures the baselines only briefly.
+    let baseline_n = if only_refbus { 1000 } else { n };
+    let raw_rate = saturate(baseline_n, in_flight, &raw.clocking, move |i| {
         let raw = publishing.clone();
         async move { raw.publish(format!("s{i}")).await }
     })
     .await;
-    let raw_cpu = CpuUse::between(&broker_side, &before, &cpu_snapshot(&broker_side), n);
+    let raw_cpu = CpuUse::between(
+        &broker_side,
+        &before,
+        &cpu_snapshot(&broker_side),
+        baseline_n,
+    );
     raw_cpu.print("raw");
     let _ = raw.clocking.take();
 
-    // refbus's layout, no application work.
-    println!("raw-layout:");
-    let layout = Arc::new(Layout::start(&format!("benchlayout{}", std::process::id())).await);
-    let warm = layout.clone();
-    saturate(200, in_flight, &layout.clocking, move |i| {
-        let layout = warm.clone();
-        async move { layout.publish(&format!("w{i}")).await }
-    })
-    .await;
-    layout.tap_drained().await;
-    let _ = layout.clocking.take();
-    let publishing = layout.clone();
-    let before = cpu_snapshot(&broker_side);
-    let layout_rate = saturate(n, in_flight, &layout.clocking, move |i| {
-        let layout = publishing.clone();
-        async move { layout.publish(&format!("s{i}")).await }
-    })
-    .await;
-    let tap_drain = layout.tap_drained().await;
-    let layout_cpu = CpuUse::between(&broker_side, &before, &cpu_snapshot(&broker_side), n);
-    println!(
-        "  tap: every copy acknowledged {:.0} ms after the last inbox delivery",
-        tap_drain.as_secs_f64() * 1000.0
-    );
-    layout_cpu.print("raw-layout");
-    let _ = layout.clocking.take();
+    // refbus's layout, no application work; then the same with the
+    // tracker's copy batched by the sender instead of fanned out.
+    let mut layouts = Vec::new();
+    for (name, batched_copy) in [("raw-layout", false), ("raw-batched-copy", true)] {
+        println!("{name}:");
+        let namespace = format!("bench{}{}", name.replace('-', ""), std::process::id());
+        let layout = Arc::new(Layout::start(&namespace, batched_copy).await);
+        let warm = layout.clone();
+        saturate(200, in_flight, &layout.clocking, move |i| {
+            let layout = warm.clone();
+            async move { layout.publish(&format!("w{i}")).await }
+        })
+        .await;
+        layout.tap_drained().await;
+        let _ = layout.clocking.take();
+        let publishing = layout.clone();
+        let before = cpu_snapshot(&broker_side);
+        let rate = saturate(baseline_n, in_flight, &layout.clocking, move |i| {
+            let layout = publishing.clone();
+            async move { layout.publish(&format!("s{i}")).await }
+        })
+        .await;
+        let tap_drain = layout.tap_drained().await;
+        let cpu = CpuUse::between(
+            &broker_side,
+            &before,
+            &cpu_snapshot(&broker_side),
+            baseline_n,
+        );
+        println!(
+            "  tap: every copy acknowledged {:.0} ms after the last inbox delivery",
+            tap_drain.as_secs_f64() * 1000.0
+        );
+        cpu.print(name);
+        let _ = layout.clocking.take();
+        layouts.push((layout, rate, cpu));
+    }
+    let [
+        (layout, layout_rate, layout_cpu),
+        (copied, copied_rate, copied_cpu),
+    ] = <[_; 2]>::try_from(layouts).ok().unwrap();
 
     // refbus.
     println!("refbus:");
@@ -1388,6 +1512,15 @@ async fn run() {
     let (lag_at_stop, lag_cleared) = refbus.settle().await;
     let refbus_cpu = CpuUse::between(&refbus_side, &before, &cpu_snapshot(&refbus_side), n);
     refbus_cpu.print("refbus");
+    if only_refbus {
+        // A profiling run (`BENCH_ONLY=refbus`): the refbus saturation run
+        // alone, its processes left for `perf` to attach to meanwhile.
+        println!(
+            "  {refbus_rate:.0} msg/s; tracker lag {lag_at_stop} messages at the stop, back to zero in {:.0} ms; BENCH_ONLY=refbus: the other runs skipped",
+            lag_cleared.as_secs_f64() * 1000.0
+        );
+        return;
+    }
 
     // The same, the agency system submitting `BENCH_SUBMIT_BATCH` referrals
     // per SubmitBatch call (issue 17): each still its own receipt after its
@@ -1425,7 +1558,7 @@ async fn run() {
 
     // The same fixed offered loads for every side.
     let loads = [500.0, refbus_rate / 2.0];
-    let mut at_loads: Vec<[Load; 3]> = Vec::new();
+    let mut at_loads: Vec<[Load; 4]> = Vec::new();
     for per_second in loads {
         println!("fixed load {per_second:.0} msg/s:");
         let publishing = raw.clone();
@@ -1447,6 +1580,16 @@ async fn run() {
         layout.tap_drained().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
 
+        let publishing = copied.clone();
+        let (latencies, at_load) = offer(per_second, seconds, &copied.clocking, move |i| {
+            let copied = publishing.clone();
+            async move { copied.publish(&format!("l{per_second}-{i}")).await }
+        })
+        .await;
+        let copied_load = load(latencies, per_second, at_load, 0);
+        copied.tap_drained().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
         let sending = refbus.clone();
         let (latencies, at_load) = offer(per_second, seconds, &refbus.clocking, move |_| {
             let r = sending.clone();
@@ -1457,11 +1600,13 @@ async fn run() {
         let refbus_load = load(latencies, per_second, at_load, failed);
         refbus.settle().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        at_loads.push([raw_load, layout_load, refbus_load]);
+        at_loads.push([raw_load, layout_load, copied_load, refbus_load]);
     }
-    let hop_failures = layout.hop_failures.load(Ordering::Relaxed);
+    let hop_failures =
+        layout.hop_failures.load(Ordering::Relaxed) + copied.hop_failures.load(Ordering::Relaxed);
     raw.stop().await;
     layout.stop().await;
+    copied.stop().await;
 
     let names: Vec<&str> = processes.iter().map(|p| p.name).collect();
     drop(processes);
@@ -1472,37 +1617,43 @@ async fn run() {
     println!();
     println!("load average: {load_at_start} at the start, {load_at_end} at the end");
     println!();
-    println!("| at saturation | raw | raw-layout | refbus |");
-    println!("| --- | --- | --- | --- |");
+    println!("| at saturation | raw | raw-layout | raw-batched-copy | refbus |");
+    println!("| --- | --- | --- | --- | --- |");
     println!(
-        "| throughput (received on the inbox) | {raw_rate:.0} msg/s | {layout_rate:.0} msg/s | {refbus_rate:.0} msg/s |"
+        "| throughput (received on the inbox) | {raw_rate:.0} msg/s | {layout_rate:.0} msg/s | {copied_rate:.0} msg/s | {refbus_rate:.0} msg/s |"
     );
     println!(
-        "| / raw | 1.00 | {:.2} | {:.2} |",
+        "| / raw | 1.00 | {:.2} | {:.2} | {:.2} |",
         layout_rate / raw_rate,
+        copied_rate / raw_rate,
         refbus_rate / raw_rate
     );
     println!(
-        "| wall time per referral | {:.0} µs | {:.0} µs | {:.0} µs |",
+        "| wall time per referral | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs |",
         1e6 / raw_rate,
         1e6 / layout_rate,
+        1e6 / copied_rate,
         1e6 / refbus_rate
     );
     for name in names.iter().copied().chain(["bench", "broker"]) {
         println!(
-            "| CPU per referral: {name} | {} | {} | {} |",
+            "| CPU per referral: {name} | {} | {} | {} | {} |",
             cpu_cell(&raw_cpu, name),
             cpu_cell(&layout_cpu, name),
+            cpu_cell(&copied_cpu, name),
             cpu_cell(&refbus_cpu, name)
         );
     }
     println!(
-        "| CPU per referral: refbus's processes together | | | {:.0} µs |",
+        "| CPU per referral: refbus's processes together | | | | {:.0} µs |",
         refbus_cpu.refbus_total()
     );
     println!(
-        "| the machine's cores busy during the run | {:.2} | {:.2} | {:.2} |",
-        raw_cpu.machine_cores, layout_cpu.machine_cores, refbus_cpu.machine_cores
+        "| the machine's cores busy during the run | {:.2} | {:.2} | {:.2} | {:.2} |",
+        raw_cpu.machine_cores,
+        layout_cpu.machine_cores,
+        copied_cpu.machine_cores,
+        refbus_cpu.machine_cores
     );
     println!();
     println!(
@@ -1520,7 +1671,10 @@ async fn run() {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for sides in &at_loads {
-        for (name, l) in ["raw", "raw-layout", "refbus"].iter().zip(sides) {
+        for (name, l) in ["raw", "raw-layout", "raw-batched-copy", "refbus"]
+            .iter()
+            .zip(sides)
+        {
             println!(
                 "| {:.0} msg/s | {name} | {:.2} ms | {:.2} ms | {:.2} ms | {} | {} |",
                 l.offered, l.p50, l.p99, l.p999, l.delivered_at_load, l.failed
@@ -1540,7 +1694,7 @@ async fn run() {
         up.as_secs_f64() * 1000.0
     );
 
-    let [raw_500, _, refbus_500] = &at_loads[0];
+    let [raw_500, _, _, refbus_500] = &at_loads[0];
     let ratio = refbus_rate / raw_rate;
     let cpu = refbus_cpu.refbus_total();
     println!();

@@ -70,8 +70,12 @@ pub struct TrackerSettings {
     /// (default: the gRPC address's port + 1000, e.g. 51056).
     #[arg(long = "http-listen", env = "REFBUS_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
-    /// Messages recorded per transaction, at most.
-    #[arg(long, env = "REFBUS_TRACKER_BATCH", default_value_t = 500)]
+    /// Messages recorded per transaction, at most. Batches are whatever
+    /// the tap holds when the writer is free, so they only grow this large
+    /// under load, where a larger batch shares one commit among more
+    /// messages (issue 17: 2,000 brought the lag after a saturation run
+    /// back to zero about twice as fast as 500).
+    #[arg(long, env = "REFBUS_TRACKER_BATCH", default_value_t = 2000)]
     pub batch: usize,
 }
 
@@ -294,7 +298,8 @@ impl Tracker {
             self.bus.clone(),
             vec![<TrackerServer<Queries> as tonic::server::NamedService>::NAME],
             self.shutdown.clone(),
-        );
+        )
+        .await;
         let served = server
             .add_service(health)
             .add_service(self.auth.intercept(TrackerServer::new(self.queries)))
@@ -563,6 +568,10 @@ impl Ingest {
     async fn recorded(&self, tally: Tally, batch: Batch) {
         self.metrics.add(tally);
         self.metrics.observe_lag(&batch.on_bus);
+        #[allow(clippy::cast_precision_loss)]
+        self.metrics
+            .batch_deliveries
+            .observe(batch.incomings.len() as f64);
         if let Some(due) = tally.earliest_due {
             self.wake.obligation_due(due);
         }

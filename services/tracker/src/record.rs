@@ -93,6 +93,9 @@ pub struct Metrics {
     pub lag_seconds: Histogram,
     /// The largest lag in the last batch recorded, in seconds.
     pub last_lag_seconds: Gauge<f64, AtomicU64>,
+    /// How many tap deliveries each committed batch held (one transaction
+    /// each): under load they grow, and the commit's cost is shared.
+    pub batch_deliveries: Histogram,
 }
 
 impl Default for Metrics {
@@ -110,6 +113,8 @@ impl Default for Metrics {
             // 1 ms to about 65 s.
             lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
             last_lag_seconds: Gauge::default(),
+            // 1 to 4,096.
+            batch_deliveries: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
         }
     }
 }
@@ -189,6 +194,11 @@ impl Metrics {
             "refbus_tracker_last_lag_seconds",
             "The largest lag in the last batch recorded",
             self.last_lag_seconds.clone(),
+        );
+        registry.register(
+            "refbus_tracker_batch_deliveries",
+            "Tap deliveries recorded by each committed ledger transaction",
+            self.batch_deliveries.clone(),
         );
     }
 

@@ -30,8 +30,7 @@ pub struct LawyerRpcs(pub Arc<LawyerCore>);
 pub struct RegistryRpcs(pub Arc<LawyerCore>);
 
 /// Adds the lawyer service's gRPC services and their health to `router`.
-#[must_use]
-pub fn routes(router: Router, lawyers: &Arc<LawyerCore>) -> Router {
+pub async fn routes(router: Router, lawyers: &Arc<LawyerCore>) -> Router {
     let health = observe::health_service(
         lawyers.core.bus.clone(),
         vec![
@@ -39,7 +38,8 @@ pub fn routes(router: Router, lawyers: &Arc<LawyerCore>) -> Router {
             <LawyerRegistryServer<RegistryRpcs> as NamedService>::NAME,
         ],
         lawyers.core.shutdown.clone(),
-    );
+    )
+    .await;
     router
         .add_service(health)
         .add_service(
