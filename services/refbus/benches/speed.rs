@@ -5,7 +5,9 @@
 //! `BENCH_MESSAGES` (20000 per saturation run: long enough that the 10 ms
 //! clock ticks of `/proc` are about 1 µs per referral), `BENCH_IN_FLIGHT`
 //! (64, for every side), `BENCH_SECONDS` (10, each fixed-load run),
-//! `BENCH_ACKERS` (16), `BENCH_ACK_BATCH` (100).
+//! `BENCH_ACKERS` (16), `BENCH_ACK_BATCH` (100); `BENCH_ONLY=refbus` runs
+//! the baselines briefly and then the refbus saturation run alone, for a
+//! profiler to attach to its processes (BENCHMARKS.md, issue 17).
 //!
 //! 1. **raw**: lapin publishing persistent messages of the size refbus
 //!    publishes (the same signed envelope) to a quorum queue with publisher
