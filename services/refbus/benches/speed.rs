@@ -1359,6 +1359,20 @@ fn main() {
     runtime.block_on(run());
 }
 
+/// A layout baseline at a fixed offered load, its tap drained after.
+async fn layout_at(layout: &Arc<Layout>, per_second: f64, seconds: u64) -> Load {
+    let publishing = layout.clone();
+    let (latencies, at_load) = offer(per_second, seconds, &layout.clocking, move |i| {
+        let layout = publishing.clone();
+        async move { layout.publish(&format!("l{per_second}-{i}")).await }
+    })
+    .await;
+    let at = load(latencies, per_second, at_load, 0);
+    layout.tap_drained().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    at
+}
+
 fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
@@ -1572,25 +1586,8 @@ async fn run() {
         let raw_load = load(latencies, per_second, at_load, 0);
         tokio::time::sleep(Duration::from_secs(1)).await;
 
-        let publishing = layout.clone();
-        let (latencies, at_load) = offer(per_second, seconds, &layout.clocking, move |i| {
-            let layout = publishing.clone();
-            async move { layout.publish(&format!("l{per_second}-{i}")).await }
-        })
-        .await;
-        let layout_load = load(latencies, per_second, at_load, 0);
-        layout.tap_drained().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-
-        let publishing = copied.clone();
-        let (latencies, at_load) = offer(per_second, seconds, &copied.clocking, move |i| {
-            let copied = publishing.clone();
-            async move { copied.publish(&format!("l{per_second}-{i}")).await }
-        })
-        .await;
-        let copied_load = load(latencies, per_second, at_load, 0);
-        copied.tap_drained().await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let layout_load = layout_at(&layout, per_second, seconds).await;
+        let copied_load = layout_at(&copied, per_second, seconds).await;
 
         let sending = refbus.clone();
         let (latencies, at_load) = offer(per_second, seconds, &refbus.clocking, move |_| {
