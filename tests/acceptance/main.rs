@@ -98,4 +98,5 @@ mod secure;
 mod signatures;
 mod submit_batch;
 mod tracker;
+mod tracker_linger;
 mod trust;

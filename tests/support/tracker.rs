@@ -46,6 +46,8 @@ pub fn ledger_settings(db: Db) -> TrackerSettings {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         http_listen: Some("127.0.0.1:0".parse().unwrap()),
         batch: 500,
+        linger: refbus_gateway::settings::parse_duration(refbus_tracker::app::DEFAULT_LINGER)
+            .unwrap(),
     }
 }
 

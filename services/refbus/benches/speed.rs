@@ -923,6 +923,9 @@ fn refbus_command(namespace: &str, scratch: &Path, args: &[&str]) -> Command {
         .env_remove("REFBUS_LAWYER_SERVICE")
         .stdout(Stdio::piped())
         .kill_on_drop(true);
+    if let Ok(workers) = std::env::var("BENCH_SERVICE_WORKERS") {
+        command.env("TOKIO_WORKER_THREADS", workers);
+    }
     command
 }
 
@@ -948,6 +951,57 @@ struct Refbus {
     acknowledged: Arc<AtomicUsize>,
     /// Every Submit that failed so far (never delivered, never recorded).
     failed_total: AtomicUsize,
+    /// Where each referral's time goes, split at the centre's
+    /// `submitted_at` stamp (one clock: the machine's).
+    split: Arc<Split>,
+}
+
+/// A referral's latency in three parts, split at the `submitted_at` the
+/// detention centre's service stamps when it accepts the envelope: from the
+/// bench's Submit to the stamp (the gRPC call in, validation), from the
+/// stamp to the receipt (signing, the publish and its confirm, the answer
+/// back), and from the stamp to the desk's Inbox (the broker, the
+/// legal-aid service's inbox, the stream out).
+#[derive(Default)]
+struct Split {
+    to_stamp: Mutex<Latencies>,
+    stamp_to_receipt: Mutex<Latencies>,
+    stamp_to_inbox: Mutex<Latencies>,
+}
+
+fn micros_since(
+    earlier: chrono::DateTime<chrono::Utc>,
+    later: chrono::DateTime<chrono::Utc>,
+) -> u64 {
+    u64::try_from((later - earlier).num_microseconds().unwrap_or(0)).unwrap_or(0)
+}
+
+fn stamp(at: Option<&prost_types::Timestamp>) -> Option<chrono::DateTime<chrono::Utc>> {
+    at.and_then(|t| chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?))
+}
+
+impl Split {
+    fn clear(&self) {
+        for part in [&self.to_stamp, &self.stamp_to_receipt, &self.stamp_to_inbox] {
+            *part.lock().unwrap() = Latencies::default();
+        }
+    }
+
+    fn print(&self) {
+        for (name, part) in [
+            ("Submit to the centre's stamp", &self.to_stamp),
+            ("stamp to the receipt", &self.stamp_to_receipt),
+            ("stamp to the desk's Inbox", &self.stamp_to_inbox),
+        ] {
+            let mut part = part.lock().unwrap();
+            println!(
+                "  {name}: p50 {:.2} ms, p99 {:.2} ms ({} referrals)",
+                part.percentile(0.50),
+                part.percentile(0.99),
+                part.0.len()
+            );
+        }
+    }
 }
 
 impl Refbus {
@@ -1028,8 +1082,24 @@ impl Refbus {
             });
         }
         let receiving = clocking.clone();
+        let split = Arc::new(Split::default());
+        let splitting = split.clone();
         tokio::spawn(async move {
             while let Some(Ok(delivery)) = inbox.next().await {
+                let now = chrono::Utc::now();
+                if let Some(at) = stamp(
+                    delivery
+                        .envelope
+                        .as_ref()
+                        .and_then(|e| e.submitted_at.as_ref()),
+                ) {
+                    splitting
+                        .stamp_to_inbox
+                        .lock()
+                        .unwrap()
+                        .0
+                        .push(micros_since(at, now));
+                }
                 let key = delivery
                     .envelope
                     .as_ref()
@@ -1048,17 +1118,36 @@ impl Refbus {
             next_key: AtomicUsize::new(0),
             acknowledged,
             failed_total: AtomicUsize::new(0),
+            split,
         };
         (refbus, processes)
     }
 
     async fn submit(&self, key: String) {
         self.clocking.sent(key.clone());
+        let sent = chrono::Utc::now();
         let submitted = self
             .centre
             .clone()
-            .submit(submit(legal_help_at(&key, chrono::Utc::now())))
+            .submit(submit(legal_help_at(&key, sent)))
             .await;
+        if let Ok(receipt) = &submitted
+            && let Some(at) = stamp(receipt.get_ref().submitted_at.as_ref())
+        {
+            let now = chrono::Utc::now();
+            self.split
+                .to_stamp
+                .lock()
+                .unwrap()
+                .0
+                .push(micros_since(sent, at));
+            self.split
+                .stamp_to_receipt
+                .lock()
+                .unwrap()
+                .0
+                .push(micros_since(at, now));
+        }
         if submitted.is_err() {
             // Overloaded: the Submit failed (UNAVAILABLE, no confirm in
             // time) and nothing was delivered. Counted, not waited for.
@@ -1414,7 +1503,9 @@ async fn run() {
     };
     let broker_side = vec![bench.clone(), beam.clone()];
 
-    let only_refbus = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "refbus");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let only_refbus = only == "refbus";
+    let only_latency = only == "latency";
     // The raw limit: one queue.
     println!("raw:");
     let raw = Arc::new(Raw::start().await);
@@ -1428,7 +1519,7 @@ async fn run() {
     let publishing = raw.clone();
     let before = cpu_snapshot(&broker_side);
     // A profiling run measures the baselines only briefly.
-    let baseline_n = if only_refbus { 1000 } else { n };
+    let baseline_n = if only_refbus || only_latency { 1000 } else { n };
     let raw_rate = saturate(baseline_n, in_flight, &raw.clocking, move |i| {
         let raw = publishing.clone();
         async move { raw.publish(format!("s{i}")).await }
@@ -1442,6 +1533,24 @@ async fn run() {
     );
     raw_cpu.print("raw");
     let _ = raw.clocking.take();
+    if only_latency {
+        let per_second = f64::from(u32::try_from(env_usize("BENCH_RATE", 500)).unwrap());
+        let publishing = raw.clone();
+        let before = cpu_snapshot(&broker_side);
+        let (latencies, _) = offer(per_second, seconds, &raw.clocking, move |i| {
+            let raw = publishing.clone();
+            async move { raw.publish(format!("l{i}")).await }
+        })
+        .await;
+        let at = load(latencies, per_second, 0, 0);
+        println!(
+            "raw at {per_second:.0} msg/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+            at.p50, at.p99, at.p999
+        );
+        let n = raw.clocking.received.load(Ordering::Acquire);
+        CpuUse::between(&broker_side, &before, &cpu_snapshot(&broker_side), n)
+            .print("raw at a fixed load");
+    }
 
     // refbus's layout, no application work; then the same with the
     // tracker's copy batched by the sender instead of fanned out.
@@ -1478,6 +1587,18 @@ async fn run() {
         );
         cpu.print(name);
         let _ = layout.clocking.take();
+        if only_latency {
+            let per_second = f64::from(u32::try_from(env_usize("BENCH_RATE", 500)).unwrap());
+            let before = cpu_snapshot(&broker_side);
+            let at = layout_at(&layout, per_second, seconds).await;
+            println!(
+                "{name} at {per_second:.0} msg/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms",
+                at.p50, at.p99, at.p999
+            );
+            let n = layout.clocking.received.load(Ordering::Acquire);
+            CpuUse::between(&broker_side, &before, &cpu_snapshot(&broker_side), n)
+                .print(&format!("{name} at a fixed load"));
+        }
         layouts.push((layout, rate, cpu));
     }
     let [
@@ -1511,6 +1632,44 @@ async fn run() {
         .collect();
     refbus_side.extend(broker_side.iter().cloned());
 
+    if only_latency {
+        // A latency run (`BENCH_ONLY=latency`): refbus alone at
+        // `BENCH_RATE` (default 500) msg/s, its latency split at the
+        // centre's stamp, and the CPU each process spent per referral.
+        let per_second = f64::from(u32::try_from(env_usize("BENCH_RATE", 500)).unwrap());
+        // Idle first: what each process spends with nothing to do, per second.
+        let before = cpu_snapshot(&refbus_side);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let idle = CpuUse::between(&refbus_side, &before, &cpu_snapshot(&refbus_side), 5);
+        idle.print("refbus idle, per second (not per referral)");
+        refbus.split.clear();
+        let sending = refbus.clone();
+        let before = cpu_snapshot(&refbus_side);
+        let (latencies, _) = offer(per_second, seconds, &refbus.clocking, move |_| {
+            let r = sending.clone();
+            async move { r.submit(r.key()).await }
+        })
+        .await;
+        let cpu = CpuUse::between(
+            &refbus_side,
+            &before,
+            &cpu_snapshot(&refbus_side),
+            refbus.clocking.received.load(Ordering::Acquire).max(1),
+        );
+        let at = load(
+            latencies,
+            per_second,
+            0,
+            refbus.clocking.failed.load(Ordering::Acquire),
+        );
+        println!(
+            "refbus at {per_second:.0} msg/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, {} failed",
+            at.p50, at.p99, at.p999, at.failed
+        );
+        refbus.split.print();
+        cpu.print("refbus at a fixed load");
+        return;
+    }
     let sending = refbus.clone();
     let before = cpu_snapshot(&refbus_side);
     let (refbus_rate, peaks) = peak_rss(

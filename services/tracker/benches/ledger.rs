@@ -280,6 +280,8 @@ fn tracker_settings(
         listen: Some("127.0.0.1:0".parse().unwrap()),
         http_listen: Some("127.0.0.1:0".parse().unwrap()),
         batch: env_usize("BENCH_BATCH", 500),
+        linger: refbus_gateway::settings::parse_duration(refbus_tracker::app::DEFAULT_LINGER)
+            .unwrap(),
     }
 }
 

@@ -77,6 +77,14 @@ pub struct TrackerSettings {
     /// back to zero about twice as fast as 500).
     #[arg(long, env = "REFBUS_TRACKER_BATCH", default_value_t = 2000)]
     pub batch: usize,
+    /// How long a batch that is not full waits for more deliveries after
+    /// its first, before it is recorded (`0ms`: record what the tap holds
+    /// at once). Under a light load each message would otherwise be a
+    /// transaction of its own; waiting shares one commit among the
+    /// messages of the window (issue 17). Nobody waits on the ledger: a
+    /// Submit's receipt and the desk's Inbox do not pass through it.
+    #[arg(long = "batch-linger", env = "REFBUS_TRACKER_LINGER", default_value = DEFAULT_LINGER, value_parser = refbus_gateway::settings::parse_duration)]
+    pub linger: Duration,
 }
 
 impl TrackerSettings {
@@ -91,6 +99,9 @@ impl TrackerSettings {
         }
     }
 }
+
+/// [`TrackerSettings::linger`] unless told otherwise.
+pub const DEFAULT_LINGER: &str = "20ms";
 
 /// Where the tracker listens unless told otherwise.
 pub const DEFAULT_LISTEN: SocketAddr =
@@ -128,6 +139,7 @@ pub struct Tracker {
     clock: Clock,
     prefetch: u16,
     batch: usize,
+    linger: Duration,
     wake: Arc<Wake>,
     shutdown: CancellationToken,
     queries: Queries,
@@ -207,6 +219,7 @@ impl Tracker {
                 .prefetch
                 .max(u16::try_from(settings.batch.saturating_mul(4)).unwrap_or(u16::MAX)),
             batch: settings.batch.max(1),
+            linger: settings.linger,
             wake: Arc::new(Wake::default()),
             shutdown: shared.shutdown.clone(),
             queries,
@@ -255,6 +268,7 @@ impl Tracker {
                 bus: self.bus.clone(),
                 prefetch: self.prefetch,
                 batch_max: self.batch,
+                linger: self.linger,
                 signing: self.signing.clone(),
                 clock: self.clock.clone(),
                 wake: self.wake.clone(),
@@ -336,6 +350,8 @@ struct Ingest {
     signing: Arc<SigningKeys>,
     prefetch: u16,
     batch_max: usize,
+    /// [`TrackerSettings::linger`].
+    linger: Duration,
     clock: Clock,
     wake: Arc<Wake>,
     instance: String,
@@ -713,8 +729,9 @@ impl Ingest {
         Ok(tally)
     }
 
-    /// Gathers up to `batch_max` deliveries from the tap (as many as are
-    /// already there, at least one), dead-letters what does not decode,
+    /// Gathers up to `batch_max` deliveries from the tap (at least one, and
+    /// as many more as come within `linger` of it), dead-letters what does
+    /// not decode,
     /// what is not signed by whom it claims, what names malformed ids and
     /// replies from non-parties, and hands the batch on with its rows
     /// prepared.
@@ -732,12 +749,24 @@ impl Ingest {
             };
             let mut incomings = Vec::with_capacity(self.batch_max);
             let mut observed = Vec::with_capacity(self.batch_max);
+            let lingers_until = tokio::time::Instant::now() + self.linger;
             let mut pending = Some(first);
-            while let Some(incoming) = pending.take().or_else(|| {
-                (incomings.len() < self.batch_max)
-                    .then(|| subscription.try_next())
-                    .flatten()
-            }) {
+            loop {
+                let incoming = match pending.take().or_else(|| subscription.try_next()) {
+                    Some(incoming) => incoming,
+                    // Nothing waiting: a little longer for more, unless
+                    // the window closed or the tracker is stopping.
+                    None if !self.linger.is_zero() => tokio::select! {
+                        biased;
+                        () = self.shutdown.cancelled() => break,
+                        () = tokio::time::sleep_until(lingers_until) => break,
+                        next = subscription.next() => match next {
+                            Some(incoming) => incoming,
+                            None => break,
+                        },
+                    },
+                    None => break,
+                };
                 match Observed::decode(&incoming.routing_key, &incoming.data) {
                     Ok(o) => {
                         incomings.push(incoming);
