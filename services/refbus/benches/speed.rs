@@ -923,9 +923,6 @@ fn refbus_command(namespace: &str, scratch: &Path, args: &[&str]) -> Command {
         .env_remove("REFBUS_LAWYER_SERVICE")
         .stdout(Stdio::piped())
         .kill_on_drop(true);
-    if let Ok(workers) = std::env::var("BENCH_SERVICE_WORKERS") {
-        command.env("TOKIO_WORKER_THREADS", workers);
-    }
     command
 }
 
@@ -1506,6 +1503,8 @@ async fn run() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let only_refbus = only == "refbus";
     let only_latency = only == "latency";
+    // BENCH_ONLY=latency: the one fixed load, msg/s (BENCH_RATE).
+    let latency_rate = f64::from(u32::try_from(env_usize("BENCH_RATE", 500)).unwrap());
     // The raw limit: one queue.
     println!("raw:");
     let raw = Arc::new(Raw::start().await);
@@ -1534,7 +1533,7 @@ async fn run() {
     raw_cpu.print("raw");
     let _ = raw.clocking.take();
     if only_latency {
-        let per_second = f64::from(u32::try_from(env_usize("BENCH_RATE", 500)).unwrap());
+        let per_second = latency_rate;
         let publishing = raw.clone();
         let before = cpu_snapshot(&broker_side);
         let (latencies, _) = offer(per_second, seconds, &raw.clocking, move |i| {
@@ -1588,7 +1587,7 @@ async fn run() {
         cpu.print(name);
         let _ = layout.clocking.take();
         if only_latency {
-            let per_second = f64::from(u32::try_from(env_usize("BENCH_RATE", 500)).unwrap());
+            let per_second = latency_rate;
             let before = cpu_snapshot(&broker_side);
             let at = layout_at(&layout, per_second, seconds).await;
             println!(
@@ -1636,7 +1635,7 @@ async fn run() {
         // A latency run (`BENCH_ONLY=latency`): refbus alone at
         // `BENCH_RATE` (default 500) msg/s, its latency split at the
         // centre's stamp, and the CPU each process spent per referral.
-        let per_second = f64::from(u32::try_from(env_usize("BENCH_RATE", 500)).unwrap());
+        let per_second = latency_rate;
         // Idle first: what each process spends with nothing to do, per second.
         let before = cpu_snapshot(&refbus_side);
         tokio::time::sleep(Duration::from_secs(5)).await;
