@@ -276,59 +276,77 @@ async fn write_groups(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
     }
 }
 
+/// Records `group` in one transaction sent to SQLite as one multi-statement
+/// query (`BEGIN IMMEDIATE; INSERT …; INSERT …; COMMIT`): one hand-off to
+/// the connection's thread instead of one per statement, which at a light
+/// load, where every group holds one acknowledgement, was most of the
+/// store's cost (issue 17). A failure rolls back on the same connection,
+/// and that connection is closed rather than handed back, so no half-open
+/// transaction outlives the group.
 async fn write_group(pool: &SqlitePool, group: &[Pending]) -> Result<(), sqlx::Error> {
     let at = now_ms();
-    let mut tx = pool.begin().await?;
-    // One multi-row statement per 100 rows (anonymous `?`: SQLite binds
-    // numbered parameters by a linear scan).
-    for chunk in group.chunks(100) {
-        let mut sql = String::from("INSERT INTO acknowledged (agency, message_id, at) VALUES ");
-        for i in 0..chunk.len() {
-            sql.push_str(if i == 0 { "(?, ?, ?)" } else { ", (?, ?, ?)" });
-        }
-        sql.push_str(" ON CONFLICT DO NOTHING");
-        let mut query = sqlx::query(&sql);
-        for pending in chunk {
-            query = query
-                .bind(&pending.agency)
-                .bind(&pending.message_id)
-                .bind(at);
-        }
-        query.execute(&mut *tx).await?;
-    }
     let received: Vec<(&str, &Received)> = group
         .iter()
         .filter_map(|p| p.received.as_ref().map(|r| (p.agency.as_str(), r)))
         .collect();
-    for chunk in received.chunks(100) {
-        let mut sql = String::from(
-            "INSERT INTO received (agency, referral, kind, reply_to, relays, answers, payload_digest, at, from_lawyer, complainant) VALUES ",
-        );
-        for i in 0..chunk.len() {
-            sql.push_str(if i == 0 {
-                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            } else {
-                ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            });
-        }
-        sql.push_str(" ON CONFLICT DO NOTHING");
-        let mut query = sqlx::query(&sql);
-        for (agency, r) in chunk {
-            query = query
-                .bind(*agency)
-                .bind(&r.referral)
-                .bind(&r.kind)
-                .bind(&r.reply_to)
-                .bind(r.relays.join(","))
-                .bind(i64::from(r.answers))
-                .bind(&r.payload_digest)
-                .bind(at)
-                .bind(&r.from_lawyer)
-                .bind(&r.complainant);
-        }
-        query.execute(&mut *tx).await?;
+    // One multi-row statement per 100 rows (anonymous `?`: SQLite binds
+    // numbered parameters by a linear scan), its parameters bound in order
+    // across the statements.
+    let mut sql = String::from("BEGIN IMMEDIATE;");
+    for chunk in group.chunks(CHUNK) {
+        sql.push_str(" INSERT INTO acknowledged (agency, message_id, at) VALUES ");
+        push_rows(&mut sql, chunk.len(), "(?, ?, ?)");
+        sql.push_str(" ON CONFLICT DO NOTHING;");
     }
-    tx.commit().await
+    for chunk in received.chunks(CHUNK) {
+        sql.push_str(
+            " INSERT INTO received (agency, referral, kind, reply_to, relays, answers, payload_digest, at, from_lawyer, complainant) VALUES ",
+        );
+        push_rows(&mut sql, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        sql.push_str(" ON CONFLICT DO NOTHING;");
+    }
+    sql.push_str(" COMMIT");
+    let mut query = sqlx::query(&sql);
+    for pending in group {
+        query = query
+            .bind(&pending.agency)
+            .bind(&pending.message_id)
+            .bind(at);
+    }
+    for (agency, r) in &received {
+        query = query
+            .bind(*agency)
+            .bind(&r.referral)
+            .bind(&r.kind)
+            .bind(&r.reply_to)
+            .bind(r.relays.join(","))
+            .bind(i64::from(r.answers))
+            .bind(&r.payload_digest)
+            .bind(at)
+            .bind(&r.from_lawyer)
+            .bind(&r.complainant);
+    }
+    let mut connection = pool.acquire().await?;
+    match query.execute(&mut *connection).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            // Nothing of the group stays: roll back what began, and do not
+            // hand the connection back to the pool.
+            let _ = sqlx::query("ROLLBACK").execute(&mut *connection).await;
+            connection.close_on_drop();
+            Err(e)
+        }
+    }
+}
+
+/// Appends `n` comma-separated copies of `row` (`(?, ?)`) to `sql`.
+fn push_rows(sql: &mut String, n: usize, row: &str) {
+    for i in 0..n {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(row);
+    }
 }
 
 /// Adds each of [`ADDED_COLUMNS`] that a store made before it lacks.
@@ -360,6 +378,21 @@ fn now_ms() -> i64 {
 mod tests {
     use super::*;
 
+    /// A new store file in the temporary directory.
+    fn store_path(test: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!(
+            "refbus-ack-{test}-{}.db",
+            uuid::Uuid::now_v7().simple()
+        ))
+    }
+
+    /// Removes a test's store and its WAL files.
+    fn remove_store(path: &Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
     fn received(from_lawyer: &str) -> Received {
         Received {
             referral: "0193d5c8-0000-7000-8000-000000000001".into(),
@@ -378,10 +411,7 @@ mod tests {
     /// chunks, and none of another agency's.
     #[tokio::test]
     async fn a_batch_look_up_finds_exactly_the_agencys_acknowledged_ids() {
-        let path = std::env::temp_dir().join(format!(
-            "refbus-ack-batch-{}.db",
-            uuid::Uuid::now_v7().simple()
-        ));
+        let path = store_path("batch");
         let store = Acknowledged::open(&path).await.unwrap();
         let ids: Vec<String> = (0..250).map(|i| format!("m{i}")).collect();
         let recorded = futures_util::future::join_all(
@@ -405,17 +435,58 @@ mod tests {
                 .is_empty()
         );
         store.close().await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        remove_store(&path);
+    }
+
+    /// A group whose transaction fails (here a trigger aborts one id's
+    /// insert) records nothing of itself and tells its caller, and the
+    /// store goes on: the next acknowledgement is recorded, on a
+    /// connection with no transaction left open (issue 17: a group is one
+    /// multi-statement query).
+    #[tokio::test]
+    async fn a_failed_group_records_nothing_and_the_next_one_is_recorded() {
+        let path = store_path("failed");
+        let store = Acknowledged::open(&path).await.unwrap();
+        sqlx::query(
+            "CREATE TRIGGER poison BEFORE INSERT ON acknowledged WHEN NEW.message_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned'); END",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        for round in 0..3 {
+            let failed = store
+                .record("dz-duty-desk", "poison", Some(received("")))
+                .await;
+            assert!(
+                failed.as_ref().is_err_and(|e| e.contains("poisoned")),
+                "round {round}: {failed:?}"
+            );
+            let id = format!("m{round}");
+            store
+                .record("dz-duty-desk", &id, None)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            let found = store
+                .contains_any("dz-duty-desk", &[&id, "poison"])
+                .await
+                .unwrap();
+            assert_eq!(found, std::collections::HashSet::from([id]));
         }
+        // The failed groups' `received` rows rolled back with them.
+        assert!(
+            store
+                .received("dz-duty-desk", "0193d5c8-0000-7000-8000-000000000001")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        store.close().await;
+        remove_store(&path);
     }
 
     #[tokio::test]
     async fn a_store_made_before_lawyers_gains_their_columns_and_keeps_its_rows() {
-        let path = std::env::temp_dir().join(format!(
-            "refbus-ack-migration-{}.db",
-            uuid::Uuid::now_v7().simple()
-        ));
+        let path = store_path("migration");
         // The `received` table as it shipped before issue 18, with a row.
         {
             let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
@@ -472,8 +543,6 @@ mod tests {
                 .is_some()
         );
         store.close().await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        remove_store(&path);
     }
 }

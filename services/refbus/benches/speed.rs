@@ -1392,6 +1392,43 @@ async fn peak_rss<T>(
     (out, peaks)
 }
 
+/// Ends a run: stops the baselines, stops refbus's processes and deletes
+/// their namespace.
+async fn finish(
+    raw: &Raw,
+    layout: &Layout,
+    copied: &Layout,
+    processes: Vec<Process>,
+    namespace: &str,
+) {
+    raw.stop().await;
+    layout.stop().await;
+    copied.stop().await;
+    drop(processes);
+    delete_namespace(namespace).await;
+}
+
+/// Deletes a refbus namespace's exchanges and queues, once its processes
+/// have stopped: the bench leaves nothing behind on the shared broker,
+/// whichever run it stops after (quorum queues left over each keep a Raft
+/// member ticking in the broker, and slowed every later run).
+async fn delete_namespace(namespace: &str) {
+    let directory =
+        refbus_core::Directory::load(repo_root().join("deploy/local/directory.toml")).unwrap();
+    let topology = Topology::new(
+        namespace,
+        directory.agencies().iter().map(|a| a.id.clone()).collect(),
+    );
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    if let Err(e) = topology.delete(&channel).await {
+        println!("  {namespace}: the namespace was not deleted ({e})");
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
 /// How long `refbus up` takes from start to its first accepted `Submit`,
 /// and its resident memory then.
 async fn up_time(scratch: &Path) -> (Duration, f64) {
@@ -1434,6 +1471,7 @@ async fn up_time(scratch: &Path) -> (Duration, f64) {
     };
     let rss = process.rss_mib();
     drop(process);
+    delete_namespace(&namespace).await;
     (took, rss)
 }
 
@@ -1667,6 +1705,7 @@ async fn run() {
         );
         refbus.split.print();
         cpu.print("refbus at a fixed load");
+        finish(&raw, &layout, &copied, processes, &namespace).await;
         return;
     }
     let sending = refbus.clone();
@@ -1693,6 +1732,7 @@ async fn run() {
             "  {refbus_rate:.0} msg/s; tracker lag {lag_at_stop} messages at the stop, back to zero in {:.0} ms; BENCH_ONLY=refbus: the other runs skipped",
             lag_cleared.as_secs_f64() * 1000.0
         );
+        finish(&raw, &layout, &copied, processes, &namespace).await;
         return;
     }
 
@@ -1761,12 +1801,8 @@ async fn run() {
     }
     let hop_failures =
         layout.hop_failures.load(Ordering::Relaxed) + copied.hop_failures.load(Ordering::Relaxed);
-    raw.stop().await;
-    layout.stop().await;
-    copied.stop().await;
-
     let names: Vec<&str> = processes.iter().map(|p| p.name).collect();
-    drop(processes);
+    finish(&raw, &layout, &copied, processes, &namespace).await;
     let (up, up_rss) = up_time(&scratch).await;
     let _ = std::fs::remove_dir_all(&scratch);
     let load_at_end = load_average();
