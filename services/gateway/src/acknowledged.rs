@@ -278,9 +278,10 @@ async fn write_groups(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
 
 /// Records `group` in one transaction sent to SQLite as one multi-statement
 /// query (`BEGIN IMMEDIATE; INSERT …; INSERT …; COMMIT`): one hand-off to
-/// the connection's thread instead of one per statement, which at a light
-/// load, where every group holds one acknowledgement, was most of the
-/// store's cost (issue 17). A failure rolls back on the same connection,
+/// the connection's thread instead of one per statement. At a light load,
+/// where every group holds one acknowledgement, that took legal-aid from
+/// 34 to 23–26 context switches per referral (issue 17, BENCHMARKS.md).
+/// A failure rolls back on the same connection,
 /// and that connection is closed rather than handed back, so no half-open
 /// transaction outlives the group.
 async fn write_group(pool: &SqlitePool, group: &[Pending]) -> Result<(), sqlx::Error> {
