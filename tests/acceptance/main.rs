@@ -96,6 +96,7 @@ mod registry;
 mod scoping;
 mod secure;
 mod signatures;
+mod stream_churn;
 mod submit_batch;
 mod tracker;
 mod tracker_linger;

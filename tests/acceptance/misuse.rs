@@ -536,7 +536,7 @@ async fn an_inbox_stream_holds_only_its_window() {
 }
 
 /// Opens `agency`'s inbox stream with `window` (0: the default).
-async fn open_inbox(
+pub(crate) async fn open_inbox(
     client: &mut GatewayClient<Channel>,
     agency: &str,
     window: u32,

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel};
 use tokio::sync::mpsc;
@@ -214,10 +214,24 @@ async fn consume(
             return; // closed
         }
         match open(&bus, &queue, prefetch).await {
-            Ok((generation, channel, consumer)) => {
+            Ok((generation, channel, mut consumer)) => {
                 retry = Duration::from_millis(100);
                 let number = CHANNELS.fetch_add(1, Ordering::Relaxed) + 1;
-                let ended = forward(generation, number, consumer, &tx, &stop).await;
+                let ended = forward(generation, number, &mut consumer, &tx, &stop).await;
+                // Cancel the consumer and wait for the broker's cancel-ok
+                // before closing the channel. Dropped instead, lapin cancels
+                // it from a task of its own, whose `basic.cancel` could reach
+                // the broker after the `channel.close`: a frame on a channel
+                // the broker has closed is a connection error ("expected
+                // 'channel.open'"), which would take every other channel of
+                // the connection with it (seen once in CI, after an `Inbox`
+                // stream was killed).
+                if channel.status().connected() {
+                    let cancel =
+                        channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+                    let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
+                }
+                drop(consumer);
                 let _ = channel.close(200, "subscription ended".into()).await;
                 if ended {
                     return;
@@ -267,7 +281,7 @@ async fn open(
 async fn forward(
     generation: u64,
     channel: u64,
-    mut consumer: lapin::Consumer,
+    consumer: &mut lapin::Consumer,
     tx: &mpsc::Sender<Incoming>,
     stop: &CancellationToken,
 ) -> bool {
