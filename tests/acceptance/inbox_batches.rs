@@ -4,7 +4,8 @@
 //! acknowledged store. A batch changes no verdict: a forgery among genuine
 //! deliveries is refused alone (dead-lettered, its sender's supervisor
 //! alerted), every genuine one is handed over once, and a copy of one the
-//! desk already acknowledged is acked and never handed over again.
+//! desk already acknowledged is acked and never handed over again. The
+//! lawyer service's broker inbox verifies in batches the same way.
 
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use refbus_core::envelope::envelope_id;
 use refbus_core::signing::Signed;
 use refbus_proto::v1::{Envelope, InboxRequest};
 use refbus_tests::fixtures::{CENTRE, DESK, published_legal_help};
+use refbus_tests::lawyers::{LAWYER_SERVICE, LawyerInbox, LawyerWorld, acknowledge_lawyer};
 use refbus_tests::{Amqp, TestBus, acknowledge, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,4 +175,160 @@ async fn a_batch_of_deliveries_keeps_every_verdict_of_one_by_one() {
     );
     amqp.close().await;
     bus.stop().await;
+}
+
+/// A detainee-unavailable notice from the Dazu centre to `licence`, as the
+/// lawyer service's queue receives it (id, kind, time and recipient set).
+fn notice_to_lawyer(key: &str, licence: &str) -> Envelope {
+    use refbus_proto::v1::envelope::Payload;
+    use refbus_proto::v1::{Detainee, DetaineeUnavailableNotice, UnavailabilityReason};
+    Envelope {
+        id: envelope_id(DZ_CENTRE, key),
+        kind: refbus_core::MessageKind::DetaineeUnavailableNotice as i32,
+        sender: DZ_CENTRE.into(),
+        recipient: LAWYER_SERVICE.into(),
+        idempotency_key: key.into(),
+        submitted_at: Some(refbus_core::envelope::timestamp(chrono::Utc::now())),
+        to_lawyers: vec![licence.into()],
+        payload: Some(Payload::DetaineeUnavailableNotice(
+            DetaineeUnavailableNotice {
+                detainee: Some(Detainee {
+                    name: "李四".into(),
+                    id_number: "500225199001011234".into(),
+                    custody_number: "DZ-2026-0417".into(),
+                }),
+                booking_reference: key.into(),
+                reason: UnavailabilityReason::CourtHearing as i32,
+                ..DetaineeUnavailableNotice::default()
+            },
+        )),
+        ..Envelope::default()
+    }
+}
+
+const DZ_CENTRE: &str = "dz-detention-centre";
+
+/// Issue 17: the lawyer service's broker inbox also takes its deliveries in
+/// batches, with one batch verification, and a batch changes no verdict: a
+/// forgery and a misaddressed envelope among genuine notices are each
+/// refused alone (dead-lettered with their reasons), and every genuine one
+/// reaches the lawyer's inbox once, in queue order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lawyer_services_inbox_verifies_in_batches_and_keeps_every_verdict() {
+    let mut world = LawyerWorld::start().await;
+    let lawyer = world
+        .register("dz-bar-committee", "15001201910000017", "500111")
+        .await;
+    let queue = world.lawyer_queue();
+    let dead_letter = world.bus.shared.bus.topology().dead_letter();
+    let addr = world.lawyer_addr();
+    world.stop_lawyer_service().await;
+    assert_eq!(world.amqp.settled_count(&queue).await, 0);
+
+    // With the lawyer service stopped, 30 genuine notices queue up, with a
+    // forgery (the centre's claim, the court's key) after the 10th and a
+    // notice the centre addressed to the justice bureau after the 20th.
+    let genuine: Vec<Envelope> = (0..30)
+        .map(|i| notice_to_lawyer(&format!("lawyer-batch-{i}"), &lawyer.licence))
+        .collect();
+    for (i, envelope) in genuine.iter().enumerate() {
+        world.amqp.publish_envelope(&queue, envelope).await;
+        if i == 10 {
+            let forged = notice_to_lawyer("lawyer-batch-forged", &lawyer.licence);
+            world
+                .amqp
+                .publish_signed(
+                    &queue,
+                    "dz-court",
+                    Signed::Envelope,
+                    &forged.encode_to_vec(),
+                )
+                .await;
+        }
+        if i == 20 {
+            let mut misaddressed = notice_to_lawyer("lawyer-batch-misaddressed", &lawyer.licence);
+            misaddressed.recipient = "dz-justice-bureau".into();
+            world.amqp.publish_envelope(&queue, &misaddressed).await;
+        }
+    }
+    within("all 32 queued", async {
+        while world.amqp.counts(&queue).await.0 < 32 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    world.start_lawyer_service(addr).await;
+    let mut client = world.lawyers().await;
+    let mut inbox = LawyerInbox::open(&mut client, &lawyer).await;
+    let mut handed = Vec::new();
+    while handed.len() < genuine.len() {
+        let delivery = inbox.next().await;
+        let envelope = delivery.envelope.unwrap();
+        handed.push(envelope.id);
+        acknowledge_lawyer(&mut client, &lawyer, delivery.delivery_token).await;
+    }
+    let expected: Vec<String> = genuine.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(handed, expected, "every genuine one, once, in queue order");
+    assert!(
+        inbox
+            .next_within(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "nothing but the genuine notices reaches the lawyer"
+    );
+
+    // Taken in batches: fewer batches than deliveries.
+    let metrics = world.lawyer_metrics();
+    let sample = |name: &str| -> f64 {
+        let prefix = format!(
+            "refbus_gateway_inbox_batch_deliveries_{name}{{service=\"{LAWYER_SERVICE}\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in the lawyer service's metrics:\n{metrics}"))
+    };
+    let (batches, taken) = (sample("count"), sample("sum"));
+    assert_eq!(taken, 32.0, "every delivery taken in some batch");
+    assert!(
+        batches < taken / 2.0,
+        "{taken} deliveries in {batches} batches: not one by one"
+    );
+
+    // The forgery and the misaddressed notice, each dead-lettered alone
+    // with its reason.
+    let mut reasons = std::collections::BTreeMap::new();
+    within("two dead letters", async {
+        while reasons.len() < 2 {
+            match world.amqp.get(&dead_letter).await {
+                Some(dead) => {
+                    let id = Envelope::decode(dead.delivery.data.as_slice()).unwrap().id;
+                    let reason = refbus_bus::subscription::header_text(
+                        &dead.delivery.properties,
+                        "x-refbus-reason",
+                    )
+                    .unwrap_or_default();
+                    reasons.insert(id, reason);
+                }
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    let forged = &reasons[&envelope_id(DZ_CENTRE, "lawyer-batch-forged")];
+    assert!(forged.contains("forged or altered"), "{forged}");
+    let misaddressed = &reasons[&envelope_id(DZ_CENTRE, "lawyer-batch-misaddressed")];
+    assert!(misaddressed.contains("misaddressed"), "{misaddressed}");
+    assert!(
+        world.amqp.get(&dead_letter).await.is_none(),
+        "two dead letters only"
+    );
+    drop(inbox);
+    refbus_tests::tracker::eventually("every delivery settled on the broker", || async {
+        (world.amqp.counts(&queue).await.0 == 0).then_some(())
+    })
+    .await;
+    world.stop().await;
 }

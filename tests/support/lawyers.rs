@@ -136,6 +136,30 @@ impl LawyerWorld {
             .addr
     }
 
+    /// What the lawyer service's process counts, in Prometheus text.
+    #[must_use]
+    pub fn lawyer_metrics(&self) -> String {
+        self.lawyer_service
+            .as_ref()
+            .expect("lawyer service running")
+            .telemetry
+            .encode()
+    }
+
+    /// Stops the lawyer service (its queue keeps what comes meanwhile).
+    pub async fn stop_lawyer_service(&mut self) {
+        if let Some(running) = self.lawyer_service.take() {
+            running.stop().await;
+        }
+    }
+
+    /// Starts the lawyer service again on the same state and address.
+    pub async fn start_lawyer_service(&mut self, addr: SocketAddr) {
+        self.lawyer_service = Some(
+            ServiceInstance::start_on(self.settings.clone(), AgencyService::Lawyer, addr).await,
+        );
+    }
+
     /// A `LawyerService` client (each call carries a lawyer's token: [`as_lawyer`]).
     pub async fn lawyers(&self) -> LawyerServiceClient<Channel> {
         LawyerServiceClient::new(plain_channel(self.lawyer_addr()).await)
@@ -156,12 +180,8 @@ impl LawyerWorld {
     /// address (where the agency services' register client finds it).
     pub async fn restart_lawyer_service(&mut self) {
         let addr = self.lawyer_addr();
-        if let Some(running) = self.lawyer_service.take() {
-            running.stop().await;
-        }
-        self.lawyer_service = Some(
-            ServiceInstance::start_on(self.settings.clone(), AgencyService::Lawyer, addr).await,
-        );
+        self.stop_lawyer_service().await;
+        self.start_lawyer_service(addr).await;
     }
 
     /// The lawyer service's broker inbox queue.

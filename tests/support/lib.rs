@@ -243,6 +243,8 @@ impl TestBus {
 /// example another broker user, or a second instance sharing a bus).
 pub struct ServiceInstance {
     pub addr: SocketAddr,
+    /// Its process's metrics registry (what its `/metrics` would show).
+    pub telemetry: std::sync::Arc<refbus_gateway::observe::Telemetry>,
     shutdown: CancellationToken,
     served: tokio::task::JoinHandle<()>,
 }
@@ -265,11 +267,13 @@ impl ServiceInstance {
             .await
             .unwrap();
         let addr = app.local_addr().unwrap();
+        let telemetry = shared.telemetry.clone();
         let served = tokio::spawn(async move {
             serve_all(vec![app], &shared).await.expect("service runs");
         });
         Self {
             addr,
+            telemetry,
             shutdown,
             served,
         }

@@ -6,7 +6,7 @@
 //! queue with the reason. Nothing is acked before both are confirmed.
 
 use chrono::Utc;
-use lapin::options::BasicNackOptions;
+use refbus_bus::subscription::return_to_queue;
 use refbus_bus::{Bus, Incoming};
 
 use crate::gateway::publish_signed;
@@ -76,13 +76,7 @@ pub async fn refuse(
         };
         if let Err(e) = publish_signed(bus, signing, &envelope).await {
             tracing::warn!(queue = %refusal.queue, error = %e, "forgery alert not published; the refused delivery goes back to its queue");
-            let _ = incoming
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await;
+            return_to_queue(&incoming.acker).await;
             return;
         }
         tracing::warn!(queue = %refusal.queue, alert = %envelope.id, to = %recipient, reason = %refusal.reason, "refused a delivery; supervising justice bureau alerted");

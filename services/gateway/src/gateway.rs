@@ -641,42 +641,7 @@ impl GatewayCore {
         queue: &str,
         incomings: Vec<Incoming>,
     ) -> Vec<Delivery> {
-        let mut decoded = Vec::with_capacity(incomings.len());
-        for incoming in incomings {
-            let envelope = Envelope::decode(incoming.data.as_slice())
-                .map_err(|e| format!("not a refbus.v1.Envelope: {e}"))
-                .and_then(|envelope| {
-                    if envelope.payload.is_none() {
-                        Err("envelope has no payload".to_owned())
-                    } else if envelope.id.is_empty() {
-                        Err("envelope has no id".to_owned())
-                    } else {
-                        Ok(envelope)
-                    }
-                });
-            match envelope {
-                Ok(envelope) => decoded.push((incoming, envelope)),
-                Err(reason) => self.bus.dead_letter(queue, incoming, reason).await,
-            }
-        }
-        let verdicts = self.believe(agency, &decoded);
-        let mut believed = Vec::with_capacity(decoded.len());
-        for ((incoming, envelope), verdict) in decoded.into_iter().zip(verdicts) {
-            let Err(reason) = verdict else {
-                believed.push((incoming, envelope));
-                continue;
-            };
-            self.metrics.refused.inc();
-            let refusal = Refusal {
-                queue: queue.to_owned(),
-                detected_by: agency.to_owned(),
-                addressed_to: agency.to_owned(),
-                claimed_id: envelope.id,
-                claimed_sender: envelope.sender,
-                reason,
-            };
-            forgery::refuse(&self.bus, &self.signing, &self.directory, incoming, refusal).await;
-        }
+        let believed = self.believed(agency, queue, incomings).await;
         // Copies of what is pending on an open stream are held with it.
         let mut fresh = Vec::with_capacity(believed.len());
         for (incoming, envelope) in believed {
@@ -733,6 +698,58 @@ impl GatewayCore {
             });
         }
         handed
+    }
+
+    /// Decodes a batch of deliveries from `agency`'s inbox `queue` and
+    /// checks their signatures in one batch verification
+    /// ([`GatewayCore::believe`]): what does not decode is dead-lettered
+    /// with the reason, what cannot be believed is refused as a forgery
+    /// (dead-lettered, the sender's supervisor alerted). Returns the rest,
+    /// in order. Shared by the agencies' `Inbox` streams and the lawyer
+    /// service's broker inbox (issue 17: inboxes verify in batches).
+    pub(crate) async fn believed(
+        &self,
+        agency: &str,
+        queue: &str,
+        incomings: Vec<Incoming>,
+    ) -> Vec<(Incoming, Envelope)> {
+        let mut decoded = Vec::with_capacity(incomings.len());
+        for incoming in incomings {
+            let envelope = Envelope::decode(incoming.data.as_slice())
+                .map_err(|e| format!("not a refbus.v1.Envelope: {e}"))
+                .and_then(|envelope| {
+                    if envelope.payload.is_none() {
+                        Err("envelope has no payload".to_owned())
+                    } else if envelope.id.is_empty() {
+                        Err("envelope has no id".to_owned())
+                    } else {
+                        Ok(envelope)
+                    }
+                });
+            match envelope {
+                Ok(envelope) => decoded.push((incoming, envelope)),
+                Err(reason) => self.bus.dead_letter(queue, incoming, reason).await,
+            }
+        }
+        let verdicts = self.believe(agency, &decoded);
+        let mut believed = Vec::with_capacity(decoded.len());
+        for ((incoming, envelope), verdict) in decoded.into_iter().zip(verdicts) {
+            let Err(reason) = verdict else {
+                believed.push((incoming, envelope));
+                continue;
+            };
+            self.metrics.refused.inc();
+            let refusal = Refusal {
+                queue: queue.to_owned(),
+                detected_by: agency.to_owned(),
+                addressed_to: agency.to_owned(),
+                claimed_id: envelope.id,
+                claimed_sender: envelope.sender,
+                reason,
+            };
+            forgery::refuse(&self.bus, &self.signing, &self.directory, incoming, refusal).await;
+        }
+        believed
     }
 
     /// Whether each decoded delivery can be believed: signed by its sender

@@ -18,13 +18,13 @@
 //! (its channel closes; copies held from other channels are returned with
 //! `nack`), which costs nothing: the queues have no delivery limit.
 
+use refbus_bus::subscription::return_to_queue;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use chrono::{DateTime, Utc};
 use lapin::Acker;
-use lapin::options::BasicNackOptions;
 
 use crate::GatewayError;
 
@@ -346,12 +346,7 @@ fn nack_all(ackers: Vec<Acker>) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
             for acker in ackers {
-                let _ = acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
+                return_to_queue(&acker).await;
             }
         });
     }

@@ -13,10 +13,11 @@
 //! verifies it again), and only then acks the dead letter: a replay that
 //! fails half-way leaves the message where it was.
 
+use crate::subscription::return_to_queue;
 use std::time::Duration;
 
 use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
@@ -286,13 +287,6 @@ async fn take(
 /// Returns taken messages to the queue, in order.
 async fn give_back(_channel: &Channel, messages: Vec<BasicGetMessage>) {
     for message in messages {
-        let _ = message
-            .delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await;
+        return_to_queue(&message.delivery.acker).await;
     }
 }

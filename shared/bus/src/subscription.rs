@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Acker, BasicProperties, Channel};
 use tokio::sync::mpsc;
@@ -51,6 +51,18 @@ pub struct Incoming {
 
 /// Numbers every consumer channel this process opens.
 static CHANNELS: AtomicU64 = AtomicU64::new(0);
+
+/// Returns a delivery to its queue (a nack with requeue), to come again.
+/// A failure is ignored: the channel is gone, and with it the delivery
+/// went back to the queue anyway.
+pub async fn return_to_queue(acker: &Acker) {
+    let _ = acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await;
+}
 
 impl Incoming {
     /// The text of an AMQP header, if the message carries it as a string.

@@ -1,8 +1,9 @@
 //! The lawyer service's broker inbox: every message to `lawyer-service`.
 //!
-//! Each delivery is believed as an agency's `Inbox` believes one (signed by
-//! its sender with the directory's key over the exact bytes, and addressed
-//! to this agency), else refused as a forgery: an alert to the supervising
+//! Deliveries are taken in batches and believed as an agency's `Inbox`
+//! believes them (one batch verification: each signed by its sender with
+//! the directory's key over the exact bytes, and addressed to this agency),
+//! else refused, each alone, as a forgery: an alert to the supervising
 //! justice bureau, the delivery to the dead-letter queue. A registration is
 //! applied if its registrar is entitled ([`super::registration`]), else
 //! dead-lettered with the reason naming the rule; anything else is filed in
@@ -11,14 +12,14 @@
 //! goes back to the queue and comes again (nothing is lost, and the
 //! inbox's primary key stores a redelivered message once).
 
+use refbus_bus::subscription::return_to_queue;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use prost::Message;
+use lapin::options::BasicAckOptions;
 use refbus_bus::Incoming;
 use refbus_core::envelope::tracking_id;
-use refbus_core::signing::{self, SIGNATURE_HEADER, Signed};
+use refbus_core::signing::SIGNATURE_HEADER;
 use refbus_core::{KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::{Envelope, LawyerRegistration};
@@ -26,7 +27,6 @@ use refbus_proto::v1::{Envelope, LawyerRegistration};
 use super::registration::{self, Change};
 use super::store::InboxRow;
 use super::{LawyerCore, now_ms};
-use crate::forgery::{self, Refusal};
 
 /// What became of one delivery.
 enum Outcome {
@@ -39,124 +39,80 @@ enum Outcome {
 }
 
 impl LawyerCore {
-    /// Consumes the lawyer service's inbox queue until shutdown.
+    /// Consumes the lawyer service's inbox queue until shutdown, in
+    /// batches: whatever the broker has already handed over, up to the
+    /// prefetch, verified in one batch (issue 17) and then applied one by
+    /// one in queue order.
     pub async fn consume(self: Arc<Self>) {
         let queue = self.core.bus.topology().inbox_queue(&self.agency);
+        let batch_max = usize::from(self.core.prefetch.max(1));
         let mut subscription = self.core.bus.subscribe(queue.clone(), self.core.prefetch);
         let shutdown = self.core.shutdown.clone();
         tracing::info!(%queue, "lawyer service consuming its inbox");
         loop {
-            let incoming = tokio::select! {
+            let first = tokio::select! {
                 () = shutdown.cancelled() => break,
                 incoming = subscription.next() => match incoming {
                     Some(incoming) => incoming,
                     None => break,
                 },
             };
-            self.take(&queue, incoming).await;
+            let mut incomings = vec![first];
+            while incomings.len() < batch_max
+                && let Some(incoming) = subscription.try_next()
+            {
+                incomings.push(incoming);
+            }
+            #[allow(clippy::cast_precision_loss)]
+            self.core
+                .metrics
+                .inbox_batch_deliveries
+                .observe(incomings.len() as f64);
+            self.take(&queue, incomings).await;
         }
     }
 
-    /// Handles one delivery: believed, then applied or filed, then acked;
-    /// or refused.
-    async fn take(&self, queue: &str, incoming: Incoming) {
-        let envelope = match Envelope::decode(incoming.data.as_slice()) {
-            Ok(envelope) if envelope.payload.is_none() => Err("envelope has no payload".to_owned()),
-            Ok(envelope) if envelope.id.is_empty() => Err("envelope has no id".to_owned()),
-            Ok(envelope) => Ok(envelope),
-            Err(e) => Err(format!("not a refbus.v1.Envelope: {e}")),
-        };
-        let envelope = match envelope {
-            Ok(envelope) => envelope,
-            Err(reason) => {
-                self.core.bus.dead_letter(queue, incoming, reason).await;
-                return;
-            }
-        };
-        let signature = incoming.header(SIGNATURE_HEADER);
-        if let Err(reason) = self.believe(&envelope, &incoming, signature.as_deref()) {
-            self.core.metrics.refused.inc();
-            let refusal = Refusal {
-                queue: queue.to_owned(),
-                detected_by: self.agency.clone(),
-                addressed_to: self.agency.clone(),
-                claimed_id: envelope.id,
-                claimed_sender: envelope.sender,
-                reason,
+    /// Handles a batch of deliveries: believed (decoded, signed by their
+    /// senders, addressed here: else dead-lettered or refused as forgeries,
+    /// each alone), then each applied or filed and acked, or refused. Once
+    /// the store fails, that delivery and the rest of the batch go back to
+    /// the queue.
+    async fn take(&self, queue: &str, incomings: Vec<Incoming>) {
+        let believed = self.core.believed(&self.agency, queue, incomings).await;
+        let mut believed = believed.into_iter();
+        while let Some((incoming, envelope)) = believed.next() {
+            let outcome = match &envelope.payload {
+                Some(Payload::LawyerRegistration(r)) => {
+                    let signature = incoming.header(SIGNATURE_HEADER).unwrap_or_default();
+                    self.register(&envelope, r, &incoming.data, &signature)
+                        .await
+                }
+                _ => self.file(&envelope, &incoming.data).await,
             };
-            forgery::refuse(
-                &self.core.bus,
-                &self.core.signing,
-                &self.core.directory,
-                incoming,
-                refusal,
-            )
-            .await;
-            return;
-        }
-        let outcome = match &envelope.payload {
-            Some(Payload::LawyerRegistration(r)) => {
-                self.register(
-                    &envelope,
-                    r,
-                    &incoming.data,
-                    signature.as_deref().unwrap_or(""),
-                )
-                .await
-            }
-            _ => self.file(&envelope, &incoming.data).await,
-        };
-        match outcome {
-            Outcome::Done => {
-                if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
-                    // Committed: a redelivery is stored once (or applied again, the same).
-                    tracing::debug!(error = %e, "broker ack failed after commit");
+            match outcome {
+                Outcome::Done => {
+                    if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
+                        // Committed: a redelivery is stored once (or applied again, the same).
+                        tracing::debug!(error = %e, "broker ack failed after commit");
+                    }
+                }
+                Outcome::Refused(reason) => {
+                    tracing::warn!(id = %envelope.id, sender = %envelope.sender, %reason, "lawyer service refused a delivery");
+                    self.core.bus.dead_letter(queue, incoming, reason).await;
+                }
+                Outcome::Retry(reason) => {
+                    tracing::warn!(id = %envelope.id, %reason, "lawyer service state not written; the delivery and the rest of its batch go back to the queue");
+                    tokio::select! {
+                        () = self.core.shutdown.cancelled() => {}
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    for incoming in std::iter::once(incoming).chain(believed.map(|(i, _)| i)) {
+                        return_to_queue(&incoming.acker).await;
+                    }
+                    return;
                 }
             }
-            Outcome::Refused(reason) => {
-                tracing::warn!(id = %envelope.id, sender = %envelope.sender, %reason, "lawyer service refused a delivery");
-                self.core.bus.dead_letter(queue, incoming, reason).await;
-            }
-            Outcome::Retry(reason) => {
-                tracing::warn!(id = %envelope.id, %reason, "lawyer service state not written; the delivery goes back to the queue");
-                tokio::select! {
-                    () = self.core.shutdown.cancelled() => {}
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                let _ = incoming
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
-            }
         }
-    }
-
-    /// Signed by its sender over the bytes received, and addressed to
-    /// this agency.
-    fn believe(
-        &self,
-        envelope: &Envelope,
-        incoming: &Incoming,
-        signature: Option<&str>,
-    ) -> Result<(), String> {
-        signing::verify(
-            &self.core.directory,
-            &envelope.sender,
-            Signed::Envelope,
-            &incoming.data,
-            signature,
-        )
-        .map_err(|e| e.to_string())?;
-        if envelope.recipient != self.agency && !envelope.also_to.contains(&self.agency) {
-            return Err(format!(
-                "misaddressed: the envelope is addressed to `{}`, not to `{}`, whose inbox it reached",
-                envelope.recipient, self.agency
-            ));
-        }
-        Ok(())
     }
 
     /// Applies a registration from an entitled registrar.
