@@ -210,8 +210,8 @@ const DZ_CENTRE: &str = "dz-detention-centre";
 
 /// Issue 17: the lawyer service's broker inbox also takes its deliveries in
 /// batches, with one batch verification, and a batch changes no verdict: a
-/// forgery and a misaddressed envelope among genuine notices are each
-/// refused alone (dead-lettered with their reasons), and every genuine one
+/// forgery, a misaddressed envelope and bytes that are no envelope among
+/// genuine notices are each refused alone (dead-lettered with their reasons), and every genuine one
 /// reaches the lawyer's inbox once, in queue order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lawyer_services_inbox_verifies_in_batches_and_keeps_every_verdict() {
@@ -227,12 +227,19 @@ async fn the_lawyer_services_inbox_verifies_in_batches_and_keeps_every_verdict()
 
     // With the lawyer service stopped, 30 genuine notices queue up, with a
     // forgery (the centre's claim, the court's key) after the 10th and a
-    // notice the centre addressed to the justice bureau after the 20th.
+    // notice the centre addressed to the justice bureau after the 20th, and
+    // bytes that are no envelope at all (a NUL, invalid UTF-8) after the 5th.
     let genuine: Vec<Envelope> = (0..30)
         .map(|i| notice_to_lawyer(&format!("lawyer-batch-{i}"), &lawyer.licence))
         .collect();
     for (i, envelope) in genuine.iter().enumerate() {
         world.amqp.publish_envelope(&queue, envelope).await;
+        if i == 5 {
+            world
+                .amqp
+                .publish_raw(&queue, b"\0\xff\xfe not an envelope")
+                .await;
+        }
         if i == 10 {
             let forged = notice_to_lawyer("lawyer-batch-forged", &lawyer.licence);
             world
@@ -251,8 +258,8 @@ async fn the_lawyer_services_inbox_verifies_in_batches_and_keeps_every_verdict()
             world.amqp.publish_envelope(&queue, &misaddressed).await;
         }
     }
-    within("all 32 queued", async {
-        while world.amqp.counts(&queue).await.0 < 32 {
+    within("all 33 queued", async {
+        while world.amqp.counts(&queue).await.0 < 33 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -291,20 +298,21 @@ async fn the_lawyer_services_inbox_verifies_in_batches_and_keeps_every_verdict()
             .unwrap_or_else(|| panic!("no {prefix} in the lawyer service's metrics:\n{metrics}"))
     };
     let (batches, taken) = (sample("count"), sample("sum"));
-    assert_eq!(taken, 32.0, "every delivery taken in some batch");
+    assert_eq!(taken, 33.0, "every delivery taken in some batch");
     assert!(
         batches < taken / 2.0,
         "{taken} deliveries in {batches} batches: not one by one"
     );
 
-    // The forgery and the misaddressed notice, each dead-lettered alone
-    // with its reason.
+    // The forgery, the misaddressed notice and the bytes, each
+    // dead-lettered alone with its reason.
     let mut reasons = std::collections::BTreeMap::new();
-    within("two dead letters", async {
-        while reasons.len() < 2 {
+    within("three dead letters", async {
+        while reasons.len() < 3 {
             match world.amqp.get(&dead_letter).await {
                 Some(dead) => {
-                    let id = Envelope::decode(dead.delivery.data.as_slice()).unwrap().id;
+                    let id = Envelope::decode(dead.delivery.data.as_slice())
+                        .map_or_else(|_| "not an envelope".to_owned(), |e| e.id);
                     let reason = refbus_bus::subscription::header_text(
                         &dead.delivery.properties,
                         "x-refbus-reason",
