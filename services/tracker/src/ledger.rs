@@ -40,6 +40,14 @@ pub struct Ledger {
     /// PostgreSQL: the pool of the transactions that write the chain
     /// ([`WriteTx`]); `pool` serves the rest.
     recording: Option<PgPool>,
+    /// SQLite: the one connection of the transactions that write the chain.
+    /// A connection whose page cache another connection's commit made stale
+    /// rereads every page it touches; from a pool of four, the writer got a
+    /// stale one nearly every batch (issue 17: at 500 msg/s, a tenth of the
+    /// tracker's CPU went to `getPageNormal`). Its own commits keep its
+    /// cache warm, and its statement cache holds the batch statements.
+    /// `pool` serves the readers.
+    writer: Option<AnyPool>,
     /// Serialises this process's writing transactions (SQLite allows one
     /// writer; a deferred transaction upgrading its lock would fail at once).
     write: Mutex<()>,
@@ -135,42 +143,57 @@ impl Ledger {
                 Some(pool)
             }
         };
-        let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
-            // A local SQLite file needs no ping before every acquire (a
-            // round trip to the connection's thread each, issue 17).
-            .test_before_acquire(backend != Backend::Sqlite)
-            .after_connect(move |conn, _| {
-                let schema = schema.clone();
-                Box::pin(async move {
-                    match backend {
-                        Backend::Sqlite => {
-                            conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA synchronous = FULL").await?;
-                            conn.execute("PRAGMA busy_timeout = 10000").await?;
-                            // Issue 17: a batch's multi-row inserts keep
-                            // their statement journal in memory, not in a
-                            // temporary file; the WAL is checkpointed every
-                            // 16 MiB instead of 4, so a hot page is copied
-                            // back to the database less often. The page
-                            // cache stays SQLite's 2 MiB a connection, so
-                            // memory stays flat however large the ledger.
-                            conn.execute("PRAGMA temp_store = MEMORY").await?;
-                            conn.execute("PRAGMA wal_autocheckpoint = 4000").await?;
-                        }
-                        Backend::Postgres => {
-                            if let Some(schema) = schema {
-                                conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
+        let pool_options = |max_connections: u32| {
+            let schema = schema.clone();
+            AnyPoolOptions::new()
+                .max_connections(max_connections)
+                // A local SQLite file needs no ping before every acquire (a
+                // round trip to the connection's thread each, issue 17).
+                .test_before_acquire(backend != Backend::Sqlite)
+                .after_connect(move |conn, _| {
+                    let schema = schema.clone();
+                    Box::pin(async move {
+                        match backend {
+                            Backend::Sqlite => {
+                                conn.execute("PRAGMA journal_mode = WAL").await?;
+                                conn.execute("PRAGMA synchronous = FULL").await?;
+                                conn.execute("PRAGMA busy_timeout = 10000").await?;
+                                // Issue 17: a batch's multi-row inserts keep
+                                // their statement journal in memory, not in a
+                                // temporary file; the WAL is checkpointed every
+                                // 16 MiB instead of 4, so a hot page is copied
+                                // back to the database less often. The page
+                                // cache stays SQLite's 2 MiB a connection, so
+                                // memory stays flat however large the ledger.
+                                conn.execute("PRAGMA temp_store = MEMORY").await?;
+                                conn.execute("PRAGMA wal_autocheckpoint = 4000").await?;
+                            }
+                            Backend::Postgres => {
+                                if let Some(schema) = schema {
+                                    conn.execute(
+                                        format!("SET search_path TO \"{schema}\"").as_str(),
+                                    )
                                     .await?;
+                                }
                             }
                         }
-                    }
-                    Ok(())
+                        Ok(())
+                    })
                 })
-            })
-            .connect_with(options)
+        };
+        let pool = pool_options(if backend == Backend::Sqlite { 4 } else { 8 })
+            .connect_with(options.clone())
             .await
             .map_err(connect_err)?;
+        let writer = match backend {
+            Backend::Sqlite => Some(
+                pool_options(1)
+                    .connect_with(options)
+                    .await
+                    .map_err(connect_err)?,
+            ),
+            Backend::Postgres => None,
+        };
         // Another tracker migrating the same ledger at the same moment makes
         // one of the two fail; by the retry the winner has finished.
         let mut attempt = 0;
@@ -188,6 +211,7 @@ impl Ledger {
         Ok(Self {
             pool,
             recording,
+            writer,
             write: Mutex::new(()),
             backend,
         })
@@ -205,7 +229,7 @@ impl Ledger {
     pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
         Ok(match &self.recording {
             Some(pool) => WriteTx::Postgres(pool.begin().await?),
-            None => WriteTx::Sqlite(self.pool.begin().await?),
+            None => WriteTx::Sqlite(self.writer.as_ref().unwrap_or(&self.pool).begin().await?),
         })
     }
 
@@ -243,6 +267,9 @@ impl Ledger {
     pub async fn close(&self) {
         if let Some(pool) = &self.recording {
             pool.close().await;
+        }
+        if let Some(writer) = &self.writer {
+            writer.close().await;
         }
         self.pool.close().await;
     }
@@ -723,16 +750,11 @@ pub fn chain_hash(
     hex(&h.finalize())
 }
 
-/// Lowercase hex of bytes.
+/// Lowercase hex of bytes (by table: a formatter call per byte cost the
+/// chain 2 µs an event, issue 17).
 #[must_use]
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    ::hex::encode(bytes)
 }
 
 /// SHA-256 (hex) of bytes.
@@ -773,6 +795,17 @@ pub const CHUNK: usize = 500;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chain's hashes of a ledger written before hex went by table are
+    /// still what `tracker verify` computes: lowercase, two digits a byte.
+    #[test]
+    fn hashes_are_lowercase_hex_two_digits_a_byte() {
+        assert_eq!(hex(&[0x00, 0x0a, 0xab, 0xff]), "000aabff");
+        assert_eq!(
+            sha256_hex(b"refbus"),
+            "3582d502b30e520b5afaaeca5b1e78e928d75e392a0525c75fb457e142082cb0"
+        );
+    }
 
     #[test]
     fn a_batch_goes_to_postgresql_as_one_typed_array_per_column() {
