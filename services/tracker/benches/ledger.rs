@@ -16,7 +16,8 @@
 //! `cargo bench -p refbus-tracker --bench ledger` (BENCH_MESSAGES, default
 //! 20000; BENCH_OPEN, default 1000000, 0 skips the scan and memory parts;
 //! BENCH_BATCH, the tracker's batch, default 500: `REFBUS_TRACKER_BATCH`'s
-//! default until issue 17, 2,000 since).
+//! default until issue 17, 2,000 since; BENCH_ONLY=ledger measures the
+//! ledger writes alone).
 //! Results go to standard output.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
@@ -40,7 +41,9 @@ use refbus_core::signing::{SIGNATURE_HEADER, Signed, development_signature};
 use refbus_gateway::auth::AuthSettings;
 use refbus_gateway::{BusSettings, Shared};
 use refbus_proto::v1::envelope::Payload;
-use refbus_proto::v1::{Detainee, Envelope, LegalHelpRequest, MessageKind};
+use refbus_proto::v1::{
+    Detainee, Envelope, Hop, HopBatch, HopReport, LegalHelpRequest, MessageKind,
+};
 use refbus_tracker::deadline;
 use refbus_tracker::ledger::{Backend, Ledger};
 use refbus_tracker::record::{Metrics, Observed, Recorder, Tally};
@@ -367,28 +370,66 @@ async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
         .collect();
     let started = Instant::now();
     let cpu = CpuSample::now();
+    // (preparing the rows, writing and committing them), wall time.
+    let mut spent = (Duration::ZERO, Duration::ZERO);
     for batch in observed.chunks(tracker.batch) {
-        let refs: Vec<&Observed> = batch.iter().collect();
-        let prepared = recorder.prepare(&refs, Utc::now());
-        let mut tx = ledger.begin_write().await.unwrap();
-        let mut head = tx.lock_head().await.unwrap();
-        let mut tally = Tally::default();
-        recorder
-            .write(&mut tx, &mut head, &prepared, Utc::now(), &mut tally)
-            .await
-            .unwrap();
-        tx.store_head(&head).await.unwrap();
-        tx.commit().await.unwrap();
-        assert_eq!(tally.recorded as usize, batch.len());
+        // As on the bus: the referrals, then the desk gateway's batch of
+        // their hops (delivered, acknowledged), each hop its own event.
+        let hops = hop_batch(batch);
+        for (messages, expected) in [
+            (batch.iter().collect::<Vec<_>>(), batch.len()),
+            (vec![&hops], 2 * batch.len()),
+        ] {
+            let preparing = Instant::now();
+            let prepared = recorder.prepare(&messages, Utc::now());
+            spent.0 += preparing.elapsed();
+            let writing = Instant::now();
+            let mut tx = ledger.begin_write().await.unwrap();
+            let mut head = tx.lock_head().await.unwrap();
+            let mut tally = Tally::default();
+            recorder
+                .write(&mut tx, &mut head, &prepared, Utc::now(), &mut tally)
+                .await
+                .unwrap();
+            tx.store_head(&head).await.unwrap();
+            tx.commit().await.unwrap();
+            spent.1 += writing.elapsed();
+            assert_eq!(tally.recorded as usize, expected);
+        }
     }
     let rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
     println!(
-        "  ledger writes, {:?}: {}",
+        "  ledger writes (a referral and its two hops), {:?}: {}; per referral, preparing its rows {:.1} µs, writing them {:.1} µs (wall)",
         ledger.backend,
-        cpu.report(bodies.len())
+        cpu.report(bodies.len()),
+        spent.0.as_secs_f64() * 1e6 / bodies.len() as f64,
+        spent.1.as_secs_f64() * 1e6 / bodies.len() as f64,
     );
     ledger.close().await;
     rate
+}
+
+/// The desk gateway's hop batch for `referrals`: delivered and
+/// acknowledged, by the recipient, as the gateway reports them.
+fn hop_batch(referrals: &[Observed]) -> Observed {
+    let at = Some(timestamp(Utc::now()));
+    let mut hops = Vec::with_capacity(2 * referrals.len());
+    for referral in referrals {
+        let Observed::Envelope(envelope) = referral else {
+            unreachable!("the bench records referrals")
+        };
+        for hop in [Hop::Delivered, Hop::Acknowledged] {
+            hops.push(HopReport {
+                id: format!("{}-{}", envelope.id, hop.as_str_name()),
+                referral_id: envelope.id.clone(),
+                hop: hop as i32,
+                agency: envelope.recipient.clone(),
+                at,
+            });
+        }
+    }
+    let batch = HopBatch { hops }.encode_to_vec();
+    Observed::decode(refbus_bus::topology::HOP_BATCH_KEY, &batch).unwrap()
 }
 
 /// 3 and 4: `open` obligations pending, 1,000 of them due; one scan.
@@ -523,10 +564,16 @@ async fn main() {
 
     // The tracker's prefetch: four batches (at least the bus's 300).
     let prefetch = u16::try_from((4 * env_usize("BENCH_BATCH", 500)).max(300)).unwrap_or(u16::MAX);
-    let (publish, consume) = broker_rate(&bodies, prefetch).await;
-    println!(
-        "broker (quorum queue, persistent, confirms, manual ack, prefetch {prefetch}): publish {publish:.0} msg/s, deliver+ack {consume:.0} msg/s"
-    );
+    let ledger_only = std::env::var("BENCH_ONLY").as_deref() == Ok("ledger");
+    let consume = if ledger_only {
+        f64::NAN
+    } else {
+        let (publish, consume) = broker_rate(&bodies, prefetch).await;
+        println!(
+            "broker (quorum queue, persistent, confirms, manual ack, prefetch {prefetch}): publish {publish:.0} msg/s, deliver+ack {consume:.0} msg/s"
+        );
+        consume
+    };
 
     let dir = std::env::temp_dir().join(format!("refbus-bench-{}", std::process::id()));
     let schema = format!("bench{}", std::process::id());
@@ -545,13 +592,21 @@ async fn main() {
         ),
     ] {
         let rate = ledger_rate(&bodies, &settings).await;
-        println!(
-            "ledger writes, {name} {rate:.0} msg/s ({:.2}x the broker's delivery rate)",
-            rate / consume
-        );
+        if ledger_only {
+            println!("ledger writes, {name} {rate:.0} msg/s");
+        } else {
+            println!(
+                "ledger writes, {name} {rate:.0} msg/s ({:.2}x the broker's delivery rate)",
+                rate / consume
+            );
+        }
         if let Some(schema) = &settings.database_schema {
             drop_schema(&settings.database().unwrap(), schema).await;
         }
+    }
+    if ledger_only {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
     }
     let sqlite = tracker_settings(None, None, dir.clone());
     let rate = ingest_rate("sqlite", &bodies, &sqlite).await;
