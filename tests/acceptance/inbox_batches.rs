@@ -15,7 +15,7 @@ use refbus_core::signing::Signed;
 use refbus_proto::v1::{Envelope, InboxRequest};
 use refbus_tests::fixtures::{CENTRE, DESK, published_legal_help};
 use refbus_tests::lawyers::{LAWYER_SERVICE, LawyerInbox, LawyerWorld, acknowledge_lawyer};
-use refbus_tests::{Amqp, TestBus, acknowledge, within};
+use refbus_tests::{Amqp, TestBus, acknowledge, metric_sample, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_deliveries_keeps_every_verdict_of_one_by_one() {
@@ -106,17 +106,7 @@ async fn a_batch_of_deliveries_keeps_every_verdict_of_one_by_one() {
     .await;
     // They came in batches: fewer batches than deliveries (42 taken from
     // the broker, the acknowledged one before them in a batch of its own).
-    let metrics = bus.shared.telemetry.encode();
-    let sample = |name: &str| -> f64 {
-        let prefix =
-            format!("refbus_gateway_inbox_batch_deliveries_{name}{{service=\"legal-aid\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
-    };
-    let (batches, taken) = (sample("count"), sample("sum"));
+    let (batches, taken) = batches_taken(&bus.shared.telemetry.encode(), "legal-aid");
     assert_eq!(taken, 43.0, "every delivery taken in some batch");
     assert!(
         batches < taken / 2.0,
@@ -179,6 +169,18 @@ async fn a_batch_of_deliveries_keeps_every_verdict_of_one_by_one() {
 
 /// A detainee-unavailable notice from the Dazu centre to `licence`, as the
 /// lawyer service's queue receives it (id, kind, time and recipient set).
+/// (batches, deliveries taken) of `service`'s inbox batches, from its
+/// `refbus_gateway_inbox_batch_deliveries` histogram in a scrape.
+fn batches_taken(metrics: &str, service: &str) -> (f64, f64) {
+    let sample = |part: &str| {
+        metric_sample(
+            metrics,
+            &format!("refbus_gateway_inbox_batch_deliveries_{part}{{service=\"{service}\"}}"),
+        )
+    };
+    (sample("count"), sample("sum"))
+}
+
 fn notice_to_lawyer(key: &str, licence: &str) -> Envelope {
     use refbus_proto::v1::envelope::Payload;
     use refbus_proto::v1::{Detainee, DetaineeUnavailableNotice, UnavailabilityReason};
@@ -286,18 +288,7 @@ async fn the_lawyer_services_inbox_verifies_in_batches_and_keeps_every_verdict()
     );
 
     // Taken in batches: fewer batches than deliveries.
-    let metrics = world.lawyer_metrics();
-    let sample = |name: &str| -> f64 {
-        let prefix = format!(
-            "refbus_gateway_inbox_batch_deliveries_{name}{{service=\"{LAWYER_SERVICE}\"}} "
-        );
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix} in the lawyer service's metrics:\n{metrics}"))
-    };
-    let (batches, taken) = (sample("count"), sample("sum"));
+    let (batches, taken) = batches_taken(&world.lawyer_metrics(), LAWYER_SERVICE);
     assert_eq!(taken, 33.0, "every delivery taken in some batch");
     assert!(
         batches < taken / 2.0,

@@ -9,7 +9,7 @@ use refbus_core::signing::Signed;
 use refbus_proto::v1::gateway_client::GatewayClient;
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help_at, submit};
 use refbus_tests::up::{Up, eventually, http_get};
-use refbus_tests::{Amqp, as_agency, take_and_acknowledge};
+use refbus_tests::{Amqp, as_agency, metric_samples, take_and_acknowledge};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -20,21 +20,10 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-/// Every sample of a scrape: `name{labels}` to value.
-fn samples(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 fn scrape(up: &Up) -> HashMap<String, f64> {
     let (status, body) = http_get(&format!("{}/metrics", up.url("dashboard")), None);
     assert_eq!(status, 200, "{body}");
-    samples(&body)
+    metric_samples(&body)
 }
 
 /// How much a sample moved between two scrapes (absent counts as 0).
@@ -302,7 +291,7 @@ async fn every_service_answers_grpc_health_and_reflection() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     let (status, metrics) = http_get(&format!("http://127.0.0.1:{http}/metrics"), None);
     assert_eq!(status, 200);
-    let scraped = samples(&metrics);
+    let scraped = metric_samples(&metrics);
     assert_eq!(
         scraped.get("refbus_gateway_rejected_total{service=\"legal-aid\",rpc=\"Submit\",code=\"InvalidArgument\"}"),
         Some(&1.0),

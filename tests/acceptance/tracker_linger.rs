@@ -21,14 +21,9 @@ fn batches(tracker: &TestTracker) -> (u64, u64) {
     );
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-    let value = |prefix: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {prefix} in {text}")) as u64
-    };
-    let count = value("batch_deliveries_count ");
-    let single = value("batch_deliveries_bucket{le=\"1.0\"} ");
+    let value = |sample: &str| refbus_tests::metric_sample(&text, sample) as u64;
+    let count = value("batch_deliveries_count");
+    let single = value("batch_deliveries_bucket{le=\"1.0\"}");
     (count, count - single)
 }
 

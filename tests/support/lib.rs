@@ -499,6 +499,28 @@ pub fn signed_properties(signer: &str, what: Signed, bytes: &[u8]) -> BasicPrope
         .with_headers(headers)
 }
 
+/// Every sample of a Prometheus text scrape: `name{labels}` to value.
+pub fn metric_samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One sample of a scrape (`name{labels}`), which must be there.
+///
+/// # Panics
+/// When the scrape has no such sample, naming it and the scrape.
+pub fn metric_sample(text: &str, sample: &str) -> f64 {
+    metric_samples(text)
+        .get(sample)
+        .copied()
+        .unwrap_or_else(|| panic!("no {sample} in the scrape:\n{text}"))
+}
+
 /// Publishes a hop report on the bus (as a gateway would, with broker
 /// credentials), signed by the agency it reports on, and waits for the
 /// broker to take it.
