@@ -37,21 +37,26 @@ pub enum LedgerError {
 /// The ledger's database.
 pub struct Ledger {
     pub pool: AnyPool,
-    /// PostgreSQL: the pool of the transactions that write the chain
-    /// ([`WriteTx`]); `pool` serves the rest.
-    recording: Option<PgPool>,
-    /// SQLite: the one connection of the transactions that write the chain.
-    /// A connection whose page cache another connection's commit made stale
-    /// rereads every page it touches; from a pool of four, the writer got a
-    /// stale one nearly every batch (issue 17: at 500 msg/s, a tenth of the
-    /// tracker's CPU went to `getPageNormal`). Its own commits keep its
-    /// cache warm, and its statement cache holds the batch statements.
-    /// `pool` serves the readers.
-    writer: Option<AnyPool>,
+    /// The pool of the transactions that write the chain ([`WriteTx`]);
+    /// `pool` serves the rest.
+    recording: Recording,
     /// Serialises this process's writing transactions (SQLite allows one
     /// writer; a deferred transaction upgrading its lock would fail at once).
     write: Mutex<()>,
     pub backend: Backend,
+}
+
+/// Where a [`Ledger`]'s writing transactions go.
+enum Recording {
+    /// Through sqlx's own PostgreSQL driver (binary arrays, see [`WriteTx`]).
+    Postgres(PgPool),
+    /// Through one SQLite connection of their own. A connection whose page
+    /// cache another connection's commit made stale rereads every page it
+    /// touches; from a pool of four, the writer got a stale one nearly every
+    /// batch (issue 17: at 500 msg/s, a tenth of the tracker's CPU went to
+    /// `getPageNormal`). Its own commits keep its cache warm, and its
+    /// statement cache holds the batch statements.
+    Sqlite(AnyPool),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -185,14 +190,14 @@ impl Ledger {
             .connect_with(options.clone())
             .await
             .map_err(connect_err)?;
-        let writer = match backend {
-            Backend::Sqlite => Some(
+        let recording = match recording {
+            Some(pg) => Recording::Postgres(pg),
+            None => Recording::Sqlite(
                 pool_options(1)
                     .connect_with(options)
                     .await
                     .map_err(connect_err)?,
             ),
-            Backend::Postgres => None,
         };
         // Another tracker migrating the same ledger at the same moment makes
         // one of the two fail; by the retry the winner has finished.
@@ -211,7 +216,6 @@ impl Ledger {
         Ok(Self {
             pool,
             recording,
-            writer,
             write: Mutex::new(()),
             backend,
         })
@@ -228,8 +232,8 @@ impl Ledger {
     /// A database error.
     pub async fn begin_write(&self) -> Result<WriteTx, sqlx::Error> {
         Ok(match &self.recording {
-            Some(pool) => WriteTx::Postgres(pool.begin().await?),
-            None => WriteTx::Sqlite(self.writer.as_ref().unwrap_or(&self.pool).begin().await?),
+            Recording::Postgres(pool) => WriteTx::Postgres(pool.begin().await?),
+            Recording::Sqlite(pool) => WriteTx::Sqlite(pool.begin().await?),
         })
     }
 
@@ -265,11 +269,9 @@ impl Ledger {
 
     /// Closes the ledger's connections.
     pub async fn close(&self) {
-        if let Some(pool) = &self.recording {
-            pool.close().await;
-        }
-        if let Some(writer) = &self.writer {
-            writer.close().await;
+        match &self.recording {
+            Recording::Postgres(pool) => pool.close().await,
+            Recording::Sqlite(pool) => pool.close().await,
         }
         self.pool.close().await;
     }
