@@ -420,7 +420,11 @@ fn hop_batch(referrals: &[Observed]) -> Observed {
         };
         for hop in [Hop::Delivered, Hop::Acknowledged] {
             hops.push(HopReport {
-                id: format!("{}-{}", envelope.id, hop.as_str_name()),
+                id: refbus_core::envelope::hop_report_id(
+                    &envelope.id,
+                    refbus_core::kind::hop_code(hop),
+                    &envelope.recipient,
+                ),
                 referral_id: envelope.id.clone(),
                 hop: hop as i32,
                 agency: envelope.recipient.clone(),
@@ -542,14 +546,17 @@ async fn tracker_rss(settings: &TrackerSettings, ledger: &Ledger, due: i64) -> f
     rss
 }
 
-/// Drops a PostgreSQL schema the benchmark made.
+/// Drops a PostgreSQL schema the benchmark made, on a plain connection:
+/// a `Ledger` would first migrate the database's default schema, which is
+/// not the bench's to change.
 async fn drop_schema(url: &str, schema: &str) {
-    let ledger = Ledger::connect(url, None).await.unwrap();
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
     sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .execute(&ledger.pool)
+        .execute(&mut conn)
         .await
         .unwrap();
-    ledger.close().await;
+    conn.close().await.unwrap();
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
