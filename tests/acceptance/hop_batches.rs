@@ -8,8 +8,7 @@
 use std::collections::HashSet;
 
 use chrono::{DateTime, Duration, Utc};
-use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 use prost::Message;
 use refbus_bus::topology::HOP_BATCH_KEY;
 use refbus_core::envelope::{from_timestamp, hop_report_id, timestamp};
@@ -28,41 +27,6 @@ use refbus_tracker::ledger::Ledger;
 /// Referrals in the burst: as many as one Inbox stream holds (the test
 /// settings' prefetch).
 const BURST: usize = 50;
-
-/// A queue of its own bound to `event.#` on the deliveries exchange: a
-/// copy of every hop message (and the tracker's markers) on the bus.
-async fn spy(amqp: &Amqp, bus: &TestBus) -> String {
-    let queue = amqp
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let name = queue.name().to_string();
-    amqp.channel
-        .queue_bind(
-            name.as_str().into(),
-            bus.shared
-                .bus
-                .topology()
-                .deliveries_exchange()
-                .as_str()
-                .into(),
-            "event.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    name
-}
 
 /// What the spy saw: (hop messages, the hops they carried).
 async fn spied(amqp: &Amqp, queue: &str) -> (usize, Vec<HopReport>) {
@@ -127,7 +91,8 @@ async fn a_burst_of_acknowledgements_costs_few_publishes(db: Db) {
     let bus = TestBus::spawn().await;
     let tracker = TestTracker::start(&bus, ledger_settings(db), Clock::System).await;
     let amqp = Amqp::connect().await;
-    let spy = spy(&amqp, &bus).await;
+    // A copy of every hop message (and the tracker's markers) on the bus.
+    let spy = amqp.spy(&bus, "event.#").await;
     let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
     let mut referrals = Vec::with_capacity(BURST);
     for i in 0..BURST {

@@ -15,7 +15,7 @@ use refbus_core::signing::Signed;
 use refbus_proto::v1::{Envelope, InboxRequest};
 use refbus_tests::fixtures::{CENTRE, DESK, published_legal_help};
 use refbus_tests::lawyers::{LAWYER_SERVICE, LawyerInbox, LawyerWorld, acknowledge_lawyer};
-use refbus_tests::{Amqp, TestBus, acknowledge, metric_sample, within};
+use refbus_tests::{Amqp, TestBus, acknowledge, acknowledge_all, metric_sample, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_deliveries_keeps_every_verdict_of_one_by_one() {
@@ -121,20 +121,7 @@ async fn a_batch_of_deliveries_keeps_every_verdict_of_one_by_one() {
             .is_err(),
         "nothing but the genuine requests is handed over"
     );
-    let response = desk
-        .acknowledge(refbus_proto::v1::AcknowledgeRequest {
-            agency: DESK.into(),
-            delivery_tokens: tokens,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        response.not_pending.is_empty(),
-        "{:?}",
-        response.not_pending
-    );
+    acknowledge_all(&mut desk, DESK, tokens).await;
 
     // The forgery alone is dead-lettered from the inbox, with its reason;
     // the copy of the acknowledged one is acked, not dead-lettered.

@@ -46,6 +46,9 @@
 //!   acknowledgements costs few publishes, every hop recorded with its own
 //!   time; a batch naming another agency's hop refused whole; a batch
 //!   delivered twice recorded once.
+//! - [`envelope_batches`]: issue 17, envelopes batched on the wire through
+//!   the same fan-out: few publishes for a burst, each envelope judged on
+//!   its own, bad batches dead-lettered whole, the window in envelopes.
 //! - [`inbox_batches`]: issue 17, an inbox stream's batches (one signature
 //!   check, one id look-up) keep every verdict of one by one.
 //! - [`lawyers`]: issue 18, the lawyer service: registration, suspension and
@@ -79,6 +82,7 @@ mod bus;
 mod cli;
 mod dashboard;
 mod deployment;
+mod envelope_batches;
 mod exactly_once;
 mod faults;
 mod hop_batches;

@@ -13,14 +13,13 @@ use refbus_proto::v1::Outcome;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::gateway_client::GatewayClient;
 use refbus_proto::v1::{
-    AcknowledgeRequest, Delivery, Envelope, Feedback, FeedbackRequest, Hop, InboxRequest,
-    RelayRequest,
+    AcknowledgeRequest, Delivery, Envelope, Feedback, FeedbackRequest, Hop, RelayRequest,
 };
 use refbus_tests::broker::BrokerNode;
 use refbus_tests::fixtures::dz_court_lead as lead;
 use refbus_tests::fixtures::{BUREAU, legal_help, submit};
 use refbus_tests::tracker::{Db, TestTracker, drop_ledger, eventually, ledger_settings};
-use refbus_tests::{Amqp, Inbox, TestBus, acknowledge, test_settings, within};
+use refbus_tests::{Amqp, Inbox, TestBus, acknowledge, inbox_stream, test_settings, within};
 use refbus_tracker::Clock;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -510,7 +509,7 @@ async fn an_inbox_stream_holds_only_its_window() {
     }
     let queue = bus.inbox_queue("dz-duty-desk");
     let mut desk = bus.gateway_as("legal-aid", "dz-duty-desk").await;
-    let mut stream = open_inbox(&mut desk, "dz-duty-desk", 3).await;
+    let mut stream = inbox_stream(&mut desk, "dz-duty-desk", 3).await;
     let first = within("a delivery", stream.message())
         .await
         .unwrap()
@@ -533,22 +532,6 @@ async fn an_inbox_stream_holds_only_its_window() {
         "what the stream held is back"
     );
     finish(amqp, None, bus).await;
-}
-
-/// Opens `agency`'s inbox stream with `window` (0: the default).
-pub(crate) async fn open_inbox(
-    client: &mut GatewayClient<Channel>,
-    agency: &str,
-    window: u32,
-) -> tonic::Streaming<Delivery> {
-    client
-        .inbox(InboxRequest {
-            agency: agency.into(),
-            window,
-        })
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 /// Reads `n` deliveries: (token, id) each.
@@ -609,7 +592,7 @@ async fn delivery_tokens_survive_a_consumer_channel_the_broker_closed() {
         );
     }
     let mut desk = bus.gateway_as("legal-aid", "dz-duty-desk").await;
-    let mut stream = open_inbox(&mut desk, "dz-duty-desk", 0).await;
+    let mut stream = inbox_stream(&mut desk, "dz-duty-desk", 0).await;
     let first = read(&mut stream, 6).await;
     // The client holds all six unacknowledged past the consumer timeout:
     // the broker closes the channel, the service consumes again.
@@ -664,7 +647,7 @@ async fn delivery_tokens_survive_a_consumer_channel_the_broker_closed() {
         1,
         "only the unacknowledged one is left"
     );
-    let mut stream = open_inbox(&mut desk, "dz-duty-desk", 0).await;
+    let mut stream = inbox_stream(&mut desk, "dz-duty-desk", 0).await;
     let again = read(&mut stream, 1).await;
     assert_eq!(&again[0].1, never_acknowledged);
     ack(&mut desk, &again[0].0).await.unwrap();
@@ -737,7 +720,7 @@ async fn dead_letters_are_listed_replayed_and_counted() {
     amqp.publish_raw(&queue, b"\x00\x01 not an envelope").await;
     let mut desk = bus.gateway_as("legal-aid", "dz-duty-desk").await;
     // The inbox dead-letters the undecodable bytes on the way.
-    let mut stream = open_inbox(&mut desk, "dz-duty-desk", 0).await;
+    let mut stream = inbox_stream(&mut desk, "dz-duty-desk", 0).await;
     eventually("two dead letters", || async {
         (ready(&amqp, &dead_letters).await == 2).then_some(())
     })

@@ -7,8 +7,6 @@
 //! it where the real lawyer service keeps the register; what reaches a
 //! lawyer is read from their own inbox at the real lawyer service.
 
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use prost::Message;
 use refbus_core::Directory;
 use refbus_core::MessageKind;
@@ -189,35 +187,7 @@ async fn only_message_to_lawyers(
 /// lawyer service while the real one consumes its queue. Exclusive to
 /// `amqp`'s connection, gone with it.
 async fn tap_to_lawyers(amqp: &Amqp, bus: &TestBus) -> String {
-    let queue = format!("{}.test-tap-lawyers", bus.namespace());
-    amqp.channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    amqp.channel
-        .queue_bind(
-            queue.as_str().into(),
-            bus.shared
-                .bus
-                .topology()
-                .deliveries_exchange()
-                .as_str()
-                .into(),
-            format!("{LAWYER_SERVICE}.*").as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    queue
+    amqp.spy(bus, &format!("{LAWYER_SERVICE}.*")).await
 }
 
 /// An agency's open `Inbox` (bearer token).

@@ -9,9 +9,7 @@
 use std::time::Duration;
 
 use refbus_tests::fixtures::{DESK, published_legal_help};
-use refbus_tests::{Amqp, TestBus, acknowledge, within};
-
-use crate::misuse::open_inbox;
+use refbus_tests::{Amqp, TestBus, acknowledge, inbox_stream, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_dropped_again_and_again_costs_no_one_the_connection() {
@@ -25,7 +23,7 @@ async fn a_stream_dropped_again_and_again_costs_no_one_the_connection() {
     assert!(connection.is_up());
 
     for round in 0..300 {
-        let mut stream = open_inbox(&mut desk, DESK, 1).await;
+        let mut stream = inbox_stream(&mut desk, DESK, 1).await;
         let delivery = within("the request again", stream.message())
             .await
             .unwrap_or_else(|e| panic!("round {round}: {e}"))
@@ -42,7 +40,7 @@ async fn a_stream_dropped_again_and_again_costs_no_one_the_connection() {
         "the service's broker connection was lost while streams came and went"
     );
     // Nothing lost: the request is delivered once more, and acknowledged.
-    let mut stream = open_inbox(&mut desk, DESK, 1).await;
+    let mut stream = inbox_stream(&mut desk, DESK, 1).await;
     let delivery = within("the request at the end", stream.message())
         .await
         .unwrap()

@@ -202,7 +202,7 @@ async fn a_mixed_batch_answers_each_envelope_as_submit_would() {
         (4, Code::NotFound, "envelope.recipient:"),
     ];
     assert_eq!(
-        amqp.counts(&queue).await.0,
+        amqp.envelopes_in(&queue).await,
         3,
         "published: the valid one, its repeat and the last; nothing of the refused"
     );
@@ -226,7 +226,7 @@ async fn a_mixed_batch_answers_each_envelope_as_submit_would() {
         );
     }
     assert_eq!(
-        amqp.counts(&queue).await.0,
+        amqp.envelopes_in(&queue).await,
         3,
         "Submit published no refused one"
     );
@@ -257,7 +257,7 @@ async fn a_retried_batch_gives_the_same_ids_and_is_delivered_once() {
     assert_eq!(rounds[0], rounds[1], "the same ids, in the same order");
     let amqp = Amqp::connect().await;
     assert_eq!(
-        amqp.counts(&bus.inbox_queue(DESK)).await.0,
+        amqp.envelopes_in(&bus.inbox_queue(DESK)).await,
         80,
         "both copies on the queue"
     );
@@ -300,7 +300,7 @@ async fn an_oversized_batch_is_refused_whole() {
         .into_inner()
         .results;
     assert_eq!(all_receipted(&results).len(), max);
-    assert_eq!(amqp.counts(&bus.inbox_queue(DESK)).await.0, max as u32);
+    assert_eq!(amqp.envelopes_in(&bus.inbox_queue(DESK)).await, max);
     amqp.close().await;
     bus.stop().await;
 }

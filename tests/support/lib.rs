@@ -224,6 +224,11 @@ impl TestBus {
     }
 
     #[must_use]
+    /// The bus's deliveries exchange (`NS.deliveries`).
+    pub fn deliveries_exchange(&self) -> String {
+        self.shared.bus.topology().deliveries_exchange()
+    }
+
     pub fn inbox_queue(&self, agency: &str) -> String {
         self.shared.bus.topology().inbox_queue(agency)
     }
@@ -475,6 +480,93 @@ impl Amqp {
         .await;
     }
 
+    /// How many envelopes `queue` holds ready: a message alone counts one,
+    /// an `envelope_batch` message the envelopes it carries (issue 17).
+    /// Counted by taking every ready message on a channel of its own, then
+    /// closing it: they all go back to the queue (marked redelivered).
+    pub async fn envelopes_in(&self, queue: &str) -> usize {
+        use prost::Message;
+        let channel = self.connection.create_channel().await.unwrap();
+        let mut envelopes = 0;
+        while let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap()
+        {
+            let batch = message
+                .delivery
+                .properties
+                .kind()
+                .as_ref()
+                .map(|k| k.as_str())
+                == Some(refbus_bus::subscription::ENVELOPE_BATCH_TYPE);
+            envelopes += if batch {
+                refbus_proto::v1::EnvelopeBatch::decode(message.delivery.data.as_slice())
+                    .map_or(1, |b| b.envelopes.len())
+            } else {
+                1
+            };
+        }
+        let _ = channel.close(200, "counted".into()).await;
+        envelopes
+    }
+
+    /// Declares a queue of the test's own (exclusive, gone with the
+    /// connection) bound to `key` on `bus`'s deliveries exchange: a copy of
+    /// every message published on that route. Returns its name.
+    pub async fn spy(&self, bus: &TestBus, key: &str) -> String {
+        use lapin::options::QueueBindOptions;
+        let queue = self
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let name = queue.name().to_string();
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                bus.deliveries_exchange().as_str().into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        name
+    }
+
+    /// Publishes `body` on `bus`'s deliveries exchange under `key`, as a
+    /// plain AMQP publisher holding broker credentials would, and waits for
+    /// the broker to take it.
+    pub async fn publish_on_bus(
+        &self,
+        bus: &TestBus,
+        key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
+        self.channel
+            .basic_publish(
+                bus.deliveries_exchange().as_str().into(),
+                key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
     /// Takes one message from a queue, if any (acknowledged at once).
     pub async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
         self.channel
@@ -530,23 +622,8 @@ pub async fn publish_hop(amqp: &Amqp, bus: &TestBus, report: &refbus_proto::v1::
     let hop =
         refbus_proto::v1::Hop::try_from(report.hop).unwrap_or(refbus_proto::v1::Hop::Delivered);
     let key = format!("event.{}", refbus_core::kind::hop_code(hop));
-    amqp.channel
-        .basic_publish(
-            bus.shared
-                .bus
-                .topology()
-                .deliveries_exchange()
-                .as_str()
-                .into(),
-            key.as_str().into(),
-            BasicPublishOptions::default(),
-            &body,
-            signed_properties(&report.agency, Signed::HopReport, &body),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let properties = signed_properties(&report.agency, Signed::HopReport, &body);
+    amqp.publish_on_bus(bus, &key, &body, properties).await;
 }
 
 /// Acknowledges one delivery handed over to `agency`, which must succeed.
@@ -559,6 +636,46 @@ pub async fn acknowledge(client: &mut GatewayClient<Channel>, agency: &str, toke
         })
         .await
         .unwrap();
+}
+
+/// Opens `agency`'s `Inbox` stream holding at most `window` deliveries
+/// unacknowledged.
+pub async fn inbox_stream(
+    client: &mut GatewayClient<Channel>,
+    agency: &str,
+    window: u32,
+) -> tonic::Streaming<Delivery> {
+    client
+        .inbox(InboxRequest {
+            agency: agency.into(),
+            window,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Acknowledges many deliveries handed over to `agency` in one call, each
+/// of which must still be pending.
+pub async fn acknowledge_all(
+    client: &mut GatewayClient<Channel>,
+    agency: &str,
+    tokens: Vec<String>,
+) {
+    let response = client
+        .acknowledge(refbus_proto::v1::AcknowledgeRequest {
+            agency: agency.into(),
+            delivery_tokens: tokens,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        response.not_pending.is_empty(),
+        "not pending: {:?}",
+        response.not_pending
+    );
 }
 
 /// A request carrying `agency`'s development bearer token (what `refbus

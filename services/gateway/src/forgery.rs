@@ -76,7 +76,7 @@ pub async fn refuse(
         };
         if let Err(e) = publish_signed(bus, signing, &envelope).await {
             tracing::warn!(queue = %refusal.queue, error = %e, "forgery alert not published; the refused delivery goes back to its queue");
-            return_to_queue(&incoming.acker).await;
+            return_to_queue(incoming.acker).await;
             return;
         }
         tracing::warn!(queue = %refusal.queue, alert = %envelope.id, to = %recipient, reason = %refusal.reason, "refused a delivery; supervising justice bureau alerted");

@@ -11,9 +11,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use lapin::options::BasicAckOptions;
 use prost::Message;
-use refbus_bus::{Bus, Incoming, Outgoing, Topology};
+use refbus_bus::{Acker, Bus, Incoming, SignedOut, Topology};
 use refbus_core::envelope::{self, timestamp};
 use refbus_core::kind::hop_code;
 use refbus_core::policy::PolicyCatalogue;
@@ -27,7 +26,7 @@ use refbus_proto::v1::{
     InboxRequest, Receipt, RelayRequest, SubmitBatchRequest, SubmitBatchResponse, SubmitRequest,
     SubmitResult, submit_result,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -548,7 +547,9 @@ impl GatewayCore {
     /// shuts down; then every unacknowledged delivery returns to the queue.
     ///
     /// The stream holds at most `window` deliveries unacknowledged (the
-    /// channel's prefetch). Deliveries are taken from the broker as they
+    /// channel's prefetch, and as many places on the stream: an envelope
+    /// of a batch message takes one, see [`crate::inbox`]). Deliveries are
+    /// taken from the broker as they
     /// arrive, in batches of whatever is already there (at most `window`):
     /// a batch is decoded, its signatures checked with one batch
     /// verification and its ids looked up in the acknowledged store with
@@ -581,11 +582,22 @@ impl GatewayCore {
             let guard = core.sessions.open(&agency);
             let queue = core.bus.topology().inbox_queue(&agency);
             let batch_max = usize::from(window);
+            // The window in deliveries: the prefetch counts AMQP messages,
+            // and one batch message carries many envelopes.
+            let places = Arc::new(Semaphore::new(batch_max));
             let mut subscription = core
                 .bus
                 .subscribe_with_buffer(queue.clone(), window, batch_max);
             tracing::debug!(%agency, session = guard.id, window, "inbox stream opened");
             'stream: loop {
+                let place = tokio::select! {
+                    () = core.shutdown.cancelled() => break,
+                    () = tx.closed() => break,
+                    place = places.clone().acquire_owned() => match place {
+                        Ok(place) => place,
+                        Err(_) => break,
+                    },
+                };
                 let first = tokio::select! {
                     () = core.shutdown.cancelled() => break,
                     () = tx.closed() => break,
@@ -594,11 +606,14 @@ impl GatewayCore {
                         None => break,
                     },
                 };
-                let mut incomings = vec![first];
+                let mut incomings = vec![(first, place)];
                 while incomings.len() < batch_max
-                    && let Some(incoming) = subscription.try_next()
+                    && let Ok(place) = places.clone().try_acquire_owned()
                 {
-                    incomings.push(incoming);
+                    let Some(incoming) = subscription.try_next() else {
+                        break;
+                    };
+                    incomings.push((incoming, place));
                 }
                 #[allow(clippy::cast_precision_loss)]
                 core.metrics
@@ -639,8 +654,12 @@ impl GatewayCore {
         session: u64,
         agency: &str,
         queue: &str,
-        incomings: Vec<Incoming>,
+        incomings: Vec<(Incoming, OwnedSemaphorePermit)>,
     ) -> Vec<Delivery> {
+        // Places are interchangeable: as many as the deliveries handed over
+        // are kept, the rest given back when this returns.
+        let (incomings, mut places): (Vec<Incoming>, Vec<OwnedSemaphorePermit>) =
+            incomings.into_iter().unzip();
         let believed = self.believed(agency, queue, incomings).await;
         // Copies of what is pending on an open stream are held with it.
         let mut fresh = Vec::with_capacity(believed.len());
@@ -650,6 +669,7 @@ impl GatewayCore {
                 channel,
                 delivery_tag,
                 redelivered,
+                part,
                 ..
             } = incoming;
             match self.sessions.offer(agency, &envelope.id, acker) {
@@ -657,11 +677,11 @@ impl GatewayCore {
                     tracing::debug!(%agency, id = %envelope.id, "pending on an open stream; held with it, not handed over again");
                 }
                 Offer::New(acker) => {
-                    fresh.push((acker, channel, delivery_tag, redelivered, envelope))
+                    fresh.push((acker, channel, delivery_tag, part, redelivered, envelope))
                 }
             }
         }
-        let ids: Vec<&str> = fresh.iter().map(|f| f.4.id.as_str()).collect();
+        let ids: Vec<&str> = fresh.iter().map(|f| f.5.id.as_str()).collect();
         let acknowledged = match self.acknowledged.contains_any(agency, &ids).await {
             Ok(acknowledged) => acknowledged,
             // Unsure: hand them over (at least once) rather than lose them.
@@ -671,10 +691,10 @@ impl GatewayCore {
             }
         };
         let mut handed = Vec::with_capacity(fresh.len());
-        for (acker, channel, delivery_tag, redelivered, envelope) in fresh {
+        for (acker, channel, delivery_tag, part, redelivered, envelope) in fresh {
             if acknowledged.contains(envelope.id.as_str()) {
                 tracing::debug!(%agency, id = %envelope.id, "already acknowledged; not handed over again");
-                if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                if let Err(e) = acker.ack().await {
                     tracing::debug!(error = %e, "ack of a duplicate failed; it comes again and is dropped again");
                 }
                 continue;
@@ -684,7 +704,9 @@ impl GatewayCore {
                 Handed {
                     channel,
                     delivery_tag,
+                    part,
                     acker,
+                    window: places.pop(),
                     message_id: envelope.id.clone(),
                     received: received_from(agency, &envelope),
                 },
@@ -866,12 +888,7 @@ impl GatewayCore {
         }
         // Every broker ack at once: they go out together instead of one
         // round trip of the connection's I/O loop each.
-        let acks = futures_util::future::join_all(
-            ackers
-                .iter()
-                .map(|acker| acker.ack(BasicAckOptions::default())),
-        )
-        .await;
+        let acks = futures_util::future::join_all(ackers.into_iter().map(Acker::ack)).await;
         if let Some(Err(e)) = acks.into_iter().find(Result::is_err) {
             // Recorded: the broker's redelivery is recognised and dropped.
             tracing::debug!(error = %e, "broker ack failed after the acknowledgement was recorded");
@@ -896,7 +913,9 @@ impl GatewayCore {
 }
 
 /// Publishes an envelope signed by its sender, once, to its recipient and to
-/// every agency in `also_to`, and waits for the broker's confirm: the one
+/// every agency in `also_to` (alone, or in a batch with others of its route
+/// under load: [`refbus_bus::envelopes`]), and waits for the broker's
+/// confirm of the message that carries it: the one
 /// way every envelope goes on the bus (submissions, feedback, relays,
 /// forgery alerts, overdue notices). Returns the routing key.
 ///
@@ -914,17 +933,19 @@ pub async fn publish_signed(
     let routing_key = Topology::routing_key(&envelope.recipient, kind);
     let body = envelope.encode_to_vec();
     let signature = signing.sign(&envelope.sender, Signed::Envelope, &body)?;
-    let exchange = bus.topology().deliveries_exchange();
-    let mut message = Outgoing::new(&exchange, &routing_key, &body);
-    message.message_id = Some(&envelope.id);
-    message.kind = Some(kind);
-    message.headers = vec![(SIGNATURE_HEADER, signature)];
-    message.cc = envelope
-        .also_to
-        .iter()
-        .map(|agency| Topology::routing_key(agency, kind))
-        .collect();
-    bus.publish(message).await?;
+    bus.publish_envelope(SignedOut {
+        routing_key: routing_key.clone(),
+        cc: envelope
+            .also_to
+            .iter()
+            .map(|agency| Topology::routing_key(agency, kind))
+            .collect(),
+        id: envelope.id.clone(),
+        kind: kind.to_owned(),
+        body,
+        signature,
+    })
+    .await?;
     Ok(routing_key)
 }
 

@@ -17,14 +17,20 @@
 //! acknowledge. When a stream ends, whatever it held goes back to the queue
 //! (its channel closes; copies held from other channels are returned with
 //! `nack`), which costs nothing: the queues have no delivery limit.
+//!
+//! An envelope of a batch message (issue 17) is a delivery of its own here:
+//! its token adds its index in the batch (`.N`), and the stream's window
+//! counts it (each pending delivery holds one of the stream's permits),
+//! since one AMQP message may carry many.
 
-use refbus_bus::subscription::return_to_queue;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use chrono::{DateTime, Utc};
-use lapin::Acker;
+use refbus_bus::Acker;
+use refbus_bus::subscription::{Part, return_to_queue};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::GatewayError;
 
@@ -83,6 +89,8 @@ struct Pending {
     /// pending for copies that arrive meanwhile (held, then acked with it),
     /// no longer for a second `Acknowledge`.
     acknowledging: bool,
+    /// Its place in the stream's window, given back when it is forgotten.
+    _window: Option<OwnedSemaphorePermit>,
 }
 
 #[derive(Default)]
@@ -202,14 +210,18 @@ impl Sessions {
             // Acknowledged a moment ago: ack this copy, hand nothing over.
             let acker = delivery.acker;
             tokio::spawn(async move {
-                let _ = acker.ack(lapin::options::BasicAckOptions::default()).await;
+                let _ = acker.ack().await;
             });
             return None;
         }
-        let token = format!(
+        let mut token = format!(
             "{:08x}-{session}-{}-{}",
             self.instance, delivery.channel, delivery.delivery_tag
         );
+        if let Some(part) = delivery.part {
+            use std::fmt::Write as _;
+            let _ = write!(token, ".{}", part.index);
+        }
         state.by_message.insert(key, token.clone());
         state.pending.insert(
             token.clone(),
@@ -221,6 +233,7 @@ impl Sessions {
                 handed_at: Utc::now(),
                 ackers: vec![delivery.acker],
                 acknowledging: false,
+                _window: delivery.window,
             },
         );
         Some(token)
@@ -346,7 +359,7 @@ fn nack_all(ackers: Vec<Acker>) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
             for acker in ackers {
-                return_to_queue(&acker).await;
+                return_to_queue(acker).await;
             }
         });
     }
@@ -356,7 +369,11 @@ fn nack_all(ackers: Vec<Acker>) {
 pub struct Handed {
     pub channel: u64,
     pub delivery_tag: u64,
+    /// Which envelope of a batch message it is, if it is one.
+    pub part: Option<Part>,
     pub acker: Acker,
+    /// Its place in the stream's window, held while it is pending.
+    pub window: Option<OwnedSemaphorePermit>,
     pub message_id: String,
     pub received: Received,
 }

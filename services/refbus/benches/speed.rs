@@ -23,12 +23,14 @@
 //!    carrying the hops gathered since, pre-signed bytes of their size,
 //!    confirmed, into the tap; a consumer on the tap acks everything.
 //!    Three connections, as refbus's three processes have.
-//!    **raw-batched-copy**: the same with the tracker's copy batched by the
-//!    sender (a layout issue 17 may take): each envelope published to the
-//!    desk's inbox alone, and its copy in the sender's next batch to the
-//!    tap (one batch in flight, taking whatever waited: group commit, no
-//!    timer); a publish counts once its own confirm and its batch's confirm
-//!    both came.
+//!    Envelopes go as refbus sends them (issue 17, `refbus_bus::envelopes`):
+//!    alone when no publish of their route is in flight, else in the next
+//!    `envelope_batch` message of that route (one in flight at a time,
+//!    taking up to 256 of what waited: group commit, no timer), still
+//!    through the fan-out; the inbox consumer acks each AMQP message once
+//!    it has counted the envelopes it carries.
+//!    **raw-layout-unbatched**: the same with one message per envelope,
+//!    refbus's layout before envelope batches.
 //! 3. **refbus**: legal-help requests submitted over gRPC to a real
 //!    `refbus serve detention-centre` process, received on the duty desk's
 //!    `Inbox` stream from a `refbus serve legal-aid` process and acknowledged,
@@ -65,7 +67,9 @@ use refbus_core::KindExt;
 use refbus_core::MessageKind;
 use refbus_core::signing::{SIGNATURE_HEADER, Signed, development_signature};
 use refbus_proto::v1::gateway_client::GatewayClient;
-use refbus_proto::v1::{AcknowledgeRequest, Hop, HopReport, InboxRequest};
+use refbus_proto::v1::{
+    AcknowledgeRequest, EnvelopeBatch, Hop, HopReport, InboxRequest, SignedEnvelope,
+};
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help, legal_help_at, submit};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -530,27 +534,85 @@ struct Layout {
     batches: Arc<AtomicUsize>,
     /// Envelopes published so far.
     published: AtomicUsize,
-    /// The batched-copy variant: the tracker's copy goes in the sender's
-    /// batches, not by fan-out (see [`Copies`]).
-    copies: Option<Arc<Copies>>,
+    /// Envelopes batched per route behind a publish in flight (see
+    /// [`Lane`]); none for the unbatched variant.
+    lane: Option<Arc<Lane>>,
 }
 
-/// The tracker's copies gathered by the sender (the "batched-copy" layout,
-/// a design issue 17 may take): the envelope is published to the inbox
-/// alone, and its copy waits here for the next batch to the tap. One batch
-/// is in flight at a time and takes everything that waited meanwhile
-/// (group commit, no timer); a publish is confirmed once its own publish
-/// and its copy's batch both are.
-#[derive(Default)]
-struct Copies {
-    waiting: Mutex<Vec<tokio::sync::oneshot::Sender<bool>>>,
-    wake: tokio::sync::Notify,
-    /// Copy batches sent.
+/// An envelope waiting for the lane: its id, and where its confirm goes.
+type Waiting = (String, tokio::sync::oneshot::Sender<bool>);
+
+/// The desk's route, as `refbus_bus::envelopes` keeps it: whether a
+/// publish is in flight, and the envelopes that wait for it (their ids and
+/// where their confirm goes).
+struct Lane {
+    state: Mutex<(bool, Vec<Waiting>)>,
+    channel: lapin::Channel,
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    signature: String,
+    /// Envelope messages published (alone or batches): the tap's copies.
+    messages: AtomicUsize,
     batches: AtomicUsize,
 }
 
+impl Lane {
+    /// Publishes what waits, a batch of at most 256 at a time, until
+    /// nothing does; then the lane is free.
+    async fn drain(self: Arc<Self>) {
+        let kind = MessageKind::LegalHelpRequest.code();
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/x-protobuf; proto=refbus.v1.EnvelopeBatch".into())
+            .with_type("envelope_batch".into());
+        loop {
+            let taken: Vec<_> = {
+                let mut state = self.state.lock().unwrap();
+                if state.1.is_empty() {
+                    state.0 = false;
+                    return;
+                }
+                let n = state.1.len().min(256);
+                state.1.drain(..n).collect()
+            };
+            let batch = EnvelopeBatch {
+                envelopes: taken
+                    .iter()
+                    .map(|(id, _)| SignedEnvelope {
+                        envelope: self.body.clone(),
+                        signature: self.signature.clone(),
+                        id: id.clone(),
+                        kind: kind.into(),
+                    })
+                    .collect(),
+            }
+            .encode_to_vec();
+            self.messages.fetch_add(1, Ordering::AcqRel);
+            self.batches.fetch_add(1, Ordering::AcqRel);
+            let confirmed = match self
+                .channel
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    self.routing_key.as_str().into(),
+                    MANDATORY,
+                    &batch,
+                    properties.clone(),
+                )
+                .await
+            {
+                Ok(confirm) => matches!(confirm.await, Ok(lapin::Confirmation::Ack(None))),
+                Err(_) => false,
+            };
+            for (_, done) in taken {
+                let _ = done.send(confirmed);
+            }
+        }
+    }
+}
+
 impl Layout {
-    async fn start(namespace: &str, batched_copy: bool) -> Self {
+    async fn start(namespace: &str, batched: bool) -> Self {
         let directory =
             refbus_core::Directory::load(repo_root().join("deploy/local/directory.toml")).unwrap();
         let mut topology = Topology::new(
@@ -614,17 +676,32 @@ impl Layout {
         tokio::spawn(async move {
             let _channel = inbox;
             while let Some(Ok(delivery)) = deliveries.next().await {
-                let id = delivery
+                let is_batch = delivery
                     .properties
-                    .message_id()
+                    .kind()
                     .as_ref()
-                    .map(|id| id.as_str().to_owned())
-                    .unwrap_or_default();
-                receiving.received(&id);
+                    .is_some_and(|k| k.as_str() == "envelope_batch");
+                let ids: Vec<String> = if is_batch {
+                    EnvelopeBatch::decode(delivery.data.as_slice())
+                        .map(|b| b.envelopes.into_iter().map(|e| e.id).collect())
+                        .unwrap_or_default()
+                } else {
+                    vec![
+                        delivery
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|id| id.as_str().to_owned())
+                            .unwrap_or_default(),
+                    ]
+                };
+                for id in &ids {
+                    receiving.received(id);
+                }
                 if delivery.ack(BasicAckOptions::default()).await.is_err() {
                     break;
                 }
-                counting_hops.fetch_add(2, Ordering::AcqRel);
+                counting_hops.fetch_add(2 * ids.len(), Ordering::AcqRel);
             }
         });
         // As the gateway's batcher does: every 10 ms, what was gathered in
@@ -670,62 +747,20 @@ impl Layout {
             }
         });
 
-        let copy_batcher = batched_copy.then(|| Arc::new(Copies::default()));
-        if let Some(copies) = copy_batcher.clone() {
-            let channel = publish_conn.create_channel().await.unwrap();
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .unwrap();
-            let exchange = exchange.clone();
-            let envelope = body.clone();
-            let properties = signed_properties(
-                &signature,
-                "application/x-protobuf; proto=refbus.v1.EnvelopeBatch",
-                "envelope_batch",
-            );
-            tokio::spawn(async move {
-                loop {
-                    let waiting = std::mem::take(&mut *copies.waiting.lock().unwrap());
-                    if waiting.is_empty() {
-                        copies.wake.notified().await;
-                        continue;
-                    }
-                    // Each copy framed as a repeated field, as a batch
-                    // message of envelopes would carry them.
-                    let mut batch = Vec::with_capacity(waiting.len() * (envelope.len() + 3));
-                    for _ in &waiting {
-                        batch.push(0x0a);
-                        let mut len = envelope.len();
-                        while len >= 0x80 {
-                            batch.push(u8::try_from(len & 0x7f).unwrap() | 0x80);
-                            len >>= 7;
-                        }
-                        batch.push(u8::try_from(len).unwrap());
-                        batch.extend_from_slice(&envelope);
-                    }
-                    let n = copies.batches.fetch_add(1, Ordering::AcqRel);
-                    let confirmed = match channel
-                        .basic_publish(
-                            exchange.as_str().into(),
-                            refbus_bus::topology::HOP_BATCH_KEY.into(),
-                            MANDATORY,
-                            &batch,
-                            properties
-                                .clone()
-                                .with_message_id(format!("copies-{n}").as_str().into()),
-                        )
-                        .await
-                    {
-                        Ok(confirm) => matches!(confirm.await, Ok(lapin::Confirmation::Ack(None))),
-                        Err(_) => false,
-                    };
-                    for done in waiting {
-                        let _ = done.send(confirmed);
-                    }
-                }
-            });
-        }
+        let lane = if batched {
+            Some(Arc::new(Lane {
+                state: Mutex::new((false, Vec::new())),
+                channel: publisher.clone(),
+                exchange: exchange.clone(),
+                routing_key: routing_key.clone(),
+                body: body.clone(),
+                signature: signature.clone(),
+                messages: AtomicUsize::new(0),
+                batches: AtomicUsize::new(0),
+            }))
+        } else {
+            None
+        };
 
         // The tracker's side: ack everything on the tap.
         let tap_conn = connect().await.unwrap();
@@ -768,7 +803,7 @@ impl Layout {
             pending_hops,
             batches,
             published: AtomicUsize::new(0),
-            copies: copy_batcher,
+            lane,
         }
     }
 
@@ -776,22 +811,35 @@ impl Layout {
         self.published.fetch_add(1, Ordering::Relaxed);
         let id = refbus_core::envelope_id(CENTRE, key);
         self.clocking.sent(id.clone());
-        // Batched copy: to the inbox alone (the default exchange routes by
-        // queue name), the copy in the sender's next batch to the tap.
-        let (exchange, routing_key, copied) = match &self.copies {
-            Some(copies) => {
-                let (done, copied) = tokio::sync::oneshot::channel();
-                copies.waiting.lock().unwrap().push(done);
-                copies.wake.notify_one();
-                (String::new(), self.topology.inbox_queue(DESK), Some(copied))
+        // Batched: behind a publish in flight on the route, wait for the
+        // next batch; else publish alone, and then the lane's batches go
+        // out from a task of their own.
+        if let Some(lane) = &self.lane {
+            let waiting = {
+                let mut state = lane.state.lock().unwrap();
+                if state.0 {
+                    let (done, confirmed) = tokio::sync::oneshot::channel();
+                    state.1.push((id.clone(), done));
+                    Some(confirmed)
+                } else {
+                    state.0 = true;
+                    None
+                }
+            };
+            if let Some(confirmed) = waiting {
+                assert!(
+                    confirmed.await.unwrap_or(false),
+                    "the layout's batch was not confirmed"
+                );
+                return;
             }
-            None => (self.exchange.clone(), self.routing_key.clone(), None),
-        };
+            lane.messages.fetch_add(1, Ordering::AcqRel);
+        }
         let confirmation = self
             .publisher
             .basic_publish(
-                exchange.as_str().into(),
-                routing_key.as_str().into(),
+                self.exchange.as_str().into(),
+                self.routing_key.as_str().into(),
                 MANDATORY,
                 &self.body,
                 self.properties.clone().with_message_id(id.as_str().into()),
@@ -800,16 +848,13 @@ impl Layout {
             .unwrap()
             .await
             .unwrap();
+        if let Some(lane) = &self.lane {
+            tokio::spawn(lane.clone().drain());
+        }
         assert!(
             matches!(confirmation, lapin::Confirmation::Ack(None)),
             "the layout's publish was not routed: {confirmation:?}"
         );
-        if let Some(copied) = copied {
-            assert!(
-                copied.await.unwrap_or(false),
-                "the layout's copy batch was not confirmed"
-            );
-        }
     }
 
     /// Waits until the tap consumer has acknowledged every copy of what was
@@ -819,8 +864,8 @@ impl Layout {
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(60) {
             // Every envelope's copy, and every hop batch once none waits.
-            let envelopes = match &self.copies {
-                Some(copies) => copies.batches.load(Ordering::Acquire),
+            let envelopes = match &self.lane {
+                Some(lane) => lane.messages.load(Ordering::Acquire),
                 None => self.published.load(Ordering::Relaxed),
             };
             let copies = envelopes + self.batches.load(Ordering::Acquire);
@@ -1397,13 +1442,13 @@ async fn peak_rss<T>(
 async fn finish(
     raw: &Raw,
     layout: &Layout,
-    copied: &Layout,
+    unbatched: &Layout,
     processes: Vec<Process>,
     namespace: &str,
 ) {
     raw.stop().await;
     layout.stop().await;
-    copied.stop().await;
+    unbatched.stop().await;
     drop(processes);
     delete_namespace(namespace).await;
 }
@@ -1589,13 +1634,13 @@ async fn run() {
             .print("raw at a fixed load");
     }
 
-    // refbus's layout, no application work; then the same with the
-    // tracker's copy batched by the sender instead of fanned out.
+    // refbus's layout, no application work (envelopes batched behind a
+    // publish in flight on their route); then the same unbatched.
     let mut layouts = Vec::new();
-    for (name, batched_copy) in [("raw-layout", false), ("raw-batched-copy", true)] {
+    for (name, batched) in [("raw-layout", true), ("raw-layout-unbatched", false)] {
         println!("{name}:");
         let namespace = format!("bench{}{}", name.replace('-', ""), std::process::id());
-        let layout = Arc::new(Layout::start(&namespace, batched_copy).await);
+        let layout = Arc::new(Layout::start(&namespace, batched).await);
         let warm = layout.clone();
         saturate(200, in_flight, &layout.clocking, move |i| {
             let layout = warm.clone();
@@ -1640,7 +1685,7 @@ async fn run() {
     }
     let [
         (layout, layout_rate, layout_cpu),
-        (copied, copied_rate, copied_cpu),
+        (unbatched, unbatched_rate, unbatched_cpu),
     ] = <[_; 2]>::try_from(layouts).ok().unwrap();
 
     // refbus.
@@ -1705,7 +1750,7 @@ async fn run() {
         );
         refbus.split.print();
         cpu.print("refbus at a fixed load");
-        finish(&raw, &layout, &copied, processes, &namespace).await;
+        finish(&raw, &layout, &unbatched, processes, &namespace).await;
         return;
     }
     let sending = refbus.clone();
@@ -1732,7 +1777,7 @@ async fn run() {
             "  {refbus_rate:.0} msg/s; tracker lag {lag_at_stop} messages at the stop, back to zero in {:.0} ms; BENCH_ONLY=refbus: the other runs skipped",
             lag_cleared.as_secs_f64() * 1000.0
         );
-        finish(&raw, &layout, &copied, processes, &namespace).await;
+        finish(&raw, &layout, &unbatched, processes, &namespace).await;
         return;
     }
 
@@ -1785,7 +1830,7 @@ async fn run() {
         tokio::time::sleep(Duration::from_secs(1)).await;
 
         let layout_load = layout_at(&layout, per_second, seconds).await;
-        let copied_load = layout_at(&copied, per_second, seconds).await;
+        let unbatched_load = layout_at(&unbatched, per_second, seconds).await;
 
         let sending = refbus.clone();
         let (latencies, at_load) = offer(per_second, seconds, &refbus.clocking, move |_| {
@@ -1797,12 +1842,12 @@ async fn run() {
         let refbus_load = load(latencies, per_second, at_load, failed);
         refbus.settle().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        at_loads.push([raw_load, layout_load, copied_load, refbus_load]);
+        at_loads.push([raw_load, layout_load, unbatched_load, refbus_load]);
     }
-    let hop_failures =
-        layout.hop_failures.load(Ordering::Relaxed) + copied.hop_failures.load(Ordering::Relaxed);
+    let hop_failures = layout.hop_failures.load(Ordering::Relaxed)
+        + unbatched.hop_failures.load(Ordering::Relaxed);
     let names: Vec<&str> = processes.iter().map(|p| p.name).collect();
-    finish(&raw, &layout, &copied, processes, &namespace).await;
+    finish(&raw, &layout, &unbatched, processes, &namespace).await;
     let (up, up_rss) = up_time(&scratch).await;
     let _ = std::fs::remove_dir_all(&scratch);
     let load_at_end = load_average();
@@ -1810,22 +1855,22 @@ async fn run() {
     println!();
     println!("load average: {load_at_start} at the start, {load_at_end} at the end");
     println!();
-    println!("| at saturation | raw | raw-layout | raw-batched-copy | refbus |");
+    println!("| at saturation | raw | raw-layout | raw-layout-unbatched | refbus |");
     println!("| --- | --- | --- | --- | --- |");
     println!(
-        "| throughput (received on the inbox) | {raw_rate:.0} msg/s | {layout_rate:.0} msg/s | {copied_rate:.0} msg/s | {refbus_rate:.0} msg/s |"
+        "| throughput (received on the inbox) | {raw_rate:.0} msg/s | {layout_rate:.0} msg/s | {unbatched_rate:.0} msg/s | {refbus_rate:.0} msg/s |"
     );
     println!(
         "| / raw | 1.00 | {:.2} | {:.2} | {:.2} |",
         layout_rate / raw_rate,
-        copied_rate / raw_rate,
+        unbatched_rate / raw_rate,
         refbus_rate / raw_rate
     );
     println!(
         "| wall time per referral | {:.0} µs | {:.0} µs | {:.0} µs | {:.0} µs |",
         1e6 / raw_rate,
         1e6 / layout_rate,
-        1e6 / copied_rate,
+        1e6 / unbatched_rate,
         1e6 / refbus_rate
     );
     for name in names.iter().copied().chain(["bench", "broker"]) {
@@ -1833,7 +1878,7 @@ async fn run() {
             "| CPU per referral: {name} | {} | {} | {} | {} |",
             cpu_cell(&raw_cpu, name),
             cpu_cell(&layout_cpu, name),
-            cpu_cell(&copied_cpu, name),
+            cpu_cell(&unbatched_cpu, name),
             cpu_cell(&refbus_cpu, name)
         );
     }
@@ -1845,7 +1890,7 @@ async fn run() {
         "| the machine's cores busy during the run | {:.2} | {:.2} | {:.2} | {:.2} |",
         raw_cpu.machine_cores,
         layout_cpu.machine_cores,
-        copied_cpu.machine_cores,
+        unbatched_cpu.machine_cores,
         refbus_cpu.machine_cores
     );
     println!();
@@ -1864,7 +1909,7 @@ async fn run() {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for sides in &at_loads {
-        for (name, l) in ["raw", "raw-layout", "raw-batched-copy", "refbus"]
+        for (name, l) in ["raw", "raw-layout", "raw-layout-unbatched", "refbus"]
             .iter()
             .zip(sides)
         {

@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use lapin::options::BasicAckOptions;
 use refbus_bus::{Bus, Incoming};
 use refbus_core::policy::{PolicyCatalogue, PolicyError};
 use refbus_core::signing::{
@@ -1052,31 +1051,32 @@ async fn believed(
     kept
 }
 
-/// Acknowledges a recorded batch: with one `multiple` ack when it all came
-/// on one connection (deliveries arrive in tag order, so everything
-/// outstanding up to the last tag is in the batch), else one by one.
+/// Acknowledges a recorded batch. Envelopes of batch messages first, each
+/// counted by its message's acker (the last acks the message); then the
+/// messages that came alone: with one `multiple` ack when they all came on
+/// one channel, else one by one. The multiple ack is safe because batches
+/// commit in the order their deliveries came: everything outstanding on the
+/// channel below the last tag is in this batch or an earlier one, settled
+/// already or (an envelope of a batch message) just above, so it never
+/// acks an envelope that is not recorded, and never a batch message whose
+/// own ack is still to come.
 async fn acknowledge(batch: Vec<Incoming>) {
-    let same_connection = batch.windows(2).all(|w| w[0].generation == w[1].generation);
-    let result = match batch.last() {
-        Some(last) if same_connection => last
-            .acker
-            .ack(BasicAckOptions { multiple: true })
-            .await
-            .map(|_| ()),
-        _ => {
-            let mut result = Ok(());
-            for incoming in &batch {
-                result = result.and(
-                    incoming
-                        .acker
-                        .ack(BasicAckOptions::default())
-                        .await
-                        .map(|_| ()),
-                );
+    let one_channel = batch.windows(2).all(|w| w[0].channel == w[1].channel);
+    let (parts, mut whole): (Vec<Incoming>, Vec<Incoming>) = batch
+        .into_iter()
+        .partition(|incoming| incoming.part.is_some());
+    let mut result = Ok(());
+    for incoming in parts {
+        result = result.and(incoming.acker.ack().await);
+    }
+    match whole.pop() {
+        Some(last) if one_channel => result = result.and(last.acker.ack_through().await),
+        last => {
+            for incoming in whole.into_iter().chain(last) {
+                result = result.and(incoming.acker.ack().await);
             }
-            result
         }
-    };
+    }
     if let Err(e) = result {
         // Recorded already: a redelivery is recognised and ignored.
         tracing::debug!(error = %e, "ack after recording failed");

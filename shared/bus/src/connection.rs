@@ -88,6 +88,8 @@ struct Inner {
     state: watch::Sender<State>,
     shutdown: CancellationToken,
     metrics: BusMetrics,
+    /// Routes with an envelope publish in flight (see [`crate::envelopes`]).
+    lanes: crate::envelopes::Lanes,
 }
 
 /// Whether the bus is connected, and a way to wait until that changes.
@@ -134,7 +136,7 @@ impl<'a> Outgoing<'a> {
             payload,
             message_id: None,
             kind: None,
-            content_type: "application/x-protobuf; proto=refbus.v1.Envelope",
+            content_type: crate::subscription::ENVELOPE_CONTENT_TYPE,
             headers: Vec::new(),
             cc: Vec::new(),
         }
@@ -163,6 +165,7 @@ impl Bus {
                 state,
                 shutdown,
                 metrics: BusMetrics::default(),
+                lanes: crate::envelopes::Lanes::default(),
             }),
         };
         tokio::spawn(supervise(bus.inner.clone()));
@@ -216,15 +219,40 @@ impl Bus {
     /// when no confirm arrives within the confirm timeout;
     /// [`BusError::Unroutable`] when no queue took it; [`BusError::Nacked`].
     pub async fn publish(&self, message: Outgoing<'_>) -> Result<(), BusError> {
-        let kind = BusMetrics::kind(message.kind);
-        self.inner.metrics.published.get_or_create(&kind).inc();
+        let kind = message.kind;
+        self.publish_counted(message, kind, 1).await
+    }
+
+    /// [`Bus::publish`], counted in the metrics as `count` messages of
+    /// `kind` (a batch, as the envelopes it carries).
+    pub(crate) async fn publish_counted(
+        &self,
+        message: Outgoing<'_>,
+        kind: Option<&str>,
+        count: u64,
+    ) -> Result<(), BusError> {
+        let kind = BusMetrics::kind(kind);
+        self.inner
+            .metrics
+            .published
+            .get_or_create(&kind)
+            .inc_by(count);
+        let batched = message.kind == Some(crate::subscription::ENVELOPE_BATCH_TYPE);
         let result = self.publish_confirmed(message).await;
         let outcome = match result {
             Ok(()) => &self.inner.metrics.confirmed,
             Err(_) => &self.inner.metrics.publish_failed,
         };
-        outcome.get_or_create(&kind).inc();
+        outcome.get_or_create(&kind).inc_by(count);
+        if batched && result.is_ok() {
+            self.inner.metrics.envelope_batches.inc();
+            self.inner.metrics.batched_envelopes.inc_by(count);
+        }
         result
+    }
+
+    pub(crate) fn lanes(&self) -> &crate::envelopes::Lanes {
+        &self.inner.lanes
     }
 
     async fn publish_confirmed(&self, message: Outgoing<'_>) -> Result<(), BusError> {

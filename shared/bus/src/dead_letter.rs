@@ -13,7 +13,6 @@
 //! verifies it again), and only then acks the dead letter: a replay that
 //! fails half-way leaves the message where it was.
 
-use crate::subscription::return_to_queue;
 use std::time::Duration;
 
 use lapin::message::BasicGetMessage;
@@ -287,6 +286,13 @@ async fn take(
 /// Returns taken messages to the queue, in order.
 async fn give_back(_channel: &Channel, messages: Vec<BasicGetMessage>) {
     for message in messages {
-        return_to_queue(&message.delivery.acker).await;
+        let _ = message
+            .delivery
+            .acker
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..lapin::options::BasicNackOptions::default()
+            })
+            .await;
     }
 }

@@ -7,8 +7,11 @@
 //!   away: a supervisor reconnects with backoff, re-declares the topology
 //!   and resumes every subscription; while it is down, publishing fails at
 //!   once with [`BusError::Unavailable`].
+//! - [`envelopes`]: signed envelopes published alone, or batched per route
+//!   behind a publish waiting for its confirm.
 //! - [`subscription`]: a consumer on one queue with manual acks and a bounded
-//!   prefetch, resumed on every new connection or channel.
+//!   prefetch, resumed on every new connection or channel; batches come out
+//!   one envelope at a time.
 //! - [`dead_letter`]: the dead-letter queue for an operator: depth, listing
 //!   (metadata only), replay to the queue a message came from.
 
@@ -16,14 +19,16 @@
 
 pub mod connection;
 pub mod dead_letter;
+pub mod envelopes;
 pub mod metrics;
 pub mod subscription;
 pub mod topology;
 
 pub use connection::{Bus, BusConfig, ConnectionWatch, Outgoing};
 pub use dead_letter::{DeadLetter, DeadLetterError, Replayed};
+pub use envelopes::SignedOut;
 pub use metrics::BusMetrics;
-pub use subscription::{Incoming, QUEUE_HEADER, REASON_HEADER, Subscription};
+pub use subscription::{Acker, Incoming, Part, QUEUE_HEADER, REASON_HEADER, Subscription};
 pub use topology::Topology;
 
 /// What can go wrong on the bus.

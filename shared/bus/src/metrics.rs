@@ -31,6 +31,10 @@ pub struct BusMetrics {
     pub confirmed: Family<KindLabel, Counter>,
     /// Publishes that failed: unavailable, unroutable or nacked.
     pub publish_failed: Family<KindLabel, Counter>,
+    /// `envelope_batch` messages confirmed, and the envelopes they carried
+    /// (also counted, by kind, in `published` and `confirmed`).
+    pub envelope_batches: Counter,
+    pub batched_envelopes: Counter,
     /// Deliveries moved to the dead-letter queue with a reason.
     pub dead_lettered: Family<QueueLabel, Counter>,
     /// Consumers whose channel was lost (the broker closed it, or the
@@ -55,6 +59,16 @@ impl BusMetrics {
             "confirmed",
             "Messages the broker confirmed, by kind",
             self.confirmed.clone(),
+        );
+        bus.register(
+            "envelope_batches",
+            "Batches of envelopes (refbus.v1.EnvelopeBatch) the broker confirmed",
+            self.envelope_batches.clone(),
+        );
+        bus.register(
+            "batched_envelopes",
+            "Envelopes that went out inside a confirmed batch",
+            self.batched_envelopes.clone(),
         );
         bus.register(
             "publish_failed",

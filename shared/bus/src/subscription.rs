@@ -11,14 +11,29 @@
 //! Delivery tags restart at 1 on every channel, so a tag alone does not
 //! name a delivery: each channel the process opens gets a process-wide
 //! [`Incoming::channel`] number, and a delivery is (channel, tag).
+//!
+//! An `envelope_batch` message (`refbus.v1.EnvelopeBatch`, issue 17) comes
+//! out as one [`Incoming`] per envelope, each with the envelope's own bytes
+//! and signature, as if it had been published alone; they share the AMQP
+//! delivery through their [`Acker`]s, which ack it once every envelope is
+//! acked and return it whole when any one goes back. A batch that does not
+//! decode, is empty or holds more than [`MAX_BATCH_ENVELOPES`] is
+//! dead-lettered whole, with the reason, before anyone sees it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Acker, BasicProperties, Channel};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel};
+use prost::Message;
+use refbus_core::signing::SIGNATURE_HEADER;
+use refbus_proto::v1::EnvelopeBatch;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -30,9 +45,132 @@ pub const REASON_HEADER: &str = "x-refbus-reason";
 /// The AMQP header naming the queue a dead-lettered message came from.
 pub const QUEUE_HEADER: &str = "x-refbus-queue";
 
-/// One delivery from a subscribed queue. Acknowledge it with `acker` once
-/// it is safely handed on; an acker from an earlier connection fails, and
-/// the broker redelivers that message instead.
+/// The AMQP `type` of a [`EnvelopeBatch`] message.
+pub const ENVELOPE_BATCH_TYPE: &str = "envelope_batch";
+/// The content type of a [`EnvelopeBatch`] message.
+pub const ENVELOPE_BATCH_CONTENT_TYPE: &str =
+    "application/x-protobuf; proto=refbus.v1.EnvelopeBatch";
+/// The content type of an envelope alone.
+pub const ENVELOPE_CONTENT_TYPE: &str = "application/x-protobuf; proto=refbus.v1.Envelope";
+/// The most envelopes a consumer takes from one batch message; a larger
+/// batch is dead-lettered whole (what one delivery may unpack into memory).
+pub const MAX_BATCH_ENVELOPES: usize = 1000;
+
+/// Settles one delivery with the broker: a message alone, or one envelope
+/// of an `envelope_batch` message. A batch's AMQP delivery is acked once
+/// every one of its envelopes is, and goes back to the queue whole as soon
+/// as one of them does (lapin's acker is spent by the first settlement, so
+/// later ones change nothing). An acker from an earlier connection does
+/// nothing, and the broker redelivers that message instead.
+#[derive(Debug)]
+pub struct Acker {
+    delivery: lapin::Acker,
+    /// For an envelope of a batch: the envelopes of its delivery not yet acked.
+    unacked: Option<Arc<AtomicUsize>>,
+}
+
+impl Acker {
+    fn whole(delivery: lapin::Acker) -> Self {
+        Self {
+            delivery,
+            unacked: None,
+        }
+    }
+
+    fn parts(delivery: &lapin::Acker, count: usize) -> impl Iterator<Item = Self> + '_ {
+        let unacked = Arc::new(AtomicUsize::new(count));
+        (0..count).map(move |_| Self {
+            delivery: delivery.clone(),
+            unacked: Some(unacked.clone()),
+        })
+    }
+
+    /// Whether this settles a whole AMQP delivery (not one envelope of a
+    /// batch): only such an acker may ack with `multiple`.
+    #[must_use]
+    pub fn is_whole(&self) -> bool {
+        self.unacked.is_none()
+    }
+
+    /// Acks the delivery; for an envelope of a batch, counts it, and acks
+    /// the batch's delivery with the last.
+    ///
+    /// # Errors
+    /// When the broker ack cannot be sent (the channel is gone: the broker
+    /// redelivers).
+    pub async fn ack(self) -> Result<(), lapin::Error> {
+        if let Some(unacked) = &self.unacked
+            && unacked.fetch_sub(1, Ordering::AcqRel) != 1
+        {
+            return Ok(());
+        }
+        self.delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+    }
+
+    /// Acks this delivery and every earlier one of its channel, in one
+    /// frame; for an envelope of a batch, as [`Acker::ack`] (a part never
+    /// acks what it does not hold).
+    ///
+    /// # Errors
+    /// As [`Acker::ack`].
+    pub async fn ack_through(self) -> Result<(), lapin::Error> {
+        if self.unacked.is_some() {
+            return self.ack().await;
+        }
+        self.delivery
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .map(|_| ())
+    }
+
+    /// Returns the delivery to its queue (a nack with requeue), to come
+    /// again; for an envelope of a batch, the whole batch.
+    ///
+    /// # Errors
+    /// When the nack cannot be sent (the channel is gone, and with it the
+    /// delivery went back to the queue anyway).
+    pub async fn requeue(self) -> Result<(), lapin::Error> {
+        self.delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Hands the delivery to the broker's dead-lettering (a reject without
+    /// requeue). An envelope of a batch goes back to the queue instead: the
+    /// other envelopes of its batch must not be dead-lettered with it.
+    ///
+    /// # Errors
+    /// As [`Acker::requeue`].
+    pub async fn reject(self) -> Result<(), lapin::Error> {
+        if self.unacked.is_some() {
+            return self.requeue().await;
+        }
+        self.delivery
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Which envelope of a batch message an [`Incoming`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// From 0.
+    pub index: usize,
+    /// How many the batch holds.
+    pub of: usize,
+}
+
+/// One delivery from a subscribed queue: a message, or one envelope of a
+/// batch message (see the module's doc). Acknowledge it with `acker` once
+/// it is safely handed on.
 #[derive(Debug)]
 pub struct Incoming {
     pub data: Vec<u8>,
@@ -46,6 +184,9 @@ pub struct Incoming {
     /// that (channel, delivery tag) names one delivery even after the
     /// broker closed a channel and the subscription opened another.
     pub channel: u64,
+    /// Set for one envelope of a batch message (which shares its delivery
+    /// tag with the batch's other envelopes).
+    pub part: Option<Part>,
     pub acker: Acker,
 }
 
@@ -55,13 +196,8 @@ static CHANNELS: AtomicU64 = AtomicU64::new(0);
 /// Returns a delivery to its queue (a nack with requeue), to come again.
 /// A failure is ignored: the channel is gone, and with it the delivery
 /// went back to the queue anyway.
-pub async fn return_to_queue(acker: &Acker) {
-    let _ = acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        })
-        .await;
+pub async fn return_to_queue(acker: Acker) {
+    let _ = acker.requeue().await;
 }
 
 impl Incoming {
@@ -161,7 +297,6 @@ impl Bus {
     /// rejects the delivery so that the broker dead-letters it
     /// (at-least-once) instead: either way nothing is lost and nothing loops.
     pub async fn dead_letter(&self, queue: &str, incoming: Incoming, reason: String) {
-        use lapin::options::{BasicAckOptions, BasicRejectOptions};
         let exchange = self.topology().dead_letter();
         // The message's own headers (its signature, above all) go with it,
         // so that a replay is verified like the original.
@@ -191,16 +326,15 @@ impl Bus {
                     .get_or_create(&BusMetrics::queue_role(&self.topology().namespace, queue))
                     .inc();
                 tracing::warn!(%queue, %reason, bytes = incoming.data.len(), "dead-lettered a delivery that cannot be handled");
-                if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
+                if let Err(e) = incoming.acker.ack().await {
                     tracing::warn!(%queue, error = %e, "ack after dead-lettering failed; the broker will redeliver it");
                 }
             }
             Err(e) => {
+                // An envelope of a batch goes back to the queue with its
+                // batch instead (see [`Acker::reject`]), to be refused again.
                 tracing::warn!(%queue, error = %e, "cannot dead-letter with a reason; rejecting to the broker's dead-letter exchange");
-                let _ = incoming
-                    .acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await;
+                let _ = incoming.acker.reject().await;
             }
         }
     }
@@ -229,7 +363,8 @@ async fn consume(
             Ok((generation, channel, mut consumer)) => {
                 retry = Duration::from_millis(100);
                 let number = CHANNELS.fetch_add(1, Ordering::Relaxed) + 1;
-                let ended = forward(generation, number, &mut consumer, &tx, &stop).await;
+                let ended =
+                    forward(&bus, &queue, generation, number, &mut consumer, &tx, &stop).await;
                 // Cancel the consumer and wait for the broker's cancel-ok
                 // before closing the channel. Dropped instead, lapin cancels
                 // it from a task of its own, whose `basic.cancel` could reach
@@ -289,8 +424,11 @@ async fn open(
 }
 
 /// Forwards deliveries until the consumer fails (returns false) or the
-/// subscription ends (returns true).
+/// subscription ends (returns true). A batch message is forwarded one
+/// envelope at a time, or dead-lettered whole when it cannot be unpacked.
 async fn forward(
+    bus: &Bus,
+    queue: &str,
     generation: u64,
     channel: u64,
     consumer: &mut lapin::Consumer,
@@ -303,6 +441,11 @@ async fn forward(
             () = tx.closed() => return true,
             next = consumer.next() => match next {
                 Some(Ok(d)) => {
+                    let is_batch = d
+                        .properties
+                        .kind()
+                        .as_ref()
+                        .is_some_and(|kind| kind.as_str() == ENVELOPE_BATCH_TYPE);
                     let incoming = Incoming {
                         data: d.data,
                         routing_key: d.routing_key.to_string(),
@@ -311,10 +454,26 @@ async fn forward(
                         delivery_tag: d.delivery_tag,
                         generation,
                         channel,
-                        acker: d.acker,
+                        part: None,
+                        acker: Acker::whole(d.acker),
                     };
-                    if tx.send(incoming).await.is_err() {
-                        return true;
+                    if !is_batch {
+                        if tx.send(incoming).await.is_err() {
+                            return true;
+                        }
+                        continue;
+                    }
+                    // The envelopes share the batch's delivery through
+                    // their ackers; the batch's own acker is not used.
+                    match unpack(&incoming) {
+                        Ok(parts) => {
+                            for part in parts {
+                                if tx.send(part).await.is_err() {
+                                    return true;
+                                }
+                            }
+                        }
+                        Err(reason) => bus.dead_letter(queue, incoming, reason).await,
                     }
                 }
                 Some(Err(e)) => {
@@ -325,4 +484,61 @@ async fn forward(
             }
         }
     }
+}
+
+/// The envelopes of a batch message, each an [`Incoming`] as if it had come
+/// alone: its bytes, its signature header, its id and kind as labels, the
+/// batch's routing key and delivery; or why it cannot be unpacked.
+fn unpack(batch: &Incoming) -> Result<Vec<Incoming>, String> {
+    let decoded = EnvelopeBatch::decode(batch.data.as_slice())
+        .map_err(|e| format!("not a refbus.v1.EnvelopeBatch: {e}"))?;
+    let count = decoded.envelopes.len();
+    if count == 0 {
+        return Err("an envelope batch with no envelope".into());
+    }
+    if count > MAX_BATCH_ENVELOPES {
+        return Err(format!(
+            "an envelope batch of {count} envelopes, over the limit of {MAX_BATCH_ENVELOPES}"
+        ));
+    }
+    // A label longer than an AMQP short string is dropped, not believed anyway.
+    let label =
+        |text: &str| (!text.is_empty() && text.len() <= 255).then(|| ShortString::from(text));
+    let ackers = Acker::parts(&batch.acker.delivery, count);
+    Ok(decoded
+        .envelopes
+        .into_iter()
+        .zip(ackers)
+        .enumerate()
+        .map(|(index, (envelope, acker))| {
+            let mut headers = FieldTable::default();
+            if !envelope.signature.is_empty() {
+                headers.insert(
+                    ShortString::from(SIGNATURE_HEADER),
+                    AMQPValue::LongString(LongString::from(envelope.signature.as_str())),
+                );
+            }
+            let mut properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type(ENVELOPE_CONTENT_TYPE.into())
+                .with_headers(headers);
+            if let Some(id) = label(&envelope.id) {
+                properties = properties.with_message_id(id);
+            }
+            if let Some(kind) = label(&envelope.kind) {
+                properties = properties.with_type(kind);
+            }
+            Incoming {
+                data: envelope.envelope,
+                routing_key: batch.routing_key.clone(),
+                properties,
+                redelivered: batch.redelivered,
+                delivery_tag: batch.delivery_tag,
+                generation: batch.generation,
+                channel: batch.channel,
+                part: Some(Part { index, of: count }),
+                acker,
+            }
+        })
+        .collect())
 }

@@ -16,7 +16,6 @@ use refbus_bus::subscription::return_to_queue;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::BasicAckOptions;
 use refbus_bus::Incoming;
 use refbus_core::envelope::tracking_id;
 use refbus_core::signing::SIGNATURE_HEADER;
@@ -91,7 +90,7 @@ impl LawyerCore {
             };
             match outcome {
                 Outcome::Done => {
-                    if let Err(e) = incoming.acker.ack(BasicAckOptions::default()).await {
+                    if let Err(e) = incoming.acker.ack().await {
                         // Committed: a redelivery is stored once (or applied again, the same).
                         tracing::debug!(error = %e, "broker ack failed after commit");
                     }
@@ -107,7 +106,7 @@ impl LawyerCore {
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                     for incoming in std::iter::once(incoming).chain(believed.map(|(i, _)| i)) {
-                        return_to_queue(&incoming.acker).await;
+                        return_to_queue(incoming.acker).await;
                     }
                     return;
                 }

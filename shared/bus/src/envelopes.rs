@@ -1,0 +1,308 @@
+//! Signed envelopes on their way to the broker, alone or in batches
+//! (issue 17).
+//!
+//! Every envelope goes to `NS.deliveries` with its routing key
+//! (`RECIPIENT.KIND`, and CC for `also_to`), so the broker's fan-out puts
+//! it in the recipient's inbox and in the tracker's tap alike: nobody who
+//! may publish can reach an inbox and skip the tracker's copy. What changes
+//! under load is how many envelopes one AMQP message carries:
+//!
+//! - **A lane per route**: envelopes for the same routing key and CC list
+//!   share a lane. A lane has at most one publish waiting for its confirm.
+//! - **Alone when the lane is free**: the envelope is published as it
+//!   always was (its own message, signature header, `message-id`, `type`),
+//!   from the caller's own task; at a light load nothing changes, on the
+//!   wire or in latency.
+//! - **Batched behind a busy lane**: an envelope that finds its lane busy
+//!   waits; when the publish in flight is confirmed, everything that waited
+//!   goes out as one `refbus.v1.EnvelopeBatch` (up to
+//!   [`PUBLISH_BATCH_ENVELOPES`] envelopes or [`PUBLISH_BATCH_BYTES`]),
+//!   from a task of the lane's own, so that a caller that gives up never
+//!   takes the others' publish with it. Group commit, no timer.
+//! - **Each envelope's own confirm**: a caller's publish returns when the
+//!   broker has confirmed the message that carries its envelope, and fails
+//!   when that message fails.
+//!
+//! Consumers unpack a batch into its envelopes, each checked on its own
+//! (see [`crate::subscription`]).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use prost::Message;
+use refbus_core::signing::SIGNATURE_HEADER;
+use refbus_proto::v1::{EnvelopeBatch, SignedEnvelope};
+use tokio::sync::oneshot;
+
+use crate::subscription::{ENVELOPE_BATCH_CONTENT_TYPE, ENVELOPE_BATCH_TYPE};
+use crate::{Bus, BusError, Outgoing};
+
+/// The most envelopes a publisher puts in one batch.
+pub const PUBLISH_BATCH_ENVELOPES: usize = 256;
+/// The most envelope bytes a publisher puts in one batch (an envelope
+/// larger than this goes alone).
+pub const PUBLISH_BATCH_BYTES: usize = 1024 * 1024;
+
+/// One signed envelope to publish.
+#[derive(Clone, Debug)]
+pub struct SignedOut {
+    /// `RECIPIENT.KIND`.
+    pub routing_key: String,
+    /// Further routing keys (the envelope's `also_to`).
+    pub cc: Vec<String>,
+    /// The envelope's id (AMQP `message-id`).
+    pub id: String,
+    /// The kind's code name (AMQP `type`).
+    pub kind: String,
+    /// The encoded envelope, as signed.
+    pub body: Vec<u8>,
+    /// The sender's signature over `body`, base64.
+    pub signature: String,
+}
+
+impl SignedOut {
+    fn alone<'a>(&'a self, exchange: &'a str) -> Outgoing<'a> {
+        let mut message = Outgoing::new(exchange, &self.routing_key, &self.body);
+        message.message_id = Some(&self.id);
+        message.kind = Some(&self.kind);
+        message.headers = vec![(SIGNATURE_HEADER, self.signature.clone())];
+        message.cc.clone_from(&self.cc);
+        message
+    }
+}
+
+/// A route: routing key and CC list.
+type Route = (String, Vec<String>);
+
+/// An envelope waiting for its lane, and where its outcome goes.
+struct Waiting {
+    envelope: SignedOut,
+    outcome: oneshot::Sender<Result<(), BusError>>,
+}
+
+/// The lanes of one bus: present while a publish is in flight on it.
+#[derive(Default)]
+pub(crate) struct Lanes {
+    busy: Mutex<HashMap<Route, Vec<Waiting>>>,
+}
+
+impl Lanes {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Route, Vec<Waiting>>> {
+        self.busy.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A copy of an error for each envelope a failed batch carried.
+fn replicate(error: &BusError) -> BusError {
+    match error {
+        BusError::Unavailable(reason) => BusError::Unavailable(reason.clone()),
+        BusError::Unroutable {
+            exchange,
+            routing_key,
+        } => BusError::Unroutable {
+            exchange: exchange.clone(),
+            routing_key: routing_key.clone(),
+        },
+        BusError::Nacked => BusError::Nacked,
+        other => BusError::Unavailable(other.to_string()),
+    }
+}
+
+/// The lane's turn of the caller that found it free: when it ends, the
+/// lane is free again, or, if envelopes waited meanwhile, its task takes
+/// them (also when the caller gave up half-way).
+struct Turn {
+    bus: Bus,
+    route: Option<Route>,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let Some(route) = self.route.take() else {
+            return;
+        };
+        let lanes = self.bus.lanes();
+        let mut busy = lanes.lock();
+        if busy.get(&route).is_none_or(Vec::is_empty) {
+            busy.remove(&route);
+            return;
+        }
+        drop(busy);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(drain(self.bus.clone(), route));
+            }
+            // No runtime: the process is ending, and the waiting callers'
+            // publishes fail with it (their outcome senders are dropped).
+            Err(_) => {
+                lanes.lock().remove(&route);
+            }
+        }
+    }
+}
+
+/// Publishes what waits on `route`, a batch at a time, until nothing does.
+async fn drain(bus: Bus, route: Route) {
+    let exchange = bus.topology().deliveries_exchange();
+    loop {
+        let taken = {
+            let lanes = bus.lanes();
+            let mut busy = lanes.lock();
+            let Some(waiting) = busy.get_mut(&route) else {
+                return;
+            };
+            if waiting.is_empty() {
+                busy.remove(&route);
+                return;
+            }
+            take_batch(waiting)
+        };
+        let result = match taken.as_slice() {
+            [one] => bus.publish(one.envelope.alone(&exchange)).await,
+            _ => publish_batch(&bus, &exchange, &route, &taken).await,
+        };
+        for waiting in taken {
+            let outcome = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(replicate(e)),
+            };
+            // A caller that gave up is not there to hear it.
+            let _ = waiting.outcome.send(outcome);
+        }
+    }
+}
+
+/// The oldest envelopes waiting, up to a batch's limits (at least one).
+fn take_batch(waiting: &mut Vec<Waiting>) -> Vec<Waiting> {
+    let mut count = 0;
+    let mut bytes = 0;
+    for w in waiting.iter() {
+        if count > 0
+            && (count == PUBLISH_BATCH_ENVELOPES
+                || bytes + w.envelope.body.len() > PUBLISH_BATCH_BYTES)
+        {
+            break;
+        }
+        count += 1;
+        bytes += w.envelope.body.len();
+    }
+    waiting.drain(..count).collect()
+}
+
+/// One `envelope_batch` message carrying `taken`, confirmed.
+async fn publish_batch(
+    bus: &Bus,
+    exchange: &str,
+    route: &Route,
+    taken: &[Waiting],
+) -> Result<(), BusError> {
+    let batch = EnvelopeBatch {
+        envelopes: taken
+            .iter()
+            .map(|w| SignedEnvelope {
+                envelope: w.envelope.body.clone(),
+                signature: w.envelope.signature.clone(),
+                id: w.envelope.id.clone(),
+                kind: w.envelope.kind.clone(),
+            })
+            .collect(),
+    };
+    let body = batch.encode_to_vec();
+    let mut message = Outgoing::new(exchange, &route.0, &body);
+    message.kind = Some(ENVELOPE_BATCH_TYPE);
+    message.content_type = ENVELOPE_BATCH_CONTENT_TYPE;
+    message.cc.clone_from(&route.1);
+    // Counted as the envelopes it carries, under their kind.
+    let kind = taken.first().map(|w| w.envelope.kind.as_str());
+    bus.publish_counted(message, kind, taken.len() as u64).await
+}
+
+impl Bus {
+    /// Publishes a signed envelope to `NS.deliveries` and waits for the
+    /// broker's confirm of the message that carries it: alone when its
+    /// route has no publish in flight, else in the next batch of that route
+    /// (see the module's doc).
+    ///
+    /// # Errors
+    /// As [`Bus::publish`], for the message that carried the envelope.
+    pub async fn publish_envelope(&self, envelope: SignedOut) -> Result<(), BusError> {
+        let route = (envelope.routing_key.clone(), envelope.cc.clone());
+        let lanes = self.lanes();
+        let outcome = {
+            let mut busy = lanes.lock();
+            if let Some(waiting) = busy.get_mut(&route) {
+                let (outcome, heard) = oneshot::channel();
+                waiting.push(Waiting { envelope, outcome });
+                Err(heard)
+            } else {
+                busy.insert(route.clone(), Vec::new());
+                Ok(envelope)
+            }
+        };
+        match outcome {
+            Ok(envelope) => {
+                let _turn = Turn {
+                    bus: self.clone(),
+                    route: Some(route),
+                };
+                let exchange = self.topology().deliveries_exchange();
+                self.publish(envelope.alone(&exchange)).await
+            }
+            Err(heard) => heard.await.unwrap_or_else(|_| {
+                Err(BusError::Unavailable(
+                    "the bus shut down before the envelope's batch was published".into(),
+                ))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(bytes: usize) -> Waiting {
+        let (outcome, _) = oneshot::channel();
+        Waiting {
+            envelope: SignedOut {
+                routing_key: "a.k".into(),
+                cc: Vec::new(),
+                id: String::new(),
+                kind: "k".into(),
+                body: vec![0; bytes],
+                signature: String::new(),
+            },
+            outcome,
+        }
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_count_or_its_bytes_and_never_comes_out_empty() {
+        let mut many: Vec<Waiting> = (0..PUBLISH_BATCH_ENVELOPES + 3)
+            .map(|_| waiting(10))
+            .collect();
+        assert_eq!(take_batch(&mut many).len(), PUBLISH_BATCH_ENVELOPES);
+        assert_eq!(take_batch(&mut many).len(), 3);
+        assert!(many.is_empty());
+
+        let mut large = vec![
+            waiting(PUBLISH_BATCH_BYTES / 2 + 1),
+            waiting(PUBLISH_BATCH_BYTES / 2),
+            waiting(1),
+        ];
+        assert_eq!(
+            take_batch(&mut large).len(),
+            1,
+            "the second would pass the byte limit"
+        );
+        assert_eq!(take_batch(&mut large).len(), 2);
+
+        let mut huge = vec![waiting(PUBLISH_BATCH_BYTES * 2), waiting(1)];
+        assert_eq!(
+            take_batch(&mut huge).len(),
+            1,
+            "an envelope over the limit goes alone"
+        );
+        assert_eq!(take_batch(&mut huge).len(), 1);
+    }
+}

@@ -1,0 +1,531 @@
+//! Issue 17, envelopes batched on the wire: under load, the envelopes of one
+//! route (routing key and CC) that wait behind a publish in flight go out
+//! as one `refbus.v1.EnvelopeBatch` message, still through the deliveries
+//! exchange, so that the broker's fan-out puts every one in the inbox and
+//! in the tracker's tap alike. Each envelope keeps its own signature and
+//! is judged on its own wherever it arrives. Against the real RabbitMQ and
+//! SQLite: a burst of submissions costs few publishes and every referral is
+//! handed over and recorded once; a plain AMQP publisher's batch holding a
+//! forgery, a misaddressed envelope and bytes that are no envelope among
+//! genuine ones has each refused alone, the genuine ones delivered and
+//! recorded; a batch that cannot be unpacked is dead-lettered whole while
+//! other traffic flows; an inbox stream's window counts envelopes, not AMQP
+//! messages; a stream closed half-way through a batch loses nothing and
+//! hands nothing acknowledged over again.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use prost::Message;
+use refbus_bus::Topology;
+use refbus_bus::subscription::{
+    ENVELOPE_BATCH_CONTENT_TYPE, ENVELOPE_BATCH_TYPE, MAX_BATCH_ENVELOPES, QUEUE_HEADER,
+    REASON_HEADER, header_text,
+};
+use refbus_core::signing::{SIGNATURE_HEADER, Signed, development_signature};
+use refbus_proto::v1::{
+    Envelope, EnvelopeBatch, SignedEnvelope, SubmitBatchRequest, submit_result,
+};
+use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help, published_legal_help};
+use refbus_tests::tracker::{Db, TestTracker, drop_ledger, eventually, ledger_settings};
+use refbus_tests::{Amqp, TestBus, acknowledge_all, inbox_stream, metric_sample, within};
+use refbus_tracker::Clock;
+use refbus_tracker::audit::{self, Verdict};
+use refbus_tracker::ledger::Ledger;
+
+const KIND: &str = "legal_help_request";
+
+/// The desk's routing key for legal-help requests.
+fn desk_key() -> String {
+    Topology::routing_key(DESK, KIND)
+}
+
+/// A bus, a tracker recording on SQLite, and raw AMQP access.
+struct World {
+    bus: TestBus,
+    tracker: TestTracker,
+    amqp: Amqp,
+}
+
+impl World {
+    async fn start() -> Self {
+        let bus = TestBus::spawn().await;
+        let tracker = TestTracker::start(&bus, ledger_settings(Db::Sqlite), Clock::System).await;
+        let amqp = Amqp::connect().await;
+        Self { bus, tracker, amqp }
+    }
+
+    async fn stop(self, ledger: Ledger) {
+        ledger.close().await;
+        self.amqp.close().await;
+        let settings = self.tracker.stop().await.0;
+        self.bus.stop().await;
+        drop_ledger(&settings).await;
+    }
+}
+
+/// `envelope` as an item of a batch, signed by `signer`'s development key.
+fn signed_by(envelope: &Envelope, signer: &str) -> SignedEnvelope {
+    let body = envelope.encode_to_vec();
+    SignedEnvelope {
+        signature: development_signature(signer, Signed::Envelope, &body),
+        envelope: body,
+        id: envelope.id.clone(),
+        kind: KIND.into(),
+    }
+}
+
+/// Publishes `body` as an `envelope_batch` message on the deliveries
+/// exchange under `key`, as a plain AMQP publisher holding broker
+/// credentials would.
+async fn publish_batch_bytes(amqp: &Amqp, bus: &TestBus, key: &str, body: &[u8]) {
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_type(ENVELOPE_BATCH_TYPE.into())
+        .with_content_type(ENVELOPE_BATCH_CONTENT_TYPE.into());
+    amqp.publish_on_bus(bus, key, body, properties).await;
+}
+
+async fn publish_batch(amqp: &Amqp, bus: &TestBus, key: &str, envelopes: Vec<SignedEnvelope>) {
+    let body = EnvelopeBatch { envelopes }.encode_to_vec();
+    publish_batch_bytes(amqp, bus, key, &body).await;
+}
+
+/// Every dead letter now in the queue: (the queue it came from, its
+/// reason, its body, its properties).
+async fn dead_letters(
+    amqp: &Amqp,
+    bus: &TestBus,
+) -> Vec<(String, String, Vec<u8>, BasicProperties)> {
+    let queue = bus.shared.bus.topology().dead_letter();
+    let mut all = Vec::new();
+    while let Some(message) = amqp.get(&queue).await {
+        let properties = message.delivery.properties.clone();
+        all.push((
+            header_text(&properties, QUEUE_HEADER).unwrap_or_default(),
+            header_text(&properties, REASON_HEADER).unwrap_or_default(),
+            message.delivery.data.clone(),
+            properties,
+        ));
+    }
+    all
+}
+
+/// Waits until the dead-letter queue holds `count` messages.
+async fn dead_lettered(amqp: &Amqp, bus: &TestBus, count: u32) {
+    let queue = bus.shared.bus.topology().dead_letter();
+    within("the dead letters", async {
+        while amqp.counts(&queue).await.0 < count {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+async fn events_of(ledger: &Ledger, id: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM ledger_events WHERE message_id = $1")
+        .bind(id)
+        .fetch_one(&ledger.pool)
+        .await
+        .unwrap()
+}
+
+/// Takes `count` deliveries from `agency`'s stream: (ids, tokens).
+async fn take(
+    stream: &mut tonic::Streaming<refbus_proto::v1::Delivery>,
+    count: usize,
+) -> (Vec<String>, Vec<String>) {
+    let mut ids = Vec::with_capacity(count);
+    let mut tokens = Vec::with_capacity(count);
+    within("the deliveries", async {
+        while ids.len() < count {
+            let delivery = stream.message().await.unwrap().unwrap();
+            ids.push(delivery.envelope.unwrap().id);
+            tokens.push(delivery.delivery_token);
+        }
+    })
+    .await;
+    (ids, tokens)
+}
+
+async fn nothing_more(stream: &mut tonic::Streaming<refbus_proto::v1::Delivery>, what: &str) {
+    if let Ok(Ok(Some(delivery))) =
+        tokio::time::timeout(Duration::from_millis(500), stream.message()).await
+    {
+        panic!(
+            "{what}: {} handed over",
+            delivery.envelope.map(|e| e.id).unwrap_or_default()
+        );
+    }
+}
+
+/// A burst of 200 referrals in one `SubmitBatch` (each on `Submit`'s own
+/// path, all at once): far fewer AMQP messages reach the route than
+/// envelopes, each envelope once; every referral is handed over to the desk
+/// once and recorded by the tracker once, the chain intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_submissions_travels_in_few_messages_and_each_arrives_once() {
+    const BURST: usize = 200;
+    let world = World::start().await;
+    let (bus, tracker, amqp) = (&world.bus, &world.tracker, &world.amqp);
+    let spy = amqp.spy(bus, &desk_key()).await;
+    let mut centre = bus.gateway_as("detention-centre", CENTRE).await;
+    let response = centre
+        .submit_batch(SubmitBatchRequest {
+            envelopes: (0..BURST)
+                .map(|i| legal_help(&format!("wire-burst-{i}")))
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = response
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(submit_result::Result::Receipt(receipt)) => receipt.id,
+            other => panic!("not a receipt: {other:?}"),
+        })
+        .collect();
+    assert_eq!(ids.len(), BURST);
+
+    // On the wire: few messages, every envelope once, each with its
+    // sender's signature.
+    let mut messages = 0;
+    let mut carried = Vec::new();
+    within("the burst on the spy", async {
+        while carried.len() < BURST {
+            let Some(message) = amqp.get(&spy).await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            messages += 1;
+            let properties = &message.delivery.properties;
+            if properties.kind().as_ref().map(|k| k.as_str()) == Some(ENVELOPE_BATCH_TYPE) {
+                let batch = EnvelopeBatch::decode(message.delivery.data.as_slice()).unwrap();
+                for item in batch.envelopes {
+                    assert!(!item.signature.is_empty(), "each envelope signed");
+                    carried.push(Envelope::decode(item.envelope.as_slice()).unwrap().id);
+                }
+            } else {
+                assert!(header_text(properties, SIGNATURE_HEADER).is_some());
+                carried.push(
+                    Envelope::decode(message.delivery.data.as_slice())
+                        .unwrap()
+                        .id,
+                );
+            }
+        }
+    })
+    .await;
+    eprintln!("{BURST} envelopes in {messages} AMQP messages");
+    assert_eq!(
+        carried.iter().collect::<HashSet<_>>(),
+        ids.iter().collect::<HashSet<_>>(),
+        "every envelope on the wire"
+    );
+    assert_eq!(carried.len(), BURST, "none twice");
+    assert!(
+        messages * 4 <= BURST,
+        "{BURST} envelopes in {messages} messages: batched"
+    );
+    let scrape = bus.shared.telemetry.encode();
+    assert!(metric_sample(&scrape, "refbus_bus_envelope_batches_total") >= 1.0);
+    assert!(metric_sample(&scrape, "refbus_bus_batched_envelopes_total") >= (BURST / 2) as f64);
+
+    // The desk gets each once.
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
+    let mut stream = inbox_stream(&mut desk, DESK, 50).await;
+    let mut handed = Vec::new();
+    while handed.len() < BURST {
+        let (got, tokens) = take(&mut stream, 50.min(BURST - handed.len())).await;
+        assert_eq!(
+            tokens.iter().collect::<HashSet<_>>().len(),
+            tokens.len(),
+            "a token per envelope"
+        );
+        acknowledge_all(&mut desk, DESK, tokens).await;
+        handed.extend(got);
+    }
+    assert_eq!(
+        handed.iter().collect::<HashSet<_>>(),
+        ids.iter().collect::<HashSet<_>>()
+    );
+    nothing_more(&mut stream, "nothing handed over twice").await;
+    drop(stream);
+    assert_eq!(amqp.settled_count(&bus.inbox_queue(DESK)).await, 0);
+
+    // The tracker recorded each once, from its own copy.
+    let ledger = TestTracker::ledger(&tracker.settings).await;
+    for id in &ids {
+        eventually("the referral recorded", || async {
+            (events_of(&ledger, id).await == 1).then_some(())
+        })
+        .await;
+    }
+    let verdict = audit::verify(&ledger).await.unwrap();
+    assert!(matches!(verdict, Verdict::Intact { .. }), "{verdict}");
+    world.stop(ledger).await;
+}
+
+/// A plain AMQP publisher holding broker credentials and the centre's key
+/// publishes one batch on the desk's route: two genuine requests around a
+/// forgery (the centre's claim, the court's key), a request the centre
+/// genuinely signed for the justice bureau, bytes that are no envelope and
+/// an item with no signature. The desk gets the two genuine ones; the
+/// inbox refuses each of the others alone, with its reason; the tracker
+/// records the genuine ones and refuses what is not signed by its sender;
+/// a dead-lettered item is an envelope alone, replayable as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_batch_is_judged_envelope_by_envelope() {
+    let world = World::start().await;
+    let (bus, tracker, amqp) = (&world.bus, &world.tracker, &world.amqp);
+    let inbox = bus.inbox_queue(DESK);
+    let tap = bus.shared.bus.topology().tap_queue();
+
+    let first = published_legal_help("hostile-first");
+    let forged = published_legal_help("hostile-forged");
+    let mut elsewhere = published_legal_help("hostile-elsewhere");
+    elsewhere.recipient = BUREAU.into();
+    let last = published_legal_help("hostile-last");
+    let unsigned = published_legal_help("hostile-unsigned");
+    let mut unsigned_item = signed_by(&unsigned, CENTRE);
+    unsigned_item.signature.clear();
+    let garbage = b"\0\xff\xfe not an envelope".to_vec();
+    publish_batch(
+        amqp,
+        bus,
+        &desk_key(),
+        vec![
+            signed_by(&first, CENTRE),
+            signed_by(&forged, "dz-court"),
+            signed_by(&elsewhere, CENTRE),
+            SignedEnvelope {
+                signature: development_signature(CENTRE, Signed::Envelope, &garbage),
+                envelope: garbage,
+                id: "hostile-garbage".into(),
+                kind: KIND.into(),
+            },
+            unsigned_item,
+            signed_by(&last, CENTRE),
+        ],
+    )
+    .await;
+
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
+    let mut stream = inbox_stream(&mut desk, DESK, 10).await;
+    let (ids, tokens) = take(&mut stream, 2).await;
+    assert_eq!(
+        ids,
+        [first.id.clone(), last.id.clone()],
+        "the genuine ones, in order"
+    );
+    nothing_more(&mut stream, "nothing refused is handed over").await;
+    acknowledge_all(&mut desk, DESK, tokens).await;
+    drop(stream);
+    assert_eq!(
+        amqp.settled_count(&inbox).await,
+        0,
+        "the batch settled: every item acked or dead-lettered"
+    );
+
+    // The inbox refused four, the tracker three (it records an envelope
+    // its sender signed wherever it was addressed, and the garbage, the
+    // forgery and the unsigned item are refused there too).
+    let ledger = TestTracker::ledger(&tracker.settings).await;
+    for id in [&first.id, &last.id, &elsewhere.id] {
+        eventually("the genuine ones recorded", || async {
+            (events_of(&ledger, id).await == 1).then_some(())
+        })
+        .await;
+    }
+    dead_lettered(amqp, bus, 7).await;
+    let letters = dead_letters(amqp, bus).await;
+    let from = |queue: &str| -> Vec<&(String, String, Vec<u8>, BasicProperties)> {
+        letters.iter().filter(|l| l.0 == queue).collect()
+    };
+    let reasons =
+        |queue: &str| -> Vec<String> { from(queue).iter().map(|l| l.1.clone()).collect() };
+    let inbox_reasons = reasons(&inbox);
+    assert_eq!(inbox_reasons.len(), 4, "{inbox_reasons:?}");
+    for expected in [
+        "forged or altered",
+        "misaddressed",
+        "not a refbus.v1.Envelope",
+        "unsigned",
+    ] {
+        assert!(
+            inbox_reasons.iter().any(|r| r.contains(expected)),
+            "`{expected}` among the inbox's reasons {inbox_reasons:?}"
+        );
+    }
+    let tap_reasons = reasons(&tap);
+    assert_eq!(tap_reasons.len(), 3, "{tap_reasons:?}");
+    for id in [&forged.id, &unsigned.id] {
+        assert_eq!(events_of(&ledger, id).await, 0, "refused, not recorded");
+    }
+    // A dead letter is the item alone: its envelope's bytes, its own
+    // signature header, its id and kind, replayable as one envelope.
+    let forged_copy = from(&inbox)
+        .into_iter()
+        .find(|l| l.1.contains("forged or altered"))
+        .unwrap();
+    let envelope = Envelope::decode(forged_copy.2.as_slice()).unwrap();
+    assert_eq!(envelope.id, forged.id);
+    assert_eq!(
+        header_text(&forged_copy.3, SIGNATURE_HEADER),
+        Some(development_signature(
+            "dz-court",
+            Signed::Envelope,
+            &forged_copy.2
+        ))
+    );
+    assert_eq!(
+        forged_copy.3.message_id().as_ref().map(|m| m.to_string()),
+        Some(forged.id.clone())
+    );
+    assert_eq!(
+        forged_copy.3.kind().as_ref().map(|k| k.to_string()),
+        Some(KIND.to_owned())
+    );
+
+    world.stop(ledger).await;
+}
+
+/// Batches that cannot be unpacked (bytes that are no `EnvelopeBatch`, an
+/// empty one, one over [`MAX_BATCH_ENVELOPES`]) are dead-lettered whole,
+/// with the reason, from the inbox and from the tap, and nothing of them
+/// is handed over; a genuine request published after them arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_cannot_be_unpacked_is_dead_lettered_whole() {
+    let world = World::start().await;
+    let (bus, tracker, amqp) = (&world.bus, &world.tracker, &world.amqp);
+    let inbox = bus.inbox_queue(DESK);
+    let tap = bus.shared.bus.topology().tap_queue();
+
+    publish_batch_bytes(amqp, bus, &desk_key(), b"\xff\xff\xff\xff not a batch").await;
+    publish_batch(amqp, bus, &desk_key(), Vec::new()).await;
+    let one = signed_by(&published_legal_help("too-many"), CENTRE);
+    publish_batch(amqp, bus, &desk_key(), vec![one; MAX_BATCH_ENVELOPES + 1]).await;
+    let after = published_legal_help("after-the-bad-batches");
+    publish_batch(amqp, bus, &desk_key(), vec![signed_by(&after, CENTRE)]).await;
+
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
+    let mut stream = inbox_stream(&mut desk, DESK, 10).await;
+    let (ids, tokens) = take(&mut stream, 1).await;
+    assert_eq!(ids, std::slice::from_ref(&after.id));
+    nothing_more(&mut stream, "nothing of a bad batch").await;
+    acknowledge_all(&mut desk, DESK, tokens).await;
+    drop(stream);
+    assert_eq!(amqp.settled_count(&inbox).await, 0);
+
+    let ledger = TestTracker::ledger(&tracker.settings).await;
+    eventually("the good one recorded", || async {
+        (events_of(&ledger, &after.id).await == 1).then_some(())
+    })
+    .await;
+    dead_lettered(amqp, bus, 6).await;
+    let letters = dead_letters(amqp, bus).await;
+    assert_eq!(letters.len(), 6, "three from each queue, whole");
+    for queue in [&inbox, &tap] {
+        let reasons: Vec<&str> = letters
+            .iter()
+            .filter(|l| &l.0 == queue)
+            .map(|l| l.1.as_str())
+            .collect();
+        assert_eq!(reasons.len(), 3, "{queue}: {reasons:?}");
+        for expected in [
+            "not a refbus.v1.EnvelopeBatch",
+            "no envelope",
+            "over the limit of 1000",
+        ] {
+            assert!(
+                reasons.iter().any(|r| r.contains(expected)),
+                "{queue}: `{expected}` among {reasons:?}"
+            );
+        }
+    }
+    for letter in &letters {
+        assert_eq!(
+            letter.3.kind().as_ref().map(|k| k.to_string()),
+            Some(ENVELOPE_BATCH_TYPE.to_owned()),
+            "dead-lettered whole, as it came"
+        );
+    }
+    assert_eq!(
+        events_of(&ledger, &published_legal_help("too-many").id).await,
+        0
+    );
+
+    world.stop(ledger).await;
+}
+
+/// One AMQP message carrying ten requests, and a stream with a window of 2:
+/// the stream holds at most two unacknowledged, whatever the prefetch
+/// counts. Closed after five are acknowledged and a sixth handed over, it
+/// loses nothing: a new stream hands over the other five, none of the
+/// acknowledged ones again, and the batch settles once all ten are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_counts_envelopes_and_a_closed_stream_loses_none_of_a_batch() {
+    let bus = TestBus::spawn().await;
+    let amqp = Amqp::connect().await;
+    let inbox = bus.inbox_queue(DESK);
+    let requests: Vec<Envelope> = (0..10)
+        .map(|i| published_legal_help(&format!("window-{i}")))
+        .collect();
+    publish_batch(
+        &amqp,
+        &bus,
+        &desk_key(),
+        requests.iter().map(|e| signed_by(e, CENTRE)).collect(),
+    )
+    .await;
+    let expected: Vec<String> = requests.iter().map(|e| e.id.clone()).collect();
+
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
+    let mut stream = inbox_stream(&mut desk, DESK, 2).await;
+    let mut acknowledged = Vec::new();
+    let (ids, mut tokens) = take(&mut stream, 2).await;
+    assert_eq!(ids, expected[..2]);
+    nothing_more(&mut stream, "the window is full at two").await;
+    assert!(
+        tokens.iter().all(|t| t.contains('.')),
+        "a token names its envelope: {tokens:?}"
+    );
+    acknowledge_all(&mut desk, DESK, vec![tokens.remove(0)]).await;
+    acknowledged.push(ids[0].clone());
+    let mut held = ids[1].clone();
+    let mut held_token = tokens.remove(0);
+    while acknowledged.len() < 5 {
+        let (next, mut next_token) = take(&mut stream, 1).await;
+        nothing_more(&mut stream, "still two at most").await;
+        acknowledge_all(&mut desk, DESK, vec![held_token]).await;
+        acknowledged.push(held);
+        held = next[0].clone();
+        held_token = next_token.remove(0);
+    }
+    assert_eq!(acknowledged, expected[..5]);
+    // The sixth is handed over, not acknowledged, and the stream closes.
+    assert_eq!(held, expected[5]);
+    drop(stream);
+    assert_eq!(
+        amqp.settled_count(&inbox).await,
+        1,
+        "the batch is back in the queue, whole"
+    );
+
+    let mut stream = inbox_stream(&mut desk, DESK, 10).await;
+    let (ids, tokens) = take(&mut stream, 5).await;
+    assert_eq!(ids, expected[5..], "the rest, and none acknowledged again");
+    nothing_more(&mut stream, "none acknowledged again").await;
+    acknowledge_all(&mut desk, DESK, tokens).await;
+    drop(stream);
+    assert_eq!(
+        amqp.settled_count(&inbox).await,
+        0,
+        "settled once all ten are"
+    );
+    amqp.close().await;
+    bus.stop().await;
+}
