@@ -211,12 +211,17 @@ impl Tracker {
             }),
             bus: shared.bus.clone(),
             clock,
-            // Room for the batches being written (two on PostgreSQL), one
-            // prepared and one being gathered.
+            // Room for a batch's worth of deliveries. Under load most are
+            // envelope batches (issue 17) carrying many envelopes each, which
+            // fill the batches being written, prepared and gathered; and the
+            // prefetch counts AMQP messages, so what it lets the broker push
+            // is this many times a batch message's size: four batches' worth
+            // of single deliveries, as before, would be 8,000 batch messages,
+            // hundreds of MiB when a backlog is replayed.
             prefetch: shared
                 .settings
                 .prefetch
-                .max(u16::try_from(settings.batch.saturating_mul(4)).unwrap_or(u16::MAX)),
+                .max(u16::try_from(settings.batch).unwrap_or(u16::MAX)),
             batch: settings.batch.max(1),
             linger: settings.linger,
             wake: Arc::new(Wake::default()),
