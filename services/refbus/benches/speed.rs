@@ -986,6 +986,8 @@ async fn wait_for_port(port: u16) {
 
 struct Refbus {
     centre: Client,
+    /// The detention centre's `/metrics`.
+    centre_http: u16,
     clocking: Arc<Clocking>,
     ledger: refbus_tracker::ledger::Ledger,
     next_key: AtomicUsize,
@@ -1046,11 +1048,66 @@ impl Split {
     }
 }
 
+/// What the detention centre put on the wire, read from its `/metrics`:
+/// envelopes confirmed, and the AMQP messages that carried them (alone, or
+/// in `envelope_batch` messages, issue 17).
+#[derive(Clone, Copy, Default)]
+struct Wire {
+    envelopes: f64,
+    messages: f64,
+}
+
+impl Wire {
+    fn since(self, before: Wire) -> Wire {
+        Wire {
+            envelopes: self.envelopes - before.envelopes,
+            messages: self.messages - before.messages,
+        }
+    }
+
+    fn print(self, what: &str) {
+        println!(
+            "  {what}: the centre's {:.0} envelopes went in {:.0} AMQP messages ({:.1} per message)",
+            self.envelopes,
+            self.messages,
+            self.envelopes / self.messages.max(1.0)
+        );
+    }
+}
+
 impl Refbus {
+    /// The centre's [`Wire`] counts so far (zero if `/metrics` cannot be read).
+    async fn wire(&self) -> Wire {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut text = String::new();
+        if let Ok(mut stream) =
+            tokio::net::TcpStream::connect(("127.0.0.1", self.centre_http)).await
+        {
+            let _ = stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                .await;
+            let _ = stream.read_to_string(&mut text).await;
+        }
+        let sample = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum()
+        };
+        let envelopes = sample("refbus_bus_confirmed_total{kind=\"legal_help_request\"}");
+        let batched = sample("refbus_bus_batched_envelopes_total");
+        let batches = sample("refbus_bus_envelope_batches_total");
+        Wire {
+            envelopes,
+            messages: envelopes - batched + batches,
+        }
+    }
+
     async fn start(namespace: &str, scratch: &Path) -> (Self, Vec<Process>) {
         let centre_port = free_port();
         let desk_port = free_port();
         let tracker_port = free_port();
+        let centre_http = free_port();
         let mut processes = Vec::new();
         for (name, args, port) in [
             (
@@ -1065,7 +1122,14 @@ impl Refbus {
             command
                 .env("REFBUS_LISTEN", format!("127.0.0.1:{port}"))
                 .env("REFBUS_TRACKER_LISTEN", format!("127.0.0.1:{port}"))
-                .env("REFBUS_HTTP_LISTEN", "127.0.0.1:0")
+                .env(
+                    "REFBUS_HTTP_LISTEN",
+                    if name == "detention-centre" {
+                        format!("127.0.0.1:{centre_http}")
+                    } else {
+                        "127.0.0.1:0".into()
+                    },
+                )
                 .env("REFBUS_INBOX_DB", scratch.join(format!("inbox-{name}.db")))
                 .stdout(Stdio::null());
             processes.push(Process {
@@ -1154,6 +1218,7 @@ impl Refbus {
             }
         });
         let refbus = Self {
+            centre_http,
             centre: client(centre_port, CENTRE).await,
             clocking,
             ledger,
@@ -1727,6 +1792,7 @@ async fn run() {
         refbus.split.clear();
         let sending = refbus.clone();
         let before = cpu_snapshot(&refbus_side);
+        let wire = refbus.wire().await;
         let (latencies, _) = offer(per_second, seconds, &refbus.clocking, move |_| {
             let r = sending.clone();
             async move { r.submit(r.key()).await }
@@ -1749,12 +1815,14 @@ async fn run() {
             at.p50, at.p99, at.p999, at.failed
         );
         refbus.split.print();
+        refbus.wire().await.since(wire).print("at the fixed load");
         cpu.print("refbus at a fixed load");
         finish(&raw, &layout, &unbatched, processes, &namespace).await;
         return;
     }
     let sending = refbus.clone();
     let before = cpu_snapshot(&refbus_side);
+    let wire = refbus.wire().await;
     let (refbus_rate, peaks) = peak_rss(
         &processes,
         saturate(n, in_flight, &refbus.clocking, move |_| {
@@ -1770,6 +1838,7 @@ async fn run() {
     let (lag_at_stop, lag_cleared) = refbus.settle().await;
     let refbus_cpu = CpuUse::between(&refbus_side, &before, &cpu_snapshot(&refbus_side), n);
     refbus_cpu.print("refbus");
+    refbus.wire().await.since(wire).print("at saturation");
     if only_refbus {
         // A profiling run (`BENCH_ONLY=refbus`): the refbus saturation run
         // alone, its processes left for `perf` to attach to meanwhile.
@@ -1787,6 +1856,7 @@ async fn run() {
     let per_call = env_usize("BENCH_SUBMIT_BATCH", 50).max(1);
     let batching = refbus.clone();
     let before = cpu_snapshot(&refbus_side);
+    let wire = refbus.wire().await;
     println!("refbus, SubmitBatch of {per_call}:");
     let batched_rate = saturate_by(
         n / per_call,
@@ -1811,6 +1881,7 @@ async fn run() {
         n / per_call * per_call,
     );
     batched_cpu.print("refbus (SubmitBatch)");
+    refbus.wire().await.since(wire).print("SubmitBatch");
     #[allow(clippy::cast_precision_loss)]
     let batched_ratio = batched_rate / raw_rate;
     println!("  SubmitBatch of {per_call}: {batched_rate:.0} msg/s, {batched_ratio:.2}x raw");
@@ -1833,11 +1904,13 @@ async fn run() {
         let unbatched_load = layout_at(&unbatched, per_second, seconds).await;
 
         let sending = refbus.clone();
+        let wire = refbus.wire().await;
         let (latencies, at_load) = offer(per_second, seconds, &refbus.clocking, move |_| {
             let r = sending.clone();
             async move { r.submit(r.key()).await }
         })
         .await;
+        refbus.wire().await.since(wire).print("refbus");
         let failed = refbus.clocking.failed.load(Ordering::Acquire);
         let refbus_load = load(latencies, per_second, at_load, failed);
         refbus.settle().await;
