@@ -24,9 +24,9 @@
 //!    confirmed, into the tap; a consumer on the tap acks everything.
 //!    Three connections, as refbus's three processes have.
 //!    Envelopes go as refbus sends them (issue 17, `refbus_bus::envelopes`):
-//!    alone when no publish of their route is in flight, else in the next
-//!    `envelope_batch` message of that route (one in flight at a time,
-//!    taking up to 256 of what waited: group commit, no timer), still
+//!    alone while fewer than four publishes of their route are in flight,
+//!    else in the next `envelope_batch` message of that route (taking up
+//!    to 256 of what waited: group commit, no timer), still
 //!    through the fan-out; the inbox consumer acks each AMQP message once
 //!    it has counted the envelopes it carries.
 //!    **raw-layout-unbatched**: the same with one message per envelope,
@@ -546,7 +546,8 @@ type Waiting = (String, tokio::sync::oneshot::Sender<bool>);
 /// publish is in flight, and the envelopes that wait for it (their ids and
 /// where their confirm goes).
 struct Lane {
-    state: Mutex<(bool, Vec<Waiting>)>,
+    /// Publishes in flight, and the envelopes waiting for room.
+    state: Mutex<(usize, Vec<Waiting>)>,
     channel: lapin::Channel,
     exchange: String,
     routing_key: String,
@@ -559,7 +560,7 @@ struct Lane {
 
 impl Lane {
     /// Publishes what waits, a batch of at most 256 at a time, until
-    /// nothing does; then the lane is free.
+    /// nothing does; then gives its place in the lane back.
     async fn drain(self: Arc<Self>) {
         let kind = MessageKind::LegalHelpRequest.code();
         let properties = BasicProperties::default()
@@ -570,7 +571,7 @@ impl Lane {
             let taken: Vec<_> = {
                 let mut state = self.state.lock().unwrap();
                 if state.1.is_empty() {
-                    state.0 = false;
+                    state.0 -= 1;
                     return;
                 }
                 let n = state.1.len().min(256);
@@ -749,7 +750,7 @@ impl Layout {
 
         let lane = if batched {
             Some(Arc::new(Lane {
-                state: Mutex::new((false, Vec::new())),
+                state: Mutex::new((0, Vec::new())),
                 channel: publisher.clone(),
                 exchange: exchange.clone(),
                 routing_key: routing_key.clone(),
@@ -811,19 +812,20 @@ impl Layout {
         self.published.fetch_add(1, Ordering::Relaxed);
         let id = refbus_core::envelope_id(CENTRE, key);
         self.clocking.sent(id.clone());
-        // Batched: behind a publish in flight on the route, wait for the
-        // next batch; else publish alone, and then the lane's batches go
-        // out from a task of their own.
+        // Batched: behind a full lane (`LANE_IN_FLIGHT` publishes in
+        // flight on the route), wait for the next batch; else publish
+        // alone, and then the lane's batches go out from a task of their
+        // own.
         if let Some(lane) = &self.lane {
             let waiting = {
                 let mut state = lane.state.lock().unwrap();
-                if state.0 {
+                if state.0 < refbus_bus::envelopes::LANE_IN_FLIGHT && state.1.is_empty() {
+                    state.0 += 1;
+                    None
+                } else {
                     let (done, confirmed) = tokio::sync::oneshot::channel();
                     state.1.push((id.clone(), done));
                     Some(confirmed)
-                } else {
-                    state.0 = true;
-                    None
                 }
             };
             if let Some(confirmed) = waiting {
