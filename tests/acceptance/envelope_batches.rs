@@ -273,7 +273,8 @@ async fn a_burst_of_submissions_travels_in_few_messages_and_each_arrives_once() 
 /// publishes one batch on the desk's route: two genuine requests around a
 /// forgery (the centre's claim, the court's key), a request the centre
 /// genuinely signed for the justice bureau, bytes that are no envelope and
-/// an item with no signature. The desk gets the two genuine ones; the
+/// an item with no signature, then a genuine one under a 3 KB id label and
+/// a NUL kind label. The desk gets the two genuine ones; the
 /// inbox refuses each of the others alone, with its reason; the tracker
 /// records the genuine ones and refuses what is not signed by its sender;
 /// a dead-lettered item is an envelope alone, replayable as one.
@@ -308,7 +309,13 @@ async fn a_hostile_batch_is_judged_envelope_by_envelope() {
                 kind: KIND.into(),
             },
             unsigned_item,
-            signed_by(&last, CENTRE),
+            // Labels are not believed: a 3 KB id and a NUL kind change
+            // nothing for the genuine envelope they label.
+            SignedEnvelope {
+                id: "x".repeat(3000),
+                kind: "\0".into(),
+                ..signed_by(&last, CENTRE)
+            },
         ],
     )
     .await;
