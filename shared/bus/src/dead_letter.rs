@@ -20,7 +20,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
-use crate::subscription::{header_text, string_headers};
+use crate::subscription::{Acker, header_text, return_to_queue, string_headers};
 use crate::{Bus, BusError, Outgoing, QUEUE_HEADER, REASON_HEADER};
 
 /// One message in the dead-letter queue, as listed.
@@ -286,13 +286,6 @@ async fn take(
 /// Returns taken messages to the queue, in order.
 async fn give_back(_channel: &Channel, messages: Vec<BasicGetMessage>) {
     for message in messages {
-        let _ = message
-            .delivery
-            .acker
-            .nack(lapin::options::BasicNackOptions {
-                requeue: true,
-                ..lapin::options::BasicNackOptions::default()
-            })
-            .await;
+        return_to_queue(Acker::whole(message.delivery.acker)).await;
     }
 }

@@ -8,7 +8,7 @@
 //!   and resumes every subscription; while it is down, publishing fails at
 //!   once with [`BusError::Unavailable`].
 //! - [`envelopes`]: signed envelopes published alone, or batched per route
-//!   behind a publish waiting for its confirm.
+//!   behind publishes waiting for their confirms.
 //! - [`subscription`]: a consumer on one queue with manual acks and a bounded
 //!   prefetch, resumed on every new connection or channel; batches come out
 //!   one envelope at a time.

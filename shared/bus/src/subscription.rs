@@ -70,7 +70,7 @@ pub struct Acker {
 }
 
 impl Acker {
-    fn whole(delivery: lapin::Acker) -> Self {
+    pub(crate) fn whole(delivery: lapin::Acker) -> Self {
         Self {
             delivery,
             unacked: None,
