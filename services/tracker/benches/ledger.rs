@@ -17,7 +17,7 @@
 //! 20000; BENCH_OPEN, default 1000000, 0 skips the scan and memory parts;
 //! BENCH_BATCH, the tracker's batch, default 500: `REFBUS_TRACKER_BATCH`'s
 //! default until issue 17, 2,000 since; BENCH_ONLY=ledger measures the
-//! ledger writes alone).
+//! ledger writes alone, BENCH_ONLY=ledger-sqlite on SQLite only).
 //! Results go to standard output.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
@@ -155,7 +155,8 @@ impl CpuSample {
 fn envelope(i: usize) -> Envelope {
     let at = Utc::now();
     Envelope {
-        id: format!("00000000-0000-4000-b000-{i:012}"),
+        // The id the centre's gateway gives it: UUIDv5, spread over the key space.
+        id: refbus_core::envelope::envelope_id("dz-detention-centre", &format!("bench-{i}")),
         kind: MessageKind::LegalHelpRequest as i32,
         sender: "dz-detention-centre".into(),
         recipient: "dz-duty-desk".into(),
@@ -374,7 +375,8 @@ async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
     let mut spent = (Duration::ZERO, Duration::ZERO);
     for batch in observed.chunks(tracker.batch) {
         // As on the bus: the referrals, then the desk gateway's batch of
-        // their hops (delivered, acknowledged), each hop its own event.
+        // their hops (delivered, acknowledged), each hop its own row and
+        // the batch one ledger event.
         let hops = hop_batch(batch);
         for (messages, expected) in [
             (batch.iter().collect::<Vec<_>>(), batch.len()),
@@ -571,7 +573,9 @@ async fn main() {
 
     // The tracker's prefetch: four batches (at least the bus's 300).
     let prefetch = u16::try_from((4 * env_usize("BENCH_BATCH", 500)).max(300)).unwrap_or(u16::MAX);
-    let ledger_only = std::env::var("BENCH_ONLY").as_deref() == Ok("ledger");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let ledger_only = only == "ledger" || only == "ledger-sqlite";
+    let sqlite_only = only == "ledger-sqlite";
     let consume = if ledger_only {
         f64::NAN
     } else {
@@ -598,6 +602,9 @@ async fn main() {
             ),
         ),
     ] {
+        if ledger_only && sqlite_only && settings.database_url.is_some() {
+            continue;
+        }
         let rate = ledger_rate(&bodies, &settings).await;
         if ledger_only {
             println!("ledger writes, {name} {rate:.0} msg/s");
@@ -612,7 +619,11 @@ async fn main() {
         }
     }
     if ledger_only {
-        let _ = std::fs::remove_dir_all(&dir);
+        if std::env::var_os("BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        } else {
+            println!("kept {}", dir.display());
+        }
         return;
     }
     let sqlite = tracker_settings(None, None, dir.clone());

@@ -5,8 +5,9 @@
 //! instead, which sends each column of a batch as one binary array (the
 //! `Any` driver binds no arrays).
 //!
-//! Every recorded message appends a row to `ledger_events` whose hash chains
-//! it to the row before; the chain head lives in `ledger_head`, whose single
+//! Every recorded envelope, and every delivery of hop reports (one report
+//! or a gateway's batch of them), appends a row to `ledger_events` whose
+//! hash chains it to the row before; the chain head lives in `ledger_head`, whose single
 //! row every writing transaction updates first (so writers sharing a
 //! PostgreSQL database take turns, and SQLite takes its write lock at once).
 
@@ -58,6 +59,15 @@ enum Recording {
     /// statement cache holds the batch statements.
     Sqlite(AnyPool),
 }
+
+/// The page cache of the ledger's one writing connection (SQLite), in KiB.
+/// Envelope and hop ids are UUIDv5, spread over the key space, so a batch
+/// inserts into pages all over each index: with SQLite's 2 MiB the writer
+/// read most of them back from the file and spilled dirty ones to the WAL
+/// before its commit. 64 MiB cut the ledger bench's CPU per referral by a
+/// fifth at 200,000 referrals (BENCHMARKS.md, issue 17, eighth stop). It is
+/// a bound: the cache does not grow with the ledger.
+const WRITER_CACHE_KIB: u32 = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -148,7 +158,9 @@ impl Ledger {
                 Some(pool)
             }
         };
-        let pool_options = |max_connections: u32| {
+        // `writer`: the one connection that records (SQLite), which keeps a
+        // page cache of its own (see WRITER_CACHE_KIB).
+        let pool_options = |max_connections: u32, writer: bool| {
             let schema = schema.clone();
             AnyPoolOptions::new()
                 .max_connections(max_connections)
@@ -167,11 +179,18 @@ impl Ledger {
                                 // their statement journal in memory, not in a
                                 // temporary file; the WAL is checkpointed every
                                 // 16 MiB instead of 4, so a hot page is copied
-                                // back to the database less often. The page
-                                // cache stays SQLite's 2 MiB a connection, so
-                                // memory stays flat however large the ledger.
+                                // back to the database less often. A reader's
+                                // page cache stays SQLite's 2 MiB, the
+                                // writer's is WRITER_CACHE_KIB: both bounded,
+                                // so memory stays flat however large the ledger.
                                 conn.execute("PRAGMA temp_store = MEMORY").await?;
                                 conn.execute("PRAGMA wal_autocheckpoint = 4000").await?;
+                                if writer {
+                                    conn.execute(
+                                        format!("PRAGMA cache_size = -{WRITER_CACHE_KIB}").as_str(),
+                                    )
+                                    .await?;
+                                }
                             }
                             Backend::Postgres => {
                                 if let Some(schema) = schema {
@@ -186,14 +205,14 @@ impl Ledger {
                     })
                 })
         };
-        let pool = pool_options(if backend == Backend::Sqlite { 4 } else { 8 })
+        let pool = pool_options(if backend == Backend::Sqlite { 4 } else { 8 }, false)
             .connect_with(options.clone())
             .await
             .map_err(connect_err)?;
         let recording = match recording {
             Some(pg) => Recording::Postgres(pg),
             None => Recording::Sqlite(
-                pool_options(1)
+                pool_options(1, true)
                     .connect_with(options)
                     .await
                     .map_err(connect_err)?,
@@ -459,6 +478,49 @@ impl WriteTx {
             }
         }
         Ok(())
+    }
+
+    /// [`WriteTx::insert_rows`] with a `RETURNING` clause in `suffix`: the
+    /// rows the insert returned (with `ON CONFLICT DO NOTHING`, the rows
+    /// that went in), read as `T`.
+    ///
+    /// # Errors
+    /// A database error, or a column whose rows mix text and integers.
+    pub async fn insert_rows_returning<T, const N: usize>(
+        &mut self,
+        head: &str,
+        suffix: &str,
+        rows: &[[Value; N]],
+    ) -> Result<Vec<T>, sqlx::Error>
+    where
+        T: Send + Unpin + for<'r> FromRow<'r, AnyRow> + for<'r> FromRow<'r, PgRow>,
+    {
+        let mut returned = Vec::new();
+        if rows.is_empty() {
+            return Ok(returned);
+        }
+        match self {
+            WriteTx::Sqlite(tx) => {
+                for chunk in rows.chunks(CHUNK) {
+                    let sql = format!("{head} VALUES {} {suffix}", values_list::<N>(chunk.len()));
+                    returned.extend(
+                        any_bind(sqlx::query(&sql), chunk.iter().flatten())
+                            .try_map(|row: AnyRow| T::from_row(&row))
+                            .fetch_all(&mut **tx)
+                            .await?,
+                    );
+                }
+            }
+            WriteTx::Postgres(tx) => {
+                let columns = pg_columns(rows)?;
+                let sql = format!("{head} SELECT * FROM {} {suffix}", pg_unnest(&columns));
+                returned = pg_bind_columns(sqlx::query(&sql), &columns)
+                    .try_map(|row: PgRow| T::from_row(&row))
+                    .fetch_all(&mut **tx)
+                    .await?;
+            }
+        }
+        Ok(returned)
     }
 
     /// Runs the query that `sql` makes of a table expression over `rows`

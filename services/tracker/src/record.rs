@@ -2,8 +2,11 @@
 //! chained ledger event, a referral row, hops, and the obligations the
 //! policy catalogue says it creates; hops and feedback meet obligations.
 //! A gateway's batch of hop reports (`HopBatch`, one delivery, one
-//! signature) yields one message per hop, each under its own id and time,
-//! exactly as if it had come alone.
+//! signature) yields one message per hop, each deduplicated on its own and
+//! given its own row in `hops` with its own time, as if it had come alone;
+//! the batch's new hops are chained together, in one `hop_batch` event
+//! under the batch's message id (issue 17: one event per delivery, not per
+//! hop, each event an index entry and a hash more).
 //!
 //! A batch is recorded in the caller's transaction with a handful of
 //! statements whatever its size (one look-up of what is already recorded,
@@ -632,7 +635,11 @@ pub struct Prepared {
     repeated: u64,
     /// The message the rows being pushed come from.
     owner: usize,
+    /// The ledger events of the batch's envelopes, one each.
     events: Tagged<EventRow>,
+    /// The ledger events of the batch's hop reports: one per delivery
+    /// (a gateway's batch of hops, or a single hop report).
+    hop_events: Vec<HopEvent>,
     referrals: Tagged<[Value; 11]>,
     hops: Tagged<[Value; 6]>,
     obligations: Tagged<[Value; 12]>,
@@ -698,6 +705,9 @@ impl<T: Clone> Tagged<T> {
 
 struct PreparedMessage {
     id: String,
+    /// A hop report's row key (referral, hop, agency, id): the ledger holds
+    /// a hop already when `hops` or `refused_replies` has its row.
+    hop: Option<[String; 4]>,
     /// The kind's number, when the policy catalogue does not know it.
     unknown_kind: Option<i32>,
     obligations: u64,
@@ -726,6 +736,7 @@ impl Prepared {
         self.owner = self.messages.len();
         self.messages.push(PreparedMessage {
             id: id.to_owned(),
+            hop: None,
             unknown_kind: None,
             obligations: 0,
         });
@@ -773,6 +784,48 @@ struct EventRow {
     body: String,
 }
 
+/// The one ledger event of a delivery's hop reports (issue 17). A single
+/// hop report is chained as before: event `hop_report`, under the report's
+/// id and referral. A gateway's batch is chained once, as event
+/// `hop_batch` under the batch's message id (`hop_batch_id` of its hops'
+/// ids) and no referral, its body listing each hop the ledger did not hold
+/// yet, with its own id, referral and time. Each hop still has its own row
+/// in `hops`, which is what status, deadlines and audits read.
+struct HopEvent {
+    message_id: String,
+    event: &'static str,
+    referral_id: String,
+    batch: bool,
+    /// Each hop: the message it is (see [`Prepared::messages`]) and its body.
+    hops: Vec<(usize, serde_json::Value)>,
+}
+
+impl HopEvent {
+    /// The event of the hops that are new, if any is.
+    fn chained(&self, new: &[bool]) -> Option<EventRow> {
+        let mut bodies = self
+            .hops
+            .iter()
+            .filter(|(owner, _)| new[*owner])
+            .map(|(_, body)| body);
+        let body = if self.batch {
+            let hops: Vec<&serde_json::Value> = bodies.collect();
+            if hops.is_empty() {
+                return None;
+            }
+            json!({"id": self.message_id, "hops": hops}).to_string()
+        } else {
+            bodies.next()?.to_string()
+        };
+        Some(EventRow {
+            message_id: self.message_id.clone(),
+            event: self.event.to_owned(),
+            referral_id: self.referral_id.clone(),
+            body,
+        })
+    }
+}
+
 impl Recorder {
     /// Builds the rows of a batch (no database work).
     #[must_use]
@@ -790,14 +843,41 @@ impl Recorder {
                         .push(prepared.owner, reply.referral.to_owned());
                 }
             }
-            // A hop alone or in a batch: each its own message.
-            for report in observed.hop_reports() {
+            // A hop alone or in a batch: each its own message, deduplicated
+            // on its own; one ledger event for the delivery's hops.
+            let reports = observed.hop_reports();
+            let Some(first) = reports.first() else {
+                continue;
+            };
+            let mut event = match observed {
+                Observed::Hops { .. } => HopEvent {
+                    message_id: refbus_core::envelope::hop_batch_id(
+                        reports.iter().map(|h| h.id.as_str()),
+                    ),
+                    event: "hop_batch",
+                    referral_id: String::new(),
+                    batch: true,
+                    hops: Vec::with_capacity(reports.len()),
+                },
+                _ => HopEvent {
+                    message_id: first.id.clone(),
+                    event: "hop_report",
+                    referral_id: first.referral_id.clone(),
+                    batch: false,
+                    hops: Vec::with_capacity(1),
+                },
+            };
+            for report in reports {
                 if prepared.first(&report.id, &mut seen) {
-                    Self::hop_rows(report, now, &mut prepared);
+                    let body = Self::hop_rows(report, now, &mut prepared);
+                    event.hops.push((prepared.owner, body));
                     prepared
                         .checked
                         .push(prepared.owner, report.referral_id.clone());
                 }
+            }
+            if !event.hops.is_empty() {
+                prepared.hop_events.push(event);
             }
         }
         prepared
@@ -828,9 +908,14 @@ impl Recorder {
     /// insert does nothing for a row already there). Returns which messages
     /// are new, for [`Recorder::write_chain`] in the same transaction.
     ///
-    /// A message also in an earlier batch that has not committed yet looks
-    /// new here; its event then collides with that batch's in
-    /// `write_chain`, and the transaction fails and is retried.
+    /// An envelope is new unless the ledger has its event. A hop report is
+    /// new when its row goes into `hops` (it was neither there nor in
+    /// `refused_replies`), so a hop reported again, in any delivery, is a
+    /// duplicate. An envelope also in an earlier batch that has not
+    /// committed yet looks new here; its event then collides with that
+    /// batch's in `write_chain`, and the transaction fails and is retried.
+    /// A hop in such a batch waits for that batch's row and then does not
+    /// go in.
     ///
     /// # Errors
     /// A database error: the caller rolls back and retries the batch.
@@ -840,13 +925,30 @@ impl Recorder {
         prepared: &Prepared,
         tally: &mut Tally,
     ) -> Result<Vec<bool>, sqlx::Error> {
-        let existing = recorded_already(conn, &prepared.messages).await?;
-        let new: Vec<bool> = prepared
-            .messages
-            .iter()
-            .map(|m| !existing.contains(&m.id))
-            .collect();
+        let mut new = recorded_already(conn, &prepared.messages).await?;
+        new.iter_mut().for_each(|held| *held = !*held);
         tally.duplicates += prepared.repeated;
+        if new.iter().any(|n| *n) {
+            // The hops first: a hop report is new only if its row goes in.
+            let inserted: Vec<(String, String, String, String)> = conn
+                .insert_rows_returning(
+                    "INSERT INTO hops (referral_id, hop, agency, at, message_id, meets)",
+                    "ON CONFLICT DO NOTHING RETURNING referral_id, hop, agency, message_id",
+                    &prepared.hops.kept(&new),
+                )
+                .await?;
+            let inserted: HashSet<[&str; 4]> = inserted
+                .iter()
+                .map(|(r, h, a, m)| [r.as_str(), h.as_str(), a.as_str(), m.as_str()])
+                .collect();
+            for (message, new) in prepared.messages.iter().zip(new.iter_mut()) {
+                if let Some(key) = &message.hop
+                    && *new
+                {
+                    *new = inserted.contains(&key.each_ref().map(String::as_str));
+                }
+            }
+        }
         for (message, new) in prepared.messages.iter().zip(&new) {
             if !new {
                 tally.duplicates += 1;
@@ -871,18 +973,11 @@ impl Recorder {
             tally.earliest_due = Some(tally.earliest_due.map_or(*due, |t| t.min(*due)));
         }
         let referrals = prepared.referrals.kept(&new);
-        let hops = prepared.hops.kept(&new);
         let obligations = prepared.obligations.kept(&new);
         conn.insert_rows(
             "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)",
             "ON CONFLICT (id) DO NOTHING",
             &referrals,
-        )
-        .await?;
-        conn.insert_rows(
-            "INSERT INTO hops (referral_id, hop, agency, at, message_id, meets)",
-            "ON CONFLICT DO NOTHING",
-            &hops,
         )
         .await?;
         conn.insert_rows(
@@ -928,7 +1023,8 @@ impl Recorder {
     /// committed (so that this one sees their hops and obligations), in
     /// the transaction of [`Recorder::write_rows`], which has locked the
     /// chain's `head`: meets what the new hops and feedback meet, and
-    /// chains one ledger event per new message.
+    /// chains one ledger event per new envelope and one per delivery of new
+    /// hops ([`HopEvent`]).
     ///
     /// # Errors
     /// A database error: the caller rolls back and retries the batch.
@@ -944,8 +1040,13 @@ impl Recorder {
             return Ok(());
         }
         let recorded_at = millis(now);
-        let mut events = Vec::with_capacity(prepared.events.rows.len());
-        for e in prepared.events.iter_kept(new) {
+        let mut events = Vec::with_capacity(prepared.events.rows.len() + prepared.hop_events.len());
+        let hop_events: Vec<EventRow> = prepared
+            .hop_events
+            .iter()
+            .filter_map(|e| e.chained(new))
+            .collect();
+        for e in prepared.events.iter_kept(new).chain(&hop_events) {
             events.push(head.chain(&Event {
                 message_id: &e.message_id,
                 event: &e.event,
@@ -1401,19 +1502,17 @@ impl Recorder {
         rows.messages[rows.owner].obligations = created;
     }
 
-    fn hop_rows(report: &HopReport, now: DateTime<Utc>, rows: &mut Prepared) {
+    /// A reported hop's row, and its body in its delivery's [`HopEvent`].
+    fn hop_rows(report: &HopReport, now: DateTime<Utc>, rows: &mut Prepared) -> serde_json::Value {
         let hop = hop_code(Hop::try_from(report.hop).unwrap_or(Hop::Unspecified));
         let at = millis(ts(report.at.as_ref()).unwrap_or(now));
-        let body = json!({"id": report.id, "referral_id": report.referral_id, "hop": hop, "agency": report.agency, "at": at}).to_string();
-        rows.events.push(
-            rows.owner,
-            EventRow {
-                message_id: report.id.clone(),
-                event: "hop_report".into(),
-                referral_id: report.referral_id.clone(),
-                body,
-            },
-        );
+        let body = json!({"id": report.id, "referral_id": report.referral_id, "hop": hop, "agency": report.agency, "at": at});
+        rows.messages[rows.owner].hop = Some([
+            report.referral_id.clone(),
+            hop.to_owned(),
+            report.agency.clone(),
+            report.id.clone(),
+        ]);
         rows.hop(
             &report.referral_id,
             hop,
@@ -1422,6 +1521,7 @@ impl Recorder {
             &report.id,
             met_by_for(hop).as_slice(),
         );
+        body
     }
 }
 
@@ -1530,19 +1630,56 @@ pub fn not_a_party(agency: &str, referral: &str, right: Right) -> String {
     )
 }
 
-/// The ids of `messages` that the ledger already holds.
+/// Which of `messages` the ledger holds already: an envelope whose event
+/// is chained, a hop report refused before (`refused_replies`). A hop
+/// report in `hops` is found by its insert, in [`Recorder::write_rows`].
 async fn recorded_already(
     conn: &mut WriteTx,
     messages: &[PreparedMessage],
-) -> Result<HashSet<String>, sqlx::Error> {
-    let ids: Vec<[Value; 1]> = messages.iter().map(|m| [m.id.as_str().into()]).collect();
-    let found: Vec<(String,)> = conn
+) -> Result<Vec<bool>, sqlx::Error> {
+    let ids: Vec<[Value; 1]> = messages
+        .iter()
+        .filter(|m| m.hop.is_none())
+        .map(|m| [m.id.as_str().into()])
+        .collect();
+    let chained: HashSet<String> = conn
         .fetch_with(
             |ids| format!("SELECT message_id FROM ledger_events WHERE message_id IN (SELECT column1 FROM {ids} AS v)"),
             &ids,
         )
-        .await?;
-    Ok(found.into_iter().map(|(id,)| id).collect())
+        .await?
+        .into_iter()
+        .map(|(id,): (String,)| id)
+        .collect();
+    let hops: Vec<[Value; 4]> = messages
+        .iter()
+        .filter_map(|m| m.hop.as_ref())
+        .map(|key| key.each_ref().map(|k| k.as_str().into()))
+        .collect();
+    let refused: HashSet<(String, String, String, String)> = conn
+        .fetch_with(
+            |v| {
+                format!(
+                    "SELECT r.referral_id, r.hop, r.agency, r.message_id FROM refused_replies r
+                     JOIN {v} AS v ON r.referral_id = v.column1 AND r.hop = v.column2
+                       AND r.agency = v.column3 AND r.message_id = v.column4"
+                )
+            },
+            &hops,
+        )
+        .await?
+        .into_iter()
+        .collect();
+    Ok(messages
+        .iter()
+        .map(|m| match &m.hop {
+            None => chained.contains(&m.id),
+            Some([r, h, a, id]) => {
+                !refused.is_empty()
+                    && refused.contains(&(r.clone(), h.clone(), a.clone(), id.clone()))
+            }
+        })
+        .collect())
 }
 
 /// What a reported hop meets (an answer comes as an envelope, whose

@@ -92,7 +92,8 @@ pub fn hop_report_id(referral_id: &str, hop: &str, agency: &str) -> String {
 }
 
 /// The AMQP message id of a batch of hop reports, derived from its hops'
-/// ids (the tracker records each hop under its own id, never this one).
+/// ids. The tracker chains the batch's new hops in one ledger event under
+/// this id, and keeps each hop's own id in its row of `hops`.
 #[must_use]
 pub fn hop_batch_id<'a>(hop_ids: impl IntoIterator<Item = &'a str>) -> String {
     let mut name = String::from("hop-batch");
