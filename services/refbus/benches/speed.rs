@@ -1332,12 +1332,16 @@ impl Refbus {
     }
 
     /// Messages the ledger holds (each referral, its delivered and its
-    /// acknowledged hop: three per request).
+    /// acknowledged hop: three per request). Hops are counted by their
+    /// rows: a delivery of many hops is one ledger event.
     async fn recorded(&self) -> usize {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_events")
-            .fetch_one(&self.ledger.pool)
-            .await
-            .unwrap_or(0);
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM referrals)
+                  + (SELECT COUNT(*) FROM hops WHERE hop IN ('delivered', 'acknowledged'))",
+        )
+        .fetch_one(&self.ledger.pool)
+        .await
+        .unwrap_or(0);
         usize::try_from(n).unwrap_or(0)
     }
 }
