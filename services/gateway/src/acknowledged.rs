@@ -15,6 +15,10 @@
 //! every acknowledgement waiting and records them in one transaction, so
 //! that concurrent `Acknowledge` calls share one disk sync instead of
 //! queueing for one each. Each call returns only once its own id is on disk.
+//! The writer has a connection of its own, apart from the readers' (the
+//! inbox's look-ups): in WAL mode a connection drops its whole page cache
+//! whenever another one has committed, so a writer that took any connection
+//! of a shared pool found its pages cold nearly every group (issue 17).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -85,7 +89,10 @@ struct Pending {
 
 /// The acknowledged ids of the agencies of this process.
 pub struct Acknowledged {
+    /// The readers: an inbox's look-ups, a reply's proof of receipt.
     pool: SqlitePool,
+    /// The writer's one connection (group commits, forgetting old ids).
+    writing: SqlitePool,
     writer: mpsc::Sender<Pending>,
 }
 
@@ -142,11 +149,18 @@ impl Acknowledged {
             path: path.display().to_string(),
             reason,
         };
-        let pool = open_sqlite(path, 2, &SCHEMA).await.map_err(fail)?;
-        add_columns(&pool).await.map_err(|e| fail(e.to_string()))?;
+        let writing = open_sqlite(path, 1, &SCHEMA).await.map_err(fail)?;
+        add_columns(&writing)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let pool = open_sqlite(path, 2, &[]).await.map_err(fail)?;
         let (writer, queue) = mpsc::channel(4 * GROUP);
-        tokio::spawn(write_groups(pool.clone(), queue));
-        let store = Self { pool, writer };
+        tokio::spawn(write_groups(writing.clone(), queue));
+        let store = Self {
+            pool,
+            writing,
+            writer,
+        };
         store
             .forget_before(now_ms() - i64::try_from(RETENTION.as_millis()).unwrap_or(i64::MAX))
             .await
@@ -253,7 +267,7 @@ impl Acknowledged {
     async fn forget_before(&self, cutoff_ms: i64) -> Result<(), sqlx::Error> {
         sqlx::query("DELETE FROM acknowledged WHERE at < ?")
             .bind(cutoff_ms)
-            .execute(&self.pool)
+            .execute(&self.writing)
             .await?;
         Ok(())
     }
@@ -261,6 +275,7 @@ impl Acknowledged {
     /// Closes the store.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writing.close().await;
     }
 }
 

@@ -17,7 +17,10 @@
 //! 20000; BENCH_OPEN, default 1000000, 0 skips the scan and memory parts;
 //! BENCH_BATCH, the tracker's batch, default 500: `REFBUS_TRACKER_BATCH`'s
 //! default until issue 17, 2,000 since; BENCH_ONLY=ledger measures the
-//! ledger writes alone, BENCH_ONLY=ledger-sqlite on SQLite only).
+//! ledger writes alone, BENCH_ONLY=ledger-sqlite on SQLite only). On
+//! SQLite the ledger writes also report the bytes written per referral
+//! and the cost of the first and last tenth of the batches: how the cost
+//! grows with the ledger (issue 17: `BENCH_MESSAGES=200000`).
 //! Results go to standard output.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
@@ -371,9 +374,14 @@ async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
         .collect();
     let started = Instant::now();
     let cpu = CpuSample::now();
+    let written_before = bytes_written();
     // (preparing the rows, writing and committing them), wall time.
     let mut spent = (Duration::ZERO, Duration::ZERO);
+    // Per batch: (referrals, writing's wall time, bytes written), to show
+    // how the cost grows with the ledger.
+    let mut batches: Vec<(usize, Duration, u64)> = Vec::new();
     for batch in observed.chunks(tracker.batch) {
+        let (wrote, written) = (spent.1, bytes_written());
         // As on the bus: the referrals, then the desk gateway's batch of
         // their hops (delivered, acknowledged), each hop its own row and
         // the batch one ledger event.
@@ -398,6 +406,11 @@ async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
             spent.1 += writing.elapsed();
             assert_eq!(tally.recorded as usize, expected);
         }
+        batches.push((
+            batch.len(),
+            spent.1 - wrote,
+            bytes_written().saturating_sub(written),
+        ));
     }
     let rate = bodies.len() as f64 / started.elapsed().as_secs_f64();
     println!(
@@ -407,8 +420,48 @@ async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
         spent.0.as_secs_f64() * 1e6 / bodies.len() as f64,
         spent.1.as_secs_f64() * 1e6 / bodies.len() as f64,
     );
+    if ledger.backend == Backend::Sqlite {
+        // SQLite writes from this process (its WAL and checkpoints), so
+        // what this process wrote is what the ledger cost the disk.
+        let tenth = batches.len().div_ceil(10);
+        let per_referral = |part: &[(usize, Duration, u64)]| {
+            let n = part.iter().map(|b| b.0).sum::<usize>().max(1) as f64;
+            (
+                part.iter().map(|b| b.1.as_secs_f64()).sum::<f64>() * 1e6 / n,
+                part.iter().map(|b| b.2).sum::<u64>() as f64 / 1024.0 / n,
+            )
+        };
+        let first = per_referral(&batches[..tenth]);
+        let last = per_referral(&batches[batches.len() - tenth..]);
+        println!(
+            "  bytes written per referral: {:.1} KiB in all; first tenth of the batches {:.1} µs and {:.1} KiB per referral, last tenth (the ledger {} referrals larger) {:.1} µs and {:.1} KiB",
+            bytes_written().saturating_sub(written_before) as f64 / 1024.0 / bodies.len() as f64,
+            first.0,
+            first.1,
+            bodies.len()
+                - batches[batches.len() - tenth..]
+                    .iter()
+                    .map(|b| b.0)
+                    .sum::<usize>(),
+            last.0,
+            last.1,
+        );
+    }
     ledger.close().await;
     rate
+}
+
+/// Bytes this process has passed to `write` and `pwrite` so far
+/// (`/proc/self/io`, `wchar`).
+fn bytes_written() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The desk gateway's hop batch for `referrals`: delivered and

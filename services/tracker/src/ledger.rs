@@ -69,6 +69,17 @@ enum Recording {
 /// a bound: the cache does not grow with the ledger.
 const WRITER_CACHE_KIB: u32 = 64 * 1024;
 
+/// WAL pages between the ledger's automatic checkpoints (SQLite), 128 MiB.
+/// For the same reason as [`WRITER_CACHE_KIB`], every batch dirties pages
+/// all over each id index, and a checkpoint copies each page once however
+/// many commits dirtied it since the last: with 4,000 pages (16 MiB) the
+/// ledger was checkpointed after nearly every batch and copied the same
+/// hot index pages again each time. At 32,000 the ledger bench wrote a
+/// fifth fewer bytes and spent about 17 % less CPU per referral at 100,000
+/// referrals (BENCHMARKS.md, issue 17, ninth stop). The WAL file keeps the
+/// largest size it reached, about this much, on disk beside the ledger.
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 32_000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -178,13 +189,20 @@ impl Ledger {
                                 // Issue 17: a batch's multi-row inserts keep
                                 // their statement journal in memory, not in a
                                 // temporary file; the WAL is checkpointed every
-                                // 16 MiB instead of 4, so a hot page is copied
+                                // WAL_AUTOCHECKPOINT_PAGES (128 MiB) instead of
+                                // SQLite's 4 MiB, so a hot page is copied
                                 // back to the database less often. A reader's
                                 // page cache stays SQLite's 2 MiB, the
                                 // writer's is WRITER_CACHE_KIB: both bounded,
                                 // so memory stays flat however large the ledger.
                                 conn.execute("PRAGMA temp_store = MEMORY").await?;
-                                conn.execute("PRAGMA wal_autocheckpoint = 4000").await?;
+                                conn.execute(
+                                    format!(
+                                        "PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"
+                                    )
+                                    .as_str(),
+                                )
+                                .await?;
                                 if writer {
                                     conn.execute(
                                         format!("PRAGMA cache_size = -{WRITER_CACHE_KIB}").as_str(),
