@@ -72,16 +72,6 @@ const ADDED_COLUMNS: [(&str, &str); 2] = [
     ("complainant", "TEXT NOT NULL DEFAULT ''"),
 ];
 
-/// WAL pages between automatic checkpoints, 128 MiB (SQLite's default is
-/// 1,000). Ids are UUIDv5, spread over the key space, so each group dirties
-/// leaf pages all over both tables, and a checkpoint copies a page once
-/// however many groups dirtied it since the last. The acknowledged-store
-/// bench (200,000 acknowledgements in groups of 20) wrote 13.5 KiB per
-/// acknowledgement instead of 21.0 and spent about 11 % less CPU (issue 17,
-/// BENCHMARKS.md, ninth stop). The WAL file keeps the largest size it
-/// reached, about this much, on disk beside the store.
-const WAL_AUTOCHECKPOINT_PAGES: u32 = 32_000;
-
 /// Most acknowledgements recorded in one transaction.
 const GROUP: usize = 500;
 
@@ -130,8 +120,7 @@ pub(crate) async fn open_sqlite(
         .pragma("temp_store", "MEMORY")
         // 16 MiB of pages cached per connection: the id look-ups of an
         // inbox's batches read from memory, not from the file.
-        .pragma("cache_size", "-16384")
-        .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
+        .pragma("cache_size", "-16384");
     let pool = SqlitePoolOptions::new()
         .max_connections(max_connections)
         // A local file: no ping before every query (it cost a round trip
@@ -511,23 +500,14 @@ mod tests {
         remove_store(&path);
     }
 
-    /// Both connections of the store checkpoint every
-    /// [`WAL_AUTOCHECKPOINT_PAGES`], not SQLite's 1,000 (issue 17), and
-    /// the writer's commits are visible to the readers' look-ups.
+    /// The writer's connection is not a reader's (issue 17: its page cache
+    /// stays warm), and what it commits the readers' look-ups see at once.
     #[tokio::test]
-    async fn the_writer_and_the_readers_checkpoint_at_the_stores_interval() {
-        use sqlx::Row;
-        let path = store_path("checkpoint");
+    async fn the_writer_has_a_connection_of_its_own_whose_commits_readers_see() {
+        let path = store_path("writer");
         let store = Acknowledged::open(&path).await.unwrap();
-        for pool in [&store.pool, &store.writing] {
-            let pages: i64 = sqlx::query("PRAGMA wal_autocheckpoint")
-                .fetch_one(pool)
-                .await
-                .unwrap()
-                .try_get(0)
-                .unwrap();
-            assert_eq!(pages, i64::from(WAL_AUTOCHECKPOINT_PAGES));
-        }
+        assert_eq!(store.writing.options().get_max_connections(), 1);
+        assert!(!store.pool.is_closed() && !store.writing.is_closed());
         store.record("dz-duty-desk", "m1", None).await.unwrap();
         let found = store.contains_any("dz-duty-desk", &["m1"]).await.unwrap();
         assert_eq!(found, std::collections::HashSet::from(["m1".to_owned()]));
