@@ -78,6 +78,10 @@ const WRITER_CACHE_KIB: u32 = 64 * 1024;
 /// fifth fewer bytes and spent about 17 % less CPU per referral at 100,000
 /// referrals (BENCHMARKS.md, issue 17, ninth stop). The WAL file keeps the
 /// largest size it reached, about this much, on disk beside the ledger.
+/// The checkpoint runs in the writing transaction's commit, so recording
+/// pauses while it copies; nothing waits on the ledger (receipts and
+/// inboxes do not pass through it). A store that callers do wait on (the
+/// gateway's acknowledged store) must not copy this much in its commit.
 const WAL_AUTOCHECKPOINT_PAGES: u32 = 32_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
