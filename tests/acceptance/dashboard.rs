@@ -600,8 +600,8 @@ async fn the_dashboard_escapes_every_value() {
     // A ledger value.
     let ledger = TestTracker::ledger(&tracker.settings).await;
     sqlx::query(
-        "INSERT INTO hops (referral_id, hop, agency, at, message_id, meets)
-         VALUES ($1, 'delivered', $2, $3, 'forged', '')",
+        "INSERT INTO hops (referral_at, referral_id, hop, agency, at, message_id, meets)
+         SELECT submitted_at, $1, 'delivered', $2, $3, 'forged', '' FROM referrals WHERE id = $1",
     )
     .bind(&id)
     .bind("<script>alert(\"hop\")</script><img src=x>")

@@ -135,8 +135,8 @@ async fn dz_6_a_lead_shows_nothing_off_its_route_whatever_hops_name(db: Db) {
         ("delivered", "yb-justice-bureau", "delivered"),
     ] {
         sqlx::query(
-            "INSERT INTO hops (referral_id, hop, agency, at, message_id, meets)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO hops (referral_at, referral_id, hop, agency, at, message_id, meets)
+             SELECT submitted_at, $1, $2, $3, $4, $5, $6 FROM referrals WHERE id = $1",
         )
         .bind(&id)
         .bind(hop)
@@ -149,10 +149,10 @@ async fn dz_6_a_lead_shows_nothing_off_its_route_whatever_hops_name(db: Db) {
         .unwrap();
     }
     sqlx::query(
-        "INSERT INTO obligations (id, referral_id, rule, kind, duty, bearer, meets_agency, met_by,
+        "INSERT INTO obligations (referral_at, id, referral_id, rule, kind, duty, bearer, meets_agency, met_by,
                                   clock_started_at, due_at, met_at, overdue_at, notify)
-         VALUES ($1, $2, 'DZ-8', 'misconduct_lead', 'investigate and feed back', 'yb-court',
-                 'yb-court', 'feedback', $3, $4, NULL, NULL, '')",
+         SELECT submitted_at, $1, $2, 'DZ-8', 'misconduct_lead', 'investigate and feed back', 'yb-court',
+                 'yb-court', 'feedback', $3, $4, NULL, NULL, '' FROM referrals WHERE id = $2",
     )
     .bind(format!("{id}/DZ-8/feedback/yb-court"))
     .bind(&id)

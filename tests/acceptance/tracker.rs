@@ -11,10 +11,13 @@ use refbus_core::signing::Signed;
 use refbus_proto::v1::detention_centre_client::DetentionCentreClient;
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::justice_bureau_client::JusticeBureauClient;
+use refbus_proto::v1::misconduct_lead::Subject;
+use refbus_proto::v1::route_hop::Duty;
 use refbus_proto::v1::{
     ComplianceReportRequest, Envelope, Feedback, GetReferralRequest, Hop, HopReport,
-    LawyerViolationNotice, MessageKind, NotifyLawyerViolationRequest, ObligationState, Outcome,
-    ReferralStatus, ReportFormat, ReportHandlingResultRequest, RightsComplaint,
+    JudicialOfficer, LawyerViolationNotice, MessageKind, MisconductLead,
+    NotifyLawyerViolationRequest, ObligationState, Outcome, ReferralStatus, ReportFormat,
+    ReportHandlingResultRequest, RightsComplaint, RouteHop,
 };
 use refbus_tests::fixtures::{BUREAU, CENTRE, DESK, legal_help_at, submit, violation};
 use refbus_tests::signed_properties;
@@ -789,6 +792,25 @@ async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once(db: Db) {
 
 /// Asserts that the chain holds `events` events, `envelopes` of them
 /// envelopes, and is intact; then closes everything and drops the ledger.
+/// Migration 0005: once its referral is recorded, every hop and obligation
+/// filed under it is keyed by the referral's time, none left waiting at 0
+/// (where a row filed before its referral waits).
+async fn every_row_keyed_by_its_referral(ledger: &refbus_tracker::ledger::Ledger) {
+    for table in ["hops", "obligations"] {
+        let astray: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM {table} x JOIN referrals r ON r.id = x.referral_id
+             WHERE x.referral_at <> r.submitted_at"
+        ))
+        .fetch_one(&ledger.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            astray, 0,
+            "{table}: every row of a recorded referral is keyed by its time"
+        );
+    }
+}
+
 async fn intact_then_close(
     ledger: refbus_tracker::ledger::Ledger,
     amqp: Amqp,
@@ -909,6 +931,7 @@ async fn adjacent_batches_record_as_if_written_one_after_the_other(db: Db) {
         requests,
         "every CQ-1.1b obligation met by its delivery, before or after it"
     );
+    every_row_keyed_by_its_referral(&ledger).await;
     intact_then_close(ledger, amqp, bus, &settings, 2 * requests, requests).await;
 }
 
@@ -1013,27 +1036,138 @@ async fn answers_recorded_before_their_complaint_meet_what_they_answered(db: Db)
     }
     let settings = tracker.stop().await.0;
     let ledger = TestTracker::ledger(&settings).await;
+    every_row_keyed_by_its_referral(&ledger).await;
     intact_then_close(ledger, amqp, bus, &settings, 4, 4).await;
 }
 
 on_both_ledgers!(answers_recorded_before_their_complaint_meet_what_they_answered);
 
-/// A ledger recorded before hops said what they meet (migration 0002):
-/// its hops meet, after the migration, what their names said.
-async fn hops_recorded_before_the_meets_column_meet_what_their_name_says(db: Db) {
+/// A relay recorded before the lead it passes on (DZ-7(2), trackers
+/// sharing a ledger record in any order): its hop and the handling organ's
+/// obligations, filed under the lead, wait keyed at 0 (migration 0005)
+/// and move to the lead's time when the lead comes; the lead's status then
+/// shows them, and the relayed hop meets what it met.
+async fn a_relay_recorded_before_its_lead_is_filed_under_it_when_it_comes(db: Db) {
+    const DZ_COURT: &str = "dz-court";
+    const HIGH_COURT: &str = "cq-high-court";
+    let bus = TestBus::spawn().await;
+    let mut settings = ledger_settings(db);
+    settings.batch = 1;
+    let amqp = Amqp::connect().await;
+    let tap = bus.shared.bus.topology().tap_queue();
+    let at = Utc::now();
+    let lead_id = "00000000-0000-4000-e000-000000000001";
+    let payload = Payload::MisconductLead(MisconductLead {
+        subject: Some(Subject::Officer(JudicialOfficer {
+            name: "王某".into(),
+            organ: HIGH_COURT.into(),
+            position: "审判员".into(),
+        })),
+        description: "与律师私下会面".into(),
+        route: vec![
+            RouteHop {
+                agency: DZ_COURT.into(),
+                duty: Duty::RelayUp as i32,
+            },
+            RouteHop {
+                agency: HIGH_COURT.into(),
+                duty: Duty::Handle as i32,
+            },
+        ],
+        found_by: BUREAU.into(),
+        route_rule: "DZ-7(2)".into(),
+        ..MisconductLead::default()
+    });
+    let lead = seeded(
+        lead_id,
+        MessageKind::MisconductLead,
+        BUREAU,
+        DZ_COURT,
+        at,
+        payload.clone(),
+    );
+    let relay = Envelope {
+        relay_of: lead_id.into(),
+        ..seeded(
+            "00000000-0000-4000-e000-000000000002",
+            MessageKind::MisconductLead,
+            DZ_COURT,
+            HIGH_COURT,
+            at + Duration::minutes(10),
+            payload,
+        )
+    };
+    for envelope in [&relay, &lead] {
+        amqp.publish_envelope(&tap, envelope).await;
+    }
+    eventually("the messages to be queued", || async {
+        (amqp.counts(&tap).await.0 == 2).then_some(())
+    })
+    .await;
+
+    let tracker = TestTracker::start(&bus, settings, Clock::System).await;
+    let s = eventually("the lead with the relay's obligations", || async {
+        status(&tracker, BUREAU, lead_id)
+            .await
+            .filter(|s| s.obligations.iter().any(|o| o.bearer == HIGH_COURT))
+    })
+    .await;
+    assert!(
+        s.timeline
+            .iter()
+            .any(|h| h.hop == Hop::Relayed as i32 && h.agency == DZ_COURT),
+        "the relayed hop, recorded first, is on the lead's timeline: {:?}",
+        s.timeline
+    );
+    let relayed_by_court: Vec<_> = s
+        .obligations
+        .iter()
+        .filter(|o| o.bearer == DZ_COURT && o.id.ends_with("/relayed"))
+        .collect();
+    assert!(
+        !relayed_by_court.is_empty(),
+        "DZ-7: the relay bears passing the lead on: {:?}",
+        s.obligations
+    );
+    for o in &relayed_by_court {
+        assert_eq!(
+            ObligationState::try_from(o.state),
+            Ok(ObligationState::MetOnTime),
+            "DZ-7: the relay, recorded before the lead, meets the duty to pass it on: {o:?}"
+        );
+    }
+    let settings = tracker.stop().await.0;
+    let ledger = TestTracker::ledger(&settings).await;
+    every_row_keyed_by_its_referral(&ledger).await;
+    // Two events; one envelope row: a relay is filed under its lead.
+    intact_then_close(ledger, amqp, bus, &settings, 2, 1).await;
+}
+
+on_both_ledgers!(a_relay_recorded_before_its_lead_is_filed_under_it_when_it_comes);
+
+/// A connection to a new ledger migrated through `migrations` only (the
+/// files of `services/tracker/migrations/` named), as an older tracker
+/// left it.
+async fn migrated_through(
+    settings: &refbus_tracker::TrackerSettings,
+    migrations: &[&str],
+) -> sqlx::AnyConnection {
     use sqlx::{Connection, Executor};
-    let settings = ledger_settings(db);
-    let url = settings.database().unwrap();
-    // The first migration alone, from a folder holding only it.
-    let first = settings.data_dir.join("first-migration");
-    std::fs::create_dir_all(&first).unwrap();
-    std::fs::copy(
-        refbus_tests::repo_root().join("services/tracker/migrations/0001_ledger.sql"),
-        first.join("0001_ledger.sql"),
-    )
-    .unwrap();
+    let folder = settings
+        .data_dir
+        .join(format!("through-{}", migrations.len()));
+    std::fs::create_dir_all(&folder).unwrap();
+    for name in migrations {
+        std::fs::copy(
+            refbus_tests::repo_root().join(format!("services/tracker/migrations/{name}")),
+            folder.join(name),
+        )
+        .unwrap();
+    }
     sqlx::any::install_default_drivers();
-    let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+    let mut conn = sqlx::AnyConnection::connect(&settings.database().unwrap())
+        .await
+        .unwrap();
     if let Some(schema) = &settings.database_schema {
         conn.execute(format!("CREATE SCHEMA \"{schema}\"").as_str())
             .await
@@ -1042,12 +1176,21 @@ async fn hops_recorded_before_the_meets_column_meet_what_their_name_says(db: Db)
             .await
             .unwrap();
     }
-    sqlx::migrate::Migrator::new(first.as_path())
+    sqlx::migrate::Migrator::new(folder.as_path())
         .await
         .unwrap()
         .run(&mut conn)
         .await
         .unwrap();
+    conn
+}
+
+/// A ledger recorded before hops said what they meet (migration 0002):
+/// its hops meet, after the migration, what their names said.
+async fn hops_recorded_before_the_meets_column_meet_what_their_name_says(db: Db) {
+    use sqlx::Connection;
+    let settings = ledger_settings(db);
+    let mut conn = migrated_through(&settings, &["0001_ledger.sql"]).await;
     for hop in [
         "submitted",
         "delivered",
@@ -1090,6 +1233,88 @@ async fn hops_recorded_before_the_meets_column_meet_what_their_name_says(db: Db)
 
 on_both_ledgers!(hops_recorded_before_the_meets_column_meet_what_their_name_says);
 
+/// A ledger recorded before migration 0005: each hop, reply right,
+/// obligation and overdue notice comes out keyed by its referral's time,
+/// a row whose referral is not recorded at 0, and the status, the deadline
+/// engine's look-ups and the notices' join find them.
+async fn rows_recorded_before_migration_0005_are_keyed_by_their_referrals_time(db: Db) {
+    use sqlx::{Connection, Executor};
+    let settings = ledger_settings(db);
+    let mut conn = migrated_through(
+        &settings,
+        &[
+            "0001_ledger.sql",
+            "0002_hop_meets.sql",
+            "0003_reply_rights_and_watermarks.sql",
+            "0004_meetings.sql",
+        ],
+    )
+    .await;
+    const SUBMITTED: i64 = 1_767_225_600_000;
+    for sql in [
+        format!(
+            "INSERT INTO referrals VALUES ('r', 'legal_help_request', '{CENTRE}', '{DESK}', '', 'dz', 'dz', {SUBMITTED}, {SUBMITTED}, 1, '')"
+        ),
+        format!(
+            "INSERT INTO hops VALUES ('r', 'delivered', '{DESK}', {SUBMITTED}, 'm1', 'delivered')"
+        ),
+        format!(
+            "INSERT INTO hops VALUES ('unrecorded', 'delivered', '{DESK}', 1, 'm2', 'delivered')"
+        ),
+        format!("INSERT INTO reply_rights VALUES ('r', '{DESK}', 'receive')"),
+        format!(
+            "INSERT INTO obligations VALUES ('r/CQ-1.1b/delivered', 'r', 'CQ-1.1b', 'legal_help_request', 'd', '{CENTRE}', '{DESK}', 'delivered', {SUBMITTED}, {SUBMITTED}, NULL, {SUBMITTED}, '{CENTRE}')"
+        ),
+        format!(
+            "INSERT INTO overdue_notices VALUES ('n', 'r/CQ-1.1b/delivered', '{CENTRE}', NULL)"
+        ),
+    ] {
+        conn.execute(sql.as_str()).await.unwrap();
+    }
+    conn.close().await.unwrap();
+
+    let ledger = TestTracker::ledger(&settings).await;
+    let keys = |sql: &'static str| {
+        let pool = ledger.pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64, String)>(sql)
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        keys("SELECT referral_at, referral_id FROM hops ORDER BY referral_at").await,
+        [(0, "unrecorded".to_owned()), (SUBMITTED, "r".to_owned())],
+        "a hop of a recorded referral at its time, one of an unrecorded one at 0"
+    );
+    for sql in [
+        "SELECT referral_at, referral_id FROM reply_rights",
+        "SELECT referral_at, referral_id FROM obligations",
+        "SELECT referral_at, referral_id FROM overdue_notices",
+    ] {
+        assert_eq!(keys(sql).await, [(SUBMITTED, "r".to_owned())], "{sql}");
+    }
+    assert_eq!(
+        ledger.reply_rights(&["r"]).await.unwrap(),
+        [("r".to_owned(), DESK.to_owned(), "receive".to_owned())],
+        "the rights found through the referral"
+    );
+    // The overdue notice still finds its obligation (the deadline engine's join).
+    let joined: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM overdue_notices n JOIN obligations o ON o.referral_at = n.referral_at
+           AND o.referral_id = n.referral_id AND o.id = n.obligation_id",
+    )
+    .fetch_one(&ledger.pool)
+    .await
+    .unwrap();
+    assert_eq!(joined, 1);
+    ledger.close().await;
+    drop_ledger(&settings).await;
+}
+
+on_both_ledgers!(rows_recorded_before_migration_0005_are_keyed_by_their_referrals_time);
+
 /// The ledger's row encodings (PostgreSQL: binary arrays expanded by
 /// `unnest`; SQLite: `VALUES` of `?`) give back exactly what went in, for
 /// text that array literals and JSON treat specially.
@@ -1111,11 +1336,12 @@ async fn ledger_rows_round_trip_awkward_text(db: Db) {
         "line\nbreak\ttab",
         "'single'",
     ];
-    let rows: Vec<[Value; 5]> = awkward
+    let rows: Vec<[Value; 6]> = awkward
         .iter()
         .enumerate()
         .map(|(i, text)| {
             [
+                Value::Int(0),
                 format!("awkward-{i}").into(),
                 (*text).into(),
                 "dz-duty-desk".into(),
@@ -1124,7 +1350,7 @@ async fn ledger_rows_round_trip_awkward_text(db: Db) {
             ]
         })
         .collect();
-    const INSERT: &str = "INSERT INTO hops (referral_id, hop, agency, at, message_id)";
+    const INSERT: &str = "INSERT INTO hops (referral_at, referral_id, hop, agency, at, message_id)";
     let mut tx = ledger.begin_write().await.unwrap();
     tx.insert_rows(INSERT, "ON CONFLICT DO NOTHING", &rows)
         .await

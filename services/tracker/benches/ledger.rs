@@ -507,7 +507,7 @@ async fn scan_cost(ledger: &Ledger, open: usize, round: &str, scan: bool) -> (Du
         while i < end {
             let n = chunk.min(end - i);
             let mut sql = String::from(
-                "INSERT INTO obligations (id, referral_id, rule, kind, duty, bearer, meets_agency, met_by, clock_started_at, due_at, met_at, overdue_at, notify) VALUES ",
+                "INSERT INTO obligations (referral_at, id, referral_id, rule, kind, duty, bearer, meets_agency, met_by, clock_started_at, due_at, met_at, overdue_at, notify) VALUES ",
             );
             for k in 0..n {
                 let j = i + k;
@@ -520,7 +520,7 @@ async fn scan_cost(ledger: &Ledger, open: usize, round: &str, scan: bool) -> (Du
                 if k > 0 {
                     sql.push(',');
                 }
-                sql.push_str(&format!("('{round}o{j}','{round}r{j}','CQ-1.1b','legal_help_request','d','dz-detention-centre','dz-duty-desk','delivered',{},{due},NULL,NULL,'dz-detention-centre')", due - 86_400_000));
+                sql.push_str(&format!("({},'{round}o{j}','{round}r{j}','CQ-1.1b','legal_help_request','d','dz-detention-centre','dz-duty-desk','delivered',{},{due},NULL,NULL,'dz-detention-centre')", due - 86_400_000, due - 86_400_000));
             }
             sqlx::query(&sql).execute(&mut *tx).await.unwrap();
             i += n;

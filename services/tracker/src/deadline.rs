@@ -121,9 +121,9 @@ pub async fn scan(
         let _turn = ledger.write_turn().await;
         let mut tx = ledger.begin_write().await?;
         let mut head = tx.lock_head().await?;
-        let due: Vec<(String, String, String, String)> = tx
+        let due: Vec<(i64, String, String, String, String)> = tx
             .fetch(
-                "SELECT id, referral_id, rule, notify FROM obligations
+                "SELECT referral_at, id, referral_id, rule, notify FROM obligations
                  WHERE met_at IS NULL AND overdue_at IS NULL AND due_at <= $1
                  ORDER BY due_at LIMIT $2",
                 &[Value::Int(millis(through)), Value::Int(SCAN_BATCH)],
@@ -135,13 +135,15 @@ pub async fn scan(
         let mut ids = Vec::with_capacity(due.len());
         let mut notices = Vec::new();
         let mut events = Vec::with_capacity(due.len());
-        for (id, referral, rule, notify) in &due {
+        for (referral_at, id, referral, rule, notify) in &due {
             for agency in notify.split(',').filter(|a| !a.is_empty()) {
                 notices.push([
                     Value::Text(notice_id(id, agency)),
                     id.as_str().into(),
                     agency.into(),
                     Value::NullInt,
+                    Value::Int(*referral_at),
+                    referral.as_str().into(),
                 ]);
             }
             let body = json!({"obligation": id, "rule": rule, "overdue_at": millis(now), "notify": notify}).to_string();
@@ -152,13 +154,19 @@ pub async fn scan(
                 recorded_at: millis(now),
                 body,
             }));
-            ids.push([id.as_str().into(), Value::Int(millis(now))]);
+            ids.push([
+                Value::Int(*referral_at),
+                referral.as_str().into(),
+                id.as_str().into(),
+                Value::Int(millis(now)),
+            ]);
         }
         tx.execute_with(
             |marked| {
                 format!(
-                    "UPDATE obligations SET overdue_at = CAST(v.column2 AS BIGINT) FROM {marked} AS v
-                     WHERE obligations.id = v.column1
+                    "UPDATE obligations SET overdue_at = CAST(v.column4 AS BIGINT) FROM {marked} AS v
+                     WHERE obligations.referral_at = v.column1 AND obligations.referral_id = v.column2
+                       AND obligations.id = v.column3
                        AND obligations.overdue_at IS NULL AND obligations.met_at IS NULL"
                 )
             },
@@ -166,7 +174,7 @@ pub async fn scan(
         )
         .await?;
         tx.insert_rows(
-            "INSERT INTO overdue_notices (notice_id, obligation_id, agency, published_at)",
+            "INSERT INTO overdue_notices (notice_id, obligation_id, agency, published_at, referral_at, referral_id)",
             "ON CONFLICT (notice_id) DO NOTHING",
             &notices,
         )
@@ -209,7 +217,8 @@ pub async fn publish_notices(
     loop {
         let rows = sqlx::query(
             "SELECT n.notice_id, n.agency, o.id, o.referral_id, o.rule, o.duty, o.bearer, o.due_at
-             FROM overdue_notices n JOIN obligations o ON o.id = n.obligation_id
+             FROM overdue_notices n JOIN obligations o ON o.referral_at = n.referral_at
+               AND o.referral_id = n.referral_id AND o.id = n.obligation_id
              WHERE n.published_at IS NULL ORDER BY n.notice_id LIMIT 200",
         )
         .fetch_all(&ledger.pool)

@@ -11,6 +11,7 @@
 //! row every writing transaction updates first (so writers sharing a
 //! PostgreSQL database take turns, and SQLite takes its write lock at once).
 
+use crate::record::OF_REFERRAL;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -279,7 +280,8 @@ impl Ledger {
     }
 
     /// The reply rights recorded for `referrals`, as (referral, agency,
-    /// reply) rows (see `migrations/0003_reply_rights_and_watermarks.sql`).
+    /// reply) rows (see `migrations/0003_reply_rights_and_watermarks.sql`
+    /// and `0005_rows_in_order_of_arrival.sql`).
     ///
     /// # Errors
     /// A database error.
@@ -297,7 +299,8 @@ impl Ledger {
                 .collect::<Vec<_>>()
                 .join(",");
             let sql = format!(
-                "SELECT referral_id, agency, reply FROM reply_rights WHERE referral_id IN ({list})"
+                "SELECT x.referral_id, x.agency, x.reply FROM referrals r JOIN reply_rights x ON {OF_REFERRAL}
+                 WHERE r.id IN ({list})"
             );
             let query = chunk.iter().fold(
                 sqlx::query_as::<_, (String, String, String)>(&sql),

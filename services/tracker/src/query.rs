@@ -294,18 +294,24 @@ impl Queries {
         };
         let sender: String = row.try_get("sender").map_err(internal)?;
         let recipient: String = row.try_get("recipient").map_err(internal)?;
-        let hops =
-            sqlx::query("SELECT hop, agency, at FROM hops WHERE referral_id = $1 ORDER BY at, hop")
-                .bind(id)
-                .fetch_all(&self.ledger.pool)
-                .await
-                .map_err(internal)?;
-        let obligations =
-            sqlx::query("SELECT * FROM obligations WHERE referral_id = $1 ORDER BY due_at, id")
-                .bind(id)
-                .fetch_all(&self.ledger.pool)
-                .await
-                .map_err(internal)?;
+        // Its rows are keyed by its submission time first (migration 0005).
+        let submitted_at: i64 = row.try_get("submitted_at").map_err(internal)?;
+        let hops = sqlx::query(
+            "SELECT hop, agency, at FROM hops WHERE referral_at = $1 AND referral_id = $2 ORDER BY at, hop",
+        )
+        .bind(submitted_at)
+        .bind(id)
+        .fetch_all(&self.ledger.pool)
+        .await
+        .map_err(internal)?;
+        let obligations = sqlx::query(
+            "SELECT * FROM obligations WHERE referral_at = $1 AND referral_id = $2 ORDER BY due_at, id",
+        )
+        .bind(submitted_at)
+        .bind(id)
+        .fetch_all(&self.ledger.pool)
+        .await
+        .map_err(internal)?;
 
         // CQ-1.3d: the verification queries its centre linked to it.
         let verification_queries: Vec<String> = if kind == MessageKind::LawyerMeetingRequest.code()

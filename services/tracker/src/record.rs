@@ -33,6 +33,14 @@
 //! from its hops. Ingest refuses a reply without the right before it is
 //! recorded; a reply recorded before its referral is refused here, in the
 //! ledger, when the referral comes ([`Observed::replies`], `refused_replies`).
+//!
+//! A referral's hops, reply rights and obligations are keyed first by the
+//! time its referral was submitted (`referral_at`, migration 0005), so that
+//! a batch's rows land together at the end of each index however large the
+//! ledger: found by a referral's id through `referrals` ([`OF_REFERRAL`]).
+//! A row filed under a referral not recorded yet (a reply or relay that
+//! raced it) has `referral_at` 0 until the referral is recorded, which moves
+//! it ([`rekey_early_rows`]).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -65,6 +73,17 @@ use prometheus_client::registry::Registry;
 
 use crate::clock::millis;
 use crate::ledger::{Event, Head, Value, WriteTx, sha256_hex};
+
+/// The key of a row filed under the referral `r` (a `LEFT JOIN referrals r`
+/// on the row's referral id): its submission time, or 0 while it is not
+/// recorded.
+const KEYED_BY_REFERRAL: &str = "COALESCE(r.submitted_at, 0)";
+
+/// How a query joins a table `x` of rows keyed by referral (`hops`,
+/// `reply_rights`, `obligations`) to their referral `r`, so that it reads
+/// the rows through their index: `... FROM referrals r JOIN hops x ON
+/// {OF_REFERRAL} WHERE r.id = ...`.
+pub const OF_REFERRAL: &str = "x.referral_at = r.submitted_at AND x.referral_id = r.id";
 
 /// Counters the tracker keeps, exported as Prometheus metrics
 /// (`refbus_tracker_*`, see [`Metrics::register`]).
@@ -649,8 +668,9 @@ pub struct Prepared {
     meets: Tagged<((String, MetBy, String), i64)>,
     /// Referrals given obligations (earlier hops may meet them).
     obligated: Tagged<String>,
-    /// (referral, agency, right): who may reply to the batch's referrals.
-    rights: Tagged<[Value; 3]>,
+    /// (referral's time, referral, agency, right): who may reply to the
+    /// batch's referrals.
+    rights: Tagged<[Value; 4]>,
     /// Referrals whose replies to check once the batch's rows are in:
     /// those given rights, and those the batch's replies name.
     checked: Tagged<String>,
@@ -929,11 +949,26 @@ impl Recorder {
         new.iter_mut().for_each(|held| *held = !*held);
         tally.duplicates += prepared.repeated;
         if new.iter().any(|n| *n) {
-            // The hops first: a hop report is new only if its row goes in.
+            // The referrals first, so that their own hops and obligations,
+            // and their replies in the same batch, find the time they are
+            // keyed by (migration 0005).
+            conn.insert_rows(
+                "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)",
+                "ON CONFLICT (id) DO NOTHING",
+                &prepared.referrals.kept(&new),
+            )
+            .await?;
+            // Then the hops: a hop report is new only if its row goes in.
             let inserted: Vec<(String, String, String, String)> = conn
-                .insert_rows_returning(
-                    "INSERT INTO hops (referral_id, hop, agency, at, message_id, meets)",
-                    "ON CONFLICT DO NOTHING RETURNING referral_id, hop, agency, message_id",
+                .fetch_with(
+                    |v| {
+                        format!(
+                            "INSERT INTO hops (referral_at, referral_id, hop, agency, at, message_id, meets)
+                             SELECT {KEYED_BY_REFERRAL}, v.column1, v.column2, v.column3, v.column4, v.column5, v.column6
+                             FROM {v} AS v LEFT JOIN referrals r ON r.id = v.column1 WHERE true
+                             ON CONFLICT DO NOTHING RETURNING referral_id, hop, agency, message_id"
+                        )
+                    },
                     &prepared.hops.kept(&new),
                 )
                 .await?;
@@ -972,22 +1007,22 @@ impl Recorder {
         {
             tally.earliest_due = Some(tally.earliest_due.map_or(*due, |t| t.min(*due)));
         }
-        let referrals = prepared.referrals.kept(&new);
-        let obligations = prepared.obligations.kept(&new);
-        conn.insert_rows(
-            "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)",
-            "ON CONFLICT (id) DO NOTHING",
-            &referrals,
+        // A relay's obligations are filed under its lead: keyed by the
+        // lead's time, or 0 until the lead is recorded.
+        conn.execute_with(
+            |v| {
+                format!(
+                    "INSERT INTO obligations (referral_at, referral_id, id, rule, kind, duty, bearer, meets_agency, met_by, clock_started_at, due_at, met_at, notify)
+                     SELECT {KEYED_BY_REFERRAL}, v.column2, v.column1, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8, v.column9, v.column10, v.column11, v.column12
+                     FROM {v} AS v LEFT JOIN referrals r ON r.id = v.column2 WHERE true
+                     ON CONFLICT DO NOTHING"
+                )
+            },
+            &prepared.obligations.kept(&new),
         )
         .await?;
         conn.insert_rows(
-            "INSERT INTO obligations (id, referral_id, rule, kind, duty, bearer, meets_agency, met_by, clock_started_at, due_at, met_at, notify)",
-            "ON CONFLICT (id) DO NOTHING",
-            &obligations,
-        )
-        .await?;
-        conn.insert_rows(
-            "INSERT INTO reply_rights (referral_id, agency, reply)",
+            "INSERT INTO reply_rights (referral_at, referral_id, agency, reply)",
             "ON CONFLICT DO NOTHING",
             &prepared.rights.kept(&new),
         )
@@ -1039,6 +1074,7 @@ impl Recorder {
         if !new.iter().any(|n| *n) {
             return Ok(());
         }
+        let rekeyed = rekey_early_rows(conn, prepared, new).await?;
         let recorded_at = millis(now);
         let mut events = Vec::with_capacity(prepared.events.rows.len() + prepared.hop_events.len());
         let hop_events: Vec<EventRow> = prepared
@@ -1074,19 +1110,26 @@ impl Recorder {
                 .and_modify(|t| *t = (*t).min(*at))
                 .or_insert(*at);
         }
-        // Hops recorded before their referral (reports race) meet its new obligations.
-        let obligated: Vec<[Value; 1]> = prepared
+        // Hops recorded before their referral (reports race) meet its new
+        // obligations, and those just moved to it (a relay's, filed under
+        // its lead).
+        let mut obligated: Vec<&str> = prepared
             .obligated
             .iter_kept(new)
-            .map(|id| [id.as_str().into()])
+            .map(String::as_str)
+            .chain(rekeyed.iter().map(String::as_str))
             .collect();
+        obligated.sort_unstable();
+        obligated.dedup();
+        let obligated: Vec<[Value; 1]> = obligated.into_iter().map(|id| [id.into()]).collect();
         let earlier: Vec<(String, String, String, i64)> = conn
             .fetch_with(
                 |referrals| {
                     format!(
-                        "SELECT referral_id, meets, agency, MIN(at) AS at FROM hops
-                         WHERE referral_id IN (SELECT column1 FROM {referrals} AS v) AND meets <> ''
-                         GROUP BY referral_id, meets, agency"
+                        "SELECT x.referral_id, x.meets, x.agency, MIN(x.at) AS at
+                         FROM referrals r JOIN hops x ON {OF_REFERRAL}
+                         WHERE r.id IN (SELECT column1 FROM {referrals} AS v) AND x.meets <> ''
+                         GROUP BY x.referral_id, x.meets, x.agency"
                     )
                 },
                 &obligated,
@@ -1114,9 +1157,11 @@ impl Recorder {
         conn.execute_with(
             |met| {
                 format!(
-                    "UPDATE obligations SET met_at = CAST(v.column4 AS BIGINT) FROM {met} AS v
-                     WHERE obligations.referral_id = v.column1 AND obligations.met_by = v.column2
-                       AND obligations.meets_agency = v.column3 AND obligations.met_at IS NULL"
+                    "UPDATE obligations SET met_at = CAST(v.column4 AS BIGINT)
+                     FROM {met} AS v JOIN referrals r ON r.id = v.column1
+                     WHERE obligations.referral_at = r.submitted_at AND obligations.referral_id = v.column1
+                       AND obligations.met_by = v.column2 AND obligations.meets_agency = v.column3
+                       AND obligations.met_at IS NULL"
                 )
             },
             &meets,
@@ -1197,6 +1242,7 @@ impl Recorder {
             rows.rights.push(
                 rows.owner,
                 [
+                    Value::Int(millis(submitted)),
                     envelope.id.as_str().into(),
                     agency.into(),
                     right.code().into(),
@@ -1525,6 +1571,86 @@ impl Recorder {
     }
 }
 
+/// Moves the rows filed under a referral while it was not recorded
+/// (`referral_at` 0: hops, and a relay's obligations) to its time, now that
+/// it is: rows under the batch's referrals, and under those the batch's
+/// rows are filed under (on PostgreSQL a batch's rows go in while the batch
+/// before it, which may record their referral, has not committed yet).
+/// Runs once every batch before this one has committed. Returns the
+/// referrals whose rows moved.
+async fn rekey_early_rows(
+    conn: &mut WriteTx,
+    prepared: &Prepared,
+    new: &[bool],
+) -> Result<HashSet<String>, sqlx::Error> {
+    fn text(v: &Value) -> Option<&str> {
+        match v {
+            Value::Text(t) => Some(t),
+            Value::Int(_) | Value::NullInt => None,
+        }
+    }
+    let mut ids: Vec<&str> = prepared
+        .referrals
+        .iter_kept(new)
+        .filter_map(|row| text(&row[0]))
+        .chain(prepared.hops.iter_kept(new).filter_map(|row| text(&row[0])))
+        .chain(
+            prepared
+                .obligations
+                .iter_kept(new)
+                .filter_map(|row| text(&row[1])),
+        )
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let ids: Vec<[Value; 1]> = ids.into_iter().map(|id| [id.into()]).collect();
+    let mut moved = HashSet::new();
+    for table in ["hops", "obligations"] {
+        // Most of the time no row waits: one look at the start of the index.
+        let waiting: Vec<(i64,)> = conn
+            .fetch(
+                &format!("SELECT referral_at FROM {table} WHERE referral_at = 0 LIMIT 1"),
+                &[],
+            )
+            .await?;
+        if waiting.is_empty() {
+            continue;
+        }
+        let rows: Vec<(String,)> = conn
+            .fetch_with(
+                |v| {
+                    format!(
+                        "UPDATE {table} SET referral_at = r.submitted_at
+                         FROM {v} AS v JOIN referrals r ON r.id = v.column1
+                         WHERE {table}.referral_at = 0 AND {table}.referral_id = v.column1
+                           AND r.submitted_at <> 0
+                         RETURNING {table}.referral_id"
+                    )
+                },
+                &ids,
+            )
+            .await?;
+        if table == "obligations" && !rows.is_empty() {
+            // Their overdue notices, if they fell due while they waited,
+            // name them by their key.
+            let moved: Vec<[Value; 1]> = rows.iter().map(|(id,)| [id.as_str().into()]).collect();
+            conn.execute_with(
+                |v| {
+                    format!(
+                        "UPDATE overdue_notices SET referral_at = r.submitted_at
+                         FROM {v} AS v JOIN referrals r ON r.id = v.column1
+                         WHERE overdue_notices.referral_at = 0 AND overdue_notices.referral_id = v.column1"
+                    )
+                },
+                &moved,
+            )
+            .await?;
+        }
+        moved.extend(rows.into_iter().map(|(id,)| id));
+    }
+    Ok(moved)
+}
+
 /// Refuses, in the ledger, the replies on the batch's checked referrals
 /// (those it gave rights, those its replies name) from agencies without
 /// the right to them: a reply recorded before its referral, or one that
@@ -1544,17 +1670,20 @@ async fn refuse_unentitled(
     ids.sort_unstable();
     ids.dedup();
     let ids: Vec<[Value; 1]> = ids.into_iter().map(|id| [id.as_str().into()]).collect();
-    let unentitled: Vec<(String, String, String, i64, String)> = conn
+    let unentitled: Vec<(i64, String, String, String, i64, String)> = conn
         .fetch_with(
             |ids| {
                 format!(
-                    "SELECT h.referral_id, h.hop, h.agency, h.at, h.message_id FROM hops h
-                     WHERE h.referral_id IN (SELECT column1 FROM {ids} AS v)
-                       AND h.hop NOT IN ('submitted', 'overdue_notified')
-                       AND EXISTS (SELECT 1 FROM reply_rights r WHERE r.referral_id = h.referral_id)
-                       AND NOT EXISTS (SELECT 1 FROM reply_rights r
-                           WHERE r.referral_id = h.referral_id AND r.agency = h.agency
-                             AND r.reply = CASE h.hop WHEN 'answered' THEN 'answer'
+                    "SELECT x.referral_at, x.referral_id, x.hop, x.agency, x.at, x.message_id
+                     FROM referrals r JOIN hops x ON {OF_REFERRAL}
+                     WHERE r.id IN (SELECT column1 FROM {ids} AS v)
+                       AND x.hop NOT IN ('submitted', 'overdue_notified')
+                       AND EXISTS (SELECT 1 FROM reply_rights y
+                           WHERE y.referral_at = r.submitted_at AND y.referral_id = r.id)
+                       AND NOT EXISTS (SELECT 1 FROM reply_rights y
+                           WHERE y.referral_at = r.submitted_at AND y.referral_id = r.id
+                             AND y.agency = x.agency
+                             AND y.reply = CASE x.hop WHEN 'answered' THEN 'answer'
                                                       WHEN 'relayed' THEN 'relay'
                                                       ELSE 'receive' END)"
                 )
@@ -1568,7 +1697,7 @@ async fn refuse_unentitled(
     }
     let mut rows = Vec::with_capacity(unentitled.len());
     let mut keys = Vec::with_capacity(unentitled.len());
-    for (referral, hop, agency, at, message_id) in unentitled {
+    for (referral_at, referral, hop, agency, at, message_id) in unentitled {
         let reason = not_a_party(&agency, &referral, Right::for_hop(&hop));
         tracing::warn!(message = %message_id, %referral, %agency, %hop, "refused a reply recorded before its referral: not a party");
         let body =
@@ -1582,6 +1711,7 @@ async fn refuse_unentitled(
             body,
         }));
         keys.push([
+            Value::Int(referral_at),
             referral.as_str().into(),
             hop.as_str().into(),
             agency.as_str().into(),
@@ -1606,9 +1736,8 @@ async fn refuse_unentitled(
     conn.execute_with(
         |v| {
             format!(
-                "DELETE FROM hops WHERE EXISTS (SELECT 1 FROM {v} AS v
-                 WHERE hops.referral_id = v.column1 AND hops.hop = v.column2
-                   AND hops.agency = v.column3 AND hops.message_id = v.column4)"
+                "DELETE FROM hops WHERE (referral_at, referral_id, hop, agency, message_id)
+                 IN (SELECT column1, column2, column3, column4, column5 FROM {v} AS v)"
             )
         },
         &keys,
