@@ -7,7 +7,9 @@
 //! (64, for every side), `BENCH_SECONDS` (10, each fixed-load run),
 //! `BENCH_ACKERS` (16), `BENCH_ACK_BATCH` (100); `BENCH_ONLY=refbus` runs
 //! the baselines briefly and then the refbus saturation run alone, for a
-//! profiler to attach to its processes (BENCHMARKS.md, issue 17).
+//! profiler to attach to its processes (BENCHMARKS.md, issue 17), and
+//! `BENCH_ROUNDS` times over (1) on the same bus, so that the later rounds
+//! measure a grown ledger.
 //!
 //! 1. **raw**: lapin publishing persistent messages of the size refbus
 //!    publishes (the same signed envelope) to a quorum queue with publisher
@@ -1826,6 +1828,39 @@ async fn run() {
         finish(&raw, &layout, &unbatched, processes, &namespace).await;
         return;
     }
+    if only_refbus {
+        // A profiling run (`BENCH_ONLY=refbus`): the refbus saturation run
+        // alone, its processes left for `perf` to attach to meanwhile;
+        // `BENCH_ROUNDS` times on the same bus, its ledger and stores
+        // growing by `n` referrals a round (issue 17: what a referral costs
+        // once the ledger is large, which one run on an empty ledger hides).
+        let rounds = env_usize("BENCH_ROUNDS", 1).max(1);
+        for round in 1..=rounds {
+            let sending = refbus.clone();
+            let before = cpu_snapshot(&refbus_side);
+            let wire = refbus.wire().await;
+            let rate = saturate(n, in_flight, &refbus.clocking, move |_| {
+                let r = sending.clone();
+                async move { r.submit(r.key()).await }
+            })
+            .await;
+            let _ = refbus.clocking.take();
+            let (lag_at_stop, lag_cleared) = refbus.settle().await;
+            let cpu = CpuUse::between(&refbus_side, &before, &cpu_snapshot(&refbus_side), n);
+            cpu.print(&format!(
+                "refbus, round {round} of {rounds} (the ledger held {} referrals before it)",
+                (round - 1) * n
+            ));
+            refbus.wire().await.since(wire).print("at saturation");
+            println!(
+                "  round {round}: {rate:.0} msg/s; tracker lag {lag_at_stop} messages at the stop, back to zero in {:.0} ms",
+                lag_cleared.as_secs_f64() * 1000.0
+            );
+        }
+        println!("  BENCH_ONLY=refbus: the other runs skipped");
+        finish(&raw, &layout, &unbatched, processes, &namespace).await;
+        return;
+    }
     let sending = refbus.clone();
     let before = cpu_snapshot(&refbus_side);
     let wire = refbus.wire().await;
@@ -1845,16 +1880,6 @@ async fn run() {
     let refbus_cpu = CpuUse::between(&refbus_side, &before, &cpu_snapshot(&refbus_side), n);
     refbus_cpu.print("refbus");
     refbus.wire().await.since(wire).print("at saturation");
-    if only_refbus {
-        // A profiling run (`BENCH_ONLY=refbus`): the refbus saturation run
-        // alone, its processes left for `perf` to attach to meanwhile.
-        println!(
-            "  {refbus_rate:.0} msg/s; tracker lag {lag_at_stop} messages at the stop, back to zero in {:.0} ms; BENCH_ONLY=refbus: the other runs skipped",
-            lag_cleared.as_secs_f64() * 1000.0
-        );
-        finish(&raw, &layout, &unbatched, processes, &namespace).await;
-        return;
-    }
 
     // The same, the agency system submitting `BENCH_SUBMIT_BATCH` referrals
     // per SubmitBatch call (issue 17): each still its own receipt after its
