@@ -1315,6 +1315,82 @@ async fn rows_recorded_before_migration_0005_are_keyed_by_their_referrals_time(d
 
 on_both_ledgers!(rows_recorded_before_migration_0005_are_keyed_by_their_referrals_time);
 
+/// A rolling upgrade of trackers sharing a ledger: a newer tracker has
+/// migrated the ledger past this one's code, and this one's rows no longer
+/// fit (here: a constraint standing in for the new schema's, and the newer
+/// migration's row). It dead-letters nothing and acks nothing: the message
+/// waits on the tap, and is recorded once the ledger takes this tracker's
+/// rows again.
+async fn a_ledger_migrated_past_the_trackers_code_dead_letters_nothing(db: Db) {
+    let bus = TestBus::spawn().await;
+    let settings = ledger_settings(db);
+    let amqp = Amqp::connect().await;
+    let tap = bus.shared.bus.topology().tap_queue();
+    let tracker = TestTracker::start(&bus, settings, Clock::System).await;
+    let ledger = TestTracker::ledger(&tracker.settings).await;
+    let (newer, older) = match db {
+        Db::Sqlite => (
+            [
+                "CREATE TRIGGER newer_schema BEFORE INSERT ON referrals BEGIN SELECT RAISE(ABORT, 'a newer schema'); END",
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (99990101000000, 'newer', 1, X'00', 0)",
+            ],
+            [
+                "DROP TRIGGER newer_schema",
+                "DELETE FROM _sqlx_migrations WHERE version = 99990101000000",
+            ],
+        ),
+        Db::Postgres => (
+            [
+                "ALTER TABLE referrals ADD CONSTRAINT newer_schema CHECK (kind = 'none') NOT VALID",
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) VALUES (99990101000000, 'newer', TRUE, '\\x00', 0)",
+            ],
+            [
+                "ALTER TABLE referrals DROP CONSTRAINT newer_schema",
+                "DELETE FROM _sqlx_migrations WHERE version = 99990101000000",
+            ],
+        ),
+    };
+    for sql in newer {
+        sqlx::query(sql).execute(&ledger.pool).await.unwrap();
+    }
+    let id = "00000000-0000-4000-f000-000000000001";
+    let at = Utc::now();
+    let envelope = seeded(
+        id,
+        MessageKind::LegalHelpRequest,
+        CENTRE,
+        DESK,
+        at,
+        legal_help_at(id, at).payload.unwrap(),
+    );
+    amqp.publish_envelope(&tap, &envelope).await;
+    // Tried and refused a few times (backoff 100 ms, 200 ms, ...).
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let unstorable = || {
+        tracker
+            .metrics
+            .unstorable
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(unstorable(), 0, "nothing dead-lettered for a newer ledger");
+    assert!(
+        status(&tracker, CENTRE, id).await.is_none(),
+        "not recorded while the ledger refuses this tracker's rows"
+    );
+    for sql in older {
+        sqlx::query(sql).execute(&ledger.pool).await.unwrap();
+    }
+    eventually("the waiting message to be recorded", || async {
+        status(&tracker, CENTRE, id).await
+    })
+    .await;
+    assert_eq!(unstorable(), 0);
+    let settings = tracker.stop().await.0;
+    intact_then_close(ledger, amqp, bus, &settings, 1, 1).await;
+}
+
+on_both_ledgers!(a_ledger_migrated_past_the_trackers_code_dead_letters_nothing);
+
 /// The ledger's row encodings (PostgreSQL: binary arrays expanded by
 /// `unnest`; SQLite: `VALUES` of `?`) give back exactly what went in, for
 /// text that array literals and JSON treat specially.

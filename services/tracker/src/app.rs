@@ -633,7 +633,8 @@ impl Ingest {
     /// with backoff and nothing is dead-lettered. When the database refuses
     /// the rows, the batch is split in halves, recursively, until the
     /// culprit stands alone; it is dead-lettered with the database's
-    /// reason, and the rest is recorded and acked, in order.
+    /// reason, and the rest is recorded and acked, in order, unless the
+    /// ledger was migrated past this build ([`Self::ledger_is_newer`]).
     async fn record_until_done(&self, batch: Batch) -> bool {
         let mut parts = VecDeque::from([batch]);
         let mut split_started: Option<std::time::Instant> = None;
@@ -645,7 +646,9 @@ impl Ingest {
                         self.recorded(tally, part).await;
                         break;
                     }
-                    Err(LedgerError::Sql(e)) if refuses_rows(&e) => {
+                    Err(LedgerError::Sql(e))
+                        if refuses_rows(&e) && !self.ledger_is_newer(&e).await =>
+                    {
                         split_started.get_or_insert_with(std::time::Instant::now);
                         if part.incomings.len() <= 1 {
                             self.unstorable(part, &e).await;
@@ -676,6 +679,30 @@ impl Ingest {
             );
         }
         true
+    }
+
+    /// Whether the ledger refused a write because a newer tracker has
+    /// migrated it past this build (a rolling upgrade of trackers sharing
+    /// a PostgreSQL ledger): then no message is at fault, nothing is
+    /// dead-lettered, and the batch waits, unacked, retried with backoff,
+    /// until this instance is upgraded (its deliveries then go to another).
+    /// A ledger that cannot be asked counts as not newer.
+    async fn ledger_is_newer(&self, refusal: &sqlx::Error) -> bool {
+        match self.ledger.migrated_past_this_build().await {
+            Ok(Some(latest)) => {
+                tracing::error!(
+                    latest,
+                    error = %refusal,
+                    "the ledger was migrated past this tracker's code (migration {latest}): not recording, nothing dead-lettered; upgrade this tracker"
+                );
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the ledger's migrations");
+                false
+            }
+        }
     }
 
     /// Dead-letters the one message the ledger refused, with the database's

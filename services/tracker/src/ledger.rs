@@ -245,7 +245,7 @@ impl Ledger {
         // one of the two fail; by the retry the winner has finished.
         let mut attempt = 0;
         loop {
-            match sqlx::migrate!("./migrations").run(&pool).await {
+            match MIGRATOR.run(&pool).await {
                 Ok(()) => break,
                 Err(e) if attempt < 3 => {
                     attempt += 1;
@@ -311,6 +311,21 @@ impl Ledger {
         Ok(found)
     }
 
+    /// The ledger's latest migration when it is newer than any this build
+    /// knows: a newer tracker sharing the ledger has migrated it, and the
+    /// rows this code writes may no longer fit its tables (a write it
+    /// refuses then says nothing about the message).
+    ///
+    /// # Errors
+    /// A database error.
+    pub async fn migrated_past_this_build(&self) -> Result<Option<i64>, sqlx::Error> {
+        let known = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let latest: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(latest.filter(|v| *v > known))
+    }
+
     /// Closes the ledger's connections.
     pub async fn close(&self) {
         match &self.recording {
@@ -369,6 +384,9 @@ fn looks_like_sqlstate(code: &str) -> bool {
 }
 
 /// Locks the chain's head: every writing transaction's first statement.
+/// The ledger's migrations, as this build knows them.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
 const LOCK_HEAD: &str = "UPDATE ledger_head SET seq = seq WHERE id = 1";
 const READ_HEAD: &str = "SELECT seq, hash FROM ledger_head WHERE id = 1";
 const STORE_HEAD: &str = "UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1";
