@@ -632,11 +632,12 @@ impl GatewayCore {
                 }
             }
             tracing::debug!(%agency, session = guard.id, "inbox stream closed");
-            // Ending the session returns copies held from other channels;
-            // dropping the subscription closes its channel, and the broker
-            // returns every unacknowledged delivery to the queue (with any
-            // of the last batch the transport never took).
-            drop(guard);
+            // Ending the session returns what its deliveries held, its
+            // nacks sent first; then dropping the subscription closes its
+            // channel, and the broker returns every unacknowledged delivery
+            // to the queue (with any of the last batch the transport never
+            // took).
+            guard.end().await;
             drop(subscription);
         });
         Ok(ReceiverStream::new(rx))

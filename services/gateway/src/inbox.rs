@@ -152,6 +152,7 @@ impl Sessions {
             sessions: self.clone(),
             id,
             agency: agency.to_owned(),
+            ended: false,
         }
     }
 
@@ -324,8 +325,15 @@ impl Sessions {
     }
 
     /// Ends a stream: forgets its pending deliveries and returns every copy
-    /// they held to the queue.
+    /// they held to the queue (in the background: see [`SessionGuard::end`]
+    /// for the order a stream that ends normally keeps).
     fn close(&self, session: u64) {
+        nack_all(self.forget(session));
+    }
+
+    /// Forgets a stream and its pending deliveries, and gives back every
+    /// copy they held.
+    fn forget(&self, session: u64) -> Vec<Acker> {
         let mut returned = Vec::new();
         {
             let mut state = self.state();
@@ -344,10 +352,10 @@ impl Sessions {
             }
         }
         // Copies held from other streams' channels would stay unacknowledged
-        // there until those streams end: return them now. The stream's own
-        // deliveries go back when its channel closes, whether or not this
-        // nack reaches the broker first.
-        nack_all(returned);
+        // there until those streams end: they are returned now. The
+        // stream's own deliveries go back when its channel closes, whether
+        // or not their nack reaches the broker first.
+        returned
     }
 }
 
@@ -378,15 +386,35 @@ pub struct Handed {
     pub received: Received,
 }
 
-/// Ends its stream's session when dropped.
+/// Ends its stream's session: with [`SessionGuard::end`], or when dropped.
 pub struct SessionGuard {
     sessions: Arc<Sessions>,
     pub id: u64,
     pub agency: String,
+    ended: bool,
+}
+
+impl SessionGuard {
+    /// Ends the session and returns every copy its pending deliveries held
+    /// to the queue, each `nack` handed to the connection before this
+    /// returns. A stream calls this before it drops its subscription, which
+    /// closes the stream's channel: a `nack` that went out after that
+    /// `channel.close` would be a frame on a channel the broker has closed,
+    /// a connection error ("expected 'channel.open'") that ends every other
+    /// stream and `Submit` of the service with it (seen in a test of
+    /// streams dropped again and again, `stream_churn`).
+    pub async fn end(mut self) {
+        self.ended = true;
+        for acker in self.sessions.forget(self.id) {
+            return_to_queue(acker).await;
+        }
+    }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.sessions.close(self.id);
+        if !self.ended {
+            self.sessions.close(self.id);
+        }
     }
 }
