@@ -871,7 +871,11 @@ impl GatewayCore {
         self.metrics.acknowledged.inc_by(taken.len() as u64);
         let now = Utc::now();
         let mut ackers = Vec::with_capacity(taken.len());
+        // Held until the acks are out: the stream's channel stays open
+        // until then (`SessionGuard::end`).
+        let mut in_flight = Vec::with_capacity(taken.len());
         for mut t in taken {
+            in_flight.push(t.in_flight);
             // Copies that arrived while the record was being written.
             t.ackers.extend(self.sessions.acknowledged(&t.token));
             ackers.append(&mut t.ackers);
@@ -890,6 +894,7 @@ impl GatewayCore {
         // Every broker ack at once: they go out together instead of one
         // round trip of the connection's I/O loop each.
         let acks = futures_util::future::join_all(ackers.into_iter().map(Acker::ack)).await;
+        drop(in_flight);
         if let Some(Err(e)) = acks.into_iter().find(Result::is_err) {
             // Recorded: the broker's redelivery is recognised and dropped.
             tracing::debug!(error = %e, "broker ack failed after the acknowledgement was recorded");

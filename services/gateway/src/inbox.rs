@@ -75,6 +75,31 @@ pub struct Taken {
     pub received: Received,
     /// When it was handed over on the stream.
     pub handed_at: DateTime<Utc>,
+    /// Held until its broker acks have gone out (or it is pending again):
+    /// its stream's channel is not closed before (see [`SessionGuard::end`]).
+    pub in_flight: InFlight,
+}
+
+/// An acknowledgement in flight on a stream's session: counted from
+/// [`Sessions::take`] until dropped.
+pub struct InFlight {
+    sessions: Arc<Sessions>,
+    session: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        {
+            let mut state = self.sessions.state();
+            if let Some(n) = state.acknowledging.get_mut(&self.session) {
+                *n -= 1;
+                if *n == 0 {
+                    state.acknowledging.remove(&self.session);
+                }
+            }
+        }
+        self.sessions.settled.notify_waiters();
+    }
 }
 
 /// A message handed over on a stream and not yet acknowledged.
@@ -97,6 +122,8 @@ struct Pending {
 struct State {
     /// Open streams: session id → agency.
     sessions: HashMap<u64, String>,
+    /// Acknowledgements in flight ([`InFlight`]) by session.
+    acknowledging: HashMap<u64, usize>,
     /// Pending deliveries by token.
     pending: HashMap<String, Pending>,
     /// The token of each pending (agency, message id).
@@ -117,6 +144,8 @@ pub struct Sessions {
     instance: u32,
     next_id: AtomicU64,
     state: Mutex<State>,
+    /// Woken whenever an acknowledgement in flight settles.
+    settled: tokio::sync::Notify,
 }
 
 impl Default for Sessions {
@@ -127,6 +156,7 @@ impl Default for Sessions {
             instance: u32::try_from(random).unwrap_or_default(),
             next_id: AtomicU64::new(0),
             state: Mutex::new(State::default()),
+            settled: tokio::sync::Notify::new(),
         }
     }
 }
@@ -260,12 +290,12 @@ impl Sessions {
     /// [`GatewayError::DeliveryGone`] when the token is malformed, names
     /// another agency's stream, a stream that has ended, or a delivery
     /// already acknowledged (or being acknowledged).
-    pub fn take(&self, agency: &str, token: &str) -> Result<Taken, GatewayError> {
+    pub fn take(self: &Arc<Self>, agency: &str, token: &str) -> Result<Taken, GatewayError> {
         let mut state = self.state();
-        let pending = state
-            .pending
-            .get_mut(token)
-            .filter(|p| p.agency == agency && !p.acknowledging);
+        let state = &mut *state;
+        let pending = state.pending.get_mut(token).filter(|p| {
+            p.agency == agency && !p.acknowledging && state.sessions.contains_key(&p.session)
+        });
         let Some(pending) = pending else {
             let shown: String = token.chars().take(80).collect();
             return Err(GatewayError::DeliveryGone(format!(
@@ -273,13 +303,20 @@ impl Sessions {
             )));
         };
         pending.acknowledging = true;
-        Ok(Taken {
+        let session = pending.session;
+        let taken = Taken {
             token: token.to_owned(),
             ackers: std::mem::take(&mut pending.ackers),
             message_id: pending.message_id.clone(),
             received: pending.received.clone(),
             handed_at: pending.handed_at,
-        })
+            in_flight: InFlight {
+                sessions: self.clone(),
+                session,
+            },
+        };
+        *state.acknowledging.entry(session).or_default() += 1;
+        Ok(taken)
     }
 
     /// The acknowledgement of `token` is on disk: forgets the entry and
@@ -386,6 +423,10 @@ pub struct Handed {
     pub received: Received,
 }
 
+/// How long a stream that ends waits for the acknowledgements in flight
+/// on it ([`SessionGuard::end`]).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Ends its stream's session: with [`SessionGuard::end`], or when dropped.
 pub struct SessionGuard {
     sessions: Arc<Sessions>,
@@ -403,8 +444,30 @@ impl SessionGuard {
     /// a connection error ("expected 'channel.open'") that ends every other
     /// stream and `Submit` of the service with it (seen in a test of
     /// streams dropped again and again, `stream_churn`).
+    ///
+    /// First it waits (up to [`SETTLE`]) for the acknowledgements of its
+    /// deliveries already in flight: their broker acks go out on this
+    /// channel too, and must not follow its close either. No new one is
+    /// taken meanwhile: the session is closed to `Acknowledge` at once.
     pub async fn end(mut self) {
         self.ended = true;
+        self.sessions.state().sessions.remove(&self.id);
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let settled = self.sessions.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if !self.sessions.state().acknowledging.contains_key(&self.id) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                tracing::debug!(
+                    session = self.id,
+                    "acknowledgements still in flight as the stream ends"
+                );
+                break;
+            }
+        }
         for acker in self.sessions.forget(self.id) {
             return_to_queue(acker).await;
         }
