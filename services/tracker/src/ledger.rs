@@ -1,9 +1,10 @@
 //! Ledger storage: embedded SQLite by default, PostgreSQL when the URL says
 //! so; one schema and one set of migrations (`migrations/`) for both,
 //! through sqlx's `Any` driver. The transactions that write the chain
-//! ([`WriteTx`]) go, on PostgreSQL, through sqlx's own PostgreSQL driver
-//! instead, which sends each column of a batch as one binary array (the
-//! `Any` driver binds no arrays).
+//! ([`WriteTx`]) go through sqlx's own driver of each backend instead: on
+//! PostgreSQL it sends each column of a batch as one binary array (the
+//! `Any` driver binds no arrays); on SQLite it spares a copy of every value
+//! bound and every row returned.
 //!
 //! Every recorded envelope, and every delivery of hop reports (one report
 //! or a gateway's batch of them), appends a row to `ledger_events` whose
@@ -15,9 +16,13 @@ use crate::record::OF_REFERRAL;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, FromRow, Postgres, Transaction};
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, FromRow, Postgres, Sqlite, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
 
 /// What can go wrong with the ledger's storage.
@@ -57,8 +62,11 @@ enum Recording {
     /// touches; from a pool of four, the writer got a stale one nearly every
     /// batch (issue 17: at 500 msg/s, a tenth of the tracker's CPU went to
     /// `getPageNormal`). Its own commits keep its cache warm, and its
-    /// statement cache holds the batch statements.
-    Sqlite(AnyPool),
+    /// statement cache holds the batch statements. Through sqlx's own SQLite
+    /// driver, not the `Any` driver the other connections share: `Any`
+    /// copied every bound value and every returned row once more, into its
+    /// own types, on the way (issue 17).
+    Sqlite(SqlitePool),
 }
 
 /// The page cache of the ledger's one writing connection (SQLite), in KiB.
@@ -174,9 +182,7 @@ impl Ledger {
                 Some(pool)
             }
         };
-        // `writer`: the one connection that records (SQLite), which keeps a
-        // page cache of its own (see WRITER_CACHE_KIB).
-        let pool_options = |max_connections: u32, writer: bool| {
+        let pool_options = |max_connections: u32| {
             let schema = schema.clone();
             AnyPoolOptions::new()
                 .max_connections(max_connections)
@@ -188,18 +194,12 @@ impl Ledger {
                     Box::pin(async move {
                         match backend {
                             Backend::Sqlite => {
+                                // The writer's settings (see `sqlite_writer`),
+                                // but a reader's page cache stays SQLite's
+                                // 2 MiB.
                                 conn.execute("PRAGMA journal_mode = WAL").await?;
                                 conn.execute("PRAGMA synchronous = FULL").await?;
                                 conn.execute("PRAGMA busy_timeout = 10000").await?;
-                                // Issue 17: a batch's multi-row inserts keep
-                                // their statement journal in memory, not in a
-                                // temporary file; the WAL is checkpointed every
-                                // WAL_AUTOCHECKPOINT_PAGES (128 MiB) instead of
-                                // SQLite's 4 MiB, so a hot page is copied
-                                // back to the database less often. A reader's
-                                // page cache stays SQLite's 2 MiB, the
-                                // writer's is WRITER_CACHE_KIB: both bounded,
-                                // so memory stays flat however large the ledger.
                                 conn.execute("PRAGMA temp_store = MEMORY").await?;
                                 conn.execute(
                                     format!(
@@ -208,12 +208,6 @@ impl Ledger {
                                     .as_str(),
                                 )
                                 .await?;
-                                if writer {
-                                    conn.execute(
-                                        format!("PRAGMA cache_size = -{WRITER_CACHE_KIB}").as_str(),
-                                    )
-                                    .await?;
-                                }
                             }
                             Backend::Postgres => {
                                 if let Some(schema) = schema {
@@ -228,18 +222,13 @@ impl Ledger {
                     })
                 })
         };
-        let pool = pool_options(if backend == Backend::Sqlite { 4 } else { 8 }, false)
+        let pool = pool_options(if backend == Backend::Sqlite { 4 } else { 8 })
             .connect_with(options.clone())
             .await
             .map_err(connect_err)?;
         let recording = match recording {
             Some(pg) => Recording::Postgres(pg),
-            None => Recording::Sqlite(
-                pool_options(1, true)
-                    .connect_with(options)
-                    .await
-                    .map_err(connect_err)?,
-            ),
+            None => Recording::Sqlite(sqlite_writer(url).await.map_err(connect_err)?),
         };
         // Another tracker migrating the same ledger at the same moment makes
         // one of the two fail; by the retry the winner has finished.
@@ -336,6 +325,30 @@ impl Ledger {
     }
 }
 
+/// The one connection that records into a SQLite ledger at `url`, with
+/// sqlx's own SQLite driver. Issue 17: a batch's multi-row inserts keep
+/// their statement journal in memory, not in a temporary file; the WAL is
+/// checkpointed every [`WAL_AUTOCHECKPOINT_PAGES`] (128 MiB) instead of
+/// SQLite's 4 MiB, so a hot page is copied back to the database less
+/// often; its page cache is [`WRITER_CACHE_KIB`]. Both bounded, so memory
+/// stays flat however large the ledger.
+async fn sqlite_writer(url: &str) -> Result<SqlitePool, sqlx::Error> {
+    let options: SqliteConnectOptions = url.parse()?;
+    let options = options
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(std::time::Duration::from_secs(10))
+        .pragma("temp_store", "MEMORY")
+        .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
+        .pragma("cache_size", format!("-{WRITER_CACHE_KIB}"));
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        // A local file: no ping before every acquire.
+        .test_before_acquire(false)
+        .connect_with(options)
+        .await
+}
+
 /// Whether the database refused the rows it was given (a value it cannot
 /// hold, a limit a value exceeds, a constraint it breaks), so that the same
 /// rows will always fail and the batch is split to isolate the culprit;
@@ -392,8 +405,8 @@ const READ_HEAD: &str = "SELECT seq, hash FROM ledger_head WHERE id = 1";
 const STORE_HEAD: &str = "UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 1";
 
 /// A transaction that writes the ledger's chain: the recorder's batches and
-/// the deadline engine's scans. Through the `Any` driver on SQLite, through
-/// the PostgreSQL driver on PostgreSQL.
+/// the deadline engine's scans. Through sqlx's own driver of each backend
+/// (the reads go through the `Any` driver).
 ///
 /// Statements over many rows take them as a table expression (columns
 /// `column1` .. `columnN`, see [`WriteTx::fetch_with`]) that each backend
@@ -408,11 +421,11 @@ const STORE_HEAD: &str = "UPDATE ledger_head SET seq = $1, hash = $2 WHERE id = 
 ///   statement with a thousand `$n` costs a million steps to bind;
 ///   anonymous `?` are bound by position.
 pub enum WriteTx {
-    Sqlite(Transaction<'static, Any>),
+    Sqlite(Transaction<'static, Sqlite>),
     Postgres(Transaction<'static, Postgres>),
 }
 
-type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+type SqliteQuery<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments<'q>>;
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
 impl WriteTx {
@@ -450,12 +463,12 @@ impl WriteTx {
     /// A database error.
     pub async fn fetch<T>(&mut self, sql: &str, params: &[Value]) -> Result<Vec<T>, sqlx::Error>
     where
-        T: Send + Unpin + for<'r> FromRow<'r, AnyRow> + for<'r> FromRow<'r, PgRow>,
+        T: Send + Unpin + for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow>,
     {
         match self {
             WriteTx::Sqlite(tx) => {
-                any_bind(sqlx::query(sql), params)
-                    .try_map(|row: AnyRow| T::from_row(&row))
+                sqlite_bind(sqlx::query(sql), params)
+                    .try_map(|row: SqliteRow| T::from_row(&row))
                     .fetch_all(&mut **tx)
                     .await
             }
@@ -475,7 +488,7 @@ impl WriteTx {
     pub async fn execute(&mut self, sql: &str, params: &[Value]) -> Result<(), sqlx::Error> {
         match self {
             WriteTx::Sqlite(tx) => {
-                any_bind(sqlx::query(sql), params)
+                sqlite_bind(sqlx::query(sql), params)
                     .execute(&mut **tx)
                     .await?;
             }
@@ -507,7 +520,7 @@ impl WriteTx {
             WriteTx::Sqlite(tx) => {
                 for chunk in rows.chunks(CHUNK) {
                     let sql = format!("{head} VALUES {} {suffix}", values_list::<N>(chunk.len()));
-                    any_bind(sqlx::query(&sql), chunk.iter().flatten())
+                    sqlite_bind(sqlx::query(&sql), chunk.iter().flatten())
                         .execute(&mut **tx)
                         .await?;
                 }
@@ -536,7 +549,7 @@ impl WriteTx {
         rows: &[[Value; N]],
     ) -> Result<Vec<T>, sqlx::Error>
     where
-        T: Send + Unpin + for<'r> FromRow<'r, AnyRow> + for<'r> FromRow<'r, PgRow>,
+        T: Send + Unpin + for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow>,
     {
         let mut returned = Vec::new();
         if rows.is_empty() {
@@ -547,8 +560,8 @@ impl WriteTx {
                 for chunk in rows.chunks(CHUNK) {
                     let sql = format!("{head} VALUES {} {suffix}", values_list::<N>(chunk.len()));
                     returned.extend(
-                        any_bind(sqlx::query(&sql), chunk.iter().flatten())
-                            .try_map(|row: AnyRow| T::from_row(&row))
+                        sqlite_bind(sqlx::query(&sql), chunk.iter().flatten())
+                            .try_map(|row: SqliteRow| T::from_row(&row))
                             .fetch_all(&mut **tx)
                             .await?,
                     );
@@ -580,7 +593,7 @@ impl WriteTx {
         rows: &[[Value; N]],
     ) -> Result<Vec<T>, sqlx::Error>
     where
-        T: Send + Unpin + for<'r> FromRow<'r, AnyRow> + for<'r> FromRow<'r, PgRow>,
+        T: Send + Unpin + for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow>,
     {
         let mut found = Vec::new();
         if rows.is_empty() {
@@ -591,8 +604,8 @@ impl WriteTx {
                 for chunk in rows.chunks(CHUNK) {
                     let sql = sql(&format!("(VALUES {})", values_list::<N>(chunk.len())));
                     found.extend(
-                        any_bind(sqlx::query(&sql), chunk.iter().flatten())
-                            .try_map(|row: AnyRow| T::from_row(&row))
+                        sqlite_bind(sqlx::query(&sql), chunk.iter().flatten())
+                            .try_map(|row: SqliteRow| T::from_row(&row))
                             .fetch_all(&mut **tx)
                             .await?,
                     );
@@ -627,7 +640,7 @@ impl WriteTx {
             WriteTx::Sqlite(tx) => {
                 for chunk in rows.chunks(CHUNK) {
                     let sql = sql(&format!("(VALUES {})", values_list::<N>(chunk.len())));
-                    any_bind(sqlx::query(&sql), chunk.iter().flatten())
+                    sqlite_bind(sqlx::query(&sql), chunk.iter().flatten())
                         .execute(&mut **tx)
                         .await?;
                 }
@@ -686,8 +699,11 @@ fn values_list<const N: usize>(rows: usize) -> String {
     sql
 }
 
-/// Binds `values`, in order (SQLite, through the `Any` driver).
-fn any_bind<'q>(query: AnyQuery<'q>, values: impl IntoIterator<Item = &'q Value>) -> AnyQuery<'q> {
+/// Binds `values`, in order (SQLite).
+fn sqlite_bind<'q>(
+    query: SqliteQuery<'q>,
+    values: impl IntoIterator<Item = &'q Value>,
+) -> SqliteQuery<'q> {
     values.into_iter().fold(query, |query, value| match value {
         Value::Text(s) => query.bind(s.as_str()),
         Value::Int(i) => query.bind(*i),
