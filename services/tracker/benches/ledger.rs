@@ -549,7 +549,16 @@ async fn scan_cost(ledger: &Ledger, open: usize, round: &str, scan: bool) -> (Du
 /// scan to mark `due` obligations overdue (and a second for it to settle),
 /// and reads its resident memory.
 async fn tracker_rss(settings: &TrackerSettings, ledger: &Ledger, due: i64) -> f64 {
-    let namespace = format!("benchmem{}", std::process::id());
+    // A namespace per backend: the first run's queues, left to expire
+    // (REFBUS_QUEUE_EXPIRES), must not expire under the second run's
+    // tracker, which the broker then cut off with INTERNAL_ERROR as it
+    // published an overdue notice into an inbox queue being deleted.
+    let backend = if settings.database_url.is_some() {
+        "pg"
+    } else {
+        "sqlite"
+    };
+    let namespace = format!("benchmem{}{backend}", std::process::id());
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tracker"));
     command
         .arg("run")
