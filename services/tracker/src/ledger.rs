@@ -19,8 +19,7 @@ use sha2::{Digest, Sha256};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow,
 };
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, FromRow, Postgres, Sqlite, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
@@ -194,20 +193,11 @@ impl Ledger {
                     Box::pin(async move {
                         match backend {
                             Backend::Sqlite => {
-                                // The writer's settings (see `sqlite_writer`),
-                                // but a reader's page cache stays SQLite's
-                                // 2 MiB.
-                                conn.execute("PRAGMA journal_mode = WAL").await?;
-                                conn.execute("PRAGMA synchronous = FULL").await?;
-                                conn.execute("PRAGMA busy_timeout = 10000").await?;
-                                conn.execute("PRAGMA temp_store = MEMORY").await?;
-                                conn.execute(
-                                    format!(
-                                        "PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"
-                                    )
-                                    .as_str(),
-                                )
-                                .await?;
+                                // A reader's page cache stays SQLite's 2 MiB.
+                                for (pragma, value) in sqlite_pragmas() {
+                                    conn.execute(format!("PRAGMA {pragma} = {value}").as_str())
+                                        .await?;
+                                }
                             }
                             Backend::Postgres => {
                                 if let Some(schema) = schema {
@@ -325,21 +315,33 @@ impl Ledger {
     }
 }
 
+/// What every connection to a SQLite ledger sets, the writer's and the
+/// readers': WAL with every commit synced, a 10 s wait for the write lock,
+/// and (issue 17) a batch's multi-row inserts keeping their statement
+/// journal in memory, not in a temporary file, and the WAL checkpointed
+/// every [`WAL_AUTOCHECKPOINT_PAGES`] (128 MiB) instead of SQLite's 4 MiB,
+/// so that a hot page is copied back to the database less often.
+fn sqlite_pragmas() -> [(&'static str, String); 5] {
+    [
+        ("journal_mode", "WAL".to_owned()),
+        ("synchronous", "FULL".to_owned()),
+        ("busy_timeout", "10000".to_owned()),
+        ("temp_store", "MEMORY".to_owned()),
+        ("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string()),
+    ]
+}
+
 /// The one connection that records into a SQLite ledger at `url`, with
-/// sqlx's own SQLite driver. Issue 17: a batch's multi-row inserts keep
-/// their statement journal in memory, not in a temporary file; the WAL is
-/// checkpointed every [`WAL_AUTOCHECKPOINT_PAGES`] (128 MiB) instead of
-/// SQLite's 4 MiB, so a hot page is copied back to the database less
-/// often; its page cache is [`WRITER_CACHE_KIB`]. Both bounded, so memory
+/// sqlx's own SQLite driver: [`sqlite_pragmas`], and a page cache of
+/// [`WRITER_CACHE_KIB`]. Both the WAL and the cache are bounded, so memory
 /// stays flat however large the ledger.
 async fn sqlite_writer(url: &str) -> Result<SqlitePool, sqlx::Error> {
     let options: SqliteConnectOptions = url.parse()?;
-    let options = options
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(std::time::Duration::from_secs(10))
-        .pragma("temp_store", "MEMORY")
-        .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string())
+    let options = sqlite_pragmas()
+        .into_iter()
+        .fold(options, |options, (pragma, value)| {
+            options.pragma(pragma, value)
+        })
         .pragma("cache_size", format!("-{WRITER_CACHE_KIB}"));
     SqlitePoolOptions::new()
         .max_connections(1)
@@ -944,6 +946,60 @@ mod tests {
             pg_table(&columns),
             "(SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(column1, column2, column3))"
         );
+    }
+
+    /// The writing connection (sqlx's own SQLite driver) and a reader (the
+    /// `Any` driver) of a SQLite ledger carry the same settings, and the
+    /// writer its larger page cache: every commit synced (what the tracker
+    /// acks after must be on disk), WAL, the statement journal in memory,
+    /// the 128 MiB checkpoint (issue 17).
+    #[tokio::test]
+    async fn the_sqlite_writer_and_readers_carry_the_ledgers_settings() {
+        let dir = std::env::temp_dir().join(format!(
+            "refbus-ledger-settings-{}",
+            uuid::Uuid::now_v7().simple()
+        ));
+        let ledger = Ledger::connect(&sqlite_url(&dir).unwrap(), None)
+            .await
+            .unwrap();
+        // Numbers as SQLite reports them: synchronous 2 is FULL, temp_store
+        // 2 is MEMORY.
+        let numbers = [
+            ("synchronous", 2),
+            ("busy_timeout", 10_000),
+            ("temp_store", 2),
+            ("wal_autocheckpoint", i64::from(WAL_AUTOCHECKPOINT_PAGES)),
+        ];
+        let mut tx = ledger.begin_write().await.unwrap();
+        let mode: Vec<(String,)> = tx.fetch("PRAGMA journal_mode", &[]).await.unwrap();
+        assert_eq!(mode, [("wal".to_owned(),)], "the writer's journal_mode");
+        for (pragma, value) in numbers {
+            let read: Vec<(i64,)> = tx.fetch(&format!("PRAGMA {pragma}"), &[]).await.unwrap();
+            assert_eq!(read, [(value,)], "the writer's {pragma}");
+        }
+        let cache: Vec<(i64,)> = tx.fetch("PRAGMA cache_size", &[]).await.unwrap();
+        assert_eq!(
+            cache,
+            [(-i64::from(WRITER_CACHE_KIB),)],
+            "the writer's cache_size"
+        );
+        tx.rollback().await.unwrap();
+        let mut reader = ledger.pool.acquire().await.unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *reader)
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal", "a reader's journal_mode");
+        for (pragma, value) in numbers {
+            let read: i64 = sqlx::query_scalar(&format!("PRAGMA {pragma}"))
+                .fetch_one(&mut *reader)
+                .await
+                .unwrap();
+            assert_eq!(read, value, "a reader's {pragma}");
+        }
+        drop(reader);
+        ledger.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A database error with a code, as a driver reports it.
