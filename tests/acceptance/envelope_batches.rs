@@ -23,7 +23,10 @@ use refbus_bus::subscription::{
     ENVELOPE_BATCH_CONTENT_TYPE, ENVELOPE_BATCH_TYPE, MAX_BATCH_ENVELOPES, QUEUE_HEADER,
     REASON_HEADER, header_text,
 };
-use refbus_core::signing::{SIGNATURE_HEADER, Signed, development_signature};
+use refbus_core::signing::{
+    DIGEST_INDEX_HEADER, DIGESTS_HEADER, DIGESTS_SIGNATURE_HEADER, SIGNATURE_HEADER, Signed,
+    development_signature, digest_list,
+};
 use refbus_proto::v1::{
     Envelope, EnvelopeBatch, SignedEnvelope, SubmitBatchRequest, submit_result,
 };
@@ -76,6 +79,24 @@ fn signed_by(envelope: &Envelope, signer: &str) -> SignedEnvelope {
     }
 }
 
+/// `envelopes` as a batch signed once by `signer`: no signature per
+/// envelope, one over their digests.
+fn signed_once(envelopes: &[&Envelope], signer: &str) -> EnvelopeBatch {
+    let items: Vec<SignedEnvelope> = envelopes
+        .iter()
+        .map(|e| SignedEnvelope {
+            signature: String::new(),
+            ..signed_by(e, signer)
+        })
+        .collect();
+    let digests = digest_list(items.iter().map(|i| i.envelope.as_slice()));
+    EnvelopeBatch {
+        envelopes: items,
+        digests_signature: development_signature(signer, Signed::EnvelopeDigests, &digests),
+        digests,
+    }
+}
+
 /// Publishes `body` as an `envelope_batch` message on the deliveries
 /// exchange under `key`, as a plain AMQP publisher holding broker
 /// credentials would.
@@ -88,7 +109,11 @@ async fn publish_batch_bytes(amqp: &Amqp, bus: &TestBus, key: &str, body: &[u8])
 }
 
 async fn publish_batch(amqp: &Amqp, bus: &TestBus, key: &str, envelopes: Vec<SignedEnvelope>) {
-    let body = EnvelopeBatch { envelopes }.encode_to_vec();
+    let body = EnvelopeBatch {
+        envelopes,
+        ..EnvelopeBatch::default()
+    }
+    .encode_to_vec();
     publish_batch_bytes(amqp, bus, key, &body).await;
 }
 
@@ -204,8 +229,16 @@ async fn a_burst_of_submissions_travels_in_few_messages_and_each_arrives_once() 
             let properties = &message.delivery.properties;
             if properties.kind().as_ref().map(|k| k.as_str()) == Some(ENVELOPE_BATCH_TYPE) {
                 let batch = EnvelopeBatch::decode(message.delivery.data.as_slice()).unwrap();
+                // Signed once, by the centre, over the envelopes' digests.
+                let bodies = batch.envelopes.iter().map(|e| e.envelope.as_slice());
+                assert_eq!(batch.digests, digest_list(bodies), "the envelopes' digests");
+                assert_eq!(
+                    batch.digests_signature,
+                    development_signature(CENTRE, Signed::EnvelopeDigests, &batch.digests),
+                    "the batch signed once by its sender"
+                );
                 for item in batch.envelopes {
-                    assert!(!item.signature.is_empty(), "each envelope signed");
+                    assert!(item.signature.is_empty(), "no signature per envelope");
                     carried.push(Envelope::decode(item.envelope.as_slice()).unwrap().id);
                 }
             } else {
@@ -281,7 +314,7 @@ async fn a_burst_of_submissions_travels_in_few_messages_and_each_arrives_once() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_batch_is_judged_envelope_by_envelope() {
     let world = World::start().await;
-    let (bus, tracker, amqp) = (&world.bus, &world.tracker, &world.amqp);
+    let (bus, amqp) = (&world.bus, &world.amqp);
     let inbox = bus.inbox_queue(DESK);
     let tap = bus.shared.bus.topology().tap_queue();
 
@@ -320,33 +353,10 @@ async fn a_hostile_batch_is_judged_envelope_by_envelope() {
     )
     .await;
 
-    let mut desk = bus.gateway_as("legal-aid", DESK).await;
-    let mut stream = inbox_stream(&mut desk, DESK, 10).await;
-    let (ids, tokens) = take(&mut stream, 2).await;
-    assert_eq!(
-        ids,
-        [first.id.clone(), last.id.clone()],
-        "the genuine ones, in order"
-    );
-    nothing_more(&mut stream, "nothing refused is handed over").await;
-    acknowledge_all(&mut desk, DESK, tokens).await;
-    drop(stream);
-    assert_eq!(
-        amqp.settled_count(&inbox).await,
-        0,
-        "the batch settled: every item acked or dead-lettered"
-    );
-
+    let ledger = only_the_genuine_reach_the_desk(&world, [&first, &last], &elsewhere).await;
     // The inbox refused four, the tracker three (it records an envelope
     // its sender signed wherever it was addressed, and the garbage, the
     // forgery and the unsigned item are refused there too).
-    let ledger = TestTracker::ledger(&tracker.settings).await;
-    for id in [&first.id, &last.id, &elsewhere.id] {
-        eventually("the genuine ones recorded", || async {
-            (events_of(&ledger, id).await == 1).then_some(())
-        })
-        .await;
-    }
     dead_lettered(amqp, bus, 7).await;
     let letters = dead_letters(amqp, bus).await;
     let from = |queue: &str| -> Vec<&(String, String, Vec<u8>, BasicProperties)> {
@@ -400,8 +410,248 @@ async fn a_hostile_batch_is_judged_envelope_by_envelope() {
     world.stop(ledger).await;
 }
 
+/// The desk's inbox hands over `genuine`, in order, and nothing else, and
+/// every message on its queue settles (acked or dead-lettered); the tracker
+/// records each of them and `misaddressed` (genuinely signed by its sender,
+/// for another agency) once. Returns the tracker's ledger.
+async fn only_the_genuine_reach_the_desk(
+    world: &World,
+    genuine: [&Envelope; 2],
+    misaddressed: &Envelope,
+) -> Ledger {
+    let (bus, amqp) = (&world.bus, &world.amqp);
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
+    let mut stream = inbox_stream(&mut desk, DESK, 10).await;
+    let (ids, tokens) = take(&mut stream, 2).await;
+    assert_eq!(
+        ids,
+        genuine.map(|e| e.id.clone()),
+        "the genuine ones, in order"
+    );
+    nothing_more(&mut stream, "nothing refused is handed over").await;
+    acknowledge_all(&mut desk, DESK, tokens).await;
+    drop(stream);
+    assert_eq!(
+        amqp.settled_count(&bus.inbox_queue(DESK)).await,
+        0,
+        "every message settled: every item acked or dead-lettered"
+    );
+    let ledger = TestTracker::ledger(&world.tracker.settings).await;
+    for envelope in genuine.iter().chain([&misaddressed]) {
+        eventually("what its sender signed recorded", || async {
+            (events_of(&ledger, &envelope.id).await == 1).then_some(())
+        })
+        .await;
+    }
+    ledger
+}
+
+/// The reasons of the dead letters from `queue`.
+fn reasons_from(
+    letters: &[(String, String, Vec<u8>, BasicProperties)],
+    queue: &str,
+) -> Vec<String> {
+    letters
+        .iter()
+        .filter(|l| l.0 == queue)
+        .map(|l| l.1.clone())
+        .collect()
+}
+
+/// Issue 17, batches signed once: a plain AMQP publisher holding broker
+/// credentials and the centre's key publishes, on the desk's route, a batch
+/// the centre signed once (two genuine requests around one changed after
+/// signing, one claiming the court as sender, and one genuinely signed for
+/// the justice bureau), then a batch whose list the court signed for
+/// envelopes that claim the centre. The desk gets the two genuine ones; the
+/// inbox refuses the others each alone, with its reason; the tracker
+/// records what its sender signed and refuses the rest. The misaddressed
+/// one's dead letter keeps its proof (its entry, the list and the list's
+/// signature, and no signature of its own), and published alone with it
+/// to the bureau it is believed there, as the original was; with its index,
+/// its list or one of the three headers changed, it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_signed_once_believes_each_envelope_by_its_entry_alone() {
+    let world = World::start().await;
+    let (bus, amqp) = (&world.bus, &world.amqp);
+    let inbox = bus.inbox_queue(DESK);
+    let bureau_inbox = bus.inbox_queue(BUREAU);
+    let tap = bus.shared.bus.topology().tap_queue();
+
+    let first = published_legal_help("once-first");
+    let altered = published_legal_help("once-altered");
+    let mut by_court = published_legal_help("once-court");
+    by_court.sender = "dz-court".into();
+    let mut elsewhere = published_legal_help("once-elsewhere");
+    elsewhere.recipient = BUREAU.into();
+    let last = published_legal_help("once-last");
+    let mut batch = signed_once(&[&first, &altered, &by_court, &elsewhere, &last], CENTRE);
+    // Changed after the list was signed: its digest is no longer its entry.
+    let mut changed = altered.clone();
+    changed.idempotency_key.push('!');
+    batch.envelopes[1].envelope = changed.encode_to_vec();
+    publish_batch_bytes(amqp, bus, &desk_key(), &batch.encode_to_vec()).await;
+    // The court's signature over a list of envelopes that claim the centre.
+    let forged_a = published_legal_help("once-forged-a");
+    let forged_b = published_legal_help("once-forged-b");
+    let mut forged = signed_once(&[&forged_a, &forged_b], CENTRE);
+    forged.digests_signature = signed_once(&[&forged_a, &forged_b], "dz-court").digests_signature;
+    publish_batch_bytes(amqp, bus, &desk_key(), &forged.encode_to_vec()).await;
+
+    let ledger = only_the_genuine_reach_the_desk(&world, [&first, &last], &elsewhere).await;
+    // The inbox refused five (altered, the court's, misaddressed, the two
+    // forged), the tracker four (it records the misaddressed one).
+    dead_lettered(amqp, bus, 9).await;
+    let letters = dead_letters(amqp, bus).await;
+    let reasons = |queue: &str| reasons_from(&letters, queue);
+    let inbox_reasons = reasons(&inbox);
+    assert_eq!(inbox_reasons.len(), 5, "{inbox_reasons:?}");
+    let count =
+        |reasons: &[String], what: &str| reasons.iter().filter(|r| r.contains(what)).count();
+    assert_eq!(
+        count(&inbox_reasons, "not entry 1 of the digest list"),
+        1,
+        "{inbox_reasons:?}"
+    );
+    assert_eq!(
+        count(&inbox_reasons, "public key of `dz-court`"),
+        1,
+        "{inbox_reasons:?}"
+    );
+    assert_eq!(
+        count(&inbox_reasons, &format!("public key of `{CENTRE}`")),
+        2,
+        "the forged list: {inbox_reasons:?}"
+    );
+    assert_eq!(
+        count(&inbox_reasons, "misaddressed"),
+        1,
+        "{inbox_reasons:?}"
+    );
+    let tap_reasons = reasons(&tap);
+    assert_eq!(tap_reasons.len(), 4, "{tap_reasons:?}");
+    for id in [&altered.id, &by_court.id, &forged_a.id, &forged_b.id] {
+        assert_eq!(events_of(&ledger, id).await, 0, "refused, not recorded");
+    }
+
+    // The misaddressed one's dead letter: its bytes alone and its proof.
+    let misaddressed = letters
+        .iter()
+        .find(|l| l.0 == inbox && l.1.contains("misaddressed"))
+        .unwrap();
+    assert_eq!(misaddressed.2, elsewhere.encode_to_vec());
+    let properties = &misaddressed.3;
+    assert_eq!(header_text(properties, SIGNATURE_HEADER), None);
+    assert_eq!(
+        header_text(properties, DIGESTS_SIGNATURE_HEADER),
+        Some(batch.digests_signature.clone())
+    );
+    assert_eq!(
+        header_text(properties, DIGEST_INDEX_HEADER).as_deref(),
+        Some("3")
+    );
+    let digests = header_text(properties, DIGESTS_HEADER).unwrap();
+
+    // Published alone to the bureau, with its proof headers, changed or not.
+    let alone = |index: &str, digests: &str, with_signature: bool| {
+        let mut headers = lapin::types::FieldTable::default();
+        let mut put = |name: &str, value: &str| {
+            headers.insert(
+                name.into(),
+                lapin::types::AMQPValue::LongString(value.as_bytes().to_vec().into()),
+            );
+        };
+        if with_signature {
+            put(DIGESTS_SIGNATURE_HEADER, &batch.digests_signature);
+        }
+        put(DIGESTS_HEADER, digests);
+        put(DIGEST_INDEX_HEADER, index);
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(elsewhere.id.as_str().into())
+            .with_headers(headers)
+    };
+    let bureau_key = Topology::routing_key(BUREAU, KIND);
+    let body = elsewhere.encode_to_vec();
+    let mut flipped = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(&digests)
+            .unwrap()
+    };
+    flipped[0] ^= 1; // entry 0, not its own: the list's signature fails
+    let flipped = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(&flipped)
+    };
+    for properties in [
+        alone("2", &digests, true),
+        alone("3", &flipped, true),
+        alone("3", &digests, false),
+        alone("3", &digests, true),
+    ] {
+        amqp.publish_on_bus(bus, &bureau_key, &body, properties)
+            .await;
+    }
+    let mut bureau = bus.gateway_as("justice-bureau", BUREAU).await;
+    let mut stream = inbox_stream(&mut bureau, BUREAU, 50).await;
+    // The bureau also gets the forgery alerts about the desk's inbox.
+    within("the replayed envelope at the bureau", async {
+        loop {
+            let delivery = stream.message().await.unwrap().unwrap();
+            let envelope = delivery.envelope.unwrap();
+            acknowledge_all(&mut bureau, BUREAU, vec![delivery.delivery_token]).await;
+            if envelope.id == elsewhere.id {
+                assert_eq!(
+                    envelope, elsewhere,
+                    "believed by its entry, as the original"
+                );
+                break;
+            }
+            assert!(
+                matches!(
+                    envelope.payload,
+                    Some(refbus_proto::v1::envelope::Payload::ForgeryAlert(_))
+                ),
+                "only forgery alerts besides it: {envelope:?}"
+            );
+        }
+    })
+    .await;
+    drop(stream);
+    // Refused by the bureau's inbox and by the tracker alike.
+    dead_lettered(amqp, bus, 6).await;
+    let letters = dead_letters(amqp, bus).await;
+    assert_eq!(reasons_from(&letters, &tap).len(), 3, "{letters:?}");
+    let bureau_reasons: Vec<String> = letters
+        .iter()
+        .filter(|l| l.0 == bureau_inbox)
+        .map(|l| l.1.clone())
+        .collect();
+    assert_eq!(bureau_reasons.len(), 3, "{bureau_reasons:?}");
+    for expected in [
+        "not entry 2 of the digest list",
+        &format!("public key of `{CENTRE}`"),
+        "malformed batch proof: one of the three headers is missing",
+    ] {
+        assert_eq!(
+            count(&bureau_reasons, expected),
+            1,
+            "`{expected}` among {bureau_reasons:?}"
+        );
+    }
+    assert_eq!(
+        events_of(&ledger, &elsewhere.id).await,
+        1,
+        "still recorded once"
+    );
+
+    world.stop(ledger).await;
+}
+
 /// Batches that cannot be unpacked (bytes that are no `EnvelopeBatch`, an
-/// empty one, one over [`MAX_BATCH_ENVELOPES`]) are dead-lettered whole,
+/// empty one, one over [`MAX_BATCH_ENVELOPES`], one signed once whose
+/// digest list is not one entry per envelope) are dead-lettered whole,
 /// with the reason, from the inbox and from the tap, and nothing of them
 /// is handed over; a genuine request published after them arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,6 +665,11 @@ async fn a_batch_that_cannot_be_unpacked_is_dead_lettered_whole() {
     publish_batch(amqp, bus, &desk_key(), Vec::new()).await;
     let one = signed_by(&published_legal_help("too-many"), CENTRE);
     publish_batch(amqp, bus, &desk_key(), vec![one; MAX_BATCH_ENVELOPES + 1]).await;
+    // Signed once, with a digest list one entry short of its envelopes.
+    let short = published_legal_help("short-list");
+    let mut short_list = signed_once(&[&short, &published_legal_help("short-list-2")], CENTRE);
+    short_list.digests.truncate(32);
+    publish_batch_bytes(amqp, bus, &desk_key(), &short_list.encode_to_vec()).await;
     let after = published_legal_help("after-the-bad-batches");
     publish_batch(amqp, bus, &desk_key(), vec![signed_by(&after, CENTRE)]).await;
 
@@ -432,20 +687,21 @@ async fn a_batch_that_cannot_be_unpacked_is_dead_lettered_whole() {
         (events_of(&ledger, &after.id).await == 1).then_some(())
     })
     .await;
-    dead_lettered(amqp, bus, 6).await;
+    dead_lettered(amqp, bus, 8).await;
     let letters = dead_letters(amqp, bus).await;
-    assert_eq!(letters.len(), 6, "three from each queue, whole");
+    assert_eq!(letters.len(), 8, "four from each queue, whole");
     for queue in [&inbox, &tap] {
         let reasons: Vec<&str> = letters
             .iter()
             .filter(|l| &l.0 == queue)
             .map(|l| l.1.as_str())
             .collect();
-        assert_eq!(reasons.len(), 3, "{queue}: {reasons:?}");
+        assert_eq!(reasons.len(), 4, "{queue}: {reasons:?}");
         for expected in [
             "not a refbus.v1.EnvelopeBatch",
             "no envelope",
             "over the limit of 1000",
+            "digest list holds 32 bytes, not 32 for each of its 2 envelopes",
         ] {
             assert!(
                 reasons.iter().any(|r| r.contains(expected)),
@@ -460,10 +716,9 @@ async fn a_batch_that_cannot_be_unpacked_is_dead_lettered_whole() {
             "dead-lettered whole, as it came"
         );
     }
-    assert_eq!(
-        events_of(&ledger, &published_legal_help("too-many").id).await,
-        0
-    );
+    for refused in [published_legal_help("too-many"), short] {
+        assert_eq!(events_of(&ledger, &refused.id).await, 0);
+    }
 
     world.stop(ledger).await;
 }

@@ -849,3 +849,109 @@ async fn every_agency_service_refuses_to_start_on_a_bad_policy_naming_the_file_a
     refbus_tests::remove_inbox_db(&shared.settings);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 17: the register keeps a registration with its registrar's own
+/// signature, as the entry's proof. A plain AMQP publisher with the bar's
+/// key puts a genuine registration in a batch signed once, with no
+/// signature of its own: the lawyer service refuses it with the reason,
+/// the register unchanged; the same registration alone, with its own
+/// signature, is registered. (refbus's own lanes give a registration its
+/// own signature in a batch too.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_a_registration_only_listed_in_a_batch_signed_once_is_refused() {
+    use lapin::BasicProperties;
+    use refbus_bus::Topology;
+    use refbus_bus::subscription::{
+        ENVELOPE_BATCH_CONTENT_TYPE, ENVELOPE_BATCH_TYPE, REASON_HEADER, header_text,
+    };
+    use refbus_core::signing::development_signature;
+    use refbus_proto::v1::{EnvelopeBatch, SignedEnvelope};
+
+    let world = LawyerWorld::start().await;
+    let spy = tap_to_lawyers(&world.amqp, &world.bus).await;
+    let identity = age::x25519::Identity::generate();
+    let keys = vec![identity.to_public().to_string()];
+    register_through_the_bar(&world, identity, keys).await;
+    let (_, genuine) = only_message_on(&world.amqp, &spy).await;
+    // Another lawyer's registration, genuinely the bar's (its key signs it).
+    let mut other = genuine.clone();
+    other.id = refbus_core::envelope::envelope_id(BAR, "reg-other-listed");
+    other.idempotency_key = "reg-other-listed".into();
+    let Some(Payload::LawyerRegistration(registration)) = other.payload.as_mut() else {
+        panic!("a lawyer registration");
+    };
+    registration.lawyer = Some(lawyer(OTHER));
+    let body = other.encode_to_vec();
+    let digests = signing::digest_list([body.as_slice()]);
+    let batch = EnvelopeBatch {
+        envelopes: vec![SignedEnvelope {
+            envelope: body.clone(),
+            signature: String::new(),
+            id: other.id.clone(),
+            kind: "lawyer_registration".into(),
+        }],
+        digests_signature: development_signature(BAR, Signed::EnvelopeDigests, &digests),
+        digests,
+    };
+    let key = Topology::routing_key(LAWYER_SERVICE, "lawyer_registration");
+    world
+        .amqp
+        .publish_on_bus(
+            &world.bus,
+            &key,
+            &batch.encode_to_vec(),
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_type(ENVELOPE_BATCH_TYPE.into())
+                .with_content_type(ENVELOPE_BATCH_CONTENT_TYPE.into()),
+        )
+        .await;
+    let dead_letters = world.bus.shared.bus.topology().dead_letter();
+    let refused = within("the listed registration refused", async {
+        loop {
+            if let Some(message) = world.amqp.get(&dead_letters).await {
+                return message;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let reason = header_text(&refused.properties, REASON_HEADER).unwrap_or_default();
+    assert!(
+        reason.contains("must carry its registrar's own signature"),
+        "{reason}"
+    );
+    assert_eq!(refused.data, body, "the registration alone");
+    let missing = world
+        .registry()
+        .await
+        .get_lawyer(GetLawyerRequest {
+            licence_number: OTHER.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "the register unchanged");
+
+    // Alone, with its own signature: registered.
+    let mut own_signature = lapin::types::FieldTable::default();
+    own_signature.insert(
+        signing::SIGNATURE_HEADER.into(),
+        lapin::types::AMQPValue::LongString(
+            development_signature(BAR, Signed::Envelope, &body).into(),
+        ),
+    );
+    world
+        .amqp
+        .publish_on_bus(
+            &world.bus,
+            &key,
+            &body,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(other.id.as_str().into())
+                .with_headers(own_signature),
+        )
+        .await;
+    world.wait_for_status(OTHER, LawyerStatus::Active).await;
+    world.stop().await;
+}

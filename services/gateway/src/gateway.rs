@@ -12,12 +12,12 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use prost::Message;
-use refbus_bus::{Acker, Bus, Incoming, SignedOut, Topology};
+use refbus_bus::{Acker, Bus, EnvelopeOut, Incoming, Topology};
 use refbus_core::envelope::{self, timestamp};
 use refbus_core::kind::hop_code;
 use refbus_core::policy::PolicyCatalogue;
 use refbus_core::rules::{self, RuleViolation};
-use refbus_core::signing::{self, SIGNATURE_HEADER, Signed, SigningKeys};
+use refbus_core::signing::{self, Signed, SigningKeys};
 use refbus_core::{AgencyKind, Directory, KindExt, MessageKind, SubmitError};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::gateway_server::Gateway;
@@ -781,18 +781,18 @@ impl GatewayCore {
     /// whose inbox it reached. One verdict per delivery, in order: the
     /// reason it is refused, if it is.
     fn believe(&self, agency: &str, decoded: &[(Incoming, Envelope)]) -> Vec<Result<(), String>> {
-        let headers: Vec<Option<String>> = decoded
+        let proofs: Vec<signing::Proof> = decoded
             .iter()
-            .map(|(incoming, _)| incoming.header(SIGNATURE_HEADER))
+            .map(|(incoming, _)| incoming.proof())
             .collect();
         let claims: Vec<signing::Claim<'_>> = decoded
             .iter()
-            .zip(&headers)
-            .map(|((incoming, envelope), header)| signing::Claim {
+            .zip(&proofs)
+            .map(|((incoming, envelope), proof)| signing::Claim {
                 signer: &envelope.sender,
                 what: Signed::Envelope,
                 body: &incoming.data,
-                signature: header.as_deref(),
+                seal: proof.as_seal(),
             })
             .collect();
         signing::verify_many(&self.directory, &claims)
@@ -938,8 +938,8 @@ pub async fn publish_signed(
         .code();
     let routing_key = Topology::routing_key(&envelope.recipient, kind);
     let body = envelope.encode_to_vec();
-    let signature = signing.sign(&envelope.sender, Signed::Envelope, &body)?;
-    bus.publish_envelope(SignedOut {
+    let key = signing.key(&envelope.sender)?;
+    bus.publish_envelope(EnvelopeOut {
         routing_key: routing_key.clone(),
         cc: envelope
             .also_to
@@ -949,7 +949,10 @@ pub async fn publish_signed(
         id: envelope.id.clone(),
         kind: kind.to_owned(),
         body,
-        signature,
+        key,
+        // The register keeps a registration with its registrar's own
+        // signature, as proof on its own.
+        keeps_own_signature: matches!(envelope.payload, Some(Payload::LawyerRegistration(_))),
     })
     .await?;
     Ok(routing_key)

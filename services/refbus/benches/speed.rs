@@ -579,16 +579,19 @@ impl Lane {
                 let n = state.1.len().min(256);
                 state.1.drain(..n).collect()
             };
+            // As refbus's lanes batch: one signature for the batch.
             let batch = EnvelopeBatch {
                 envelopes: taken
                     .iter()
                     .map(|(id, _)| SignedEnvelope {
                         envelope: self.body.clone(),
-                        signature: self.signature.clone(),
+                        signature: String::new(),
                         id: id.clone(),
                         kind: kind.into(),
                     })
                     .collect(),
+                digests_signature: self.signature.clone(),
+                digests: vec![0; 32 * taken.len()],
             }
             .encode_to_vec();
             self.messages.fetch_add(1, Ordering::AcqRel);

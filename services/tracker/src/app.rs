@@ -24,9 +24,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use refbus_bus::{Bus, Incoming};
 use refbus_core::policy::{PolicyCatalogue, PolicyError};
-use refbus_core::signing::{
-    Claim, KeyError, SIGNATURE_HEADER, SigningKeys, TRACKER_ID, verify_many,
-};
+use refbus_core::signing::{Claim, KeyError, Proof, SigningKeys, TRACKER_ID, verify_many};
 use refbus_gateway::Shared;
 use refbus_gateway::auth::Authenticator;
 use refbus_gateway::exposure::{Exposed, Listener};
@@ -1042,15 +1040,12 @@ async fn believed(
     incomings: Vec<Incoming>,
     observed: Vec<Observed>,
 ) -> (Vec<Incoming>, Vec<Observed>) {
-    let headers: Vec<Option<String>> = incomings
-        .iter()
-        .map(|i| i.header(SIGNATURE_HEADER))
-        .collect();
+    let proofs: Vec<Proof> = incomings.iter().map(Incoming::proof).collect();
     let claims: Vec<Claim<'_>> = observed
         .iter()
         .zip(&incomings)
-        .zip(&headers)
-        .map(|((o, i), header)| o.claim(&i.data, header.as_deref()))
+        .zip(&proofs)
+        .map(|((o, i), proof)| o.claim(&i.data, proof.as_seal()))
         .collect();
     let verdicts = verify_many(&recorder.directory, &claims);
     drop(claims);

@@ -54,7 +54,7 @@ use refbus_bus::topology::HOP_BATCH_KEY;
 use refbus_core::envelope::from_timestamp;
 use refbus_core::kind::hop_code;
 use refbus_core::policy::{ClockStart, MetBy, Party, PolicyCatalogue, region_of_matter};
-use refbus_core::signing::{Claim, Signed, TRACKER_ID};
+use refbus_core::signing::{Claim, Seal, Signed, TRACKER_ID};
 use refbus_core::{AgencyKind, Directory, KindExt, MessageKind};
 use refbus_proto::v1::envelope::Payload;
 use refbus_proto::v1::letter::Disposition;
@@ -475,7 +475,7 @@ impl Observed {
     /// by its sender, a hop report by the agency it reports on, a batch
     /// (once, over its bytes) by the one agency all its hops name.
     #[must_use]
-    pub fn claim<'a>(&'a self, data: &'a [u8], signature: Option<&'a str>) -> Claim<'a> {
+    pub fn claim<'a>(&'a self, data: &'a [u8], seal: Seal<'a>) -> Claim<'a> {
         let (signer, what) = match self {
             Observed::Envelope(e) => (e.sender.as_str(), Signed::Envelope),
             Observed::Hop(h) | Observed::Marker(h) => (h.agency.as_str(), Signed::HopReport),
@@ -485,7 +485,7 @@ impl Observed {
             signer,
             what,
             body: data,
-            signature,
+            seal,
         }
     }
 
@@ -1997,7 +1997,7 @@ mod tests {
             report("b", "dz-duty-desk", Hop::Acknowledged),
         ])
         .unwrap();
-        let claim = one.claim(b"bytes", None);
+        let claim = one.claim(b"bytes", Seal::Unsigned);
         assert_eq!(
             (claim.signer, claim.what),
             ("dz-duty-desk", Signed::HopBatch),

@@ -9,7 +9,8 @@
 //! `x-death`. Listing takes messages with `basic.get` and returns them all
 //! (`nack` with requeue; the dead-letter queue has no delivery limit), so it
 //! changes nothing. Replay publishes a copy, confirmed, with the message's
-//! own properties (its signature header included, so that the consumer
+//! own properties (its signature headers included: its own signature, or its
+//! entry in a batch's digest list signed once, so that the consumer
 //! verifies it again), and only then acks the dead letter: a replay that
 //! fails half-way leaves the message where it was.
 

@@ -7,20 +7,26 @@
 //! may publish can reach an inbox and skip the tracker's copy. What changes
 //! under load is how many envelopes one AMQP message carries:
 //!
-//! - **A lane per route**: envelopes for the same routing key and CC list
-//!   share a lane. A lane has at most [`LANE_IN_FLIGHT`] publishes waiting
-//!   for their confirms.
-//! - **Alone while the lane has room**: the envelope is published as it
-//!   always was (its own message, signature header, `message-id`, `type`),
-//!   from the caller's own task; at a light load nothing changes, on the
-//!   wire or in latency (an envelope never waits for another's confirm
-//!   while fewer than [`LANE_IN_FLIGHT`] are in flight).
+//! - **A lane per sender and route**: envelopes of the same sender for the
+//!   same routing key and CC list share a lane. A lane has at most
+//!   [`LANE_IN_FLIGHT`] publishes waiting for their confirms.
+//! - **Alone while the lane has room**: the envelope is signed and
+//!   published as it always was (its own message, signature header,
+//!   `message-id`, `type`), from the caller's own task; at a light load
+//!   nothing changes, on the wire or in latency (an envelope never waits
+//!   for another's confirm while fewer than [`LANE_IN_FLIGHT`] are in
+//!   flight).
 //! - **Batched behind a full lane**: an envelope that finds its lane full
 //!   waits; when one of the publishes in flight is confirmed, everything
 //!   that waited goes out as one `refbus.v1.EnvelopeBatch` (up to
 //!   [`PUBLISH_BATCH_ENVELOPES`] envelopes or [`PUBLISH_BATCH_BYTES`]),
 //!   from a task of the lane's own, so that a caller that gives up never
 //!   takes the others' publish with it. Group commit, no timer.
+//! - **A batch is signed once**: the lane signs the list of its envelopes'
+//!   SHA-256 digests with the sender's key (`digests_signature`), one
+//!   Ed25519 signature for the batch instead of one per envelope; only an
+//!   envelope that must keep a signature of its own
+//!   ([`EnvelopeOut::keeps_own_signature`]) is signed alone as well.
 //! - **Each envelope's own confirm**: a caller's publish returns when the
 //!   broker has confirmed the message that carries its envelope, and fails
 //!   when that message fails.
@@ -32,7 +38,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use prost::Message;
-use refbus_core::signing::SIGNATURE_HEADER;
+use refbus_core::signing::{SIGNATURE_HEADER, Signed, SignerKey, digest_list};
 use refbus_proto::v1::{EnvelopeBatch, SignedEnvelope};
 use tokio::sync::oneshot;
 
@@ -50,9 +56,9 @@ pub const PUBLISH_BATCH_ENVELOPES: usize = 256;
 /// larger than this goes alone).
 pub const PUBLISH_BATCH_BYTES: usize = 1024 * 1024;
 
-/// One signed envelope to publish.
+/// One envelope to publish, with the key it is signed with.
 #[derive(Clone, Debug)]
-pub struct SignedOut {
+pub struct EnvelopeOut {
     /// `RECIPIENT.KIND`.
     pub routing_key: String,
     /// Further routing keys (the envelope's `also_to`).
@@ -61,29 +67,38 @@ pub struct SignedOut {
     pub id: String,
     /// The kind's code name (AMQP `type`).
     pub kind: String,
-    /// The encoded envelope, as signed.
+    /// The encoded envelope, exactly the bytes signed.
     pub body: Vec<u8>,
-    /// The sender's signature over `body`, base64.
-    pub signature: String,
+    /// The sender's key (the envelope's `sender`).
+    pub key: SignerKey,
+    /// Whether the envelope keeps a signature of its own in a batch too:
+    /// what a recipient keeps as proof on its own (a lawyer registration,
+    /// which the register stores with its registrar's signature).
+    pub keeps_own_signature: bool,
 }
 
-impl SignedOut {
+impl EnvelopeOut {
+    /// The sender's signature of the envelope alone.
+    fn own_signature(&self) -> String {
+        self.key.sign(Signed::Envelope, &self.body)
+    }
+
     fn alone<'a>(&'a self, exchange: &'a str) -> Outgoing<'a> {
         let mut message = Outgoing::new(exchange, &self.routing_key, &self.body);
         message.message_id = Some(&self.id);
         message.kind = Some(&self.kind);
-        message.headers = vec![(SIGNATURE_HEADER, self.signature.clone())];
+        message.headers = vec![(SIGNATURE_HEADER, self.own_signature())];
         message.cc.clone_from(&self.cc);
         message
     }
 }
 
-/// A route: routing key and CC list.
-type Route = (String, Vec<String>);
+/// A lane: the sender, the routing key and the CC list.
+type Route = (String, String, Vec<String>);
 
 /// An envelope waiting for its lane, and where its outcome goes.
 struct Waiting {
-    envelope: SignedOut,
+    envelope: EnvelopeOut,
     outcome: oneshot::Sender<Result<(), BusError>>,
 }
 
@@ -209,6 +224,32 @@ fn take_batch(waiting: &mut Vec<Waiting>) -> Vec<Waiting> {
     waiting.drain(..count).collect()
 }
 
+/// The `envelope_batch` message carrying `taken` (all of one sender),
+/// signed once: the sender's signature over its envelopes' digests.
+fn batch_of(taken: &[Waiting]) -> EnvelopeBatch {
+    let digests = digest_list(taken.iter().map(|w| w.envelope.body.as_slice()));
+    let digests_signature = taken.first().map_or_else(String::new, |w| {
+        w.envelope.key.sign(Signed::EnvelopeDigests, &digests)
+    });
+    EnvelopeBatch {
+        digests,
+        envelopes: taken
+            .iter()
+            .map(|w| SignedEnvelope {
+                signature: if w.envelope.keeps_own_signature {
+                    w.envelope.own_signature()
+                } else {
+                    String::new()
+                },
+                envelope: w.envelope.body.clone(),
+                id: w.envelope.id.clone(),
+                kind: w.envelope.kind.clone(),
+            })
+            .collect(),
+        digests_signature,
+    }
+}
+
 /// One `envelope_batch` message carrying `taken`, confirmed.
 async fn publish_batch(
     bus: &Bus,
@@ -216,37 +257,30 @@ async fn publish_batch(
     route: &Route,
     taken: &[Waiting],
 ) -> Result<(), BusError> {
-    let batch = EnvelopeBatch {
-        envelopes: taken
-            .iter()
-            .map(|w| SignedEnvelope {
-                envelope: w.envelope.body.clone(),
-                signature: w.envelope.signature.clone(),
-                id: w.envelope.id.clone(),
-                kind: w.envelope.kind.clone(),
-            })
-            .collect(),
-    };
-    let body = batch.encode_to_vec();
-    let mut message = Outgoing::new(exchange, &route.0, &body);
+    let body = batch_of(taken).encode_to_vec();
+    let mut message = Outgoing::new(exchange, &route.1, &body);
     message.kind = Some(ENVELOPE_BATCH_TYPE);
     message.content_type = ENVELOPE_BATCH_CONTENT_TYPE;
-    message.cc.clone_from(&route.1);
+    message.cc.clone_from(&route.2);
     // Counted as the envelopes it carries, under their kind.
     let kind = taken.first().map(|w| w.envelope.kind.as_str());
     bus.publish_counted(message, kind, taken.len() as u64).await
 }
 
 impl Bus {
-    /// Publishes a signed envelope to `NS.deliveries` and waits for the
-    /// broker's confirm of the message that carries it: alone while its
-    /// route has room, else in the next batch of that route (see the
-    /// module's doc).
+    /// Publishes an envelope to `NS.deliveries`, signed with its sender's
+    /// key, and waits for the broker's confirm of the message that carries
+    /// it: alone while its lane has room, else in the next batch of that
+    /// lane, signed once (see the module's doc).
     ///
     /// # Errors
     /// As [`Bus::publish`], for the message that carried the envelope.
-    pub async fn publish_envelope(&self, envelope: SignedOut) -> Result<(), BusError> {
-        let route = (envelope.routing_key.clone(), envelope.cc.clone());
+    pub async fn publish_envelope(&self, envelope: EnvelopeOut) -> Result<(), BusError> {
+        let route = (
+            envelope.key.signer().to_owned(),
+            envelope.routing_key.clone(),
+            envelope.cc.clone(),
+        );
         let lanes = self.lanes();
         let outcome = {
             let mut busy = lanes.lock();
@@ -283,24 +317,146 @@ mod tests {
     use super::*;
 
     fn waiting(bytes: usize) -> Waiting {
+        sent_by("a", vec![0; bytes], false)
+    }
+
+    fn sent_by(signer: &str, body: Vec<u8>, keeps_own_signature: bool) -> Waiting {
         let (outcome, _) = oneshot::channel();
         Waiting {
-            envelope: SignedOut {
+            envelope: EnvelopeOut {
                 routing_key: "a.k".into(),
                 cc: Vec::new(),
                 id: String::new(),
                 kind: "k".into(),
-                body: vec![0; bytes],
-                signature: String::new(),
+                body,
+                key: SignerKey::development(signer),
+                keeps_own_signature,
             },
             outcome,
         }
     }
 
+    fn directory() -> refbus_core::directory::Directory {
+        refbus_core::directory::Directory::load(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/local/directory.toml"
+        ))
+        .unwrap()
+    }
+
+    /// Only verdict `index` is a refusal, and it says `why`.
+    fn refused_alone(
+        verdicts: &[Result<(), refbus_core::signing::SignatureError>],
+        index: usize,
+        why: &str,
+    ) {
+        for (i, verdict) in verdicts.iter().enumerate() {
+            match verdict {
+                Err(e) if i == index => assert!(e.to_string().contains(why), "{e}"),
+                _ => assert_eq!(verdict.is_ok(), i != index, "verdict {i}: {verdict:?}"),
+            }
+        }
+    }
+
+    /// Issue 17: a batch carries one signature, over its envelopes'
+    /// digests, and each envelope is believed by its entry; only what keeps
+    /// its own signature carries one too. One envelope altered, or claimed
+    /// by another sender, is refused alone.
+    #[test]
+    fn a_batch_is_signed_once_and_each_envelope_believed_by_its_entry() {
+        use refbus_core::signing::{Claim, Proof, Seal, SignedDigests, verify_many};
+        const CENTRE: &str = "dz-detention-centre";
+        let taken: Vec<Waiting> = (0..5u8)
+            .map(|i| sent_by(CENTRE, vec![i; 300], i == 4))
+            .collect();
+        let batch = batch_of(&taken);
+        assert!(!batch.digests_signature.is_empty(), "the batch is signed");
+        let own: Vec<bool> = batch
+            .envelopes
+            .iter()
+            .map(|e| !e.signature.is_empty())
+            .collect();
+        assert_eq!(own, [false, false, false, false, true]);
+
+        let list = std::sync::Arc::new(SignedDigests {
+            signature: batch.digests_signature.clone(),
+            digests: batch.digests.clone(),
+        });
+        assert_eq!(
+            list.digests,
+            refbus_core::signing::digest_list(
+                batch.envelopes.iter().map(|e| e.envelope.as_slice())
+            ),
+            "the list of the envelopes' digests, in order"
+        );
+        let proofs: Vec<Proof> = (0..5)
+            .map(|index| Proof::Listed {
+                list: list.clone(),
+                index,
+            })
+            .collect();
+        let mut bodies: Vec<Vec<u8>> = batch.envelopes.iter().map(|e| e.envelope.clone()).collect();
+        let directory = directory();
+        let judge = |bodies: &[Vec<u8>], signers: &[&str]| {
+            let claims: Vec<Claim<'_>> = bodies
+                .iter()
+                .zip(&proofs)
+                .zip(signers)
+                .map(|((body, proof), signer)| Claim {
+                    signer,
+                    what: Signed::Envelope,
+                    body,
+                    seal: proof.as_seal(),
+                })
+                .collect();
+            verify_many(&directory, &claims)
+        };
+        let signers = [CENTRE; 5];
+        assert!(judge(&bodies, &signers).iter().all(Result::is_ok));
+        // The own signature verifies alone too.
+        assert_eq!(
+            refbus_core::signing::verify(
+                &directory,
+                CENTRE,
+                Signed::Envelope,
+                &bodies[4],
+                Some(&batch.envelopes[4].signature)
+            ),
+            Ok(())
+        );
+
+        // Altered after signing: that one alone.
+        bodies[1][0] ^= 1;
+        refused_alone(&judge(&bodies, &signers), 1, "not entry 1");
+        bodies[1][0] ^= 1;
+
+        // Claimed by another sender: the list does not verify with its key.
+        let verdicts = judge(&bodies, &[CENTRE, CENTRE, "dz-court", CENTRE, CENTRE]);
+        refused_alone(&verdicts, 2, "`dz-court`");
+
+        // A list signed by another key: every envelope on it refused.
+        let forged = std::sync::Arc::new(SignedDigests {
+            signature: SignerKey::development("dz-court")
+                .sign(Signed::EnvelopeDigests, &list.digests),
+            digests: list.digests.clone(),
+        });
+        let seal = Seal::Listed {
+            list: &forged,
+            index: 0,
+        };
+        let claims = [Claim {
+            signer: CENTRE,
+            what: Signed::Envelope,
+            body: &bodies[0],
+            seal,
+        }];
+        assert!(verify_many(&directory, &claims)[0].is_err());
+    }
+
     #[test]
     fn a_publish_that_ends_passes_its_room_to_what_waits_or_gives_it_back() {
         let lanes = Lanes::default();
-        let route: Route = ("a.k".into(), Vec::new());
+        let route: Route = ("a".into(), "a.k".into(), Vec::new());
         lanes.lock().insert(
             route.clone(),
             Lane {

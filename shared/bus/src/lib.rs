@@ -26,7 +26,7 @@ pub mod topology;
 
 pub use connection::{Bus, BusConfig, ConnectionWatch, Outgoing};
 pub use dead_letter::{DeadLetter, DeadLetterError, Replayed};
-pub use envelopes::SignedOut;
+pub use envelopes::EnvelopeOut;
 pub use metrics::BusMetrics;
 pub use subscription::{Acker, Incoming, Part, QUEUE_HEADER, REASON_HEADER, Subscription};
 pub use topology::Topology;

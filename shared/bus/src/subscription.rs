@@ -14,7 +14,9 @@
 //!
 //! An `envelope_batch` message (`refbus.v1.EnvelopeBatch`, issue 17) comes
 //! out as one [`Incoming`] per envelope, each with the envelope's own bytes
-//! and signature, as if it had been published alone; they share the AMQP
+//! and its proof ([`Incoming::proof`]: its own signature, or its entry in
+//! the batch's digest list signed once), as if it had been published alone;
+//! they share the AMQP
 //! delivery through their [`Acker`]s, which ack it once every envelope is
 //! acked and return it whole when any one goes back. A batch that does not
 //! decode, is empty or holds more than [`MAX_BATCH_ENVELOPES`] is
@@ -32,7 +34,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 use prost::Message;
-use refbus_core::signing::SIGNATURE_HEADER;
+use refbus_core::signing::{
+    DIGEST_INDEX_HEADER, DIGEST_LEN, DIGESTS_HEADER, DIGESTS_SIGNATURE_HEADER, Proof,
+    SIGNATURE_HEADER, SignedDigests,
+};
 use refbus_proto::v1::EnvelopeBatch;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -187,6 +192,9 @@ pub struct Incoming {
     /// Set for one envelope of a batch message (which shares its delivery
     /// tag with the batch's other envelopes).
     pub part: Option<Part>,
+    /// For an envelope of a batch signed once that has no signature of its
+    /// own: the batch's digest list (shared by its envelopes) and its entry.
+    pub listed: Option<(Arc<SignedDigests>, usize)>,
     pub acker: Acker,
 }
 
@@ -205,6 +213,26 @@ impl Incoming {
     #[must_use]
     pub fn header(&self, name: &str) -> Option<String> {
         header_text(&self.properties, name)
+    }
+
+    /// What the message's signature claim is checked with: its entry in
+    /// its batch's digest list, or what its headers carry (its own
+    /// signature; the three headers of a dead-lettered envelope of a batch
+    /// signed once, replayed alone; or nothing).
+    #[must_use]
+    pub fn proof(&self) -> Proof {
+        if let Some((list, index)) = &self.listed {
+            return Proof::Listed {
+                list: list.clone(),
+                index: *index,
+            };
+        }
+        Proof::from_headers(
+            self.header(SIGNATURE_HEADER),
+            self.header(DIGESTS_SIGNATURE_HEADER),
+            self.header(DIGESTS_HEADER),
+            self.header(DIGEST_INDEX_HEADER),
+        )
     }
 }
 
@@ -317,6 +345,10 @@ impl Bus {
             .map(|s| s.as_str());
         message.kind = incoming.properties.kind().as_ref().map(|s| s.as_str());
         message.headers = kept.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        // An envelope of a batch signed once keeps its entry in the list.
+        if incoming.listed.is_some() {
+            message.headers.extend(incoming.proof().list_headers());
+        }
         message.headers.push((REASON_HEADER, reason.clone()));
         message.headers.push((QUEUE_HEADER, queue.to_owned()));
         match self.publish(message).await {
@@ -455,6 +487,7 @@ async fn forward(
                         generation,
                         channel,
                         part: None,
+                        listed: None,
                         acker: Acker::whole(d.acker),
                     };
                     if !is_batch {
@@ -504,6 +537,23 @@ fn unpack(batch: &Incoming) -> Result<Vec<Incoming>, String> {
     // A label longer than an AMQP short string is dropped, not believed anyway.
     let label =
         |text: &str| (!text.is_empty() && text.len() <= 255).then(|| ShortString::from(text));
+    // Signed once: the list of the envelopes' digests, shared by them all
+    // (each is checked against its entry when it is believed).
+    let list = if decoded.digests_signature.is_empty() {
+        None
+    } else {
+        let entries = decoded.digests.len() / DIGEST_LEN;
+        if decoded.digests.len() % DIGEST_LEN != 0 || entries != count {
+            return Err(format!(
+                "an envelope batch signed once whose digest list holds {} bytes, not {DIGEST_LEN} for each of its {count} envelopes",
+                decoded.digests.len()
+            ));
+        }
+        Some(Arc::new(SignedDigests {
+            signature: decoded.digests_signature,
+            digests: decoded.digests,
+        }))
+    };
     let ackers = Acker::parts(&batch.acker.delivery, count);
     Ok(decoded
         .envelopes
@@ -537,6 +587,11 @@ fn unpack(batch: &Incoming) -> Result<Vec<Incoming>, String> {
                 generation: batch.generation,
                 channel: batch.channel,
                 part: Some(Part { index, of: count }),
+                listed: if envelope.signature.is_empty() {
+                    list.clone().map(|list| (list, index))
+                } else {
+                    None
+                },
                 acker,
             }
         })

@@ -8,6 +8,12 @@
 //!   [`SIGNATURE_HEADER`].
 //! - **Who signs**: the envelope's `sender`, or the hop report's `agency`
 //!   (for a hop batch, the one agency all its hops name).
+//! - **A batch of envelopes signed once** (issue 17): the sender signs the
+//!   list of its envelopes' SHA-256 digests ([`Signed::EnvelopeDigests`]),
+//!   and each envelope is believed by its entry in that list
+//!   ([`Seal::Listed`]): its digest must be the entry, and the list must
+//!   verify with the key of the envelope's own sender. [`verify_many`]
+//!   checks each distinct list once, however many envelopes it carries.
 //!   The tracker signs its overdue notices and forgery alerts as
 //!   [`TRACKER_ID`], with the key under `[tracker]` in the directory.
 //! - **Keys**: [`SigningKeys::development`] derives each signer's key from
@@ -24,6 +30,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -36,6 +43,18 @@ pub use ed25519_zebra::VerificationKey as VerifyingKey;
 
 /// The AMQP header carrying a message's signature, base64.
 pub const SIGNATURE_HEADER: &str = "x-refbus-signature";
+
+/// The AMQP header carrying the signature of the digest list an envelope
+/// of a batch signed once was believed by, base64 (on its dead letter).
+pub const DIGESTS_SIGNATURE_HEADER: &str = "x-refbus-digests-signature";
+/// The AMQP header carrying that digest list: base64 of the 32-byte
+/// SHA-256 digests one after the other.
+pub const DIGESTS_HEADER: &str = "x-refbus-digests";
+/// The AMQP header carrying the envelope's entry in that list, from 0.
+pub const DIGEST_INDEX_HEADER: &str = "x-refbus-digest-index";
+
+/// The length of one entry of a digest list (SHA-256).
+pub const DIGEST_LEN: usize = 32;
 
 /// The signer id of the tracker (overdue notices, forgery alerts).
 pub const TRACKER_ID: &str = "refbus-tracker";
@@ -52,6 +71,9 @@ pub enum Signed {
     HopReport,
     /// A `refbus.v1.HopBatch`, signed by the one agency all its hops name.
     HopBatch,
+    /// The SHA-256 digests of a `refbus.v1.EnvelopeBatch`'s envelopes, in
+    /// order: signed once by their sender (`digests_signature`).
+    EnvelopeDigests,
 }
 
 impl Signed {
@@ -60,6 +82,7 @@ impl Signed {
             Signed::Envelope => b"refbus.v1.Envelope\0",
             Signed::HopReport => b"refbus.v1.HopReport\0",
             Signed::HopBatch => b"refbus.v1.HopBatch\0",
+            Signed::EnvelopeDigests => b"refbus.v1.EnvelopeDigests\0",
         }
     }
 }
@@ -86,6 +109,145 @@ pub enum SignatureError {
         "signature: forged or altered: does not verify with the public key of `{signer}` in the agency directory"
     )]
     Mismatch { signer: String },
+    #[error(
+        "signature: malformed batch proof: {0} (expected {DIGESTS_SIGNATURE_HEADER}, {DIGESTS_HEADER} as the base64 of 32-byte digests, and {DIGEST_INDEX_HEADER} as an entry of that list)"
+    )]
+    MalformedList(&'static str),
+    #[error(
+        "signature: forged or altered: the envelope's SHA-256 is not entry {index} of the digest list its batch signed"
+    )]
+    NotListed { index: usize },
+}
+
+/// The SHA-256 digests of a batch's envelopes, signed once by their sender.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedDigests {
+    /// The sender's signature over the list, base64.
+    pub signature: String,
+    /// The digests, [`DIGEST_LEN`] bytes each, in the batch's order.
+    pub digests: Vec<u8>,
+}
+
+impl SignedDigests {
+    /// How many entries the list has.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.digests.len() / DIGEST_LEN
+    }
+
+    /// Whether the list has no entry.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.digests.len() < DIGEST_LEN
+    }
+}
+
+/// The SHA-256 digests of `bodies`, one after the other: what a batch
+/// signed once signs (as [`Signed::EnvelopeDigests`]).
+#[must_use]
+pub fn digest_list<'b>(bodies: impl IntoIterator<Item = &'b [u8]>) -> Vec<u8> {
+    let mut digests = Vec::new();
+    for body in bodies {
+        digests.extend_from_slice(&Sha256::digest(body));
+    }
+    digests
+}
+
+/// How a received body is signed: what its claim is checked with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Proof {
+    /// Not at all.
+    Unsigned,
+    /// Its own signature, base64 ([`SIGNATURE_HEADER`]).
+    Own(String),
+    /// Entry `index` of a digest list signed once ([`Signed::EnvelopeDigests`]).
+    Listed {
+        list: Arc<SignedDigests>,
+        index: usize,
+    },
+    /// Batch-proof headers that cannot be read: why.
+    Malformed(&'static str),
+}
+
+impl Proof {
+    /// The proof an AMQP message's headers carry: its own signature if it
+    /// has one (it is judged by that), else the three headers of an
+    /// envelope of a batch signed once, else none.
+    #[must_use]
+    pub fn from_headers(
+        own: Option<String>,
+        list_signature: Option<String>,
+        digests: Option<String>,
+        index: Option<String>,
+    ) -> Self {
+        if let Some(own) = own {
+            return Proof::Own(own);
+        }
+        match (list_signature, digests, index) {
+            (None, None, None) => Proof::Unsigned,
+            (Some(signature), Some(digests), Some(index)) => {
+                let Ok(digests) = BASE64.decode(digests.trim()) else {
+                    return Proof::Malformed("the digest list is not base64");
+                };
+                let Ok(index) = index.trim().parse::<usize>() else {
+                    return Proof::Malformed("the index is not a number");
+                };
+                Proof::Listed {
+                    list: Arc::new(SignedDigests { signature, digests }),
+                    index,
+                }
+            }
+            _ => Proof::Malformed("one of the three headers is missing"),
+        }
+    }
+
+    /// The headers that carry this proof on an envelope alone (its dead
+    /// letter): none for its own signature or none, which travel as they came.
+    #[must_use]
+    pub fn list_headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Proof::Listed { list, index } => vec![
+                (DIGESTS_SIGNATURE_HEADER, list.signature.clone()),
+                (DIGESTS_HEADER, BASE64.encode(&list.digests)),
+                (DIGEST_INDEX_HEADER, index.to_string()),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The proof as a claim borrows it.
+    #[must_use]
+    pub fn as_seal(&self) -> Seal<'_> {
+        match self {
+            Proof::Unsigned => Seal::Unsigned,
+            Proof::Own(signature) => Seal::Own(signature),
+            Proof::Listed { list, index } => Seal::Listed {
+                list,
+                index: *index,
+            },
+            Proof::Malformed(why) => Seal::Malformed(why),
+        }
+    }
+}
+
+/// A [`Proof`], borrowed.
+#[derive(Clone, Copy, Debug)]
+pub enum Seal<'a> {
+    Unsigned,
+    Own(&'a str),
+    Listed {
+        list: &'a SignedDigests,
+        index: usize,
+    },
+    Malformed(&'static str),
+}
+
+impl<'a> Seal<'a> {
+    /// A signature header's value as a seal.
+    #[must_use]
+    pub fn header(signature: Option<&'a str>) -> Self {
+        signature.map_or(Seal::Unsigned, Seal::Own)
+    }
 }
 
 /// Checks that `signature` (the header's value) is `signer`'s signature of
@@ -104,7 +266,7 @@ pub fn verify(
         signer,
         what,
         body,
-        signature,
+        seal: Seal::header(signature),
     };
     let (message, signature, key) = claim.prepare(directory)?;
     key.verify(&signature, &message)
@@ -119,16 +281,47 @@ pub struct Claim<'a> {
     pub what: Signed,
     /// The exact bytes received.
     pub body: &'a [u8],
-    /// The [`SIGNATURE_HEADER`] value, if any.
-    pub signature: Option<&'a str>,
+    /// What they are signed with.
+    pub seal: Seal<'a>,
 }
 
+/// A distinct signature to check: the message signed, the signature, the key.
+type Check<'a> = (Vec<u8>, Signature, &'a VerifyingKey);
+
 impl<'a> Claim<'a> {
-    fn prepare(
-        &self,
-        directory: &'a Directory,
-    ) -> Result<(Vec<u8>, Signature, &'a VerifyingKey), SignatureError> {
-        let signature = self.signature.ok_or(SignatureError::Missing)?;
+    /// The signature this claim stands on (for an envelope listed in a
+    /// batch signed once, the list's, after its digest is found to be its
+    /// entry), ready to check.
+    fn prepare(&self, directory: &'a Directory) -> Result<Check<'a>, SignatureError> {
+        let (signature, signed) = match self.seal {
+            Seal::Unsigned => return Err(SignatureError::Missing),
+            Seal::Malformed(why) => return Err(SignatureError::MalformedList(why)),
+            Seal::Own(signature) => (signature, message(self.what, self.body)),
+            Seal::Listed { list, index } => {
+                if self.what != Signed::Envelope {
+                    return Err(SignatureError::MalformedList(
+                        "only envelopes are signed in digest lists",
+                    ));
+                }
+                if list.digests.len() % DIGEST_LEN != 0 || list.is_empty() {
+                    return Err(SignatureError::MalformedList(
+                        "the digest list is not a whole number of 32-byte digests",
+                    ));
+                }
+                let entry = list
+                    .digests
+                    .chunks_exact(DIGEST_LEN)
+                    .nth(index)
+                    .ok_or(SignatureError::MalformedList("the index is past the list"))?;
+                if entry != Sha256::digest(self.body).as_slice() {
+                    return Err(SignatureError::NotListed { index });
+                }
+                (
+                    list.signature.as_str(),
+                    message(Signed::EnvelopeDigests, &list.digests),
+                )
+            }
+        };
         let bytes = BASE64
             .decode(signature)
             .map_err(|_| SignatureError::Malformed)?;
@@ -138,7 +331,7 @@ impl<'a> Claim<'a> {
             .ok_or_else(|| SignatureError::NoPublicKey {
                 signer: self.signer.to_owned(),
             })?;
-        Ok((message(self.what, self.body), signature, key))
+        Ok((signed, signature, key))
     }
 
     fn mismatch(&self) -> SignatureError {
@@ -151,32 +344,56 @@ impl<'a> Claim<'a> {
 /// Checks many claims at once, with one batch verification (a batch of 500
 /// from a few agencies costs about a sixth of checking them one by one:
 /// each key's terms are coalesced); only when the batch fails are they
-/// checked one by one to find which. One result per claim, in order.
+/// checked one by one to find which. The envelopes of a batch signed once
+/// share one check: each distinct (signer, list, signature) is verified
+/// once, and stands or falls for every claim listed in it. One result per
+/// claim, in order.
 #[must_use]
 pub fn verify_many(directory: &Directory, claims: &[Claim<'_>]) -> Vec<Result<(), SignatureError>> {
     let mut results: Vec<Result<(), SignatureError>> = Vec::with_capacity(claims.len());
-    let mut ready = Vec::with_capacity(claims.len());
+    // Each distinct signature, and the claims that stand on it.
+    let mut checks: Vec<(Check<'_>, Vec<usize>)> = Vec::with_capacity(claims.len());
+    let mut lists: HashMap<(&str, &str, &[u8]), usize> = HashMap::new();
     for (index, claim) in claims.iter().enumerate() {
+        let list_key = match claim.seal {
+            Seal::Listed { list, .. } => Some((
+                claim.signer,
+                list.signature.as_str(),
+                list.digests.as_slice(),
+            )),
+            _ => None,
+        };
         match claim.prepare(directory) {
             Ok(prepared) => {
                 results.push(Ok(()));
-                ready.push((index, prepared));
+                match list_key {
+                    Some(key) => match lists.get(&key) {
+                        Some(&at) => checks[at].1.push(index),
+                        None => {
+                            lists.insert(key, checks.len());
+                            checks.push((prepared, vec![index]));
+                        }
+                    },
+                    None => checks.push((prepared, vec![index])),
+                }
             }
             Err(e) => results.push(Err(e)),
         }
     }
-    if ready.len() > 1 {
+    if checks.len() > 1 {
         let mut batch = ed25519_zebra::batch::Verifier::new();
-        for (_, (message, signature, key)) in &ready {
+        for ((message, signature, key), _) in &checks {
             batch.queue((VerificationKeyBytes::from(**key), *signature, message));
         }
         if batch.verify(rand_core::OsRng).is_ok() {
             return results;
         }
     }
-    for (index, (message, signature, key)) in &ready {
+    for ((message, signature, key), standing) in &checks {
         if key.verify(signature, message).is_err() {
-            results[*index] = Err(claims[*index].mismatch());
+            for index in standing {
+                results[*index] = Err(claims[*index].mismatch());
+            }
         }
     }
     results
@@ -250,8 +467,46 @@ impl Source {
 /// The private keys a process signs with.
 #[derive(Clone)]
 pub struct SigningKeys {
-    keys: HashMap<String, SigningKey>,
+    keys: HashMap<String, SignerKey>,
     source: Source,
+}
+
+/// One signer's key, held apart from [`SigningKeys`] (cheap to clone): a
+/// publishing lane signs with it the digest list of a batch it makes of
+/// envelopes that waited (issue 17).
+#[derive(Clone)]
+pub struct SignerKey(Arc<(String, SigningKey)>);
+
+impl SignerKey {
+    fn new(signer: &str, key: SigningKey) -> Self {
+        Self(Arc::new((signer.to_owned(), key)))
+    }
+
+    /// `signer`'s development key ([`development_key`]; public, like
+    /// every development key).
+    #[must_use]
+    pub fn development(signer: &str) -> Self {
+        Self::new(signer, development_key(signer))
+    }
+
+    /// Whose key it is.
+    #[must_use]
+    pub fn signer(&self) -> &str {
+        &self.0.0
+    }
+
+    /// The signature of `body` as a `what`, base64.
+    #[must_use]
+    pub fn sign(&self, what: Signed, body: &[u8]) -> String {
+        BASE64.encode(self.0.1.sign(&message(what, body)).to_bytes())
+    }
+}
+
+impl std::fmt::Debug for SignerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key itself.
+        f.debug_tuple("SignerKey").field(&self.signer()).finish()
+    }
 }
 
 impl std::fmt::Debug for SigningKeys {
@@ -301,7 +556,7 @@ impl SigningKeys {
             .iter()
             .map(|a| a.id.as_str())
             .chain([TRACKER_ID])
-            .map(|id| (id.to_owned(), development_key(id)))
+            .map(|id| (id.to_owned(), SignerKey::new(id, development_key(id))))
             .collect();
         Self {
             keys,
@@ -345,7 +600,7 @@ impl SigningKeys {
                     source_name: source.name(signer),
                 });
             }
-            keys.insert(signer.to_owned(), key);
+            keys.insert(signer.to_owned(), SignerKey::new(signer, key));
         }
         Ok(Self { keys, source })
     }
@@ -364,7 +619,7 @@ impl SigningKeys {
             None => Err(KeyError::NotInDirectory {
                 signer: signer.to_owned(),
             }),
-            Some(public) if *public != verifying_key(key) => Err(KeyError::Mismatch {
+            Some(public) if *public != verifying_key(&key.0.1) => Err(KeyError::Mismatch {
                 signer: signer.to_owned(),
                 source_name: self.source.name(signer),
             }),
@@ -378,11 +633,21 @@ impl SigningKeys {
     /// [`KeyError::Missing`] when this process holds no key for `signer`
     /// (start-up's [`SigningKeys::require`] rules that out for its own agencies).
     pub fn sign(&self, signer: &str, what: Signed, body: &[u8]) -> Result<String, KeyError> {
-        let key = self.keys.get(signer).ok_or_else(|| KeyError::Missing {
-            signer: signer.to_owned(),
-            source_name: self.source.name(signer),
-        })?;
-        Ok(BASE64.encode(key.sign(&message(what, body)).to_bytes()))
+        Ok(self.key(signer)?.sign(what, body))
+    }
+
+    /// `signer`'s key, to sign with later.
+    ///
+    /// # Errors
+    /// As [`SigningKeys::sign`].
+    pub fn key(&self, signer: &str) -> Result<SignerKey, KeyError> {
+        self.keys
+            .get(signer)
+            .cloned()
+            .ok_or_else(|| KeyError::Missing {
+                signer: signer.to_owned(),
+                source_name: self.source.name(signer),
+            })
     }
 }
 
@@ -569,7 +834,7 @@ mod tests {
                     signer: "dz-duty-desk",
                     what: Signed::Envelope,
                     body,
-                    signature: Some(s),
+                    seal: Seal::Own(s),
                 })
                 .collect();
             verify_many(&directory, &claims)

@@ -81,11 +81,18 @@ impl LawyerCore {
         let mut believed = believed.into_iter();
         while let Some((incoming, envelope)) = believed.next() {
             let outcome = match &envelope.payload {
-                Some(Payload::LawyerRegistration(r)) => {
-                    let signature = incoming.header(SIGNATURE_HEADER).unwrap_or_default();
-                    self.register(&envelope, r, &incoming.data, &signature)
-                        .await
-                }
+                // The register keeps the registrar's own signature as the
+                // entry's proof: a registration believed only by its entry
+                // in a batch's digest list cannot be kept so.
+                Some(Payload::LawyerRegistration(r)) => match incoming.header(SIGNATURE_HEADER) {
+                    Some(signature) => {
+                        self.register(&envelope, r, &incoming.data, &signature)
+                            .await
+                    }
+                    None => Outcome::Refused(format!(
+                        "a lawyer registration must carry its registrar's own signature ({SIGNATURE_HEADER}), which the register keeps as its proof; an entry in a batch signed once is not enough"
+                    )),
+                },
                 _ => self.file(&envelope, &incoming.data).await,
             };
             match outcome {
