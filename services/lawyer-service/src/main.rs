@@ -3,11 +3,6 @@
 //! agency `lawyer-service`, and consumes its broker inbox (registrations and
 //! everything addressed to lawyers). Configuration: `--help`.
 
-/// mimalloc instead of glibc's malloc for Rust's allocations (issue 17:
-/// BENCHMARKS.md, thirteenth stop).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     refbus_gateway::cli::run(refbus_gateway::AgencyService::Lawyer)
 }

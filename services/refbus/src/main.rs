@@ -3,11 +3,6 @@
 
 use clap::Parser;
 
-/// mimalloc instead of glibc's malloc for Rust's allocations (issue 17:
-/// BENCHMARKS.md, thirteenth stop).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     if let Err(e) = refbus::run(refbus::Cli::parse()) {
         eprintln!("refbus: {e:#}");

@@ -33,11 +33,6 @@ enum Command {
     },
 }
 
-/// mimalloc instead of glibc's malloc for Rust's allocations (issue 17:
-/// BENCHMARKS.md, thirteenth stop).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init("info");
