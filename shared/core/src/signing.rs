@@ -293,10 +293,36 @@ impl<'a> Claim<'a> {
     /// batch signed once, the list's, after its digest is found to be its
     /// entry), ready to check.
     fn prepare(&self, directory: &'a Directory) -> Result<Check<'a>, SignatureError> {
+        self.check_entry()?;
         let (signature, signed) = match self.seal {
-            Seal::Unsigned => return Err(SignatureError::Missing),
-            Seal::Malformed(why) => return Err(SignatureError::MalformedList(why)),
             Seal::Own(signature) => (signature, message(self.what, self.body)),
+            Seal::Listed { list, .. } => (
+                list.signature.as_str(),
+                message(Signed::EnvelopeDigests, &list.digests),
+            ),
+            // Refused by `check_entry`.
+            Seal::Unsigned | Seal::Malformed(_) => return Err(SignatureError::Missing),
+        };
+        let bytes = BASE64
+            .decode(signature)
+            .map_err(|_| SignatureError::Malformed)?;
+        let signature = Signature::from_slice(&bytes).map_err(|_| SignatureError::Malformed)?;
+        let key = directory
+            .public_key(self.signer)
+            .ok_or_else(|| SignatureError::NoPublicKey {
+                signer: self.signer.to_owned(),
+            })?;
+        Ok((signed, signature, key))
+    }
+
+    /// What is checked of the claim before its signature: that it has one
+    /// and, for an envelope listed in a batch signed once, that its digest
+    /// is its entry in the list.
+    fn check_entry(&self) -> Result<(), SignatureError> {
+        match self.seal {
+            Seal::Unsigned => Err(SignatureError::Missing),
+            Seal::Malformed(why) => Err(SignatureError::MalformedList(why)),
+            Seal::Own(_) => Ok(()),
             Seal::Listed { list, index } => {
                 if self.what != Signed::Envelope {
                     return Err(SignatureError::MalformedList(
@@ -313,25 +339,13 @@ impl<'a> Claim<'a> {
                     .chunks_exact(DIGEST_LEN)
                     .nth(index)
                     .ok_or(SignatureError::MalformedList("the index is past the list"))?;
-                if entry != Sha256::digest(self.body).as_slice() {
-                    return Err(SignatureError::NotListed { index });
+                if entry == Sha256::digest(self.body).as_slice() {
+                    Ok(())
+                } else {
+                    Err(SignatureError::NotListed { index })
                 }
-                (
-                    list.signature.as_str(),
-                    message(Signed::EnvelopeDigests, &list.digests),
-                )
             }
-        };
-        let bytes = BASE64
-            .decode(signature)
-            .map_err(|_| SignatureError::Malformed)?;
-        let signature = Signature::from_slice(&bytes).map_err(|_| SignatureError::Malformed)?;
-        let key = directory
-            .public_key(self.signer)
-            .ok_or_else(|| SignatureError::NoPublicKey {
-                signer: self.signer.to_owned(),
-            })?;
-        Ok((signed, signature, key))
+        }
     }
 
     fn mismatch(&self) -> SignatureError {
@@ -363,19 +377,25 @@ pub fn verify_many(directory: &Directory, claims: &[Claim<'_>]) -> Vec<Result<()
             )),
             _ => None,
         };
+        // A list already prepared: only this envelope's entry is checked
+        // here (the list's message is built once, not once per envelope).
+        if let Some(&at) = list_key.as_ref().and_then(|key| lists.get(key)) {
+            match claim.check_entry() {
+                Ok(()) => {
+                    results.push(Ok(()));
+                    checks[at].1.push(index);
+                }
+                Err(e) => results.push(Err(e)),
+            }
+            continue;
+        }
         match claim.prepare(directory) {
             Ok(prepared) => {
                 results.push(Ok(()));
-                match list_key {
-                    Some(key) => match lists.get(&key) {
-                        Some(&at) => checks[at].1.push(index),
-                        None => {
-                            lists.insert(key, checks.len());
-                            checks.push((prepared, vec![index]));
-                        }
-                    },
-                    None => checks.push((prepared, vec![index])),
+                if let Some(key) = list_key {
+                    lists.insert(key, checks.len());
                 }
+                checks.push((prepared, vec![index]));
             }
             Err(e) => results.push(Err(e)),
         }
@@ -855,6 +875,77 @@ mod tests {
                 _ => assert_eq!(result, &Ok(()), "claim {i}"),
             }
         }
+    }
+
+    /// The three headers of a dead-lettered envelope of a batch signed
+    /// once, as a plain publisher may garble them: each garbling is refused
+    /// with what is wrong, and its own signature always wins.
+    #[test]
+    fn batch_proof_headers_that_do_not_read_are_refused_with_why() {
+        let directory = directory();
+        let body = b"an envelope".to_vec();
+        let digests = digest_list([body.as_slice()]);
+        let signature = SigningKeys::development(&directory)
+            .sign("dz-duty-desk", Signed::EnvelopeDigests, &digests)
+            .unwrap();
+        let headers = |digests: &str, index: &str| {
+            Proof::from_headers(
+                None,
+                Some(signature.clone()),
+                Some(digests.to_owned()),
+                Some(index.to_owned()),
+            )
+        };
+        let judge = |proof: &Proof| {
+            verify_many(
+                &directory,
+                &[Claim {
+                    signer: "dz-duty-desk",
+                    what: Signed::Envelope,
+                    body: &body,
+                    seal: proof.as_seal(),
+                }],
+            )
+            .remove(0)
+        };
+        let good = BASE64.encode(&digests);
+        assert_eq!(judge(&headers(&good, "0")), Ok(()));
+        let refused = |proof: Proof, why: &str| {
+            let reason = judge(&proof).unwrap_err().to_string();
+            assert!(reason.contains(why), "{reason}");
+        };
+        refused(headers("%%%", "0"), "not base64");
+        refused(headers(&good, "zero"), "not a number");
+        refused(headers(&good, "1"), "past the list");
+        refused(headers(&good, &"9".repeat(3000)), "not a number");
+        refused(headers(&BASE64.encode(&digests[..31]), "0"), "whole number");
+        refused(
+            Proof::from_headers(None, Some(signature.clone()), None, Some("0".into())),
+            "missing",
+        );
+        let mut other = digests.clone();
+        other[0] ^= 1;
+        refused(headers(&BASE64.encode(&other), "0"), "not entry 0");
+        // A hop report is never listed.
+        let listed = headers(&good, "0");
+        let verdict = verify_many(
+            &directory,
+            &[Claim {
+                signer: "dz-duty-desk",
+                what: Signed::HopReport,
+                body: &body,
+                seal: listed.as_seal(),
+            }],
+        );
+        assert!(
+            verdict[0]
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("only envelopes"))
+        );
+        // Its own signature is what it is judged by.
+        let own = Proof::from_headers(Some("x".into()), None, Some("%%%".into()), None);
+        assert_eq!(own, Proof::Own("x".into()));
+        assert_eq!(judge(&own), Err(SignatureError::Malformed));
     }
 
     #[test]
