@@ -615,6 +615,43 @@ async fn verify_names_the_changed_row(db: Db) {
         "the same message twice changes nothing"
     );
 
+    // A tracker recording while the audit runs: here the head moves on
+    // after the audit read the chain. The audit reads one snapshot, so it
+    // finds the ledger intact as it was when it began...
+    let moved = std::sync::atomic::AtomicBool::new(false);
+    let verdict = audit::verify_reporting(&ledger, &|_| {
+        if !moved.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    sqlx::query("UPDATE ledger_head SET seq = seq + 1 WHERE id = 1")
+                        .execute(&ledger.pool)
+                        .await
+                        .unwrap();
+                });
+            });
+        }
+    })
+    .await
+    .unwrap();
+    assert!(moved.into_inner(), "the head moved during the audit");
+    assert!(matches!(verdict, Verdict::Intact { .. }), "{verdict}");
+    // ...and names a head that is wrong when nothing is recording.
+    let verdict = audit::verify(&ledger).await.unwrap();
+    assert!(
+        matches!(
+            &verdict,
+            Verdict::Broken {
+                table: "ledger_head",
+                ..
+            }
+        ),
+        "{verdict}"
+    );
+    sqlx::query("UPDATE ledger_head SET seq = seq - 1 WHERE id = 1")
+        .execute(&ledger.pool)
+        .await
+        .unwrap();
+
     // Change one event's body.
     sqlx::query(
         "UPDATE ledger_events SET body = REPLACE(body, 'dz-duty-desk', 'yb-court') WHERE seq = 3",

@@ -1,11 +1,15 @@
 //! Audit: walks the hash chain of `ledger_events` and names the first link
 //! that does not hold; then checks every stored envelope against the hash
 //! its event recorded, so an edited referral row is named too.
+//!
+//! The audit reads one snapshot of the ledger (a read-only transaction,
+//! `REPEATABLE READ` on PostgreSQL), so a tracker recording meanwhile never
+//! makes the head and the chain's end disagree.
 
 use base64::Engine;
 use sqlx::Row;
 
-use crate::ledger::{Ledger, LedgerError, chain_hash, sha256_hex};
+use crate::ledger::{Backend, Ledger, LedgerError, chain_hash, sha256_hex};
 
 /// What `verify` found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +74,12 @@ pub async fn verify_reporting(
     ledger: &Ledger,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Verdict, LedgerError> {
+    let mut tx = ledger.pool.begin().await?;
+    if ledger.backend == Backend::Postgres {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+    }
     let mut prev = String::new();
     let mut expected = 1_i64;
     loop {
@@ -79,7 +89,7 @@ pub async fn verify_reporting(
         )
         .bind(expected)
         .bind(PAGE)
-        .fetch_all(&ledger.pool)
+        .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
             break;
@@ -126,7 +136,7 @@ pub async fn verify_reporting(
         progress(u64::try_from(expected - 1).unwrap_or(0));
     }
     let head = sqlx::query("SELECT seq, hash FROM ledger_head WHERE id = 1")
-        .fetch_one(&ledger.pool)
+        .fetch_one(&mut *tx)
         .await?;
     let (head_seq, head_hash): (i64, String) = (head.try_get("seq")?, head.try_get("hash")?);
     if head_seq != expected - 1 || head_hash != prev {
@@ -149,7 +159,7 @@ pub async fn verify_reporting(
         )
         .bind(&after)
         .bind(PAGE)
-        .fetch_all(&ledger.pool)
+        .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
             break;
