@@ -1,15 +1,26 @@
 //! What each agency's system has acknowledged, kept on disk (SQLite), so
 //! that an `Inbox` never hands it the same message id again once that id
 //! was acknowledged: not when a retried `Submit` published it twice, not
-//! when a broker ack was lost, not after a restart. Ids are kept for
-//! [`RETENTION`], far longer than any client retries a submission.
+//! when a broker ack was lost, not after a restart.
 //!
-//! Beside each acknowledged id it keeps what the agency received: the
+//! With each acknowledged id it keeps what the agency received: the
 //! referral's id and where an answer to it goes ([`Received`]), with no
 //! content. That is the gateway's proof of receipt: a reply (acknowledgement,
 //! feedback, relay) is accepted only from an agency that received the
 //! referral, whatever the client claims (issue 16). Those rows are kept as
-//! long as the store (an answer may come months later).
+//! long as the store (an answer may come months later), and the id with
+//! them.
+//!
+//! One row per acknowledgement, in one table (issue 17, layout 2): the
+//! acknowledged id is its key, and the referral it was received under is
+//! usually that same id, so the receipt is found through the key. Only a
+//! receipt filed under another referral (a reply, filed under the referral
+//! it answers; a relayed lead, under the original lead) has an entry in a
+//! second index. Before, an id and its receipt were two rows in two tables,
+//! each keyed by a random id: every acknowledgement dirtied a random page
+//! of two indexes and was written to two tables (BENCHMARKS.md, issue 17,
+//! fourteenth stop). A store of the older layout is moved to this one when
+//! opened ([`Acknowledged::open`]).
 //!
 //! Acknowledgements are written with group commit: one writer task takes
 //! every acknowledgement waiting and records them in one transaction, so
@@ -29,7 +40,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::inbox::Received;
 
-/// How long an acknowledged id is remembered.
+/// How long an id acknowledged with nothing known of what was received is
+/// remembered: the ids a store of the first layout held apart from their
+/// receipts. Every id recorded since is kept with its receipt, as long as
+/// the store.
 pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Why the store could not be opened.
@@ -40,37 +54,53 @@ pub struct AcknowledgedError {
     reason: String,
 }
 
-/// The store's tables: acknowledged ids (forgotten after [`RETENTION`]),
-/// and what each agency received, kept.
-const SCHEMA: [&str; 2] = [
-    "CREATE TABLE IF NOT EXISTS acknowledged (
+/// The store's layout, in SQLite's `user_version`: 2 is one table of
+/// acknowledgements with their receipts. A store of the first layout (two
+/// tables, `acknowledged` and `received`) reads 0.
+const LAYOUT: i64 = 2;
+
+/// The store's table and its indexes.
+///
+/// - `referral` is NULL for an id acknowledged with nothing known of what
+///   was received (moved from the first layout's `acknowledged`), forgotten
+///   after [`RETENTION`] through `acknowledgements_unreceived`.
+/// - `acknowledgements_referral` holds only the receipts filed under
+///   another referral than the acknowledged id (a reply, a relayed lead,
+///   a receipt moved from the first layout): the rest are found by the key.
+const SCHEMA: [&str; 3] = [
+    "CREATE TABLE IF NOT EXISTS acknowledgements (
         agency TEXT NOT NULL,
         message_id TEXT NOT NULL,
         at BIGINT NOT NULL,
-        PRIMARY KEY (agency, message_id)
-    )",
-    "CREATE TABLE IF NOT EXISTS received (
-        agency TEXT NOT NULL,
-        referral TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        reply_to TEXT NOT NULL,
-        relays TEXT NOT NULL,
-        answers INTEGER NOT NULL,
-        payload_digest TEXT NOT NULL,
-        at BIGINT NOT NULL,
+        referral TEXT,
+        kind TEXT NOT NULL DEFAULT '',
+        reply_to TEXT NOT NULL DEFAULT '',
+        relays TEXT NOT NULL DEFAULT '',
+        answers INTEGER NOT NULL DEFAULT 0,
+        payload_digest TEXT NOT NULL DEFAULT '',
         from_lawyer TEXT NOT NULL DEFAULT '',
         complainant TEXT NOT NULL DEFAULT '',
-        PRIMARY KEY (agency, referral)
+        PRIMARY KEY (agency, message_id)
     )",
+    "CREATE INDEX IF NOT EXISTS acknowledgements_referral
+        ON acknowledgements (agency, referral) WHERE referral <> message_id",
+    "CREATE INDEX IF NOT EXISTS acknowledgements_unreceived
+        ON acknowledgements (at) WHERE referral IS NULL",
 ];
 
-/// Columns added to `received` since it was first shipped (issue 18: the
-/// lawyer an answer goes to), each added to a store made before it. A row
-/// from before holds no lawyer: its answers go to agencies only, as then.
+/// The first layout's `received` columns added after it first shipped
+/// (issue 18: the lawyer an answer goes to), added to such a store before
+/// its rows move to [`LAYOUT`] 2. A row from before holds no lawyer: its
+/// answers go to agencies only, as then.
 const ADDED_COLUMNS: [(&str, &str); 2] = [
     ("from_lawyer", "TEXT NOT NULL DEFAULT ''"),
     ("complainant", "TEXT NOT NULL DEFAULT ''"),
 ];
+
+/// What a receipt moved from the first layout is keyed by: its
+/// acknowledged id was not kept beside it, and no message id (a UUID)
+/// starts so.
+const MOVED_RECEIPT: &str = "received:";
 
 /// Most acknowledgements recorded in one transaction.
 const GROUP: usize = 500;
@@ -139,8 +169,9 @@ pub(crate) async fn open_sqlite(
 }
 
 impl Acknowledged {
-    /// Opens (creating if needed) the store at `path` and forgets ids older
-    /// than [`RETENTION`].
+    /// Opens (creating if needed) the store at `path`, moves a store of
+    /// the first layout to [`LAYOUT`] 2, and forgets ids older than
+    /// [`RETENTION`] that have no receipt.
     ///
     /// # Errors
     /// [`AcknowledgedError`] naming the file.
@@ -149,10 +180,8 @@ impl Acknowledged {
             path: path.display().to_string(),
             reason,
         };
-        let writing = open_sqlite(path, 1, &SCHEMA).await.map_err(fail)?;
-        add_columns(&writing)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let writing = open_sqlite(path, 1, &[]).await.map_err(fail)?;
+        lay_out(&writing).await.map_err(|e| fail(e.to_string()))?;
         let pool = open_sqlite(path, 2, &[]).await.map_err(fail)?;
         let (writer, queue) = mpsc::channel(4 * GROUP);
         tokio::spawn(write_groups(writing.clone(), queue));
@@ -182,7 +211,7 @@ impl Acknowledged {
         let mut found = std::collections::HashSet::new();
         for chunk in message_ids.chunks(CHUNK) {
             let mut sql = String::from(
-                "SELECT message_id FROM acknowledged WHERE agency = ? AND message_id IN (",
+                "SELECT message_id FROM acknowledgements WHERE agency = ? AND message_id IN (",
             );
             for i in 0..chunk.len() {
                 sql.push_str(if i == 0 { "?" } else { ", ?" });
@@ -200,7 +229,10 @@ impl Acknowledged {
     }
 
     /// What `agency` received of `referral`, if it acknowledged a delivery
-    /// of it.
+    /// of it: through the key when the referral is the acknowledged id
+    /// (a referral delivered to its addressee), else through
+    /// `acknowledgements_referral`. Of several deliveries filed under the
+    /// same referral, the first acknowledged counts.
     ///
     /// # Errors
     /// A database error.
@@ -210,13 +242,14 @@ impl Acknowledged {
         referral: &str,
     ) -> Result<Option<Received>, sqlx::Error> {
         use sqlx::Row;
-        let row = sqlx::query(
-            "SELECT kind, reply_to, relays, answers, payload_digest, from_lawyer, complainant FROM received WHERE agency = ? AND referral = ?",
-        )
-        .bind(agency)
-        .bind(referral)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(RECEIVED)
+            .bind(agency)
+            .bind(referral)
+            .bind(referral)
+            .bind(agency)
+            .bind(referral)
+            .fetch_optional(&self.pool)
+            .await?;
         row.map(|row| {
             let relays: String = row.try_get("relays")?;
             Ok(Received {
@@ -263,9 +296,9 @@ impl Acknowledged {
             .map_err(|_| "the acknowledgement store is closed".to_owned())?
     }
 
-    /// Forgets ids acknowledged before `cutoff_ms`.
+    /// Forgets ids acknowledged before `cutoff_ms` with no receipt.
     async fn forget_before(&self, cutoff_ms: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM acknowledged WHERE at < ?")
+        sqlx::query("DELETE FROM acknowledgements WHERE referral IS NULL AND at < ?")
             .bind(cutoff_ms)
             .execute(&self.writing)
             .await?;
@@ -292,33 +325,24 @@ async fn write_groups(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
 }
 
 /// Records `group` in one transaction sent to SQLite as one multi-statement
-/// query (`BEGIN IMMEDIATE; INSERT …; INSERT …; COMMIT`): one hand-off to
-/// the connection's thread instead of one per statement. At a light load,
+/// query (`BEGIN IMMEDIATE; INSERT …; COMMIT`): one hand-off to the
+/// connection's thread instead of one per statement. At a light load,
 /// where every group holds one acknowledgement, that took legal-aid from
 /// 34 to 23–26 context switches per referral (issue 17, BENCHMARKS.md).
-/// A failure rolls back on the same connection,
-/// and that connection is closed rather than handed back, so no half-open
-/// transaction outlives the group.
+/// An id already acknowledged keeps its first row. A failure rolls back on
+/// the same connection, and that connection is closed rather than handed
+/// back, so no half-open transaction outlives the group.
 async fn write_group(pool: &SqlitePool, group: &[Pending]) -> Result<(), sqlx::Error> {
     let at = now_ms();
-    let received: Vec<(&str, &Received)> = group
-        .iter()
-        .filter_map(|p| p.received.as_ref().map(|r| (p.agency.as_str(), r)))
-        .collect();
     // One multi-row statement per 100 rows (anonymous `?`: SQLite binds
     // numbered parameters by a linear scan), its parameters bound in order
     // across the statements.
     let mut sql = String::from("BEGIN IMMEDIATE;");
     for chunk in group.chunks(CHUNK) {
-        sql.push_str(" INSERT INTO acknowledged (agency, message_id, at) VALUES ");
-        push_rows(&mut sql, chunk.len(), "(?, ?, ?)");
-        sql.push_str(" ON CONFLICT DO NOTHING;");
-    }
-    for chunk in received.chunks(CHUNK) {
         sql.push_str(
-            " INSERT INTO received (agency, referral, kind, reply_to, relays, answers, payload_digest, at, from_lawyer, complainant) VALUES ",
+            " INSERT INTO acknowledgements (agency, message_id, at, referral, kind, reply_to, relays, answers, payload_digest, from_lawyer, complainant) VALUES ",
         );
-        push_rows(&mut sql, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        push_rows(&mut sql, chunk.len(), "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
         sql.push_str(" ON CONFLICT DO NOTHING;");
     }
     sql.push_str(" COMMIT");
@@ -328,19 +352,26 @@ async fn write_group(pool: &SqlitePool, group: &[Pending]) -> Result<(), sqlx::E
             .bind(&pending.agency)
             .bind(&pending.message_id)
             .bind(at);
-    }
-    for (agency, r) in &received {
-        query = query
-            .bind(*agency)
-            .bind(&r.referral)
-            .bind(&r.kind)
-            .bind(&r.reply_to)
-            .bind(r.relays.join(","))
-            .bind(i64::from(r.answers))
-            .bind(&r.payload_digest)
-            .bind(at)
-            .bind(&r.from_lawyer)
-            .bind(&r.complainant);
+        query = match &pending.received {
+            Some(r) => query
+                .bind(&r.referral)
+                .bind(&r.kind)
+                .bind(&r.reply_to)
+                .bind(r.relays.join(","))
+                .bind(i64::from(r.answers))
+                .bind(&r.payload_digest)
+                .bind(&r.from_lawyer)
+                .bind(&r.complainant),
+            None => query
+                .bind(None::<&str>)
+                .bind("")
+                .bind("")
+                .bind("")
+                .bind(0_i64)
+                .bind("")
+                .bind("")
+                .bind(""),
+        };
     }
     let mut connection = pool.acquire().await?;
     match query.execute(&mut *connection).await {
@@ -355,6 +386,21 @@ async fn write_group(pool: &SqlitePool, group: &[Pending]) -> Result<(), sqlx::E
     }
 }
 
+/// What an agency received of a referral (binds: agency, referral,
+/// referral, agency, referral): the row keyed by the referral's id, or one
+/// filed under it from another id, the first recorded (rows go in in
+/// order of their `rowid`, as the first layout kept the first receipt of a
+/// referral and refused the rest by its key). Each branch's
+/// `WHERE` names its index's terms as they are declared, so that SQLite
+/// takes the key and the partial index, never a scan
+/// (`tests::a_receipt_is_found_through_an_index_never_a_scan`).
+const RECEIVED: &str = "SELECT kind, reply_to, relays, answers, payload_digest, from_lawyer, complainant, rowid AS recorded
+     FROM acknowledgements WHERE agency = ? AND message_id = ? AND referral = ?
+     UNION ALL
+     SELECT kind, reply_to, relays, answers, payload_digest, from_lawyer, complainant, rowid AS recorded
+     FROM acknowledgements WHERE agency = ? AND referral = ? AND referral <> message_id
+     ORDER BY recorded LIMIT 1";
+
 /// Appends `n` comma-separated copies of `row` (`(?, ?)`) to `sql`.
 fn push_rows(sql: &mut String, n: usize, row: &str) {
     for i in 0..n {
@@ -365,21 +411,74 @@ fn push_rows(sql: &mut String, n: usize, row: &str) {
     }
 }
 
-/// Adds each of [`ADDED_COLUMNS`] that a store made before it lacks.
-async fn add_columns(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    use sqlx::Row;
-    let present: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('received')")
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(|row| row.try_get::<String, _>("name"))
-        .collect::<Result<_, _>>()?;
+/// Brings the store at `pool` (the writer's connection) to [`LAYOUT`] 2
+/// in one transaction: creates its table and indexes, and moves a store
+/// of the first layout's rows into them. Each acknowledged id keeps its
+/// time, with no receipt (forgotten after [`RETENTION`], as before); each
+/// receipt is kept under [`MOVED_RECEIPT`] and its referral's id, found by
+/// its referral as before. Then the first layout's tables are dropped.
+///
+/// The transaction takes the write lock first (`BEGIN IMMEDIATE`), so that
+/// of two processes opening the same store at once one lays it out and the
+/// other, waiting, finds it done.
+async fn lay_out(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let layout: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(&mut *tx)
+        .await?;
+    if layout >= LAYOUT {
+        return tx.commit().await;
+    }
+    for statement in SCHEMA {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    let first: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('acknowledged', 'received')",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    if first.iter().any(|t| t == "acknowledged") {
+        sqlx::query(
+            "INSERT INTO acknowledgements (agency, message_id, at)
+             SELECT agency, message_id, at FROM acknowledged WHERE true
+             ON CONFLICT DO NOTHING",
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DROP TABLE acknowledged")
+            .execute(&mut *tx)
+            .await?;
+    }
+    if first.iter().any(|t| t == "received") {
+        add_columns(&mut tx).await?;
+        sqlx::query(&format!(
+            "INSERT INTO acknowledgements (agency, message_id, at, referral, kind, reply_to, relays, answers, payload_digest, from_lawyer, complainant)
+             SELECT agency, '{MOVED_RECEIPT}' || referral, at, referral, kind, reply_to, relays, answers, payload_digest, from_lawyer, complainant
+             FROM received WHERE true
+             ON CONFLICT DO NOTHING"
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DROP TABLE received").execute(&mut *tx).await?;
+    }
+    sqlx::query(&format!("PRAGMA user_version = {LAYOUT}"))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Adds each of [`ADDED_COLUMNS`] that a first-layout `received` table
+/// made before them lacks.
+async fn add_columns(tx: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+    let present: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('received')")
+        .fetch_all(&mut *tx)
+        .await?;
     for (column, definition) in ADDED_COLUMNS {
         if !present.iter().any(|name| name == column) {
             sqlx::query(&format!(
                 "ALTER TABLE received ADD COLUMN {column} {definition}"
             ))
-            .execute(pool)
+            .execute(&mut *tx)
             .await?;
         }
     }
@@ -464,7 +563,7 @@ mod tests {
         let path = store_path("failed");
         let store = Acknowledged::open(&path).await.unwrap();
         sqlx::query(
-            "CREATE TRIGGER poison BEFORE INSERT ON acknowledged WHEN NEW.message_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned'); END",
+            "CREATE TRIGGER poison BEFORE INSERT ON acknowledgements WHEN NEW.message_id = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned'); END",
         )
         .execute(&store.pool)
         .await
@@ -515,63 +614,286 @@ mod tests {
         remove_store(&path);
     }
 
-    #[tokio::test]
-    async fn a_store_made_before_lawyers_gains_their_columns_and_keeps_its_rows() {
-        let path = store_path("migration");
-        // The `received` table as it shipped before issue 18, with a row.
-        {
-            let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-                .unwrap()
-                .create_if_missing(true);
-            let pool = SqlitePoolOptions::new()
-                .connect_with(options)
+    /// A receipt in the shape the gateway records it.
+    fn receipt(referral: &str, kind: &str, reply_to: &str) -> Received {
+        Received {
+            referral: referral.into(),
+            kind: kind.into(),
+            reply_to: reply_to.into(),
+            relays: vec!["dz-procuratorate".into(), "dz-court".into()],
+            answers: true,
+            payload_digest: "ab".repeat(32),
+            from_lawyer: String::new(),
+            complainant: String::new(),
+        }
+    }
+
+    /// Opens the SQLite file at `path` bare (no layout), creating it.
+    async fn bare(path: &Path) -> SqlitePool {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .unwrap()
+            .create_if_missing(true);
+        SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap()
+    }
+
+    /// The tables of the store at `path`, and its layout.
+    async fn tables_and_layout(path: &Path) -> (Vec<String>, i64) {
+        let pool = bare(path).await;
+        let tables =
+            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                .fetch_all(&pool)
                 .await
                 .unwrap();
-            sqlx::query(
-                "CREATE TABLE received (agency TEXT NOT NULL, referral TEXT NOT NULL, kind TEXT NOT NULL, reply_to TEXT NOT NULL, relays TEXT NOT NULL, answers INTEGER NOT NULL, payload_digest TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (agency, referral))",
-            )
-            .execute(&pool)
+        let layout = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&pool)
             .await
             .unwrap();
-            sqlx::query("INSERT INTO received VALUES ('dz-justice-bureau', 'old', 'lawyer_violation_notice', 'dz-detention-centre', '', 1, 'ab', 0)")
+        pool.close().await;
+        (tables, layout)
+    }
+
+    /// A store of the first layout (issue 17: two tables, each keyed by a
+    /// random id), with a `received` table from before issue 18 (no lawyer
+    /// columns), moves to one table when opened: every acknowledged id is
+    /// still never handed over again, every receipt still proves the
+    /// receipt of its referral, an id older than [`RETENTION`] with no
+    /// receipt is forgotten as before, and the old tables are gone. Opened
+    /// again, nothing moves twice and nothing is lost.
+    #[tokio::test]
+    async fn a_first_layout_store_moves_to_one_table_and_keeps_ids_and_receipts() {
+        let path = store_path("layout");
+        let now = now_ms();
+        let month_ago = now - i64::try_from(RETENTION.as_millis()).unwrap() - 1000;
+        {
+            let pool = bare(&path).await;
+            for statement in [
+                "CREATE TABLE acknowledged (agency TEXT NOT NULL, message_id TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (agency, message_id))",
+                "CREATE TABLE received (agency TEXT NOT NULL, referral TEXT NOT NULL, kind TEXT NOT NULL, reply_to TEXT NOT NULL, relays TEXT NOT NULL, answers INTEGER NOT NULL, payload_digest TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (agency, referral))",
+            ] {
+                sqlx::query(statement).execute(&pool).await.unwrap();
+            }
+            for (agency, id, at) in [
+                ("dz-justice-bureau", "old", now - 1000),
+                ("dz-justice-bureau", "ancient", month_ago),
+                ("dz-duty-desk", "old", now - 1000),
+            ] {
+                sqlx::query("INSERT INTO acknowledged VALUES (?, ?, ?)")
+                    .bind(agency)
+                    .bind(id)
+                    .bind(at)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            // A receipt filed under a referral whose own id was never
+            // acknowledged here, older than a month: kept all the same.
+            sqlx::query("INSERT INTO received VALUES ('dz-justice-bureau', 'old-referral', 'lawyer_violation_notice', 'dz-detention-centre', 'dz-psb', 1, 'ab', ?)")
+                .bind(month_ago)
                 .execute(&pool)
                 .await
                 .unwrap();
             pool.close().await;
         }
+        for opening in 0..2 {
+            let store = Acknowledged::open(&path).await.unwrap();
+            let found = store
+                .contains_any("dz-justice-bureau", &["old", "ancient", "new"])
+                .await
+                .unwrap();
+            // `new` is acknowledged during the first opening.
+            let mut expected = std::collections::HashSet::from(["old".to_owned()]);
+            if opening == 1 {
+                expected.insert("new".to_owned());
+            }
+            assert_eq!(found, expected, "opening {opening}");
+            let desk = store.contains_any("dz-duty-desk", &["old"]).await.unwrap();
+            assert_eq!(desk.len(), 1, "opening {opening}");
+            let old = store
+                .received("dz-justice-bureau", "old-referral")
+                .await
+                .unwrap()
+                .expect("the first layout's receipt");
+            assert_eq!(
+                (
+                    old.kind.as_str(),
+                    old.reply_to.as_str(),
+                    old.relays.as_slice(),
+                    old.answers,
+                    old.payload_digest.as_str(),
+                    old.from_lawyer.as_str(),
+                    old.complainant.as_str(),
+                ),
+                (
+                    "lawyer_violation_notice",
+                    "dz-detention-centre",
+                    ["dz-psb".to_owned()].as_slice(),
+                    true,
+                    "ab",
+                    "",
+                    ""
+                ),
+                "opening {opening}"
+            );
+            // An acknowledged id alone is no receipt, and a receipt is
+            // another agency's to none.
+            for (agency, referral) in [
+                ("dz-justice-bureau", "old"),
+                ("dz-duty-desk", "old-referral"),
+            ] {
+                assert!(
+                    store.received(agency, referral).await.unwrap().is_none(),
+                    "opening {opening}: {agency} {referral}"
+                );
+            }
+            if opening == 0 {
+                store
+                    .record(
+                        "dz-justice-bureau",
+                        "new",
+                        Some(receipt(
+                            "new",
+                            "lawyer_violation_notice",
+                            "dz-detention-centre",
+                        )),
+                    )
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(
+                store
+                    .received("dz-justice-bureau", "new")
+                    .await
+                    .unwrap()
+                    .map(|r| r.kind),
+                Some("lawyer_violation_notice".to_owned())
+            );
+            store.close().await;
+            assert_eq!(
+                tables_and_layout(&path).await,
+                (vec!["acknowledgements".to_owned()], LAYOUT),
+                "opening {opening}"
+            );
+        }
+        remove_store(&path);
+    }
+
+    /// A receipt filed under the acknowledged id itself (a referral
+    /// delivered to its addressee) and one filed under another referral
+    /// (a reply, filed under the referral it answers) are both found by
+    /// their referral; of two deliveries filed under one referral the
+    /// first acknowledged counts, as when a second receipt was refused by
+    /// the key; and an agency finds only its own.
+    #[tokio::test]
+    async fn a_receipt_is_found_by_its_referral_whatever_id_carried_it() {
+        let path = store_path("receipts");
         let store = Acknowledged::open(&path).await.unwrap();
-        let old = store
-            .received("dz-justice-bureau", "old")
+        let referral = "0193d5c8-0000-7000-8000-000000000001";
+        store
+            .record(
+                "dz-duty-desk",
+                referral,
+                Some(receipt(
+                    referral,
+                    "legal_help_request",
+                    "dz-detention-centre",
+                )),
+            )
+            .await
+            .unwrap();
+        store
+            .record(
+                "dz-detention-centre",
+                "0193d5c8-0000-7000-8000-00000000000a",
+                Some(receipt(referral, "acknowledgement", "dz-duty-desk")),
+            )
+            .await
+            .unwrap();
+        store
+            .record(
+                "dz-detention-centre",
+                "0193d5c8-0000-7000-8000-000000000000",
+                Some(receipt(referral, "feedback", "dz-duty-desk")),
+            )
+            .await
+            .unwrap();
+        let desk = store
+            .received("dz-duty-desk", referral)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(
-            (old.from_lawyer.as_str(), old.complainant.as_str()),
-            ("", "")
+            desk,
+            receipt(referral, "legal_help_request", "dz-detention-centre")
         );
-        store
-            .record(
-                "dz-justice-bureau",
-                "m1",
-                Some(received("15001201910123456")),
-            )
-            .await
-            .unwrap();
-        let new = store
-            .received("dz-justice-bureau", "0193d5c8-0000-7000-8000-000000000001")
+        let centre = store
+            .received("dz-detention-centre", referral)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(new, received("15001201910123456"));
-        store.close().await;
-        // Opened again: nothing to add, nothing lost.
-        let store = Acknowledged::open(&path).await.unwrap();
+        assert_eq!(
+            centre.kind, "acknowledgement",
+            "the first acknowledged counts"
+        );
         assert!(
             store
-                .received("dz-justice-bureau", "old")
+                .received("dz-legal-aid", referral)
                 .await
                 .unwrap()
-                .is_some()
+                .is_none()
+        );
+        assert!(
+            store
+                .received("dz-duty-desk", "0193d5c8-0000-7000-8000-00000000000a")
+                .await
+                .unwrap()
+                .is_none(),
+            "a reply's own id is not a referral the desk received"
+        );
+        store.close().await;
+        remove_store(&path);
+    }
+
+    /// The look-up of a receipt goes through the key and the partial
+    /// index, never a scan of the store (which would grow with every
+    /// acknowledgement ever made): SQLite takes a partial index only when
+    /// the query names its condition, so a rewording of either would
+    /// silently scan.
+    #[tokio::test]
+    async fn a_receipt_is_found_through_an_index_never_a_scan() {
+        let path = store_path("plan");
+        let store = Acknowledged::open(&path).await.unwrap();
+        let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {RECEIVED}"))
+            .bind("a")
+            .bind("r")
+            .bind("r")
+            .bind("a")
+            .bind("r")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+        use sqlx::Row;
+        let details: Vec<String> = rows.iter().map(|r| r.get::<String, _>("detail")).collect();
+        assert!(
+            details
+                .iter()
+                .all(|d| !d.starts_with("SCAN acknowledgements")),
+            "{details:?}"
+        );
+        assert!(
+            details
+                .iter()
+                .any(|d| d.contains("sqlite_autoindex_acknowledgements_1")),
+            "{details:?}"
+        );
+        assert!(
+            details
+                .iter()
+                .any(|d| d.contains("acknowledgements_referral")),
+            "{details:?}"
         );
         store.close().await;
         remove_store(&path);
