@@ -54,7 +54,7 @@ pub async fn refuse(
     incoming: Incoming,
     refusal: Refusal,
 ) {
-    let body_sha256 = hex(&Sha256::digest(&incoming.data));
+    let body_sha256 = hex::encode(Sha256::digest(&incoming.data));
     if let Some(recipient) = alert_recipient(directory, &refusal.addressed_to) {
         let now = Some(timestamp(Utc::now()));
         let envelope = Envelope {
@@ -85,12 +85,4 @@ pub async fn refuse(
     }
     bus.dead_letter(&refusal.queue, incoming, refusal.reason)
         .await;
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }

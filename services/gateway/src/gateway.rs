@@ -1128,10 +1128,7 @@ pub fn payload_digest(payload: &Payload) -> String {
     use sha2::{Digest, Sha256};
     let mut bytes = Vec::with_capacity(payload.encoded_len());
     payload.encode(&mut bytes);
-    Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(&bytes))
 }
 
 /// What a verified delivery to `agency` says about answering it.

@@ -333,10 +333,7 @@ pub fn registration_token(
 /// Hex SHA-256 of a token: what travels and what the lawyer service keeps.
 #[must_use]
 pub fn token_sha256(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> GatewayError {

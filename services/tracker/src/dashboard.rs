@@ -153,7 +153,7 @@ fn random_token() -> Result<String, PageError> {
             "the dashboard cannot make a session now",
         ))
     })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex::encode(bytes))
 }
 
 /// Equal, in time that does not depend on where they differ.

@@ -26,10 +26,7 @@ pub enum Credential {
 /// Hex SHA-256 of a bearer token, as registrations carry it.
 #[must_use]
 pub fn token_sha256(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 /// The credential a request carries.
