@@ -6,7 +6,6 @@
 //! checked against the register on every call (a suspended lawyer is
 //! refused from the moment the suspension is applied).
 
-use sha2::{Digest, Sha256};
 use tonic::Request;
 
 use super::LawyerError;
@@ -23,11 +22,10 @@ pub enum Credential {
     Certificate(String),
 }
 
-/// Hex SHA-256 of a bearer token, as registrations carry it.
-#[must_use]
-pub fn token_sha256(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
+/// Hex SHA-256 of a bearer token, as registrations carry it: the
+/// register's own ([`crate::registry::token_sha256`]), so that what the
+/// register issues and what the lawyer service checks are one digest.
+pub use crate::registry::token_sha256;
 
 /// The credential a request carries.
 ///
