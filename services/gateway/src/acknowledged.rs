@@ -418,17 +418,16 @@ fn push_rows(sql: &mut String, n: usize, row: &str) {
 /// receipt is kept under [`MOVED_RECEIPT`] and its referral's id, found by
 /// its referral as before. Then the first layout's tables are dropped.
 ///
+/// The first layout's tables are looked for at every opening, not only
+/// when `user_version` is below 2: a binary from before this layout, run
+/// on the store meanwhile (a rollback), made them again and wrote to them,
+/// and what it recorded is moved too.
+///
 /// The transaction takes the write lock first (`BEGIN IMMEDIATE`), so that
 /// of two processes opening the same store at once one lays it out and the
 /// other, waiting, finds it done.
 async fn lay_out(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let layout: i64 = sqlx::query_scalar("PRAGMA user_version")
-        .fetch_one(&mut *tx)
-        .await?;
-    if layout >= LAYOUT {
-        return tx.commit().await;
-    }
     for statement in SCHEMA {
         sqlx::query(statement).execute(&mut *tx).await?;
     }
@@ -778,6 +777,58 @@ mod tests {
                 "opening {opening}"
             );
         }
+        // A binary of the first layout run on the store meanwhile (a
+        // rollback) made its tables again and recorded in them: the next
+        // opening moves that too.
+        {
+            let pool = bare(&path).await;
+            for statement in [
+                "CREATE TABLE acknowledged (agency TEXT NOT NULL, message_id TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (agency, message_id))",
+                "CREATE TABLE received (agency TEXT NOT NULL, referral TEXT NOT NULL, kind TEXT NOT NULL, reply_to TEXT NOT NULL, relays TEXT NOT NULL, answers INTEGER NOT NULL, payload_digest TEXT NOT NULL, at BIGINT NOT NULL, from_lawyer TEXT NOT NULL DEFAULT '', complainant TEXT NOT NULL DEFAULT '', PRIMARY KEY (agency, referral))",
+            ] {
+                sqlx::query(statement).execute(&pool).await.unwrap();
+            }
+            sqlx::query("INSERT INTO acknowledged VALUES ('dz-justice-bureau', 'rolled-back', ?)")
+                .bind(now)
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO received VALUES ('dz-justice-bureau', 'rolled-back', 'lawyer_violation_notice', 'dz-detention-centre', '', 1, 'cd', ?, '', '')")
+                .bind(now)
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = Acknowledged::open(&path).await.unwrap();
+        assert_eq!(
+            store
+                .contains_any("dz-justice-bureau", &["rolled-back", "old", "new"])
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
+        assert_eq!(
+            store
+                .received("dz-justice-bureau", "rolled-back")
+                .await
+                .unwrap()
+                .map(|r| r.payload_digest),
+            Some("cd".to_owned())
+        );
+        assert!(
+            store
+                .received("dz-justice-bureau", "new")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        store.close().await;
+        assert_eq!(
+            tables_and_layout(&path).await,
+            (vec!["acknowledgements".to_owned()], LAYOUT)
+        );
         remove_store(&path);
     }
 
