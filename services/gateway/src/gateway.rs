@@ -746,7 +746,13 @@ impl GatewayCore {
                     } else if envelope.id.is_empty() {
                         Err("envelope has no id".to_owned())
                     } else {
-                        Ok(envelope)
+                        // Every id the bus gives is a UUID's canonical
+                        // text: anything else (a NUL, 3 KB, an id in the
+                        // acknowledged store's own `received:` form) is
+                        // refused before it reaches the store or a client.
+                        envelope::check_referral_id("envelope.id", &envelope.id)
+                            .map_err(|e| e.to_string())
+                            .map(|()| envelope)
                     }
                 });
             match envelope {
