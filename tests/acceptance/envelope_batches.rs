@@ -149,7 +149,7 @@ async fn dead_lettered(amqp: &Amqp, bus: &TestBus, count: u32) {
 }
 
 async fn events_of(ledger: &Ledger, id: &str) -> i64 {
-    sqlx::query_scalar("SELECT COUNT(*) FROM ledger_events WHERE message_id = $1")
+    sqlx::query_scalar("SELECT COUNT(*) FROM ledger_events WHERE chained_id = $1")
         .bind(id)
         .fetch_one(&ledger.pool)
         .await

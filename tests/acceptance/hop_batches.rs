@@ -82,7 +82,7 @@ async fn hop_recorded(ledger: &Ledger, id: &str) -> (i64, i64) {
     let events = count(
         ledger,
         "SELECT COUNT(*) FROM ledger_events
-         WHERE (event = 'hop_report' AND message_id = $1)
+         WHERE (event = 'hop_report' AND chained_id = $1)
             OR (event = 'hop_batch' AND body LIKE '%\"id\":\"' || $1 || '\"%')",
         id,
     )

@@ -510,7 +510,7 @@ async fn cq_1_1c_a_withheld_letter_does_not_count_as_forwarded_on_time(db: Db) {
     let body = |id: String| {
         let pool = ledger.pool.clone();
         async move {
-            sqlx::query_scalar::<_, String>("SELECT body FROM ledger_events WHERE message_id = $1")
+            sqlx::query_scalar::<_, String>("SELECT body FROM ledger_events WHERE chained_id = $1")
                 .bind(id)
                 .fetch_one(&pool)
                 .await

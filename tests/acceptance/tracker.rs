@@ -27,6 +27,25 @@ use refbus_tracker::Clock;
 use refbus_tracker::audit::{self, Verdict};
 use tonic::Code;
 
+/// How many messages the tracker has recorded, and how many it has seen
+/// again (duplicates).
+fn recorded_and_repeated(tracker: &TestTracker) -> (u64, u64) {
+    let m = &tracker.metrics;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    (load(&m.recorded), load(&m.duplicates))
+}
+
+/// Waits for the tracker to have seen as many messages as `expected`
+/// (recorded, repeated) counts, then checks it counted them so.
+async fn settles_at(tracker: &TestTracker, expected: (u64, u64), why: &str) {
+    eventually("every message to be seen", || async {
+        let (recorded, repeated) = recorded_and_repeated(tracker);
+        (recorded + repeated >= expected.0 + expected.1).then_some(())
+    })
+    .await;
+    assert_eq!(recorded_and_repeated(tracker), expected, "{why}");
+}
+
 async fn status(tracker: &TestTracker, asker: &str, id: &str) -> Option<ReferralStatus> {
     tracker.status(asker, id).await.ok()
 }
@@ -659,7 +678,7 @@ async fn verify_names_the_changed_row(db: Db) {
     .execute(&ledger.pool)
     .await
     .unwrap();
-    let message: String = sqlx::query_scalar("SELECT message_id FROM ledger_events WHERE seq = 3")
+    let message: String = sqlx::query_scalar("SELECT chained_id FROM ledger_events WHERE seq = 3")
         .fetch_one(&ledger.pool)
         .await
         .unwrap();
@@ -685,6 +704,11 @@ async fn verify_names_the_changed_row(db: Db) {
     ));
 
     // Change one referral's stored envelope.
+    let original: String = sqlx::query_scalar("SELECT envelope FROM referrals WHERE id = $1")
+        .bind(&ids[1])
+        .fetch_one(&ledger.pool)
+        .await
+        .unwrap();
     let other = seeded(
         &ids[1],
         MessageKind::LegalHelpRequest,
@@ -702,6 +726,56 @@ async fn verify_names_the_changed_row(db: Db) {
     let verdict = audit::verify(&ledger).await.unwrap();
     assert!(
         matches!(&verdict, Verdict::Broken { table: "referrals", row, .. } if *row == format!("id {}", ids[1])),
+        "{verdict}"
+    );
+    sqlx::query("UPDATE referrals SET envelope = $1 WHERE id = $2")
+        .bind(&original)
+        .bind(&ids[1])
+        .execute(&ledger.pool)
+        .await
+        .unwrap();
+    assert!(matches!(
+        audit::verify(&ledger).await.unwrap(),
+        Verdict::Intact { .. }
+    ));
+
+    // Add a referral row no event chained (the event leads to its row
+    // through `referrals.id`; migration 0006).
+    let added = "00000000-0000-4000-e000-0000000000ad";
+    sqlx::query(
+        "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region,
+                                clock_started_at, submitted_at, kind_known, envelope)
+         SELECT $1, kind, sender, recipient, in_reply_to, sender_region, recipient_region,
+                clock_started_at, submitted_at, kind_known, envelope
+         FROM referrals WHERE id = $2",
+    )
+    .bind(added)
+    .bind(&ids[1])
+    .execute(&ledger.pool)
+    .await
+    .unwrap();
+    let verdict = audit::verify(&ledger).await.unwrap();
+    assert!(
+        matches!(&verdict, Verdict::Broken { table: "referrals", row, problem }
+            if *row == format!("id {added}") && problem.contains("without its event")),
+        "{verdict}"
+    );
+    sqlx::query("DELETE FROM referrals WHERE id = $1")
+        .bind(added)
+        .execute(&ledger.pool)
+        .await
+        .unwrap();
+
+    // Delete a referral row its event chained.
+    sqlx::query("DELETE FROM referrals WHERE id = $1")
+        .bind(&ids[1])
+        .execute(&ledger.pool)
+        .await
+        .unwrap();
+    let verdict = audit::verify(&ledger).await.unwrap();
+    assert!(
+        matches!(&verdict, Verdict::Broken { table: "referrals", row, problem }
+            if *row == format!("id {}", ids[1]) && problem.starts_with("missing")),
         "{verdict}"
     );
     ledger.close().await;
@@ -815,7 +889,7 @@ async fn sigkill_mid_burst_leaves_each_message_recorded_exactly_once(db: Db) {
     child.wait().await.unwrap();
     assert_eq!(count("SELECT COUNT(*) FROM ledger_events").await, BURST);
     assert_eq!(
-        count("SELECT COUNT(DISTINCT message_id) FROM ledger_events").await,
+        count("SELECT COUNT(DISTINCT chained_id) FROM ledger_events").await,
         BURST
     );
     assert_eq!(count("SELECT COUNT(*) FROM referrals").await, BURST);
@@ -917,11 +991,7 @@ async fn adjacent_batches_record_as_if_written_one_after_the_other(db: Db) {
     .await;
 
     let tracker = TestTracker::start(&bus, settings, Clock::System).await;
-    let seen = || {
-        let m = &tracker.metrics;
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        (load(&m.recorded), load(&m.duplicates))
-    };
+    let seen = || recorded_and_repeated(&tracker);
     eventually("every message to be recorded or seen again", || async {
         let (recorded, duplicates) = seen();
         (recorded + duplicates >= 3 * REQUESTS as u64).then_some(())
@@ -1134,11 +1204,13 @@ async fn a_relay_recorded_before_its_lead_is_filed_under_it_when_it_comes(db: Db
             payload,
         )
     };
-    for envelope in [&relay, &lead] {
+    // Each twice, a batch apart: a relay has no referral row of its own
+    // and is told new by its `relayed` hop (migration 0006).
+    for envelope in [&relay, &lead, &relay, &lead] {
         amqp.publish_envelope(&tap, envelope).await;
     }
     eventually("the messages to be queued", || async {
-        (amqp.counts(&tap).await.0 == 2).then_some(())
+        (amqp.counts(&tap).await.0 == 4).then_some(())
     })
     .await;
 
@@ -1173,10 +1245,22 @@ async fn a_relay_recorded_before_its_lead_is_filed_under_it_when_it_comes(db: Db
             "DZ-7: the relay, recorded before the lead, meets the duty to pass it on: {o:?}"
         );
     }
+    settles_at(
+        &tracker,
+        (2, 2),
+        "each recorded once, each repeat a duplicate",
+    )
+    .await;
     let settings = tracker.stop().await.0;
     let ledger = TestTracker::ledger(&settings).await;
     every_row_keyed_by_its_referral(&ledger).await;
-    // Two events; one envelope row: a relay is filed under its lead.
+    let relayed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM hops WHERE hop = 'relayed'")
+        .fetch_one(&ledger.pool)
+        .await
+        .unwrap();
+    assert_eq!(relayed, 1, "the relay repeated is one hop");
+    // Two events, the repeats none; one envelope row: a relay is filed
+    // under its lead.
     intact_then_close(ledger, amqp, bus, &settings, 2, 1).await;
 }
 
@@ -1351,6 +1435,116 @@ async fn rows_recorded_before_migration_0005_are_keyed_by_their_referrals_time(d
 }
 
 on_both_ledgers!(rows_recorded_before_migration_0005_are_keyed_by_their_referrals_time);
+
+/// A ledger recorded before migration 0006, when an envelope's id was
+/// indexed twice: its events keep their chain, an envelope it holds is
+/// still told a repeat (by its `referrals` row), and the events' message
+/// ids are no longer indexed (only `seq` is).
+async fn events_recorded_before_migration_0006_keep_their_chain_and_their_envelopes_repeats(
+    db: Db,
+) {
+    use base64::Engine;
+    use refbus_tracker::ledger::{chain_hash, sha256_hex};
+    use sqlx::{Connection, Executor};
+    let bus = TestBus::spawn().await;
+    let mut settings = ledger_settings(db);
+    settings.batch = 1;
+    let amqp = Amqp::connect().await;
+    let tap = bus.shared.bus.topology().tap_queue();
+    let at = Utc::now();
+    let held = seeded(
+        "00000000-0000-4000-e000-000000000601",
+        MessageKind::LegalHelpRequest,
+        CENTRE,
+        DESK,
+        at,
+        legal_help_at("x", at).payload.unwrap(),
+    );
+    let later = seeded(
+        "00000000-0000-4000-e000-000000000602",
+        MessageKind::LegalHelpRequest,
+        CENTRE,
+        DESK,
+        at,
+        legal_help_at("y", at).payload.unwrap(),
+    );
+    let mut conn = migrated_through(
+        &settings,
+        &[
+            "0001_ledger.sql",
+            "0002_hop_meets.sql",
+            "0003_reply_rights_and_watermarks.sql",
+            "0004_meetings.sql",
+            "0005_rows_in_order_of_arrival.sql",
+        ],
+    )
+    .await;
+    let encoded = held.encode_to_vec();
+    let body =
+        serde_json::json!({"id": held.id, "envelope_sha256": sha256_hex(&encoded)}).to_string();
+    let millis = at.timestamp_millis();
+    let hash = chain_hash(
+        1,
+        &held.id,
+        "legal_help_request",
+        &held.id,
+        millis,
+        &body,
+        "",
+    );
+    for sql in [
+        format!(
+            "INSERT INTO referrals VALUES ('{id}', 'legal_help_request', '{CENTRE}', '{DESK}', '', 'dz', 'dz', {millis}, {millis}, 1, '{envelope}')",
+            id = held.id,
+            envelope = base64::engine::general_purpose::STANDARD.encode(&encoded),
+        ),
+        format!(
+            "INSERT INTO ledger_events VALUES (1, '{id}', 'legal_help_request', '{id}', {millis}, '{body}', '', '{hash}')",
+            id = held.id,
+        ),
+        format!("UPDATE ledger_head SET seq = 1, hash = '{hash}' WHERE id = 1"),
+    ] {
+        conn.execute(sql.as_str()).await.unwrap();
+    }
+    conn.close().await.unwrap();
+
+    for envelope in [&held, &later] {
+        amqp.publish_envelope(&tap, envelope).await;
+    }
+    let tracker = TestTracker::start(&bus, settings, Clock::System).await;
+    settles_at(
+        &tracker,
+        (1, 1),
+        "the envelope the old ledger held is a repeat",
+    )
+    .await;
+    let settings = tracker.stop().await.0;
+    let ledger = TestTracker::ledger(&settings).await;
+    let indexed: Vec<String> = match db {
+        Db::Sqlite => sqlx::query_scalar(
+            "SELECT ii.name FROM pragma_index_list('ledger_events') AS il,
+                    pragma_index_info(il.name) AS ii ORDER BY ii.name",
+        ),
+        Db::Postgres => sqlx::query_scalar(
+            "SELECT a.attname::text FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+             WHERE i.indrelid = 'ledger_events'::regclass ORDER BY a.attname",
+        ),
+    }
+    .fetch_all(&ledger.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        indexed,
+        ["seq"],
+        "an envelope's id is indexed in referrals only (chained_id, once message_id, is not)"
+    );
+    intact_then_close(ledger, amqp, bus, &settings, 2, 2).await;
+}
+
+on_both_ledgers!(
+    events_recorded_before_migration_0006_keep_their_chain_and_their_envelopes_repeats
+);
 
 /// A rolling upgrade of trackers sharing a ledger: a newer tracker has
 /// migrated the ledger past this one's code, and this one's rows no longer

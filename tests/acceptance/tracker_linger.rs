@@ -70,7 +70,7 @@ async fn a_light_load_shares_one_transaction_within_the_linger() {
     );
     let ledger = refbus_tests::tracker::TestTracker::ledger(&tracker.settings).await;
     let events: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM ledger_events WHERE message_id IN (?, ?)")
+        sqlx::query_scalar("SELECT COUNT(*) FROM ledger_events WHERE chained_id IN (?, ?)")
             .bind(&ids[0])
             .bind(&ids[1])
             .fetch_one(&ledger.pool)

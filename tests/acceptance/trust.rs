@@ -140,7 +140,7 @@ async fn count(ledger: &Ledger, sql: &str, bind: &str) -> i64 {
 async fn recorded(ledger: &Ledger, message_id: &str) -> bool {
     count(
         ledger,
-        "SELECT COUNT(*) FROM ledger_events WHERE message_id = $1",
+        "SELECT COUNT(*) FROM ledger_events WHERE chained_id = $1",
         message_id,
     )
     .await
@@ -527,7 +527,7 @@ async fn a_batch_postgresql_refuses_is_split_until_the_culprit_stands_alone() {
     );
     // In the order they came: the chain's sequence follows the tap's.
     let order: Vec<String> = sqlx::query_scalar(
-        "SELECT message_id FROM ledger_events WHERE event = 'legal_help_request' ORDER BY seq",
+        "SELECT chained_id FROM ledger_events WHERE event = 'legal_help_request' ORDER BY seq",
     )
     .fetch_all(&ledger.pool)
     .await

@@ -568,10 +568,11 @@ impl Ingest {
                 Ok(())
             }
             Err(LedgerError::Sql(sqlx::Error::Database(e))) if e.is_unique_violation() => {
-                // A message also in the batch before, which had not
-                // committed when this one's rows went in: recorded again,
-                // now that it has, the message is seen as a duplicate.
-                tracing::debug!(error = %e, "a message repeats the batch before; recording the batch again");
+                // Another writer's row with the same key (a tracker of an
+                // older build sharing the ledger): recorded again, the
+                // message is seen as a duplicate. This build's inserts wait
+                // for such a row and then skip it (`Recorder::write_rows`).
+                tracing::debug!(error = %e, "a row of the batch collides with another writer's; recording the batch again");
                 Err(batch)
             }
             Err(e) => {

@@ -1,6 +1,10 @@
 //! Audit: walks the hash chain of `ledger_events` and names the first link
-//! that does not hold; then checks every stored envelope against the hash
-//! its event recorded, so an edited referral row is named too.
+//! that does not hold; on the way, checks each envelope's stored referral
+//! against the hash its event recorded, so an edited or deleted referral
+//! row is named too; then that no referral row is without its event.
+//!
+//! An envelope's event leads to its referral through `referrals.id`, the
+//! one index on an envelope's id (migration 0006).
 //!
 //! The audit reads one snapshot of the ledger (a read-only transaction,
 //! `REPEATABLE READ` on PostgreSQL), so a tracker recording meanwhile never
@@ -46,6 +50,45 @@ impl std::fmt::Display for Verdict {
 
 const PAGE: i64 = 10_000;
 
+/// An envelope's event body holds its envelope's SHA-256 under this key.
+const ENVELOPE_HASH: &str = "envelope_sha256";
+
+/// The envelope hash an event's body recorded, when the event is that of
+/// an envelope stored as a referral row (its body, already checked against
+/// the chain, has [`ENVELOPE_HASH`] at its top level and no `relay_of`: a
+/// relay is filed under its lead, as a hop, with no row of its own);
+/// `Some(None)` when that field is not text.
+fn recorded_envelope_hash(body: &str) -> Option<Option<String>> {
+    // Most events are not an envelope's: only a body naming the key is read.
+    if !body.contains(ENVELOPE_HASH) {
+        return None;
+    }
+    let value = serde_json::from_str::<serde_json::Value>(body).ok()?;
+    if value.get("relay_of").is_some() {
+        return None;
+    }
+    let hash = value.get(ENVELOPE_HASH)?;
+    Some(hash.as_str().map(str::to_owned))
+}
+
+/// What is wrong with the referral an envelope's event leads to, if
+/// anything: it must exist (`stored`, base64 of the envelope) and its
+/// envelope must have the `recorded` hash.
+fn envelope_problem(recorded: Option<&str>, stored: Option<&str>, seq: i64) -> Option<String> {
+    let Some(encoded) = stored else {
+        return Some(format!(
+            "missing: ledger_events seq {seq} chained its envelope"
+        ));
+    };
+    let actual = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()
+        .map(|b| sha256_hex(&b));
+    (recorded.is_none() || recorded != actual.as_deref()).then(|| {
+        format!("its envelope does not match the hash recorded in ledger_events seq {seq}")
+    })
+}
+
 /// Verifies the whole ledger.
 ///
 /// # Errors
@@ -82,10 +125,13 @@ pub async fn verify_reporting(
     }
     let mut prev = String::new();
     let mut expected = 1_i64;
+    let mut envelopes = 0_i64;
     loop {
         let rows = sqlx::query(
-            "SELECT seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash
-             FROM ledger_events WHERE seq >= $1 ORDER BY seq LIMIT $2",
+            "SELECT e.seq, e.chained_id, e.event, e.referral_id, e.recorded_at, e.body, e.prev_hash,
+                    e.hash, r.envelope
+             FROM ledger_events e LEFT JOIN referrals r ON r.id = e.chained_id
+             WHERE e.seq >= $1 ORDER BY e.seq LIMIT $2",
         )
         .bind(expected)
         .bind(PAGE)
@@ -96,7 +142,7 @@ pub async fn verify_reporting(
         }
         for row in &rows {
             let seq: i64 = row.try_get("seq")?;
-            let message_id: String = row.try_get("message_id")?;
+            let message_id: String = row.try_get("chained_id")?;
             let name = format!("seq {seq} (message {message_id})");
             if seq != expected {
                 return Ok(Verdict::Broken {
@@ -113,13 +159,14 @@ pub async fn verify_reporting(
                     problem: "prev_hash does not match the hash of the row before".into(),
                 });
             }
+            let body: String = row.try_get("body")?;
             let hash = chain_hash(
                 seq,
                 &message_id,
                 &row.try_get::<String, _>("event")?,
                 &row.try_get::<String, _>("referral_id")?,
                 row.try_get("recorded_at")?,
-                &row.try_get::<String, _>("body")?,
+                &body,
                 &prev_hash,
             );
             let stored: String = row.try_get("hash")?;
@@ -129,6 +176,18 @@ pub async fn verify_reporting(
                     row: name,
                     problem: "its contents do not match its hash".into(),
                 });
+            }
+            if let Some(recorded) = recorded_envelope_hash(&body) {
+                let stored: Option<String> = row.try_get("envelope")?;
+                if let Some(problem) = envelope_problem(recorded.as_deref(), stored.as_deref(), seq)
+                {
+                    return Ok(Verdict::Broken {
+                        table: "referrals",
+                        row: format!("id {message_id}"),
+                        problem,
+                    });
+                }
+                envelopes += 1;
             }
             prev = stored;
             expected += 1;
@@ -150,47 +209,26 @@ pub async fn verify_reporting(
         });
     }
 
-    let mut envelopes = 0;
-    let mut after = String::new();
-    loop {
-        let rows = sqlx::query(
-            "SELECT r.id, r.envelope, e.body, e.seq FROM referrals r JOIN ledger_events e ON e.message_id = r.id
-             WHERE r.id > $1 ORDER BY r.id LIMIT $2",
-        )
-        .bind(&after)
-        .bind(PAGE)
-        .fetch_all(&mut *tx)
+    // Every referral row came with its envelope's event: a row the chain
+    // does not lead to was added, or its event taken out.
+    let referrals: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM referrals")
+        .fetch_one(&mut *tx)
         .await?;
-        if rows.is_empty() {
-            break;
-        }
-        for row in &rows {
-            let id: String = row.try_get("id")?;
-            let encoded: String = row.try_get("envelope")?;
-            let body: String = row.try_get("body")?;
-            let seq: i64 = row.try_get("seq")?;
-            let recorded = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| {
-                    v.get("envelope_sha256")
-                        .and_then(|h| h.as_str().map(str::to_owned))
-                });
-            let actual = base64::engine::general_purpose::STANDARD
-                .decode(&encoded)
-                .ok()
-                .map(|b| sha256_hex(&b));
-            if recorded.is_none() || recorded != actual {
-                return Ok(Verdict::Broken {
-                    table: "referrals",
-                    row: format!("id {id}"),
-                    problem: format!(
-                        "its envelope does not match the hash recorded in ledger_events seq {seq}"
-                    ),
-                });
-            }
-            envelopes += 1;
-            after = id;
-        }
+    if referrals != envelopes {
+        let unchained: Option<String> = sqlx::query_scalar(
+            "SELECT r.id FROM referrals r
+             WHERE NOT EXISTS (SELECT 1 FROM ledger_events e WHERE e.chained_id = r.id)
+             ORDER BY r.id LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        return Ok(Verdict::Broken {
+            table: "referrals",
+            row: unchained.map_or_else(|| "?".to_owned(), |id| format!("id {id}")),
+            problem: format!(
+                "{referrals} referral rows against {envelopes} chained envelope events: a row without its event"
+            ),
+        });
     }
     Ok(Verdict::Intact {
         events: expected - 1,

@@ -180,7 +180,7 @@ pub async fn scan(
         )
         .await?;
         tx.insert_rows(
-            "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)",
+            "INSERT INTO ledger_events (seq, chained_id, event, referral_id, recorded_at, body, prev_hash, hash)",
             "",
             &events,
         )

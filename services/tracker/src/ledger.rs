@@ -801,7 +801,7 @@ pub struct Head {
 
 impl Head {
     /// Chains `event` after the head and moves the head to it; returns the
-    /// event's `ledger_events` row (seq, message_id, event, referral_id,
+    /// event's `ledger_events` row (seq, chained_id, event, referral_id,
     /// recorded_at, body, prev_hash, hash).
     pub fn chain(&mut self, event: &Event<'_>) -> [Value; 8] {
         let seq = self.seq + 1;

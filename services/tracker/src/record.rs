@@ -725,8 +725,11 @@ impl<T: Clone> Tagged<T> {
 
 struct PreparedMessage {
     id: String,
-    /// A hop report's row key (referral, hop, agency, id): the ledger holds
-    /// a hop already when `hops` or `refused_replies` has its row.
+    /// The row key in `hops` (referral, hop, agency, id) of a message known
+    /// by its hop: a hop report, or a relay (filed under its lead, with no
+    /// referral row). The ledger holds it already when `hops` or
+    /// `refused_replies` has that row. `None` for an envelope known by its
+    /// `referrals` row.
     hop: Option<[String; 4]>,
     /// The kind's number, when the policy catalogue does not know it.
     unknown_kind: Option<i32>,
@@ -928,14 +931,13 @@ impl Recorder {
     /// insert does nothing for a row already there). Returns which messages
     /// are new, for [`Recorder::write_chain`] in the same transaction.
     ///
-    /// An envelope is new unless the ledger has its event. A hop report is
-    /// new when its row goes into `hops` (it was neither there nor in
+    /// An envelope is new when its `referrals` row goes in (migration
+    /// 0006: its id is indexed there only). A hop report is new when its
+    /// row goes into `hops` (it was neither there nor in
     /// `refused_replies`), so a hop reported again, in any delivery, is a
-    /// duplicate. An envelope also in an earlier batch that has not
-    /// committed yet looks new here; its event then collides with that
-    /// batch's in `write_chain`, and the transaction fails and is retried.
-    /// A hop in such a batch waits for that batch's row and then does not
-    /// go in.
+    /// duplicate. A message also in an earlier batch that has not committed
+    /// yet (PostgreSQL, two batches at once, or another tracker) waits for
+    /// that batch's row, and then does not go in.
     ///
     /// # Errors
     /// A database error: the caller rolls back and retries the batch.
@@ -945,19 +947,26 @@ impl Recorder {
         prepared: &Prepared,
         tally: &mut Tally,
     ) -> Result<Vec<bool>, sqlx::Error> {
-        let mut new = recorded_already(conn, &prepared.messages).await?;
+        let mut new = refused_already(conn, &prepared.messages).await?;
         new.iter_mut().for_each(|held| *held = !*held);
         tally.duplicates += prepared.repeated;
-        if new.iter().any(|n| *n) {
-            // The referrals first, so that their own hops and obligations,
-            // and their replies in the same batch, find the time they are
-            // keyed by (migration 0005).
-            conn.insert_rows(
+        // The referrals first, so that their own hops and obligations, and
+        // their replies in the same batch, find the time they are keyed by
+        // (migration 0005).
+        let inserted: Vec<(String,)> = conn
+            .insert_rows_returning(
                 "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)",
-                "ON CONFLICT (id) DO NOTHING",
-                &prepared.referrals.kept(&new),
+                "ON CONFLICT (id) DO NOTHING RETURNING id",
+                &prepared.referrals.rows,
             )
             .await?;
+        let inserted: HashSet<&str> = inserted.iter().map(|(id,)| id.as_str()).collect();
+        for (message, new) in prepared.messages.iter().zip(new.iter_mut()) {
+            if message.hop.is_none() {
+                *new = inserted.contains(message.id.as_str());
+            }
+        }
+        if new.iter().any(|n| *n) {
             // Then the hops: a hop report is new only if its row goes in.
             let inserted: Vec<(String, String, String, String)> = conn
                 .fetch_with(
@@ -1094,7 +1103,7 @@ impl Recorder {
         let refused =
             refuse_unentitled(conn, head, prepared, new, recorded_at, &mut events).await?;
         conn.insert_rows(
-            "INSERT INTO ledger_events (seq, message_id, event, referral_id, recorded_at, body, prev_hash, hash)",
+            "INSERT INTO ledger_events (seq, chained_id, event, referral_id, recorded_at, body, prev_hash, hash)",
             "",
             &events,
         )
@@ -1223,8 +1232,15 @@ impl Recorder {
             },
         );
         if !envelope.relay_of.is_empty() {
-            // DZ-7: a relay passed the lead on. Filed under the lead.
+            // DZ-7: a relay passed the lead on. Filed under the lead, with
+            // no referral row of its own: it is new when its hop goes in.
             let at = millis(submitted);
+            rows.messages[rows.owner].hop = Some([
+                referral_id.clone(),
+                "relayed".to_owned(),
+                envelope.sender.clone(),
+                envelope.id.clone(),
+            ]);
             rows.hop(
                 &referral_id,
                 "relayed",
@@ -1759,27 +1775,14 @@ pub fn not_a_party(agency: &str, referral: &str, right: Right) -> String {
     )
 }
 
-/// Which of `messages` the ledger holds already: an envelope whose event
-/// is chained, a hop report refused before (`refused_replies`). A hop
-/// report in `hops` is found by its insert, in [`Recorder::write_rows`].
-async fn recorded_already(
+/// Which of `messages` the ledger holds already, before their rows are
+/// inserted: a hop report refused before (`refused_replies`). An envelope
+/// is found by its `referrals` insert, a hop report in `hops` by its own,
+/// in [`Recorder::write_rows`].
+async fn refused_already(
     conn: &mut WriteTx,
     messages: &[PreparedMessage],
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let ids: Vec<[Value; 1]> = messages
-        .iter()
-        .filter(|m| m.hop.is_none())
-        .map(|m| [m.id.as_str().into()])
-        .collect();
-    let chained: HashSet<String> = conn
-        .fetch_with(
-            |ids| format!("SELECT message_id FROM ledger_events WHERE message_id IN (SELECT column1 FROM {ids} AS v)"),
-            &ids,
-        )
-        .await?
-        .into_iter()
-        .map(|(id,): (String,)| id)
-        .collect();
     let hops: Vec<[Value; 4]> = messages
         .iter()
         .filter_map(|m| m.hop.as_ref())
@@ -1802,7 +1805,7 @@ async fn recorded_already(
     Ok(messages
         .iter()
         .map(|m| match &m.hop {
-            None => chained.contains(&m.id),
+            None => false,
             Some([r, h, a, id]) => {
                 !refused.is_empty()
                     && refused.contains(&(r.clone(), h.clone(), a.clone(), id.clone()))
