@@ -48,8 +48,13 @@ use crate::{Bus, BusError, Outgoing};
 /// The most publishes of one route waiting for their confirms at once;
 /// more envelopes wait for the next batch. One in flight made an envelope
 /// that came while another's confirm was awaited wait for it at a light
-/// load too (at 500 msg/s, one in six).
-pub const LANE_IN_FLIGHT: usize = 4;
+/// load too (at 500 msg/s, one in six). Four (the seventh to fifteenth
+/// stops of issue 17) put 9 envelopes in a message at saturation, two put
+/// 15: every AMQP message costs the broker, the inbox and the tracker
+/// alike, and with two refbus carried about 6 % more at saturation
+/// (BENCHMARKS.md, issue 17, fifteenth stop), while at 500 msg/s the
+/// latency did not change.
+pub const LANE_IN_FLIGHT: usize = 2;
 /// The most envelopes a publisher puts in one batch.
 pub const PUBLISH_BATCH_ENVELOPES: usize = 256;
 /// The most envelope bytes a publisher puts in one batch (an envelope
