@@ -36,14 +36,25 @@ fn recorded_and_repeated(tracker: &TestTracker) -> (u64, u64) {
 }
 
 /// Waits for the tracker to have seen as many messages as `expected`
-/// (recorded, repeated) counts, then checks it counted them so.
-async fn settles_at(tracker: &TestTracker, expected: (u64, u64), why: &str) {
+/// (recorded, repeated) counts, checks it counted them so, stops it, and
+/// opens its ledger.
+async fn settled_at(
+    tracker: TestTracker,
+    expected: (u64, u64),
+    why: &str,
+) -> (
+    refbus_tracker::TrackerSettings,
+    refbus_tracker::ledger::Ledger,
+) {
     eventually("every message to be seen", || async {
-        let (recorded, repeated) = recorded_and_repeated(tracker);
+        let (recorded, repeated) = recorded_and_repeated(&tracker);
         (recorded + repeated >= expected.0 + expected.1).then_some(())
     })
     .await;
-    assert_eq!(recorded_and_repeated(tracker), expected, "{why}");
+    assert_eq!(recorded_and_repeated(&tracker), expected, "{why}");
+    let settings = tracker.stop().await.0;
+    let ledger = TestTracker::ledger(&settings).await;
+    (settings, ledger)
 }
 
 async fn status(tracker: &TestTracker, asker: &str, id: &str) -> Option<ReferralStatus> {
@@ -1245,14 +1256,12 @@ async fn a_relay_recorded_before_its_lead_is_filed_under_it_when_it_comes(db: Db
             "DZ-7: the relay, recorded before the lead, meets the duty to pass it on: {o:?}"
         );
     }
-    settles_at(
-        &tracker,
+    let (settings, ledger) = settled_at(
+        tracker,
         (2, 2),
         "each recorded once, each repeat a duplicate",
     )
     .await;
-    let settings = tracker.stop().await.0;
-    let ledger = TestTracker::ledger(&settings).await;
     every_row_keyed_by_its_referral(&ledger).await;
     let relayed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM hops WHERE hop = 'relayed'")
         .fetch_one(&ledger.pool)
@@ -1512,14 +1521,12 @@ async fn events_recorded_before_migration_0006_keep_their_chain_and_their_envelo
         amqp.publish_envelope(&tap, envelope).await;
     }
     let tracker = TestTracker::start(&bus, settings, Clock::System).await;
-    settles_at(
-        &tracker,
+    let (settings, ledger) = settled_at(
+        tracker,
         (1, 1),
         "the envelope the old ledger held is a repeat",
     )
     .await;
-    let settings = tracker.stop().await.0;
-    let ledger = TestTracker::ledger(&settings).await;
     let indexed: Vec<String> = match db {
         Db::Sqlite => sqlx::query_scalar(
             "SELECT ii.name FROM pragma_index_list('ledger_events') AS il,
