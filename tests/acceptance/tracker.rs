@@ -734,11 +734,7 @@ async fn verify_names_the_changed_row(db: Db) {
         .execute(&ledger.pool)
         .await
         .unwrap();
-    let verdict = audit::verify(&ledger).await.unwrap();
-    assert!(
-        matches!(&verdict, Verdict::Broken { table: "referrals", row, .. } if *row == format!("id {}", ids[1])),
-        "{verdict}"
-    );
+    verify_names_referral(&ledger, &ids[1], "does not match the hash").await;
     sqlx::query("UPDATE referrals SET envelope = $1 WHERE id = $2")
         .bind(&original)
         .bind(&ids[1])
@@ -765,30 +761,12 @@ async fn verify_names_the_changed_row(db: Db) {
     .execute(&ledger.pool)
     .await
     .unwrap();
-    let verdict = audit::verify(&ledger).await.unwrap();
-    assert!(
-        matches!(&verdict, Verdict::Broken { table: "referrals", row, problem }
-            if *row == format!("id {added}") && problem.contains("without its event")),
-        "{verdict}"
-    );
-    sqlx::query("DELETE FROM referrals WHERE id = $1")
-        .bind(added)
-        .execute(&ledger.pool)
-        .await
-        .unwrap();
+    verify_names_referral(&ledger, added, "without its event").await;
+    delete_referral(&ledger, added).await;
 
     // Delete a referral row its event chained.
-    sqlx::query("DELETE FROM referrals WHERE id = $1")
-        .bind(&ids[1])
-        .execute(&ledger.pool)
-        .await
-        .unwrap();
-    let verdict = audit::verify(&ledger).await.unwrap();
-    assert!(
-        matches!(&verdict, Verdict::Broken { table: "referrals", row, problem }
-            if *row == format!("id {}", ids[1]) && problem.starts_with("missing")),
-        "{verdict}"
-    );
+    delete_referral(&ledger, &ids[1]).await;
+    verify_names_referral(&ledger, &ids[1], "missing: ledger_events seq").await;
     ledger.close().await;
     amqp.close().await;
     bus.stop().await;
@@ -796,6 +774,25 @@ async fn verify_names_the_changed_row(db: Db) {
 }
 
 on_both_ledgers!(verify_names_the_changed_row);
+
+/// Asserts that the audit names referral `id` as the first broken row,
+/// with a problem that says `problem` (its start, for a missing row).
+async fn verify_names_referral(ledger: &refbus_tracker::ledger::Ledger, id: &str, problem: &str) {
+    let verdict = audit::verify(ledger).await.unwrap();
+    assert!(
+        matches!(&verdict, Verdict::Broken { table: "referrals", row, problem: said }
+            if *row == format!("id {id}") && said.contains(problem)),
+        "{verdict}"
+    );
+}
+
+async fn delete_referral(ledger: &refbus_tracker::ledger::Ledger, id: &str) {
+    sqlx::query("DELETE FROM referrals WHERE id = $1")
+        .bind(id)
+        .execute(&ledger.pool)
+        .await
+        .unwrap();
+}
 
 /// Runs the `tracker` binary on `bus`'s namespace and `ledger`.
 fn spawn_tracker(bus: &TestBus, ledger: &refbus_tracker::TrackerSettings) -> tokio::process::Child {
