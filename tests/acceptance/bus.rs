@@ -668,3 +668,45 @@ async fn several_deliveries_are_acknowledged_in_one_call() {
     assert_eq!(again.not_pending, tokens);
     bus.stop().await;
 }
+
+/// A careless client never lets go: it watches the tracker's and the
+/// centre's health (a stream that never ends by itself), and holds the
+/// desk's `Inbox` open without reading. `refbus up` still stops on SIGINT,
+/// exits 0, and says which services it stopped waiting for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refbus_up_stops_on_sigint_while_clients_hold_streams_open() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let settings = test_settings(refbus_tests::amqp_url());
+    let data_dir = std::env::temp_dir().join(format!("refbus-held-{}", settings.namespace));
+    let up = refbus_tests::up::LoggedUp::start(&settings, &data_dir, "info").await;
+    let mut watches = Vec::new();
+    for service in ["tracker", "detention-centre"] {
+        let mut watch = HealthClient::new(up.channel(service))
+            .watch(HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let first = within("the first health status", watch.message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.status, 1, "{service} SERVING: {first:?}");
+        watches.push(watch);
+    }
+    let mut desk = refbus_proto::v1::gateway_client::GatewayClient::new(up.channel("legal-aid"));
+    let held_inbox = refbus_tests::inbox_stream_as(&mut desk, DESK).await;
+    let (stdout, log) = up.stop().await;
+    assert!(stdout.iter().any(|l| l == "refbus stopped."), "{stdout:?}");
+    for held in ["the agency services", "the tracker's gRPC server"] {
+        assert!(
+            log.contains(&format!("{held} did not stop within 10s")),
+            "{held} named as held open: {log}"
+        );
+    }
+    assert!(!log.contains("did not close within"), "{log}");
+    drop((watches, held_inbox));
+    refbus_tests::delete_namespace(&refbus_tests::topology_of(&settings.namespace)).await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    refbus_tests::remove_inbox_db(&settings);
+}

@@ -15,8 +15,8 @@ use refbus_proto::v1::lawyer_service_client::LawyerServiceClient;
 use refbus_proto::v1::tracker_client::TrackerClient;
 use refbus_proto::v1::{
     AcknowledgeRequest, Detainee, Envelope, Feedback, FeedbackRequest, ForwardLetterRequest,
-    GetLawyerRequest, GetReferralRequest, InboxRequest, Lawyer, LawyerAcknowledgeRequest,
-    LawyerInboxRequest, LegalHelpRequest, Outcome, RegisterLawyerRequest,
+    GetLawyerRequest, GetReferralRequest, Lawyer, LawyerAcknowledgeRequest, LawyerInboxRequest,
+    LegalHelpRequest, Outcome, RegisterLawyerRequest,
 };
 use refbus_tests::fixtures::{CENTRE, DESK, submit};
 use refbus_tests::up::LoggedUp;
@@ -153,17 +153,7 @@ async fn no_personal_data_reaches_the_logs() {
     .await;
 
     // The desk receives the request, acknowledges it, and answers it.
-    let mut stream = desk
-        .inbox(as_agency(
-            DESK,
-            InboxRequest {
-                agency: DESK.into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = refbus_tests::inbox_stream_as(&mut desk, DESK).await;
     let mut received = Vec::new();
     while received.is_empty() {
         let delivery = within("a delivery", stream.message())

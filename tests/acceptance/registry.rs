@@ -22,7 +22,7 @@ use refbus_proto::v1::lawyer_service_client::LawyerServiceClient;
 use refbus_proto::v1::{
     AcknowledgeRequest, Acknowledgement, ChangeLawyerStatusRequest, Delivery,
     EnterRightsComplaintRequest, Envelope, FileComplaintRequest, FileRightsComplaintRequest,
-    GetLawyerRequest, InboxRequest, Lawyer, LawyerEntry, LawyerInboxRequest, LawyerStatus, Outcome,
+    GetLawyerRequest, Lawyer, LawyerEntry, LawyerInboxRequest, LawyerStatus, Outcome,
     RegisterLawyerRequest, ReportHandlingResultRequest, RightsComplaint, SubmitRequest,
 };
 use refbus_tests::lawyers::{LawyerInbox, LawyerWorld, RegisteredLawyer, plain_channel};
@@ -200,17 +200,7 @@ struct AgencyInbox {
 impl AgencyInbox {
     async fn open(world: &LawyerWorld, service: &str, agency: &'static str) -> Self {
         let mut client = world.gateway(service).await;
-        let stream = client
-            .inbox(as_agency(
-                agency,
-                InboxRequest {
-                    agency: agency.into(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let stream = refbus_tests::inbox_stream_as(&mut client, agency).await;
         Self {
             agency,
             client,

@@ -14,7 +14,6 @@ use refbus_gateway::app::{Application, Shared};
 use refbus_gateway::auth::AuthSettings;
 use refbus_gateway::server::Keepalive;
 use refbus_gateway::{AgencyService, BusSettings};
-use refbus_proto::v1::InboxRequest;
 use refbus_proto::v1::gateway_client::GatewayClient;
 use refbus_tests::broker::BrokerNode;
 use refbus_tests::fixtures::{CENTRE, DESK, legal_help, submit};
@@ -509,17 +508,7 @@ async fn a_bearer_token_client_over_tls_submits_and_reads_its_inbox() {
         .unwrap_err();
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
     let mut desk = GatewayClient::new(tls_channel(up.url("legal-aid")).await);
-    let mut inbox = desk
-        .inbox(as_agency(
-            DESK,
-            InboxRequest {
-                agency: DESK.into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut inbox = refbus_tests::inbox_stream_as(&mut desk, DESK).await;
     let delivery = within("a delivery over TLS", inbox.next())
         .await
         .unwrap()

@@ -655,6 +655,25 @@ pub async fn inbox_stream(
         .into_inner()
 }
 
+/// Opens `agency`'s `Inbox` stream with its development bearer token (as
+/// `refbus up` accepts), at the default window.
+pub async fn inbox_stream_as(
+    client: &mut GatewayClient<Channel>,
+    agency: &str,
+) -> tonic::Streaming<Delivery> {
+    client
+        .inbox(as_agency(
+            agency,
+            InboxRequest {
+                agency: agency.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Acknowledges many deliveries handed over to `agency` in one call, each
 /// of which must still be pending.
 pub async fn acknowledge_all(
@@ -697,17 +716,7 @@ pub async fn take_and_acknowledge(
     n: usize,
 ) -> Vec<String> {
     use tokio_stream::StreamExt;
-    let mut inbox = client
-        .inbox(as_agency(
-            agency,
-            refbus_proto::v1::InboxRequest {
-                agency: agency.into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut inbox = inbox_stream_as(client, agency).await;
     let mut ids = Vec::new();
     for _ in 0..n {
         let delivery = within("a delivery", inbox.next()).await.unwrap().unwrap();

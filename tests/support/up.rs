@@ -22,6 +22,8 @@ pub struct Up {
     pub addrs: HashMap<String, String>,
     pub settings: BusSettings,
     pub data_dir: PathBuf,
+    /// Where its standard error (its log, at info) goes.
+    log_path: PathBuf,
 }
 
 /// What a `refbus` command did.
@@ -44,7 +46,7 @@ impl Up {
         let data_dir = std::env::temp_dir().join(format!("refbus-up-{}", settings.namespace));
         std::fs::create_dir_all(&data_dir).unwrap();
         let stderr_path = data_dir.with_extension("stderr");
-        let mut child = crate::refbus_up(&settings, &data_dir, "warn")
+        let mut child = crate::refbus_up(&settings, &data_dir, "info")
             .envs(env)
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -74,7 +76,6 @@ impl Up {
             "refbus up stopped before serving (printed {addrs:?}): {}",
             std::fs::read_to_string(&stderr_path).unwrap_or_default()
         );
-        let _ = std::fs::remove_file(&stderr_path);
         // Keep reading what it prints, so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self {
@@ -82,6 +83,7 @@ impl Up {
             addrs,
             settings,
             data_dir,
+            log_path: stderr_path,
         }
     }
 
@@ -129,7 +131,21 @@ impl Up {
                 .args(["-INT", &pid.to_string()])
                 .status();
         }
-        let _ = within("refbus up to exit", self.child.wait()).await;
+        let exited = tokio::time::timeout(crate::PATIENCE, self.child.wait()).await;
+        let log = || std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let exited = exited.unwrap_or_else(|_| {
+            panic!(
+                "refbus up did not exit within {:?} of SIGINT; it logged: {}",
+                crate::PATIENCE,
+                log()
+            )
+        });
+        assert!(
+            exited.as_ref().is_ok_and(std::process::ExitStatus::success),
+            "refbus up exited with {exited:?}; it logged: {}",
+            log()
+        );
+        let _ = std::fs::remove_file(&self.log_path);
         crate::delete_namespace(&crate::topology_of(&self.settings.namespace)).await;
         let _ = std::fs::remove_dir_all(&self.data_dir);
         crate::remove_inbox_db(&self.settings);
@@ -225,15 +241,22 @@ impl LoggedUp {
             .args(["-INT", &pid])
             .status()
             .unwrap();
-        while let Some(line) = self.lines.next_line().await.unwrap() {
-            self.stdout.push(line);
-        }
-        assert!(
-            within("refbus up to exit", self.child.wait())
-                .await
-                .unwrap()
-                .success()
-        );
+        let log_path = self.log_path.clone();
+        let exited = tokio::time::timeout(crate::PATIENCE, async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                self.stdout.push(line);
+            }
+            self.child.wait().await.unwrap()
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "refbus up did not exit within {:?} of SIGINT; it logged: {}",
+                crate::PATIENCE,
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            )
+        });
+        assert!(exited.success(), "{exited:?}");
         let stderr = std::fs::read_to_string(&self.log_path).unwrap();
         let _ = std::fs::remove_file(&self.log_path);
         (self.stdout, stderr)

@@ -430,8 +430,38 @@ async fn wait_for_signal() {
     }
 }
 
-/// How long servers get to finish after shutdown before we stop waiting.
+/// How long servers get to finish after shutdown before we stop waiting,
+/// and how long each store gets to close after that.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Awaits `serving` (servers draining after `shutdown`), but for at most
+/// [`SHUTDOWN_GRACE`] once `shutdown` is cancelled: a client that never
+/// lets go (a health `Watch`, an `Inbox` stream it never reads) must not
+/// keep the process from stopping. What is not acked is delivered again.
+pub async fn drain_within<T>(
+    what: &str,
+    shutdown: &CancellationToken,
+    serving: impl std::future::Future<Output = T>,
+    held: T,
+) -> T {
+    tokio::select! {
+        done = serving => done,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("{what} did not stop within {SHUTDOWN_GRACE:?} (clients still connected); closing anyway");
+            held
+        }
+    }
+}
+
+/// Awaits `closing` (a store's or a connection's close) for at most
+/// [`SHUTDOWN_GRACE`]: a pool waits for every connection lent out, and a
+/// task still holding one must not keep the process from stopping. What
+/// was committed is on disk either way.
+pub async fn close_within(what: &str, closing: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(SHUTDOWN_GRACE, closing).await.is_err() {
+        tracing::warn!("{what} did not close within {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+}
 
 /// Runs built applications until shutdown, then closes the bus. Returns
 /// the first server error, if any.
@@ -460,16 +490,14 @@ pub async fn serve_all(
         }
         result
     };
-    let result = tokio::select! {
-        result = join => result,
-        () = async { shared.shutdown.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-            tracing::warn!("services did not stop within {SHUTDOWN_GRACE:?}; closing anyway");
-            Ok(())
-        }
-    };
-    shared.bus.close().await;
+    let result = drain_within("the agency services", &shared.shutdown, join, Ok(())).await;
+    // Servers still draining past the grace stop here, with whatever they
+    // hold of the stores.
+    tasks.abort_all();
+    close_within("the broker connection", shared.bus.close()).await;
     if let Some(acknowledged) = shared.acknowledged.get() {
-        acknowledged.close().await;
+        close_within("the acknowledgement store", acknowledged.close()).await;
     }
+    tracing::info!("agency services stopped");
     result
 }

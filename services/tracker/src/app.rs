@@ -26,6 +26,7 @@ use refbus_bus::{Bus, Incoming};
 use refbus_core::policy::{PolicyCatalogue, PolicyError};
 use refbus_core::signing::{Claim, KeyError, Proof, SigningKeys, TRACKER_ID, verify_many};
 use refbus_gateway::Shared;
+use refbus_gateway::app::{close_within, drain_within};
 use refbus_gateway::auth::Authenticator;
 use refbus_gateway::exposure::{Exposed, Listener};
 use refbus_gateway::forgery::{Refusal, refuse};
@@ -316,21 +317,23 @@ impl Tracker {
             self.shutdown.clone(),
         )
         .await;
-        let served = server
+        let serving = server
             .add_service(health)
             .add_service(self.auth.intercept(TrackerServer::new(self.queries)))
             .serve_with_incoming_shutdown(
                 refbus_gateway::server::incoming(self.listener, &self.auth),
                 self.shutdown.clone().cancelled_owned(),
-            )
-            .await;
+            );
+        let served =
+            drain_within("the tracker's gRPC server", &self.shutdown, serving, Ok(())).await;
         let _ = ingest.await;
         let _ = engine.await;
         let _ = markers.await;
         if let Err(e) = deadline::retire(&self.ledger, &self.instance).await {
             tracing::debug!(error = %e, "could not remove this instance's watermark; it goes stale");
         }
-        self.ledger.close().await;
+        close_within("the ledger", self.ledger.close()).await;
+        tracing::info!("tracker stopped");
         served
     }
 }
