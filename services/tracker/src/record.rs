@@ -62,6 +62,7 @@ use refbus_proto::v1::route_hop::Duty;
 use refbus_proto::v1::{
     Envelope, Feedback, Hop, HopBatch, HopReport, Letter, Outcome, RefusalReason, WithholdingGround,
 };
+use serde::Serialize;
 use serde_json::json;
 
 use prometheus_client::collector::Collector;
@@ -807,6 +808,63 @@ struct EventRow {
     body: String,
 }
 
+/// The ledger body of an envelope: canonical JSON, its keys in byte
+/// order and absent ones left out (as a `serde_json::Value` object would
+/// print it, which is what earlier events were chained with), written in
+/// one pass without building a tree.
+#[derive(Serialize)]
+struct EnvelopeBody<'a> {
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    also_to: &'a [String],
+    clock_started_at: i64,
+    envelope_sha256: String,
+    id: &'a str,
+    in_reply_to: &'a str,
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    letter_sha256: Option<String>,
+    recipient: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    relay_of: &'a str,
+    sender: &'a str,
+    submitted_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    withheld_on: Option<&'a str>,
+}
+
+/// The ledger body of one hop, keys in byte order as [`EnvelopeBody`].
+#[derive(Serialize)]
+struct HopBody<'a> {
+    agency: &'a str,
+    at: i64,
+    hop: &'a str,
+    id: &'a str,
+    referral_id: &'a str,
+}
+
+/// JSON text of a body that is plain strings and integers (which cannot
+/// fail to serialize).
+fn to_json_text(body: &impl Serialize) -> String {
+    serde_json::to_string(body).unwrap_or_default()
+}
+
+impl EnvelopeBody<'_> {
+    fn to_json(&self) -> String {
+        to_json_text(self)
+    }
+}
+
+impl HopBody<'_> {
+    fn to_json(&self) -> String {
+        to_json_text(self)
+    }
+}
+
+/// A JSON string literal of `s`.
+fn json_string(s: &str) -> String {
+    to_json_text(&s)
+}
+
 /// The one ledger event of a delivery's hop reports (issue 17). A single
 /// hop report is chained as before: event `hop_report`, under the report's
 /// id and referral. A gateway's batch is chained once, as event
@@ -819,8 +877,9 @@ struct HopEvent {
     event: &'static str,
     referral_id: String,
     batch: bool,
-    /// Each hop: the message it is (see [`Prepared::messages`]) and its body.
-    hops: Vec<(usize, serde_json::Value)>,
+    /// Each hop: the message it is (see [`Prepared::messages`]) and its
+    /// body (JSON).
+    hops: Vec<(usize, String)>,
 }
 
 impl HopEvent {
@@ -832,13 +891,23 @@ impl HopEvent {
             .filter(|(owner, _)| new[*owner])
             .map(|(_, body)| body);
         let body = if self.batch {
-            let hops: Vec<&serde_json::Value> = bodies.collect();
-            if hops.is_empty() {
+            // {"hops":[...],"id":...}: keys in order, as every body.
+            let mut body = String::from("{\"hops\":[");
+            for (i, hop) in bodies.enumerate() {
+                if i > 0 {
+                    body.push(',');
+                }
+                body.push_str(hop);
+            }
+            if body.ends_with('[') {
                 return None;
             }
-            json!({"id": self.message_id, "hops": hops}).to_string()
+            body.push_str("],\"id\":");
+            body.push_str(&json_string(&self.message_id));
+            body.push('}');
+            body
         } else {
-            bodies.next()?.to_string()
+            bodies.next()?.clone()
         };
         Some(EventRow {
             message_id: self.message_id.clone(),
@@ -1187,40 +1256,39 @@ impl Recorder {
             rows.messages[rows.owner].unknown_kind = Some(envelope.kind);
         }
         let encoded = envelope.encode_to_vec();
-        let mut body = json!({
-            "id": envelope.id,
-            "kind": kind.code(),
-            "sender": envelope.sender,
-            "recipient": envelope.recipient,
-            "in_reply_to": envelope.in_reply_to,
-            "clock_started_at": millis(clock),
-            "submitted_at": millis(submitted),
-            "envelope_sha256": sha256_hex(&encoded),
-        });
-        if !envelope.also_to.is_empty() {
-            body["also_to"] = json!(envelope.also_to);
+        let body = EnvelopeBody {
+            also_to: &envelope.also_to,
+            clock_started_at: millis(clock),
+            envelope_sha256: sha256_hex(&encoded),
+            id: &envelope.id,
+            in_reply_to: &envelope.in_reply_to,
+            kind: kind.code(),
+            // CQ-1.1c: a sealed letter is recorded by the digest of the
+            // sealed bytes; the tracker never sees (or stores readably)
+            // its plaintext.
+            letter_sha256: match &envelope.payload {
+                Some(Payload::Letter(Letter {
+                    disposition: Some(Disposition::SealedContent(sealed)),
+                    ..
+                })) => Some(sha256_hex(sealed)),
+                _ => None,
+            },
+            recipient: &envelope.recipient,
+            relay_of: &envelope.relay_of,
+            sender: &envelope.sender,
+            submitted_at: millis(submitted),
+            // CQ-1.1c: the ground a letter was withheld on is recorded.
+            withheld_on: match &envelope.payload {
+                Some(Payload::Letter(Letter {
+                    disposition: Some(Disposition::WithheldOn(ground)),
+                    ..
+                })) => Some(
+                    WithholdingGround::try_from(*ground).map_or("unknown", |g| g.as_str_name()),
+                ),
+                _ => None,
+            },
         }
-        if !envelope.relay_of.is_empty() {
-            body["relay_of"] = json!(envelope.relay_of);
-        }
-        // CQ-1.1c: the ground a letter was withheld on is recorded.
-        if let Some(Payload::Letter(Letter {
-            disposition: Some(Disposition::WithheldOn(ground)),
-            ..
-        })) = &envelope.payload
-        {
-            body["withheld_on"] =
-                json!(WithholdingGround::try_from(*ground).map_or("unknown", |g| g.as_str_name()));
-        }
-        // CQ-1.1c: a sealed letter is recorded by the digest of the sealed
-        // bytes; the tracker never sees (or stores readably) its plaintext.
-        if let Some(Payload::Letter(Letter {
-            disposition: Some(Disposition::SealedContent(sealed)),
-            ..
-        })) = &envelope.payload
-        {
-            body["letter_sha256"] = json!(sha256_hex(sealed));
-        }
+        .to_json();
         let referral_id = refbus_core::envelope::tracking_id(envelope).to_owned();
         rows.events.push(
             rows.owner,
@@ -1228,7 +1296,7 @@ impl Recorder {
                 message_id: envelope.id.clone(),
                 event: kind.code().to_owned(),
                 referral_id: referral_id.clone(),
-                body: body.to_string(),
+                body,
             },
         );
         if !envelope.relay_of.is_empty() {
@@ -1565,10 +1633,17 @@ impl Recorder {
     }
 
     /// A reported hop's row, and its body in its delivery's [`HopEvent`].
-    fn hop_rows(report: &HopReport, now: DateTime<Utc>, rows: &mut Prepared) -> serde_json::Value {
+    fn hop_rows(report: &HopReport, now: DateTime<Utc>, rows: &mut Prepared) -> String {
         let hop = hop_code(Hop::try_from(report.hop).unwrap_or(Hop::Unspecified));
         let at = millis(ts(report.at.as_ref()).unwrap_or(now));
-        let body = json!({"id": report.id, "referral_id": report.referral_id, "hop": hop, "agency": report.agency, "at": at});
+        let body = HopBody {
+            agency: &report.agency,
+            at,
+            hop,
+            id: &report.id,
+            referral_id: &report.referral_id,
+        }
+        .to_json();
         rows.messages[rows.owner].hop = Some([
             report.referral_id.clone(),
             hop.to_owned(),
@@ -1830,6 +1905,93 @@ fn met_by_for(hop: &str) -> Option<MetBy> {
 mod tests {
     use super::*;
     use refbus_proto::v1::{MisconductLead, RouteHop};
+
+    /// Ledger bodies are chained by their bytes: written from structs they
+    /// must be the bytes a `serde_json::Value` object gave before (keys in
+    /// byte order, absent ones left out, the same escapes), for every
+    /// optional field and for awkward text.
+    #[test]
+    fn bodies_written_from_structs_are_the_bytes_a_json_tree_gave() {
+        let awkward = "引号\"和\\反斜杠\u{0}\u{1f}\n</script>\u{2028}";
+        for (also_to, relay_of, letter, withheld) in [
+            (vec![], "", None, None),
+            (
+                vec!["a".to_owned(), awkward.to_owned()],
+                awkward,
+                Some("ab".repeat(32)),
+                Some("WITHHOLDING_GROUND_OTHER"),
+            ),
+            (vec!["x".to_owned()], "", None, Some("unknown")),
+        ] {
+            let body = EnvelopeBody {
+                also_to: &also_to,
+                clock_started_at: -1,
+                envelope_sha256: "0f".repeat(32),
+                id: awkward,
+                in_reply_to: "",
+                kind: "legal_help_request",
+                letter_sha256: letter.clone(),
+                recipient: "dz-duty-desk",
+                relay_of,
+                sender: awkward,
+                submitted_at: i64::MAX,
+                withheld_on: withheld,
+            };
+            let mut tree = json!({
+                "id": body.id,
+                "kind": body.kind,
+                "sender": body.sender,
+                "recipient": body.recipient,
+                "in_reply_to": body.in_reply_to,
+                "clock_started_at": body.clock_started_at,
+                "submitted_at": body.submitted_at,
+                "envelope_sha256": body.envelope_sha256,
+            });
+            if !also_to.is_empty() {
+                tree["also_to"] = json!(also_to);
+            }
+            if !relay_of.is_empty() {
+                tree["relay_of"] = json!(relay_of);
+            }
+            if let Some(ground) = withheld {
+                tree["withheld_on"] = json!(ground);
+            }
+            if let Some(digest) = &letter {
+                tree["letter_sha256"] = json!(digest);
+            }
+            assert_eq!(body.to_json(), tree.to_string());
+        }
+        let hop = HopBody {
+            agency: "dz-duty-desk",
+            at: 1_700_000_000_000,
+            hop: "delivered",
+            id: awkward,
+            referral_id: "r-1",
+        };
+        let tree = json!({"id": hop.id, "referral_id": hop.referral_id, "hop": hop.hop, "agency": hop.agency, "at": hop.at});
+        assert_eq!(hop.to_json(), tree.to_string());
+        let event = HopEvent {
+            message_id: awkward.to_owned(),
+            event: "hop_report",
+            referral_id: String::new(),
+            batch: true,
+            hops: vec![(0, hop.to_json()), (1, hop.to_json()), (2, hop.to_json())],
+        };
+        let chained = event.chained(&[true, false, true]).unwrap();
+        assert_eq!(
+            chained.body,
+            json!({"id": awkward, "hops": [tree, tree]}).to_string()
+        );
+        assert!(event.chained(&[false, false, false]).is_none());
+        let single = HopEvent {
+            batch: false,
+            ..event
+        };
+        assert_eq!(
+            single.chained(&[false, true, false]).unwrap().body,
+            tree.to_string()
+        );
+    }
 
     fn hop(agency: &str, duty: Duty) -> RouteHop {
         RouteHop {
