@@ -1272,24 +1272,22 @@ async fn a_relay_recorded_before_its_lead_is_filed_under_it_when_it_comes(db: Db
 
 on_both_ledgers!(a_relay_recorded_before_its_lead_is_filed_under_it_when_it_comes);
 
-/// A connection to a new ledger migrated through `migrations` only (the
-/// files of `services/tracker/migrations/` named), as an older tracker
-/// left it.
-async fn migrated_through(
+/// A connection to a new ledger migrated through the migrations before
+/// `first_not_run` only (the files of `services/tracker/migrations/` whose
+/// names sort before it, e.g. "0005"), as an older tracker left it.
+async fn migrated_before(
     settings: &refbus_tracker::TrackerSettings,
-    migrations: &[&str],
+    first_not_run: &str,
 ) -> sqlx::AnyConnection {
     use sqlx::{Connection, Executor};
-    let folder = settings
-        .data_dir
-        .join(format!("through-{}", migrations.len()));
+    let migrations = refbus_tests::repo_root().join("services/tracker/migrations");
+    let folder = settings.data_dir.join(format!("before-{first_not_run}"));
     std::fs::create_dir_all(&folder).unwrap();
-    for name in migrations {
-        std::fs::copy(
-            refbus_tests::repo_root().join(format!("services/tracker/migrations/{name}")),
-            folder.join(name),
-        )
-        .unwrap();
+    for file in std::fs::read_dir(&migrations).unwrap() {
+        let name = file.unwrap().file_name();
+        if name.to_string_lossy().as_ref() < first_not_run {
+            std::fs::copy(migrations.join(&name), folder.join(&name)).unwrap();
+        }
     }
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&settings.database().unwrap())
@@ -1317,7 +1315,7 @@ async fn migrated_through(
 async fn hops_recorded_before_the_meets_column_meet_what_their_name_says(db: Db) {
     use sqlx::Connection;
     let settings = ledger_settings(db);
-    let mut conn = migrated_through(&settings, &["0001_ledger.sql"]).await;
+    let mut conn = migrated_before(&settings, "0002").await;
     for hop in [
         "submitted",
         "delivered",
@@ -1367,16 +1365,7 @@ on_both_ledgers!(hops_recorded_before_the_meets_column_meet_what_their_name_says
 async fn rows_recorded_before_migration_0005_are_keyed_by_their_referrals_time(db: Db) {
     use sqlx::{Connection, Executor};
     let settings = ledger_settings(db);
-    let mut conn = migrated_through(
-        &settings,
-        &[
-            "0001_ledger.sql",
-            "0002_hop_meets.sql",
-            "0003_reply_rights_and_watermarks.sql",
-            "0004_meetings.sql",
-        ],
-    )
-    .await;
+    let mut conn = migrated_before(&settings, "0005").await;
     const SUBMITTED: i64 = 1_767_225_600_000;
     for sql in [
         format!(
@@ -1474,17 +1463,7 @@ async fn events_recorded_before_migration_0006_keep_their_chain_and_their_envelo
         at,
         legal_help_at("y", at).payload.unwrap(),
     );
-    let mut conn = migrated_through(
-        &settings,
-        &[
-            "0001_ledger.sql",
-            "0002_hop_meets.sql",
-            "0003_reply_rights_and_watermarks.sql",
-            "0004_meetings.sql",
-            "0005_rows_in_order_of_arrival.sql",
-        ],
-    )
-    .await;
+    let mut conn = migrated_before(&settings, "0006").await;
     let encoded = held.encode_to_vec();
     let body =
         serde_json::json!({"id": held.id, "envelope_sha256": sha256_hex(&encoded)}).to_string();
