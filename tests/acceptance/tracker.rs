@@ -709,10 +709,7 @@ async fn verify_names_the_changed_row(db: Db) {
     .execute(&ledger.pool)
     .await
     .unwrap();
-    assert!(matches!(
-        audit::verify(&ledger).await.unwrap(),
-        Verdict::Intact { .. }
-    ));
+    assert_intact(&ledger).await;
 
     // Change one referral's stored envelope.
     let original: String = sqlx::query_scalar("SELECT envelope FROM referrals WHERE id = $1")
@@ -728,23 +725,11 @@ async fn verify_names_the_changed_row(db: Db) {
         Utc::now(),
         legal_help_at("x", Utc::now()).payload.unwrap(),
     );
-    sqlx::query("UPDATE referrals SET envelope = $1 WHERE id = $2")
-        .bind(base64::engine::general_purpose::STANDARD.encode(other.encode_to_vec()))
-        .bind(&ids[1])
-        .execute(&ledger.pool)
-        .await
-        .unwrap();
+    let changed = base64::engine::general_purpose::STANDARD.encode(other.encode_to_vec());
+    set_envelope(&ledger, &ids[1], &changed).await;
     verify_names_referral(&ledger, &ids[1], "does not match the hash").await;
-    sqlx::query("UPDATE referrals SET envelope = $1 WHERE id = $2")
-        .bind(&original)
-        .bind(&ids[1])
-        .execute(&ledger.pool)
-        .await
-        .unwrap();
-    assert!(matches!(
-        audit::verify(&ledger).await.unwrap(),
-        Verdict::Intact { .. }
-    ));
+    set_envelope(&ledger, &ids[1], &original).await;
+    assert_intact(&ledger).await;
 
     // Add a referral row no event chained (the event leads to its row
     // through `referrals.id`; migration 0006).
@@ -784,6 +769,22 @@ async fn verify_names_referral(ledger: &refbus_tracker::ledger::Ledger, id: &str
             if *row == format!("id {id}") && said.contains(problem)),
         "{verdict}"
     );
+}
+
+/// Asserts that the audit finds the ledger intact.
+async fn assert_intact(ledger: &refbus_tracker::ledger::Ledger) {
+    let verdict = audit::verify(ledger).await.unwrap();
+    assert!(matches!(verdict, Verdict::Intact { .. }), "{verdict}");
+}
+
+/// Stores `envelope` (base64, as the ledger keeps it) as referral `id`'s.
+async fn set_envelope(ledger: &refbus_tracker::ledger::Ledger, id: &str, envelope: &str) {
+    sqlx::query("UPDATE referrals SET envelope = $1 WHERE id = $2")
+        .bind(envelope)
+        .bind(id)
+        .execute(&ledger.pool)
+        .await
+        .unwrap();
 }
 
 async fn delete_referral(ledger: &refbus_tracker::ledger::Ledger, id: &str) {
