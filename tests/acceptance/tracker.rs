@@ -771,6 +771,18 @@ async fn verify_names_referral(ledger: &refbus_tracker::ledger::Ledger, id: &str
     );
 }
 
+/// A bus, an AMQP client, its tap queue, and ledger settings on `db` that
+/// record each message in a batch of its own (each commits before the
+/// next is seen).
+async fn one_message_per_batch(db: Db) -> (TestBus, refbus_tracker::TrackerSettings, Amqp, String) {
+    let bus = TestBus::spawn().await;
+    let mut settings = ledger_settings(db);
+    settings.batch = 1;
+    let amqp = Amqp::connect().await;
+    let tap = bus.shared.bus.topology().tap_queue();
+    (bus, settings, amqp, tap)
+}
+
 /// Asserts that the audit finds the ledger intact.
 async fn assert_intact(ledger: &refbus_tracker::ledger::Ledger) {
     let verdict = audit::verify(ledger).await.unwrap();
@@ -1061,13 +1073,9 @@ on_both_ledgers!(adjacent_batches_record_as_if_written_one_after_the_other);
 async fn answers_recorded_before_their_complaint_meet_what_they_answered(db: Db) {
     const DZ_BAR: &str = "dz-bar-committee";
     const DZ_PSB: &str = "dz-psb";
-    let bus = TestBus::spawn().await;
-    let mut settings = ledger_settings(db);
     // Each message in a batch of its own: each answer has committed before
     // its complaint is seen.
-    settings.batch = 1;
-    let amqp = Amqp::connect().await;
-    let tap = bus.shared.bus.topology().tap_queue();
+    let (bus, settings, amqp, tap) = one_message_per_batch(db).await;
     let at = Utc::now();
     let complaint = |id: &str| {
         seeded(
@@ -1166,11 +1174,7 @@ on_both_ledgers!(answers_recorded_before_their_complaint_meet_what_they_answered
 async fn a_relay_recorded_before_its_lead_is_filed_under_it_when_it_comes(db: Db) {
     const DZ_COURT: &str = "dz-court";
     const HIGH_COURT: &str = "cq-high-court";
-    let bus = TestBus::spawn().await;
-    let mut settings = ledger_settings(db);
-    settings.batch = 1;
-    let amqp = Amqp::connect().await;
-    let tap = bus.shared.bus.topology().tap_queue();
+    let (bus, settings, amqp, tap) = one_message_per_batch(db).await;
     let at = Utc::now();
     let lead_id = "00000000-0000-4000-e000-000000000001";
     let payload = Payload::MisconductLead(MisconductLead {
@@ -1442,11 +1446,7 @@ async fn events_recorded_before_migration_0006_keep_their_chain_and_their_envelo
     use base64::Engine;
     use refbus_tracker::ledger::{chain_hash, sha256_hex};
     use sqlx::{Connection, Executor};
-    let bus = TestBus::spawn().await;
-    let mut settings = ledger_settings(db);
-    settings.batch = 1;
-    let amqp = Amqp::connect().await;
-    let tap = bus.shared.bus.topology().tap_queue();
+    let (bus, settings, amqp, tap) = one_message_per_batch(db).await;
     let at = Utc::now();
     let held = seeded(
         "00000000-0000-4000-e000-000000000601",
