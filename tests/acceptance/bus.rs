@@ -687,10 +687,7 @@ async fn refbus_up_stops_on_sigint_while_clients_hold_streams_open() {
             .await
             .unwrap()
             .into_inner();
-        let first = within("the first health status", watch.message())
-            .await
-            .unwrap()
-            .unwrap();
+        let first = refbus_tests::next_message("the first health status", &mut watch).await;
         assert_eq!(first.status, 1, "{service} SERVING: {first:?}");
         watches.push(watch);
     }

@@ -37,10 +37,7 @@ async fn a_batch_of_deliveries_keeps_every_verdict_of_one_by_one() {
             .await
             .unwrap()
             .into_inner();
-        let delivery = within("the earlier request", stream.message())
-            .await
-            .unwrap()
-            .unwrap();
+        let delivery = refbus_tests::next_message("the earlier request", &mut stream).await;
         assert_eq!(delivery.envelope.unwrap().id, earlier.id);
         acknowledge(&mut desk, DESK, delivery.delivery_token).await;
     }

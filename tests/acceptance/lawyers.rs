@@ -16,10 +16,10 @@ use refbus_proto::v1::{
     LawyerRole, LawyerStatus, Outcome, ProceduralStage, RateMeetingRequest, RequestMeetingRequest,
     UnavailabilityReason,
 };
+use refbus_tests::as_agency;
 use refbus_tests::lawyers::{
     LAWYER_SERVICE, LawyerInbox, LawyerWorld, RegisteredLawyer, acknowledge_lawyer, as_lawyer,
 };
-use refbus_tests::{as_agency, within};
 use tonic::Code;
 
 const CENTRE: &str = "dz-detention-centre";
@@ -627,10 +627,7 @@ async fn cq_1_3a_a_lawyers_meeting_request_reaches_the_centre_with_the_lawyer_fr
         .await
         .unwrap()
         .into_inner();
-    let delivery = within("the request at the centre", stream.message())
-        .await
-        .unwrap()
-        .unwrap();
+    let delivery = refbus_tests::next_message("the request at the centre", &mut stream).await;
     let envelope = delivery.envelope.unwrap();
     assert_eq!(envelope.id, receipt.id);
     assert_eq!(envelope.sender, LAWYER_SERVICE);

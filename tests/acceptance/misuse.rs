@@ -510,10 +510,7 @@ async fn an_inbox_stream_holds_only_its_window() {
     let queue = bus.inbox_queue("dz-duty-desk");
     let mut desk = bus.gateway_as("legal-aid", "dz-duty-desk").await;
     let mut stream = inbox_stream(&mut desk, "dz-duty-desk", 3).await;
-    let first = within("a delivery", stream.message())
-        .await
-        .unwrap()
-        .unwrap();
+    let first = refbus_tests::next_message("a delivery", &mut stream).await;
     // The broker hands this stream three, and keeps the other nine.
     eventually("the window taken", || async {
         (ready(&amqp, &queue).await == 9).then_some(())
@@ -538,10 +535,7 @@ async fn an_inbox_stream_holds_only_its_window() {
 async fn read(stream: &mut tonic::Streaming<Delivery>, n: usize) -> Vec<(String, String)> {
     let mut got = Vec::new();
     for _ in 0..n {
-        let d = within("a delivery", stream.message())
-            .await
-            .unwrap()
-            .unwrap();
+        let d = refbus_tests::next_message("a delivery", stream).await;
         got.push((d.delivery_token, d.envelope.unwrap().id));
     }
     got
@@ -789,10 +783,7 @@ async fn dead_letters_are_listed_replayed_and_counted() {
         "{}",
         String::from_utf8_lossy(&replayed.stderr)
     );
-    let d = within("the replayed delivery", stream.message())
-        .await
-        .unwrap()
-        .unwrap();
+    let d = refbus_tests::next_message("the replayed delivery", &mut stream).await;
     assert_eq!(d.envelope.unwrap().id, genuine.id);
     assert_eq!(ready(&amqp, &dead_letters).await, 1, "the other stays");
     drop(stream);

@@ -156,10 +156,7 @@ async fn no_personal_data_reaches_the_logs() {
     let mut stream = refbus_tests::inbox_stream_as(&mut desk, DESK).await;
     let mut received = Vec::new();
     while received.is_empty() {
-        let delivery = within("a delivery", stream.message())
-            .await
-            .unwrap()
-            .unwrap();
+        let delivery = refbus_tests::next_message("a delivery", &mut stream).await;
         desk.acknowledge(as_agency(
             DESK,
             AcknowledgeRequest {
@@ -191,10 +188,7 @@ async fn no_personal_data_reaches_the_logs() {
         .await
         .unwrap()
         .into_inner();
-    let letter = within("the letter", letters.message())
-        .await
-        .unwrap()
-        .unwrap();
+    let letter = refbus_tests::next_message("the letter", &mut letters).await;
     let mut ack = tonic::Request::new(LawyerAcknowledgeRequest {
         licence_number: SEEDED[5].into(),
         delivery_token: letter.delivery_token,

@@ -47,10 +47,7 @@ async fn a_stream_dropped_again_and_again_costs_no_one_the_connection() {
     );
     // Nothing lost: the request is delivered once more, and acknowledged.
     let mut stream = inbox_stream(&mut desk, DESK, 1).await;
-    let delivery = within("the request at the end", stream.message())
-        .await
-        .unwrap()
-        .unwrap();
+    let delivery = refbus_tests::next_message("the request at the end", &mut stream).await;
     assert_eq!(delivery.envelope.unwrap().id, request.id);
     acknowledge(&mut desk, DESK, delivery.delivery_token).await;
     drop(stream);

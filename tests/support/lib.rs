@@ -62,6 +62,15 @@ pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T
         .unwrap_or_else(|_| panic!("gave up waiting for {what} after {PATIENCE:?}"))
 }
 
+/// The next message of a server stream (bounded by [`PATIENCE`]), failing
+/// the test on an error status or the stream's end.
+pub async fn next_message<T>(what: &str, stream: &mut tonic::Streaming<T>) -> T {
+    within(what, stream.message())
+        .await
+        .unwrap_or_else(|status| panic!("{what}: {status}"))
+        .unwrap_or_else(|| panic!("{what}: the stream ended"))
+}
+
 /// The development CA and certificates (`deploy/dev-certs.sh`), made once
 /// under `target/test-tls` and reused while complete.
 #[must_use]
