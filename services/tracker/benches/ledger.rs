@@ -25,6 +25,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::cast_precision_loss)]
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -386,12 +387,19 @@ async fn ledger_rate(bodies: &[Vec<u8>], tracker: &TrackerSettings) -> f64 {
         // their hops (delivered, acknowledged), each hop its own row and
         // the batch one ledger event.
         let hops = hop_batch(batch);
-        for (messages, expected) in [
-            (batch.iter().collect::<Vec<_>>(), batch.len()),
-            (vec![&hops], 2 * batch.len()),
+        // The tracker's gatherer found the referrals' reply rights (given
+        // by the batch before) and checked the hops against them.
+        let referrals: HashSet<String> = batch.iter().map(|o| o.message_id().to_owned()).collect();
+        for (messages, expected, rights_checked) in [
+            (
+                batch.iter().collect::<Vec<_>>(),
+                batch.len(),
+                HashSet::new(),
+            ),
+            (vec![&hops], 2 * batch.len(), referrals),
         ] {
             let preparing = Instant::now();
-            let prepared = recorder.prepare(&messages, Utc::now());
+            let prepared = recorder.prepare(&messages, Utc::now(), &rights_checked);
             spent.0 += preparing.elapsed();
             let writing = Instant::now();
             let mut tx = ledger.begin_write().await.unwrap();

@@ -370,6 +370,9 @@ struct Ingest {
 struct Batch {
     incomings: Vec<Incoming>,
     observed: Vec<Observed>,
+    /// The referrals whose reply rights the batch's replies were checked
+    /// against when it was gathered ([`Recorder::prepare`]).
+    rights_checked: HashSet<String>,
     prepared: Prepared,
     on_bus: Vec<i64>,
     /// What this instance has recorded through once the batch commits: its
@@ -380,13 +383,17 @@ struct Batch {
 impl Batch {
     fn new(
         recorder: &Recorder,
-        incomings: Vec<Incoming>,
-        observed: Vec<Observed>,
+        entitled: Entitled,
         now: chrono::DateTime<chrono::Utc>,
         margin_ms: i64,
     ) -> Self {
+        let Entitled {
+            incomings,
+            observed,
+            rights_checked,
+        } = entitled;
         let refs: Vec<&Observed> = observed.iter().collect();
-        let prepared = recorder.prepare(&refs, now);
+        let prepared = recorder.prepare(&refs, now, &rights_checked);
         let on_bus = observed.iter().flat_map(Observed::on_bus_millis).collect();
         let through = observed
             .iter()
@@ -396,6 +403,7 @@ impl Batch {
         Self {
             incomings,
             observed,
+            rights_checked,
             prepared,
             on_bus,
             through,
@@ -412,16 +420,34 @@ impl Batch {
         let Batch {
             mut incomings,
             mut observed,
+            rights_checked,
             ..
         } = self;
         let half = incomings.len() / 2;
-        let later_incomings = incomings.split_off(half);
-        let later_observed = observed.split_off(half);
+        let later = Entitled {
+            incomings: incomings.split_off(half),
+            observed: observed.split_off(half),
+            rights_checked: rights_checked.clone(),
+        };
+        let earlier = Entitled {
+            incomings,
+            observed,
+            rights_checked,
+        };
         (
-            Batch::new(recorder, incomings, observed, now, margin_ms),
-            Batch::new(recorder, later_incomings, later_observed, now, margin_ms),
+            Batch::new(recorder, earlier, now, margin_ms),
+            Batch::new(recorder, later, now, margin_ms),
         )
     }
+}
+
+/// What the gatherer passes on of a batch: the deliveries it keeps, what
+/// they decoded to, and the referrals whose reply rights their replies
+/// were checked against (found, and every reply to them had its right).
+struct Entitled {
+    incomings: Vec<Incoming>,
+    observed: Vec<Observed>,
+    rights_checked: HashSet<String>,
 }
 
 /// A batch whose rows are inserted in a transaction that is still open,
@@ -827,22 +853,16 @@ impl Ingest {
             )
             .await;
             let (incomings, observed) = self.valid(&queue, incomings, observed).await;
-            let Some((incomings, observed)) = self
+            let Some(entitled) = self
                 .entitled(&queue, &mut recent, incomings, observed)
                 .await
             else {
                 return;
             };
-            if incomings.is_empty() {
+            if entitled.incomings.is_empty() {
                 continue;
             }
-            let batch = Batch::new(
-                &self.recorder,
-                incomings,
-                observed,
-                self.clock.now(),
-                self.margin_ms,
-            );
+            let batch = Batch::new(&self.recorder, entitled, self.clock.now(), self.margin_ms);
             if prepared.send(batch).await.is_err() {
                 return;
             }
@@ -887,14 +907,15 @@ impl Ingest {
     /// have committed yet), or in the ledger. A reply to a referral known
     /// to none of them passes (recorded before its referral; when that
     /// comes, the recorder refuses it in the ledger if it has no right).
-    /// Returns the rest; `None` on shutdown.
+    /// Returns the rest, with the referrals whose rights were found;
+    /// `None` on shutdown.
     async fn entitled(
         &self,
         queue: &str,
         recent: &mut RecentRights,
         incomings: Vec<Incoming>,
         observed: Vec<Observed>,
-    ) -> Option<(Vec<Incoming>, Vec<Observed>)> {
+    ) -> Option<Entitled> {
         let mut wanted: Vec<&str> = observed
             .iter()
             .flat_map(Observed::replies)
@@ -909,6 +930,8 @@ impl Ingest {
             Vec::with_capacity(incomings.len()),
             Vec::with_capacity(incomings.len()),
         );
+        let mut rights_found = HashSet::new();
+        let mut unchecked = HashSet::new();
         for (incoming, o) in incomings.into_iter().zip(observed) {
             // A batch of hops is refused whole when one of them is: its
             // signer claimed them all.
@@ -950,6 +973,16 @@ impl Ingest {
                 .await;
                 continue;
             }
+            for reply in o.replies() {
+                let found = given.contains_key(reply.referral)
+                    || recent.knows(reply.referral)
+                    || stored.contains_key(reply.referral);
+                if found {
+                    rights_found.insert(reply.referral.to_owned());
+                } else {
+                    unchecked.insert(reply.referral.to_owned());
+                }
+            }
             if let Observed::Envelope(e) = &o {
                 let rights: HashSet<(String, Right)> = rights_of(e)
                     .into_iter()
@@ -963,7 +996,14 @@ impl Ingest {
             kept.1.push(o);
         }
         recent.push(given);
-        Some(kept)
+        // A referral some reply of the batch was not checked against (it
+        // came before the referral's rights did) is checked in the ledger.
+        rights_found.retain(|referral| !unchecked.contains(referral));
+        Some(Entitled {
+            incomings: kept.0,
+            observed: kept.1,
+            rights_checked: rights_found,
+        })
     }
 
     /// The reply rights the ledger holds for `referrals`, retried with

@@ -673,7 +673,8 @@ pub struct Prepared {
     /// batch's referrals.
     rights: Tagged<[Value; 4]>,
     /// Referrals whose replies to check once the batch's rows are in:
-    /// those given rights, and those the batch's replies name.
+    /// those given rights, and those the batch's replies name whose rights
+    /// were not checked when it was gathered (see [`Recorder::prepare`]).
     checked: Tagged<String>,
     /// CQ-1.3b: (request, centre, kind, accepted_at, order rule).
     centre_requests: Tagged<[Value; 5]>,
@@ -738,6 +739,16 @@ struct PreparedMessage {
 }
 
 impl Prepared {
+    /// Whether message `owner` is the envelope whose `referrals` row
+    /// `referral` is: new in the batch's transaction (its row went in), it
+    /// is the referral's first record, and no hop was keyed by its time
+    /// before (migration 0005: a hop recorded before its referral waits
+    /// under 0 until [`rekey_early_rows`] moves it).
+    fn records(&self, owner: usize, referral: &str) -> bool {
+        let message = &self.messages[owner];
+        message.hop.is_none() && message.id == referral
+    }
+
     /// How many messages (duplicates within the batch included).
     #[must_use]
     pub fn len(&self) -> usize {
@@ -920,8 +931,22 @@ impl HopEvent {
 
 impl Recorder {
     /// Builds the rows of a batch (no database work).
+    ///
+    /// `rights_checked` names the referrals whose reply rights the batch's
+    /// replies were checked against when it was gathered (the tracker's
+    /// `entitled`, issue 16): the rights were found, and each reply had its
+    /// right, so the ledger has nothing to refuse among them, and they are
+    /// not checked a second time in the batch's transaction. Replies to any
+    /// other referral (one not recorded yet when they were gathered: they
+    /// raced it), and every referral the batch records (replies may have
+    /// come before it), are checked in the ledger as before.
     #[must_use]
-    pub fn prepare(&self, batch: &[&Observed], now: DateTime<Utc>) -> Prepared {
+    pub fn prepare(
+        &self,
+        batch: &[&Observed],
+        now: DateTime<Utc>,
+        rights_checked: &HashSet<String>,
+    ) -> Prepared {
         let mut prepared = Prepared::default();
         let mut seen = HashSet::with_capacity(batch.len());
         for observed in batch {
@@ -929,7 +954,9 @@ impl Recorder {
                 && prepared.first(&envelope.id, &mut seen)
             {
                 self.envelope_rows(envelope, now, &mut prepared);
-                if let Some(reply) = observed.envelope_reply() {
+                if let Some(reply) = observed.envelope_reply()
+                    && !rights_checked.contains(reply.referral)
+                {
                     prepared
                         .checked
                         .push(prepared.owner, reply.referral.to_owned());
@@ -963,9 +990,11 @@ impl Recorder {
                 if prepared.first(&report.id, &mut seen) {
                     let body = Self::hop_rows(report, now, &mut prepared);
                     event.hops.push((prepared.owner, body));
-                    prepared
-                        .checked
-                        .push(prepared.owner, report.referral_id.clone());
+                    if !rights_checked.contains(&report.referral_id) {
+                        prepared
+                            .checked
+                            .push(prepared.owner, report.referral_id.clone());
+                    }
                 }
             }
             if !event.hops.is_empty() {
@@ -1169,8 +1198,16 @@ impl Recorder {
                 body: e.body.clone(),
             }));
         }
-        let refused =
-            refuse_unentitled(conn, head, prepared, new, recorded_at, &mut events).await?;
+        let refused = refuse_unentitled(
+            conn,
+            head,
+            prepared,
+            new,
+            &rekeyed,
+            recorded_at,
+            &mut events,
+        )
+        .await?;
         conn.insert_rows(
             "INSERT INTO ledger_events (seq, chained_id, event, referral_id, recorded_at, body, prev_hash, hash)",
             "",
@@ -1190,11 +1227,18 @@ impl Recorder {
         }
         // Hops recorded before their referral (reports race) meet its new
         // obligations, and those just moved to it (a relay's, filed under
-        // its lead).
+        // its lead). A referral first recorded in this transaction has no
+        // earlier hop under its key: a hop recorded before it waited under
+        // 0 and was moved just now (`rekeyed`), and the batch's own hops
+        // are in `meets` already; so only the referrals recorded before (a
+        // lead a relay's obligations are filed under) are looked up.
         let mut obligated: Vec<&str> = prepared
             .obligated
-            .iter_kept(new)
-            .map(String::as_str)
+            .rows
+            .iter()
+            .zip(&prepared.obligated.owners)
+            .filter(|(referral, owner)| new[**owner] && !prepared.records(**owner, referral))
+            .map(|(referral, _)| referral.as_str())
             .chain(rekeyed.iter().map(String::as_str))
             .collect();
         obligated.sort_unstable();
@@ -1749,15 +1793,31 @@ async fn rekey_early_rows(
 /// `hops` to `refused_replies`, so it meets nothing and shows nowhere, and
 /// a `reply_refused` event is chained after `events`. Returns the
 /// (referral, agency) pairs refused.
+///
+/// A referral first recorded in this transaction has, under its key,
+/// only the batch's own replies (checked when gathered, or named in
+/// `checked` by a reply that was not) and the replies recorded before it,
+/// which were just moved to it (`rekeyed`): it is looked at only if it is
+/// among those.
 async fn refuse_unentitled(
     conn: &mut WriteTx,
     head: &mut Head,
     prepared: &Prepared,
     new: &[bool],
+    rekeyed: &HashSet<String>,
     recorded_at: i64,
     events: &mut Vec<[Value; 8]>,
 ) -> Result<HashSet<(String, String)>, sqlx::Error> {
-    let mut ids: Vec<&String> = prepared.checked.iter_kept(new).collect();
+    let mut ids: Vec<&String> = prepared
+        .checked
+        .rows
+        .iter()
+        .zip(&prepared.checked.owners)
+        .filter(|(referral, owner)| {
+            new[**owner] && (!prepared.records(**owner, referral) || rekeyed.contains(*referral))
+        })
+        .map(|(referral, _)| referral)
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     let ids: Vec<[Value; 1]> = ids.into_iter().map(|id| [id.as_str().into()]).collect();
@@ -2125,6 +2185,66 @@ mod tests {
         });
         let err = submitted.check_ids().unwrap_err();
         assert!(err.starts_with("hop_report.hop: `submitted`"), "{err}");
+    }
+
+    fn recorder() -> Recorder {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy");
+        let directory =
+            std::sync::Arc::new(Directory::load(format!("{root}/local/directory.toml")).unwrap());
+        let policy = std::sync::Arc::new(
+            PolicyCatalogue::load(std::path::Path::new(&format!("{root}/policy")), &directory)
+                .unwrap(),
+        );
+        Recorder { directory, policy }
+    }
+
+    /// Issue 16's second check, in the ledger, looks at the referrals a
+    /// batch records (replies may have come before them) and at those its
+    /// replies name, unless the gatherer found their rights and checked
+    /// the replies against them (issue 17: one check, not two).
+    #[test]
+    fn replies_are_checked_in_the_ledger_unless_checked_when_gathered() {
+        let recorder = recorder();
+        let referral = "01a233bc-4bdf-7330-982c-01e2e29d356a";
+        let other = "01a233bc-4bdf-7330-982c-01e2e29d356b";
+        let mut raced = report("c", "dz-duty-desk", Hop::Delivered);
+        raced.referral_id = other.into();
+        let hops = batch(vec![
+            report("a", "dz-duty-desk", Hop::Delivered),
+            report("b", "dz-duty-desk", Hop::Acknowledged),
+            raced,
+        ])
+        .unwrap();
+        let envelope = Observed::Envelope(Box::new(Envelope {
+            id: "01a233bc-4bdf-7330-982c-01e2e29d356c".into(),
+            kind: MessageKind::LegalHelpRequest as i32,
+            sender: "dz-detention-centre".into(),
+            recipient: "dz-duty-desk".into(),
+            ..Envelope::default()
+        }));
+        let checked = |rights_checked: &[&str]| {
+            let rights_checked = rights_checked.iter().map(|r| (*r).to_owned()).collect();
+            let prepared = recorder.prepare(&[&envelope, &hops], Utc::now(), &rights_checked);
+            let mut checked: Vec<String> = prepared.checked.rows.clone();
+            checked.sort();
+            checked.dedup();
+            checked
+        };
+        assert_eq!(
+            checked(&[]),
+            [referral, other, "01a233bc-4bdf-7330-982c-01e2e29d356c"],
+            "nothing checked when gathered: every referral named is checked in the ledger"
+        );
+        assert_eq!(
+            checked(&[referral]),
+            [other, "01a233bc-4bdf-7330-982c-01e2e29d356c"],
+            "the replies checked against their referral's rights are not checked again; the raced one and the new referral are"
+        );
+        assert_eq!(
+            checked(&[referral, other, "01a233bc-4bdf-7330-982c-01e2e29d356c"]),
+            ["01a233bc-4bdf-7330-982c-01e2e29d356c"],
+            "a referral the batch records is always checked: replies may have come before it"
+        );
     }
 
     fn report(id: &str, agency: &str, hop: Hop) -> HopReport {
