@@ -935,12 +935,15 @@ impl Ingest {
         for (incoming, o) in incomings.into_iter().zip(observed) {
             // A batch of hops is refused whole when one of them is: its
             // signer claimed them all.
+            // Each reply's referral, and whether its rights were found.
+            let mut looked_up = Vec::new();
             let refusal = o.replies().find_map(|reply| {
                 let rights = given
                     .get(reply.referral)
                     .or_else(|| recent.get(reply.referral))
-                    .or_else(|| stored.get(reply.referral))?;
-                (!rights.contains(&(reply.agency.to_owned(), reply.right)))
+                    .or_else(|| stored.get(reply.referral));
+                looked_up.push((reply.referral, rights.is_some()));
+                (!rights?.contains(&(reply.agency.to_owned(), reply.right)))
                     .then(|| not_a_party(reply.agency, reply.referral, reply.right))
             });
             if let Some(reason) = refusal {
@@ -973,14 +976,11 @@ impl Ingest {
                 .await;
                 continue;
             }
-            for reply in o.replies() {
-                let found = given.contains_key(reply.referral)
-                    || recent.knows(reply.referral)
-                    || stored.contains_key(reply.referral);
+            for (referral, found) in looked_up {
                 if found {
-                    rights_found.insert(reply.referral.to_owned());
+                    rights_found.insert(referral.to_owned());
                 } else {
-                    unchecked.insert(reply.referral.to_owned());
+                    unchecked.insert(referral.to_owned());
                 }
             }
             if let Observed::Envelope(e) = &o {
