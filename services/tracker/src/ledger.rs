@@ -505,7 +505,7 @@ impl WriteTx {
 
     /// Runs `head SELECT * FROM unnest(...) suffix` (PostgreSQL, one
     /// statement) or `head VALUES ... suffix` (SQLite, in chunks of
-    /// [`CHUNK`] rows).
+    /// [`CHUNK`] rows). Returns how many rows it inserted or changed.
     ///
     /// # Errors
     /// A database error, or a column whose rows mix text and integers.
@@ -514,28 +514,31 @@ impl WriteTx {
         head: &str,
         suffix: &str,
         rows: &[[Value; N]],
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
+        let mut changed = 0;
         if rows.is_empty() {
-            return Ok(());
+            return Ok(changed);
         }
         match self {
             WriteTx::Sqlite(tx) => {
                 for chunk in rows.chunks(CHUNK) {
                     let sql = format!("{head} VALUES {} {suffix}", values_list::<N>(chunk.len()));
-                    sqlite_bind(sqlx::query(&sql), chunk.iter().flatten())
+                    changed += sqlite_bind(sqlx::query(&sql), chunk.iter().flatten())
                         .execute(&mut **tx)
-                        .await?;
+                        .await?
+                        .rows_affected();
                 }
             }
             WriteTx::Postgres(tx) => {
                 let columns = pg_columns(rows)?;
                 let sql = format!("{head} SELECT * FROM {} {suffix}", pg_unnest(&columns));
-                pg_bind_columns(sqlx::query(&sql), &columns)
+                changed = pg_bind_columns(sqlx::query(&sql), &columns)
                     .execute(&mut **tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
             }
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// [`WriteTx::insert_rows`] with a `RETURNING` clause in `suffix`: the
@@ -626,7 +629,8 @@ impl WriteTx {
     }
 
     /// Runs the statement that `sql` makes of a table expression over
-    /// `rows`, as [`WriteTx::fetch_with`] does.
+    /// `rows`, as [`WriteTx::fetch_with`] does. Returns how many rows it
+    /// inserted or changed.
     ///
     /// # Errors
     /// A database error, or a column whose rows mix text and integers.
@@ -634,28 +638,31 @@ impl WriteTx {
         &mut self,
         sql: impl Fn(&str) -> String,
         rows: &[[Value; N]],
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<u64, sqlx::Error> {
+        let mut changed = 0;
         if rows.is_empty() {
-            return Ok(());
+            return Ok(changed);
         }
         match self {
             WriteTx::Sqlite(tx) => {
                 for chunk in rows.chunks(CHUNK) {
                     let sql = sql(&format!("(VALUES {})", values_list::<N>(chunk.len())));
-                    sqlite_bind(sqlx::query(&sql), chunk.iter().flatten())
+                    changed += sqlite_bind(sqlx::query(&sql), chunk.iter().flatten())
                         .execute(&mut **tx)
-                        .await?;
+                        .await?
+                        .rows_affected();
                 }
             }
             WriteTx::Postgres(tx) => {
                 let columns = pg_columns(rows)?;
                 let sql = sql(&pg_table(&columns));
-                pg_bind_columns(sqlx::query(&sql), &columns)
+                changed = pg_bind_columns(sqlx::query(&sql), &columns)
                     .execute(&mut **tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
             }
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Commits.

@@ -1050,44 +1050,71 @@ impl Recorder {
         tally.duplicates += prepared.repeated;
         // The referrals first, so that their own hops and obligations, and
         // their replies in the same batch, find the time they are keyed by
-        // (migration 0005).
-        let inserted: Vec<(String,)> = conn
-            .insert_rows_returning(
-                "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)",
-                "ON CONFLICT (id) DO NOTHING RETURNING id",
-                &prepared.referrals.rows,
+        // (migration 0005). Nearly always every row goes in; which did is
+        // asked (`RETURNING`) only when some did not (see `all_go_in`).
+        const REFERRALS: &str = "INSERT INTO referrals (id, kind, sender, recipient, in_reply_to, sender_region, recipient_region, clock_started_at, submitted_at, kind_known, envelope)";
+        let referrals = &prepared.referrals.rows;
+        let all_in = all_go_in(conn, referrals.len(), async |conn: &mut WriteTx| {
+            conn.insert_rows(REFERRALS, "ON CONFLICT (id) DO NOTHING", referrals)
+                .await
+        })
+        .await?;
+        let inserted: Option<Vec<(String,)>> = if all_in {
+            None
+        } else {
+            Some(
+                conn.insert_rows_returning(
+                    REFERRALS,
+                    "ON CONFLICT (id) DO NOTHING RETURNING id",
+                    referrals,
+                )
+                .await?,
             )
-            .await?;
-        let inserted: HashSet<&str> = inserted.iter().map(|(id,)| id.as_str()).collect();
+        };
+        let inserted: Option<HashSet<&str>> = inserted
+            .as_ref()
+            .map(|rows| rows.iter().map(|(id,)| id.as_str()).collect());
         for (message, new) in prepared.messages.iter().zip(new.iter_mut()) {
             if message.hop.is_none() {
-                *new = inserted.contains(message.id.as_str());
+                *new = match &inserted {
+                    // Every message known by its referral row has one.
+                    None => true,
+                    Some(inserted) => inserted.contains(message.id.as_str()),
+                };
             }
         }
         if new.iter().any(|n| *n) {
             // Then the hops: a hop report is new only if its row goes in.
-            let inserted: Vec<(String, String, String, String)> = conn
-                .fetch_with(
-                    |v| {
-                        format!(
-                            "INSERT INTO hops (referral_at, referral_id, hop, agency, at, message_id, meets)
-                             SELECT {KEYED_BY_REFERRAL}, v.column1, v.column2, v.column3, v.column4, v.column5, v.column6
-                             FROM {v} AS v LEFT JOIN referrals r ON r.id = v.column1 WHERE true
-                             ON CONFLICT DO NOTHING RETURNING referral_id, hop, agency, message_id"
-                        )
-                    },
-                    &prepared.hops.kept(&new),
+            let hops = prepared.hops.kept(&new);
+            let insert = |v: &str, returning: &str| {
+                format!(
+                    "INSERT INTO hops (referral_at, referral_id, hop, agency, at, message_id, meets)
+                     SELECT {KEYED_BY_REFERRAL}, v.column1, v.column2, v.column3, v.column4, v.column5, v.column6
+                     FROM {v} AS v LEFT JOIN referrals r ON r.id = v.column1 WHERE true
+                     ON CONFLICT DO NOTHING {returning}"
                 )
-                .await?;
-            let inserted: HashSet<[&str; 4]> = inserted
-                .iter()
-                .map(|(r, h, a, m)| [r.as_str(), h.as_str(), a.as_str(), m.as_str()])
-                .collect();
-            for (message, new) in prepared.messages.iter().zip(new.iter_mut()) {
-                if let Some(key) = &message.hop
-                    && *new
-                {
-                    *new = inserted.contains(&key.each_ref().map(String::as_str));
+            };
+            let all_in = all_go_in(conn, hops.len(), async |conn: &mut WriteTx| {
+                conn.execute_with(|v| insert(v, ""), &hops).await
+            })
+            .await?;
+            if !all_in {
+                let inserted: Vec<(String, String, String, String)> = conn
+                    .fetch_with(
+                        |v| insert(v, "RETURNING referral_id, hop, agency, message_id"),
+                        &hops,
+                    )
+                    .await?;
+                let inserted: HashSet<[&str; 4]> = inserted
+                    .iter()
+                    .map(|(r, h, a, m)| [r.as_str(), h.as_str(), a.as_str(), m.as_str()])
+                    .collect();
+                for (message, new) in prepared.messages.iter().zip(new.iter_mut()) {
+                    if let Some(key) = &message.hop
+                        && *new
+                    {
+                        *new = inserted.contains(&key.each_ref().map(String::as_str));
+                    }
                 }
             }
         }
@@ -1288,7 +1315,8 @@ impl Recorder {
             },
             &meets,
         )
-        .await
+        .await?;
+        Ok(())
     }
 
     fn envelope_rows(&self, envelope: &Envelope, now: DateTime<Utc>, rows: &mut Prepared) {
@@ -1784,6 +1812,31 @@ async fn rekey_early_rows(
         moved.extend(rows.into_iter().map(|(id,)| id));
     }
     Ok(moved)
+}
+
+/// Runs `insert` (an insert of `rows` rows that does nothing for a row
+/// already there) inside a savepoint, and tells whether every row went
+/// in. When some did not (a message delivered again, or recorded by
+/// another tracker meanwhile), the insert is rolled back, so that the
+/// caller can insert the rows again asking which go in (`RETURNING`):
+/// the answer costs a row read back per row, which the usual batch, all
+/// new, does not need (issue 17).
+async fn all_go_in(
+    conn: &mut WriteTx,
+    rows: usize,
+    insert: impl AsyncFnOnce(&mut WriteTx) -> Result<u64, sqlx::Error>,
+) -> Result<bool, sqlx::Error> {
+    if rows == 0 {
+        return Ok(true);
+    }
+    conn.execute("SAVEPOINT all_go_in", &[]).await?;
+    let went_in = insert(conn).await?;
+    let all = usize::try_from(went_in).is_ok_and(|n| n == rows);
+    if !all {
+        conn.execute("ROLLBACK TO SAVEPOINT all_go_in", &[]).await?;
+    }
+    conn.execute("RELEASE SAVEPOINT all_go_in", &[]).await?;
+    Ok(all)
 }
 
 /// Refuses, in the ledger, the replies on the batch's checked referrals
