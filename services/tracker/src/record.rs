@@ -1077,7 +1077,8 @@ impl Recorder {
         for (message, new) in prepared.messages.iter().zip(new.iter_mut()) {
             if message.hop.is_none() {
                 *new = match &inserted {
-                    // Every message known by its referral row has one.
+                    // Every envelope but a relay (known by its hop) has
+                    // a referral row, and every one went in.
                     None => true,
                     Some(inserted) => inserted.contains(message.id.as_str()),
                 };
