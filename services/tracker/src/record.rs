@@ -749,6 +749,26 @@ impl Prepared {
         message.hop.is_none() && message.id == referral
     }
 
+    /// The referrals of `tagged` (of the messages marked `new`) to look
+    /// up in the ledger for what came before them: all but a referral its
+    /// own message records for the first time, unless [`rekey_early_rows`]
+    /// moved something to it (see [`Prepared::records`]).
+    fn looked_at<'a>(
+        &'a self,
+        tagged: &'a Tagged<String>,
+        new: &'a [bool],
+        rekeyed: &'a HashSet<String>,
+    ) -> impl Iterator<Item = &'a String> + 'a {
+        tagged
+            .rows
+            .iter()
+            .zip(&tagged.owners)
+            .filter(move |(referral, owner)| {
+                new[**owner] && (!self.records(**owner, referral) || rekeyed.contains(*referral))
+            })
+            .map(|(referral, _)| referral)
+    }
+
     /// How many messages (duplicates within the batch included).
     #[must_use]
     pub fn len(&self) -> usize {
@@ -1261,12 +1281,8 @@ impl Recorder {
         // are in `meets` already; so only the referrals recorded before (a
         // lead a relay's obligations are filed under) are looked up.
         let mut obligated: Vec<&str> = prepared
-            .obligated
-            .rows
-            .iter()
-            .zip(&prepared.obligated.owners)
-            .filter(|(referral, owner)| new[**owner] && !prepared.records(**owner, referral))
-            .map(|(referral, _)| referral.as_str())
+            .looked_at(&prepared.obligated, new, &rekeyed)
+            .map(String::as_str)
             .chain(rekeyed.iter().map(String::as_str))
             .collect();
         obligated.sort_unstable();
@@ -1863,14 +1879,7 @@ async fn refuse_unentitled(
     events: &mut Vec<[Value; 8]>,
 ) -> Result<HashSet<(String, String)>, sqlx::Error> {
     let mut ids: Vec<&String> = prepared
-        .checked
-        .rows
-        .iter()
-        .zip(&prepared.checked.owners)
-        .filter(|(referral, owner)| {
-            new[**owner] && (!prepared.records(**owner, referral) || rekeyed.contains(*referral))
-        })
-        .map(|(referral, _)| referral)
+        .looked_at(&prepared.checked, new, rekeyed)
         .collect();
     ids.sort_unstable();
     ids.dedup();
