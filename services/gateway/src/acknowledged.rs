@@ -30,9 +30,19 @@
 //! inbox's look-ups): in WAL mode a connection drops its whole page cache
 //! whenever another one has committed, so a writer that took any connection
 //! of a shared pool found its pages cold nearly every group (issue 17).
+//!
+//! The writer's commits never checkpoint the WAL. SQLite's automatic
+//! checkpoint (every 1,000 pages) ran inside the commit an `Acknowledge`
+//! waited for, and copied the same pages back to the file again and again:
+//! each acknowledgement dirties a random page of the key. A checkpointer
+//! with a connection of its own runs a passive checkpoint after every
+//! [`CHECKPOINT_EVERY`] acknowledgements instead, beside the writer, which
+//! goes on committing meanwhile (issue 17, BENCHMARKS.md).
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
@@ -109,6 +119,13 @@ const GROUP: usize = 500;
 /// numbered parameters by a linear scan).
 const CHUNK: usize = 100;
 
+/// Acknowledgements recorded between two passive checkpoints of the WAL.
+/// Each dirties about one page (its random leaf of the key), so the WAL
+/// holds about this many pages (32 MiB) at most, plus what is written
+/// while a checkpoint runs; a checkpoint copies each page once however
+/// many groups dirtied it since the last.
+pub const CHECKPOINT_EVERY: usize = 8_000;
+
 /// An acknowledgement waiting for the writer, and who to tell once it is on disk.
 struct Pending {
     agency: String,
@@ -124,6 +141,10 @@ pub struct Acknowledged {
     /// The writer's one connection (group commits, forgetting old ids).
     writing: SqlitePool,
     writer: mpsc::Sender<Pending>,
+    /// The checkpointer's one connection, and the passive checkpoints it
+    /// completed (see [`CHECKPOINT_EVERY`]).
+    checkpointing: SqlitePool,
+    checkpoints: Arc<AtomicU64>,
 }
 
 /// Opens (creating it and its directory if needed) a service's SQLite file
@@ -136,6 +157,16 @@ pub(crate) async fn open_sqlite(
     path: &Path,
     max_connections: u32,
     schema: &[&str],
+) -> Result<SqlitePool, String> {
+    open_sqlite_with(path, max_connections, schema, |options| options).await
+}
+
+/// [`open_sqlite`], each connection's options first passed through `tune`.
+async fn open_sqlite_with(
+    path: &Path,
+    max_connections: u32,
+    schema: &[&str],
+    tune: impl FnOnce(SqliteConnectOptions) -> SqliteConnectOptions,
 ) -> Result<SqlitePool, String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
@@ -151,6 +182,7 @@ pub(crate) async fn open_sqlite(
         // 16 MiB of pages cached per connection: the id look-ups of an
         // inbox's batches read from memory, not from the file.
         .pragma("cache_size", "-16384");
+    let options = tune(options);
     let pool = SqlitePoolOptions::new()
         .max_connections(max_connections)
         // A local file: no ping before every query (it cost a round trip
@@ -180,15 +212,31 @@ impl Acknowledged {
             path: path.display().to_string(),
             reason,
         };
-        let writing = open_sqlite(path, 1, &[]).await.map_err(fail)?;
+        let no_automatic_checkpoints =
+            |options: SqliteConnectOptions| options.pragma("wal_autocheckpoint", "0");
+        let writing = open_sqlite_with(path, 1, &[], no_automatic_checkpoints)
+            .await
+            .map_err(fail)?;
         lay_out(&writing).await.map_err(|e| fail(e.to_string()))?;
         let pool = open_sqlite(path, 2, &[]).await.map_err(fail)?;
+        let checkpointing = open_sqlite_with(path, 1, &[], no_automatic_checkpoints)
+            .await
+            .map_err(fail)?;
+        let checkpoints = Arc::new(AtomicU64::new(0));
         let (writer, queue) = mpsc::channel(4 * GROUP);
-        tokio::spawn(write_groups(writing.clone(), queue));
+        let (checkpoint, due) = mpsc::channel(1);
+        tokio::spawn(write_groups(writing.clone(), queue, checkpoint));
+        tokio::spawn(checkpoint_when_due(
+            checkpointing.clone(),
+            due,
+            checkpoints.clone(),
+        ));
         let store = Self {
             pool,
             writing,
             writer,
+            checkpointing,
+            checkpoints,
         };
         store
             .forget_before(now_ms() - i64::try_from(RETENTION.as_millis()).unwrap_or(i64::MAX))
@@ -305,23 +353,73 @@ impl Acknowledged {
         Ok(())
     }
 
+    /// The passive checkpoints of the WAL completed since the store was
+    /// opened (one after every [`CHECKPOINT_EVERY`] acknowledgements).
+    #[must_use]
+    pub fn checkpoints(&self) -> u64 {
+        self.checkpoints.load(Ordering::Relaxed)
+    }
+
     /// Closes the store.
     pub async fn close(&self) {
         self.pool.close().await;
         self.writing.close().await;
+        self.checkpointing.close().await;
     }
 }
 
 /// The writer: records every acknowledgement waiting (at most [`GROUP`])
 /// in one transaction, then tells each caller.
-async fn write_groups(pool: SqlitePool, mut queue: mpsc::Receiver<Pending>) {
+/// After every [`CHECKPOINT_EVERY`] acknowledgements it asks the
+/// checkpointer for a passive checkpoint, and does not wait for it.
+async fn write_groups(
+    pool: SqlitePool,
+    mut queue: mpsc::Receiver<Pending>,
+    checkpoint: mpsc::Sender<()>,
+) {
     let mut group = Vec::with_capacity(GROUP);
+    let mut since_checkpoint = 0;
     while queue.recv_many(&mut group, GROUP).await > 0 {
         let result = write_group(&pool, &group).await.map_err(|e| e.to_string());
+        if result.is_ok() {
+            since_checkpoint += group.len();
+            if since_checkpoint >= CHECKPOINT_EVERY {
+                since_checkpoint = 0;
+                // Full: a checkpoint is asked for already, and will copy
+                // this group's pages too.
+                let _ = checkpoint.try_send(());
+            }
+        }
         for pending in group.drain(..) {
             let _ = pending.done.send(result.clone());
         }
     }
+}
+
+/// The checkpointer: one passive checkpoint (`PRAGMA
+/// wal_checkpoint(PASSIVE)`: it copies what no reader still needs, and
+/// never blocks the writer) each time the writer asks, on a connection of
+/// its own, until the writer stops. A checkpoint that fails leaves the WAL
+/// to the next one (or to the last connection's close), and loses nothing.
+async fn checkpoint_when_due(
+    pool: SqlitePool,
+    mut due: mpsc::Receiver<()>,
+    checkpoints: Arc<AtomicU64>,
+) {
+    while due.recv().await.is_some() {
+        match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            Ok(_) => {
+                checkpoints.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "acknowledged store: a passive checkpoint failed; the next one copies its pages")
+            }
+        }
+    }
+    pool.close().await;
 }
 
 /// Records `group` in one transaction sent to SQLite as one multi-statement
@@ -609,6 +707,50 @@ mod tests {
         store.record("dz-duty-desk", "m1", None).await.unwrap();
         let found = store.contains_any("dz-duty-desk", &["m1"]).await.unwrap();
         assert_eq!(found, std::collections::HashSet::from(["m1".to_owned()]));
+        store.close().await;
+        remove_store(&path);
+    }
+
+    /// Issue 17: the writer's commits never checkpoint (an `Acknowledge`
+    /// waits for them); a passive checkpoint on the checkpointer's own
+    /// connection follows every `CHECKPOINT_EVERY` acknowledgements, and
+    /// every id is still found after it.
+    #[tokio::test]
+    async fn the_wal_is_checkpointed_beside_the_writer_not_in_its_commits() {
+        let path = store_path("checkpoints");
+        let store = Acknowledged::open(&path).await.unwrap();
+        let autocheckpoint: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+            .fetch_one(&store.writing)
+            .await
+            .unwrap();
+        assert_eq!(autocheckpoint, 0, "the writer's automatic checkpoints");
+        let ids: Vec<String> = (0..=CHECKPOINT_EVERY).map(|i| format!("m{i}")).collect();
+        for chunk in ids.chunks(GROUP) {
+            futures_util::future::try_join_all(
+                chunk
+                    .iter()
+                    .map(|id| store.record("dz-duty-desk", id, None)),
+            )
+            .await
+            .unwrap();
+        }
+        // Told, not awaited: the checkpoint completes beside the writer.
+        for _ in 0..500 {
+            if store.checkpoints() > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.checkpoints(), 1);
+        // What the checkpoint copied to the file is there to read.
+        let (busy, log, copied): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&store.checkpointing)
+            .await
+            .unwrap();
+        assert_eq!((busy, log), (0, copied), "the WAL is all copied");
+        let all: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let found = store.contains_any("dz-duty-desk", &all).await.unwrap();
+        assert_eq!(found.len(), ids.len());
         store.close().await;
         remove_store(&path);
     }
