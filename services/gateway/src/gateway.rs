@@ -575,9 +575,14 @@ impl GatewayCore {
             Ok(w) => w.min(self.prefetch.max(1)),
             Err(_) => self.prefetch.max(1),
         };
-        // One slot: the next delivery goes to the transport only once it
-        // took the last.
-        let (tx, rx) = mpsc::channel(1);
+        // A slot for each delivery the window allows (the window's places
+        // bound what is handed over and unacknowledged, so the channel never
+        // holds more): a batch handed over is all ready for the transport
+        // at once, and tonic encodes what is ready into one frame, one
+        // write. With one slot, every delivery was a frame and a `writev`
+        // of its own (issue 17). What the transport never took when the
+        // stream closes is returned to the queue with the session's rest.
+        let (tx, rx) = mpsc::channel(usize::from(window));
         let core = self.clone();
         tokio::spawn(async move {
             let guard = core.sessions.open(&agency);
