@@ -495,7 +495,10 @@ impl LawyerCore {
             Ok(w) => w.min(MAX_WINDOW),
             Err(_) => MAX_WINDOW,
         };
-        let (tx, rx) = mpsc::channel(1);
+        // A slot for each delivery the window allows, as an agency's
+        // `Inbox` has (`GatewayCore::inbox`): what is held for the stream
+        // never exceeds the window, and what is ready goes out in one frame.
+        let (tx, rx) = mpsc::channel(window);
         let this = self.clone();
         tokio::spawn(async move {
             let shutdown = this.core.shutdown.clone();
