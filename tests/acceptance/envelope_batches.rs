@@ -723,6 +723,49 @@ async fn a_batch_that_cannot_be_unpacked_is_dead_lettered_whole() {
     world.stop(ledger).await;
 }
 
+/// Issue 17: a batch handed over is all in the stream's channel at once
+/// (a slot for each delivery the window allows). A careless client that
+/// reads three of twenty and closes the stream loses none of them: the
+/// seventeen it never read, queued for the transport, go back with the
+/// three it read, and a new stream hands over all twenty, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_closed_after_reading_part_of_a_batch_loses_none_of_what_it_did_not_read() {
+    let bus = TestBus::spawn().await;
+    let amqp = Amqp::connect().await;
+    let inbox = bus.inbox_queue(DESK);
+    let requests: Vec<Envelope> = (0..20)
+        .map(|i| published_legal_help(&format!("unread-{i}")))
+        .collect();
+    publish_batch(
+        &amqp,
+        &bus,
+        &desk_key(),
+        requests.iter().map(|e| signed_by(e, CENTRE)).collect(),
+    )
+    .await;
+    let expected: Vec<String> = requests.iter().map(|e| e.id.clone()).collect();
+
+    let mut desk = bus.gateway_as("legal-aid", DESK).await;
+    let mut stream = inbox_stream(&mut desk, DESK, 20).await;
+    let (ids, _) = take(&mut stream, 3).await;
+    assert_eq!(ids, expected[..3]);
+    drop(stream);
+
+    let mut stream = inbox_stream(&mut desk, DESK, 20).await;
+    let (ids, tokens) = take(&mut stream, 20).await;
+    assert_eq!(ids, expected, "all twenty again, in order");
+    nothing_more(&mut stream, "each once").await;
+    acknowledge_all(&mut desk, DESK, tokens).await;
+    drop(stream);
+    assert_eq!(
+        amqp.settled_count(&inbox).await,
+        0,
+        "settled once all twenty are"
+    );
+    amqp.close().await;
+    bus.stop().await;
+}
+
 /// One AMQP message carrying ten requests, and a stream with a window of 2:
 /// the stream holds at most two unacknowledged, whatever the prefetch
 /// counts. Closed after five are acknowledged and a sixth handed over, it
