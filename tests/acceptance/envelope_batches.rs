@@ -723,6 +723,27 @@ async fn a_batch_that_cannot_be_unpacked_is_dead_lettered_whole() {
     world.stop(ledger).await;
 }
 
+/// Publishes `n` legal-help requests to the desk in one signed AMQP batch
+/// message, ids `{name}-0` .. ; returns their envelope ids in order.
+async fn publish_requests_in_one_batch(
+    amqp: &Amqp,
+    bus: &TestBus,
+    n: usize,
+    name: &str,
+) -> Vec<String> {
+    let requests: Vec<Envelope> = (0..n)
+        .map(|i| published_legal_help(&format!("{name}-{i}")))
+        .collect();
+    publish_batch(
+        amqp,
+        bus,
+        &desk_key(),
+        requests.iter().map(|e| signed_by(e, CENTRE)).collect(),
+    )
+    .await;
+    requests.iter().map(|e| e.id.clone()).collect()
+}
+
 /// Issue 17: a batch handed over is all in the stream's channel at once
 /// (a slot for each delivery the window allows). A careless client that
 /// reads three of twenty and closes the stream loses none of them: the
@@ -733,17 +754,7 @@ async fn a_stream_closed_after_reading_part_of_a_batch_loses_none_of_what_it_did
     let bus = TestBus::spawn().await;
     let amqp = Amqp::connect().await;
     let inbox = bus.inbox_queue(DESK);
-    let requests: Vec<Envelope> = (0..20)
-        .map(|i| published_legal_help(&format!("unread-{i}")))
-        .collect();
-    publish_batch(
-        &amqp,
-        &bus,
-        &desk_key(),
-        requests.iter().map(|e| signed_by(e, CENTRE)).collect(),
-    )
-    .await;
-    let expected: Vec<String> = requests.iter().map(|e| e.id.clone()).collect();
+    let expected = publish_requests_in_one_batch(&amqp, &bus, 20, "unread").await;
 
     let mut desk = bus.gateway_as("legal-aid", DESK).await;
     let mut stream = inbox_stream(&mut desk, DESK, 20).await;
@@ -776,17 +787,7 @@ async fn the_window_counts_envelopes_and_a_closed_stream_loses_none_of_a_batch()
     let bus = TestBus::spawn().await;
     let amqp = Amqp::connect().await;
     let inbox = bus.inbox_queue(DESK);
-    let requests: Vec<Envelope> = (0..10)
-        .map(|i| published_legal_help(&format!("window-{i}")))
-        .collect();
-    publish_batch(
-        &amqp,
-        &bus,
-        &desk_key(),
-        requests.iter().map(|e| signed_by(e, CENTRE)).collect(),
-    )
-    .await;
-    let expected: Vec<String> = requests.iter().map(|e| e.id.clone()).collect();
+    let expected = publish_requests_in_one_batch(&amqp, &bus, 10, "window").await;
 
     let mut desk = bus.gateway_as("legal-aid", DESK).await;
     let mut stream = inbox_stream(&mut desk, DESK, 2).await;
