@@ -497,7 +497,6 @@ const RECEIVED: &str = "SELECT kind, reply_to, relays, answers, payload_digest, 
      FROM acknowledgements WHERE agency = ? AND referral = ? AND referral <> message_id
      ORDER BY recorded LIMIT 1";
 
-/// Appends `n` comma-separated copies of `row` (`(?, ?)`) to `sql`.
 /// One statement inserting `rows` acknowledgements (11 parameters each,
 /// in [`write_group`]'s order).
 ///
@@ -518,6 +517,7 @@ fn insert_sql(rows: usize) -> String {
     sql
 }
 
+/// Appends `n` comma-separated copies of `row` (`(?, ?)`) to `sql`.
 fn push_rows(sql: &mut String, n: usize, row: &str) {
     for i in 0..n {
         if i > 0 {
@@ -1068,15 +1068,10 @@ mod tests {
         remove_store(&path);
     }
 
-    /// The look-up of a receipt goes through the key and the partial
-    /// index, never a scan of the store (which would grow with every
-    /// acknowledgement ever made): SQLite takes a partial index only when
-    /// the query names its condition, so a rewording of either would
-    /// silently scan.
     /// Issue 17: a group's insert has nothing that can abort it halfway
     /// (a `NOT NULL` check under `ON CONFLICT DO NOTHING` compiled to
     /// `HaltIfNull`), so SQLite keeps no statement journal for it, and an
-    /// id acknowledged twice in one group keeps its first row.
+    /// id acknowledged twice at once keeps its first row.
     #[tokio::test]
     async fn a_group_insert_never_aborts_halfway() {
         use sqlx::Row;
@@ -1116,6 +1111,11 @@ mod tests {
         remove_store(&path);
     }
 
+    /// The look-up of a receipt goes through the key and the partial
+    /// index, never a scan of the store (which would grow with every
+    /// acknowledgement ever made): SQLite takes a partial index only when
+    /// the query names its condition, so a rewording of either would
+    /// silently scan.
     #[tokio::test]
     async fn a_receipt_is_found_through_an_index_never_a_scan() {
         let path = store_path("plan");
