@@ -185,6 +185,27 @@ async fn nothing_more(stream: &mut tonic::Streaming<refbus_proto::v1::Delivery>,
     }
 }
 
+/// Ends `stream` once it has handed over all there was: nothing more comes
+/// (`what`), `tokens` are acknowledged, the stream closes, and `inbox`
+/// holds nothing unsettled after.
+async fn acknowledge_and_settle(
+    amqp: &Amqp,
+    desk: &mut refbus_proto::v1::gateway_client::GatewayClient<tonic::transport::Channel>,
+    mut stream: tonic::Streaming<refbus_proto::v1::Delivery>,
+    tokens: Vec<String>,
+    inbox: &str,
+    what: &str,
+) {
+    nothing_more(&mut stream, what).await;
+    acknowledge_all(desk, DESK, tokens).await;
+    drop(stream);
+    assert_eq!(
+        amqp.settled_count(inbox).await,
+        0,
+        "{what}: every message settled"
+    );
+}
+
 /// A burst of 200 referrals in one `SubmitBatch` (each on `Submit`'s own
 /// path, all at once): far fewer AMQP messages reach the route than
 /// envelopes, each envelope once; every referral is handed over to the desk
@@ -428,14 +449,16 @@ async fn only_the_genuine_reach_the_desk(
         genuine.map(|e| e.id.clone()),
         "the genuine ones, in order"
     );
-    nothing_more(&mut stream, "nothing refused is handed over").await;
-    acknowledge_all(&mut desk, DESK, tokens).await;
-    drop(stream);
-    assert_eq!(
-        amqp.settled_count(&bus.inbox_queue(DESK)).await,
-        0,
-        "every message settled: every item acked or dead-lettered"
-    );
+    // Every message settled: every item acked or dead-lettered.
+    acknowledge_and_settle(
+        amqp,
+        &mut desk,
+        stream,
+        tokens,
+        &bus.inbox_queue(DESK),
+        "nothing refused is handed over",
+    )
+    .await;
     let ledger = TestTracker::ledger(&world.tracker.settings).await;
     for envelope in genuine.iter().chain([&misaddressed]) {
         eventually("what its sender signed recorded", || async {
@@ -677,10 +700,15 @@ async fn a_batch_that_cannot_be_unpacked_is_dead_lettered_whole() {
     let mut stream = inbox_stream(&mut desk, DESK, 10).await;
     let (ids, tokens) = take(&mut stream, 1).await;
     assert_eq!(ids, std::slice::from_ref(&after.id));
-    nothing_more(&mut stream, "nothing of a bad batch").await;
-    acknowledge_all(&mut desk, DESK, tokens).await;
-    drop(stream);
-    assert_eq!(amqp.settled_count(&inbox).await, 0);
+    acknowledge_and_settle(
+        amqp,
+        &mut desk,
+        stream,
+        tokens,
+        &inbox,
+        "nothing of a bad batch",
+    )
+    .await;
 
     let ledger = TestTracker::ledger(&tracker.settings).await;
     eventually("the good one recorded", || async {
@@ -765,14 +793,7 @@ async fn a_stream_closed_after_reading_part_of_a_batch_loses_none_of_what_it_did
     let mut stream = inbox_stream(&mut desk, DESK, 20).await;
     let (ids, tokens) = take(&mut stream, 20).await;
     assert_eq!(ids, expected, "all twenty again, in order");
-    nothing_more(&mut stream, "each once").await;
-    acknowledge_all(&mut desk, DESK, tokens).await;
-    drop(stream);
-    assert_eq!(
-        amqp.settled_count(&inbox).await,
-        0,
-        "settled once all twenty are"
-    );
+    acknowledge_and_settle(&amqp, &mut desk, stream, tokens, &inbox, "each once").await;
     amqp.close().await;
     bus.stop().await;
 }
@@ -824,14 +845,15 @@ async fn the_window_counts_envelopes_and_a_closed_stream_loses_none_of_a_batch()
     let mut stream = inbox_stream(&mut desk, DESK, 10).await;
     let (ids, tokens) = take(&mut stream, 5).await;
     assert_eq!(ids, expected[5..], "the rest, and none acknowledged again");
-    nothing_more(&mut stream, "none acknowledged again").await;
-    acknowledge_all(&mut desk, DESK, tokens).await;
-    drop(stream);
-    assert_eq!(
-        amqp.settled_count(&inbox).await,
-        0,
-        "settled once all ten are"
-    );
+    acknowledge_and_settle(
+        &amqp,
+        &mut desk,
+        stream,
+        tokens,
+        &inbox,
+        "none acknowledged again",
+    )
+    .await;
     amqp.close().await;
     bus.stop().await;
 }
