@@ -46,6 +46,10 @@
 //!    tracker's lag after the load stops and its time back to zero, the
 //!    time `refbus up` takes from start to its first accepted `Submit`, and
 //!    issue 17's targets, each met or not in this run.
+//!
+//! `cargo test` runs it too (without `--bench`: [`smoke`]), at toy sizes
+//! on a debug build, to show that it still runs end to end and loses
+//! nothing; those figures mean nothing.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -81,6 +85,22 @@ use tonic::transport::Channel;
 const PREFETCH: u16 = 200;
 static ACK_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static ACK_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether this is a smoke run: `cargo test` (and so `.ci/run`) runs the
+/// bench without `--bench`, which `cargo bench` always passes. A smoke run
+/// sends [`SMOKE_MESSAGES`] per saturation run and holds each fixed load
+/// for a second; it asserts that nothing failed or went missing on any
+/// side and that the ledger holds every referral and hop, never a timing.
+fn smoke() -> bool {
+    static SMOKE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SMOKE.get_or_init(|| !std::env::args().any(|a| a == "--bench"))
+}
+
+/// Referrals per saturation run in a [`smoke`] run.
+const SMOKE_MESSAGES: usize = 400;
+
+/// How long a [`smoke`] run may take before it is taken as hung.
+const SMOKE_LIMIT: Duration = Duration::from_secs(600);
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -1336,6 +1356,25 @@ impl Refbus {
         (lag, load_stopped.elapsed())
     }
 
+    /// For a [`smoke`] run: every referral submitted and not refused was
+    /// acknowledged on the desk's inbox, exactly once, and the ledger holds
+    /// it with its two hops.
+    async fn assert_settled(&self) {
+        let submitted = self.next_key.load(Ordering::Relaxed);
+        let delivered = submitted - self.failed_total.load(Ordering::Acquire);
+        self.settle().await;
+        assert_eq!(
+            self.acknowledged.load(Ordering::Acquire),
+            delivered,
+            "referrals acknowledged on the inbox, of {submitted} submitted"
+        );
+        assert_eq!(
+            self.recorded().await,
+            3 * delivered,
+            "ledger rows (a referral and its two hops each) for {delivered} referrals"
+        );
+    }
+
     /// Messages the ledger holds (each referral, its delivered and its
     /// acknowledged hop: three per request). Hops are counted by their
     /// rows: a delivery of many hops is one ledger event.
@@ -1601,7 +1640,16 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    runtime.block_on(run());
+    if smoke() {
+        println!(
+            "smoke run (no --bench): toy sizes on this build, checking that nothing is lost; `cargo bench -p refbus --bench speed` measures"
+        );
+        runtime
+            .block_on(async { tokio::time::timeout(SMOKE_LIMIT, run()).await })
+            .expect("the speed bench's smoke run did not finish in 10 minutes");
+    } else {
+        runtime.block_on(run());
+    }
 }
 
 /// A layout baseline at a fixed offered load, its tap drained after.
@@ -1619,7 +1667,13 @@ async fn layout_at(layout: &Arc<Layout>, per_second: f64, seconds: u64) -> Load 
 }
 
 fn met(ok: bool) -> &'static str {
-    if ok { "met" } else { "NOT met" }
+    if smoke() {
+        "not judged in a smoke run"
+    } else if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
 }
 
 fn cpu_cell(cpu: &CpuUse, name: &str) -> String {
@@ -1629,9 +1683,12 @@ fn cpu_cell(cpu: &CpuUse, name: &str) -> String {
 
 #[allow(clippy::too_many_lines)]
 async fn run() {
-    let n = env_usize("BENCH_MESSAGES", 20_000);
+    let n = env_usize(
+        "BENCH_MESSAGES",
+        if smoke() { SMOKE_MESSAGES } else { 20_000 },
+    );
     let in_flight = env_usize("BENCH_IN_FLIGHT", 64);
-    let seconds = u64::try_from(env_usize("BENCH_SECONDS", 10)).unwrap();
+    let seconds = u64::try_from(env_usize("BENCH_SECONDS", if smoke() { 1 } else { 10 })).unwrap();
     let scratch = std::env::temp_dir().join(format!("refbus-speed-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
     let (body, _) = sample_message();
@@ -1953,6 +2010,23 @@ async fn run() {
     }
     let hop_failures = layout.hop_failures.load(Ordering::Relaxed)
         + unbatched.hop_failures.load(Ordering::Relaxed);
+    if smoke() {
+        refbus.assert_settled().await;
+        assert_eq!(saturation_failed, 0, "Submits failed at saturation");
+        assert_eq!(hop_failures, 0, "raw-layout hop reports were not confirmed");
+        for sides in &at_loads {
+            for (side, at) in ["raw", "raw-layout", "raw-layout-unbatched", "refbus"]
+                .iter()
+                .zip(sides)
+            {
+                assert_eq!(
+                    at.failed, 0,
+                    "{side} at {:.0} msg/s: sends failed",
+                    at.offered
+                );
+            }
+        }
+    }
     let names: Vec<&str> = processes.iter().map(|p| p.name).collect();
     finish(&raw, &layout, &unbatched, processes, &namespace).await;
     let (up, up_rss) = up_time(&scratch).await;
